@@ -1,0 +1,316 @@
+//! fleetmap's Rust client library: connects to a coordinator with an API
+//! key, submits jobs and streams their events (outputs, printed lines,
+//! credit, the end) back. Inputs are sent as pickled chunks within the
+//! credit the coordinator grants, so a job never floods the coordinator.
+//!
+//! With the `local` feature, [`local::LocalCluster`] starts a coordinator and
+//! one node daemon in this process: the embedded default cluster.
+//!
+//! This crate knows nothing of Python: payloads are opaque bytes. It must
+//! not depend on pyo3, `runtime` or `sandbox`.
+
+#[cfg(feature = "local")]
+pub mod local;
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use fleetmap_net::{write_frames, FramedReader, NetError};
+use fleetmap_protocol::{
+    Hello, InputChunk, JobId, JobSpec, LogLine, Message, OutputChunk, Role, DEFAULT_MAX_FRAME, SOFTWARE_VERSION,
+};
+use tokio::sync::{mpsc, oneshot};
+
+/// How long connecting and the handshake may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// What went wrong talking to the fleet.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    #[error("cannot reach the fleetmap coordinator at {addr}: {reason}. Check FLEETMAP_COORDINATOR and that the coordinator runs")]
+    Unreachable { addr: String, reason: String },
+    #[error("{0}")]
+    Refused(String),
+    #[error("TLS: {0}. Check that FLEETMAP_CA names the coordinator's ca.pem")]
+    Tls(String),
+    #[error("the coordinator rejected the job: {0}")]
+    Rejected(String),
+    #[error("lost the connection to the coordinator: {0}")]
+    Disconnected(String),
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+/// Something that happened to a job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobEvent {
+    Output(OutputChunk),
+    Log(LogLine),
+    /// The client may send this many more chunks.
+    Credit(u32),
+    Finished,
+    Failed(String),
+}
+
+type Routes = Arc<Mutex<Routing>>;
+
+#[derive(Default)]
+struct Routing {
+    jobs: HashMap<JobId, mpsc::UnboundedSender<JobEvent>>,
+    submits: HashMap<u64, oneshot::Sender<Result<Accepted, ClientError>>>,
+    /// Set once the connection is gone, with why.
+    closed: Option<String>,
+}
+
+struct Accepted {
+    job: JobId,
+    slots: u32,
+    nodes: u32,
+    credit: u32,
+    events: mpsc::UnboundedReceiver<JobEvent>,
+}
+
+/// A connection to a coordinator; jobs share it.
+pub struct Client {
+    conn: quinn::Connection,
+    _endpoint: quinn::Endpoint,
+    tx: mpsc::UnboundedSender<Message>,
+    routes: Routes,
+    next_request: AtomicU64,
+    pub coordinator: String,
+}
+
+impl Client {
+    /// Connects to `addr` (`host:port`), trusting only `ca_pem`, and
+    /// authenticates with `api_key`.
+    pub async fn connect(addr: &str, ca_pem: &[u8], api_key: &str) -> Result<Client, ClientError> {
+        match tokio::time::timeout(CONNECT_TIMEOUT, Self::connect_inner(addr, ca_pem, api_key)).await {
+            Ok(r) => r,
+            Err(_) => Err(ClientError::Unreachable {
+                addr: addr.into(),
+                reason: format!("no answer within {CONNECT_TIMEOUT:?}"),
+            }),
+        }
+    }
+
+    async fn connect_inner(addr: &str, ca_pem: &[u8], api_key: &str) -> Result<Client, ClientError> {
+        let unreachable = |reason: String| ClientError::Unreachable {
+            addr: addr.into(),
+            reason,
+        };
+        let remote: SocketAddr = tokio::net::lookup_host(addr)
+            .await
+            .map_err(|e| unreachable(e.to_string()))?
+            .next()
+            .ok_or_else(|| unreachable("the name has no address".into()))?;
+        let endpoint = fleetmap_net::client_endpoint(ca_pem, remote).map_err(|e| match e {
+            NetError::Tls(t) => ClientError::Tls(t),
+            other => unreachable(other.to_string()),
+        })?;
+        let conn = endpoint
+            .connect(remote, fleetmap_net::SERVER_NAME)
+            .map_err(|e| unreachable(e.to_string()))?
+            .await
+            .map_err(|e| connection_error(addr, e))?;
+        let (send, recv) = conn.open_bi().await.map_err(|e| connection_error(addr, e))?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(write_frames(send, rx, DEFAULT_MAX_FRAME));
+        let _ = tx.send(Message::Hello(Hello {
+            role: Role::Client {
+                api_key: api_key.into(),
+            },
+            software_version: SOFTWARE_VERSION.into(),
+        }));
+        let mut reader = FramedReader::new(recv, DEFAULT_MAX_FRAME);
+        match reader.next::<Message>().await {
+            Ok(Some(Message::Welcome { .. })) => {}
+            Ok(Some(Message::Refused { reason })) => return Err(ClientError::Refused(reason)),
+            Ok(other) => return Err(ClientError::Protocol(format!("expected Welcome, got {other:?}"))),
+            Err(_) => return Err(connection_error(addr, conn.closed().await)),
+        }
+        let routes: Routes = Default::default();
+        tokio::spawn(read_loop(reader, conn.clone(), routes.clone()));
+        Ok(Client {
+            conn,
+            _endpoint: endpoint,
+            tx,
+            routes,
+            next_request: AtomicU64::new(0),
+            coordinator: addr.into(),
+        })
+    }
+
+    /// Submits a job; it is accepted (possibly with no free slots yet) or
+    /// rejected with the coordinator's reason.
+    pub async fn submit(&self, spec: JobSpec) -> Result<Job, ClientError> {
+        let request = self.next_request.fetch_add(1, Ordering::Relaxed);
+        let (done, accepted) = oneshot::channel();
+        {
+            let mut routes = self.routes.lock().expect("routing lock poisoned");
+            if let Some(reason) = &routes.closed {
+                return Err(ClientError::Disconnected(reason.clone()));
+            }
+            routes.submits.insert(request, done);
+        }
+        let _ = self.tx.send(Message::SubmitJob { request, spec });
+        let accepted = accepted
+            .await
+            .map_err(|_| ClientError::Disconnected("the connection closed during submission".into()))??;
+        Ok(Job {
+            id: accepted.job,
+            slots: accepted.slots,
+            nodes: accepted.nodes,
+            initial_credit: accepted.credit,
+            tx: self.tx.clone(),
+            events: accepted.events,
+        })
+    }
+
+    /// Closes the connection; running jobs are cancelled by the coordinator.
+    pub fn close(&self) {
+        self.conn.close(0u32.into(), b"client closed");
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn connection_error(addr: &str, e: quinn::ConnectionError) -> ClientError {
+    match e {
+        quinn::ConnectionError::ApplicationClosed(close) if close.error_code == 1u32.into() => {
+            ClientError::Refused(String::from_utf8_lossy(&close.reason).into_owned())
+        }
+        quinn::ConnectionError::TransportError(t) if t.to_string().contains("certificate") => {
+            ClientError::Tls(t.to_string())
+        }
+        quinn::ConnectionError::TimedOut => ClientError::Unreachable {
+            addr: addr.into(),
+            reason: "timed out".into(),
+        },
+        other => ClientError::Unreachable {
+            addr: addr.into(),
+            reason: other.to_string(),
+        },
+    }
+}
+
+async fn read_loop(mut reader: FramedReader<quinn::RecvStream>, conn: quinn::Connection, routes: Routes) {
+    let reason = loop {
+        let msg = match reader.next::<Message>().await {
+            Ok(Some(msg)) => msg,
+            Ok(None) => break "the coordinator closed the connection".to_string(),
+            Err(NetError::Decode(e)) => {
+                let reason = format!("malformed frame from the coordinator: {e}");
+                conn.close(2u32.into(), reason.as_bytes());
+                break reason;
+            }
+            Err(_) => break conn.closed().await.to_string(),
+        };
+        let mut r = routes.lock().expect("routing lock poisoned");
+        let (job, event) = match msg {
+            Message::JobAccepted {
+                request,
+                job,
+                slots,
+                nodes,
+                credit,
+            } => {
+                let (tx, events) = mpsc::unbounded_channel();
+                r.jobs.insert(job, tx);
+                if let Some(done) = r.submits.remove(&request) {
+                    let _ = done.send(Ok(Accepted {
+                        job,
+                        slots,
+                        nodes,
+                        credit,
+                        events,
+                    }));
+                }
+                continue;
+            }
+            Message::JobRejected { request, reason } => {
+                if let Some(done) = r.submits.remove(&request) {
+                    let _ = done.send(Err(ClientError::Rejected(reason)));
+                }
+                continue;
+            }
+            Message::Output { job, output } => (job, JobEvent::Output(output)),
+            Message::Log(line) => (line.job, JobEvent::Log(line)),
+            Message::Credit { job, chunks } => (job, JobEvent::Credit(chunks)),
+            Message::JobFinished { job } => (job, JobEvent::Finished),
+            Message::JobFailed { job, reason } => (job, JobEvent::Failed(reason)),
+            other => {
+                let reason = format!("the coordinator sent a client {}", other.kind());
+                conn.close(2u32.into(), reason.as_bytes());
+                break reason;
+            }
+        };
+        let last = matches!(event, JobEvent::Finished | JobEvent::Failed(_));
+        if let Some(tx) = r.jobs.get(&job) {
+            let _ = tx.send(event);
+        }
+        if last {
+            r.jobs.remove(&job);
+        }
+    };
+    let mut r = routes.lock().expect("routing lock poisoned");
+    for (_, tx) in r.jobs.drain() {
+        let _ = tx.send(JobEvent::Failed(format!(
+            "lost the connection to the coordinator: {reason}"
+        )));
+    }
+    for (_, done) in r.submits.drain() {
+        let _ = done.send(Err(ClientError::Disconnected(reason.clone())));
+    }
+    r.closed = Some(reason);
+}
+
+/// A submitted job.
+pub struct Job {
+    pub id: JobId,
+    /// Slots placed when the job was accepted.
+    pub slots: u32,
+    pub nodes: u32,
+    /// Chunks the client may send before it gets more credit.
+    pub initial_credit: u32,
+    tx: mpsc::UnboundedSender<Message>,
+    events: mpsc::UnboundedReceiver<JobEvent>,
+}
+
+impl Job {
+    /// Sends a chunk of inputs; the caller keeps within its credit.
+    pub fn send_chunk(&self, chunk: InputChunk) {
+        let _ = self.tx.send(Message::Inputs { job: self.id, chunk });
+    }
+
+    /// Says that all `chunks` chunks have been sent.
+    pub fn inputs_done(&self, chunks: u64) {
+        let _ = self.tx.send(Message::InputsDone { job: self.id, chunks });
+    }
+
+    /// Stops the job: the coordinator kills its workers and frees its slots.
+    pub fn cancel(&self) {
+        let _ = self.tx.send(Message::CancelJob { job: self.id });
+    }
+
+    /// The next event; `None` once the job's events are exhausted.
+    pub async fn next_event(&mut self) -> Option<JobEvent> {
+        self.events.recv().await
+    }
+
+    /// An event if one is ready now.
+    pub fn try_next_event(&mut self) -> Option<JobEvent> {
+        self.events.try_recv().ok()
+    }
+}

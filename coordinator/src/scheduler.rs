@@ -1,0 +1,588 @@
+//! The scheduler: the coordinator's decisions as a plain state machine.
+//!
+//! It is fed events (`handle_*`) and drained of the messages it wants sent
+//! (`poll_command`). It does no I/O, reads no clock and spawns nothing, so it
+//! can be driven deterministically by tests and simulations.
+//!
+//! Policies:
+//! - **Placement: spread.** A job's slots go one at a time to the node that
+//!   can host the most further calls, so a job spans as many nodes as it can
+//!   (more memory bandwidth, and a lost node costs the job the least).
+//! - **Jobs share the fleet first come, first served.** A job takes the slots
+//!   it can get when it is submitted (up to its target) and more when
+//!   resources free up; jobs that got nothing wait in submission order.
+//! - **Dispatch: pull with a window.** Each slot holds at most
+//!   [`SLOT_DEPTH`] chunks (one running, the next already at the node), and a
+//!   chunk is sent to a slot only when it has room. The client may have at
+//!   most `window` chunks in the coordinator at once; it gets one credit back
+//!   per finished chunk, so the coordinator's memory is bounded by the
+//!   window, not by the number of inputs.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use fleetmap_protocol::{
+    CallRequest, ChunkId, InputChunk, JobId, JobSpec, LogLine, Message, NodeId, OutputChunk, Resources, SlotId,
+};
+
+/// Chunks a slot may hold at once: one running and one waiting at the node,
+/// so a worker never idles for a round trip between chunks.
+pub const SLOT_DEPTH: usize = 2;
+
+/// The most slots one job may have.
+pub const MAX_SLOTS: u32 = 4000;
+
+/// Chunks of window each slot adds: a full pipeline in the slot plus one
+/// queued at the coordinator, so no slot waits on the client.
+const PER_SLOT_WINDOW: u32 = SLOT_DEPTH as u32 + 1;
+
+/// A connected client.
+pub type ClientId = u64;
+
+/// A message the scheduler wants delivered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    ToNode { node: NodeId, msg: Message },
+    ToClient { client: ClientId, msg: Message },
+}
+
+/// A peer broke the protocol; the shell closes its connection with this reason.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{0}")]
+pub struct ProtocolViolation(pub String);
+
+#[derive(Debug)]
+struct Node {
+    name: String,
+    total: Resources,
+    free_cores: u32,
+    free_memory: u64,
+    free_gpus: u32,
+}
+
+impl Node {
+    /// How many more calls of this shape the node can host now.
+    fn room_for(&self, call: &CallRequest) -> u32 {
+        let by_cores = self.free_cores / call.cores.max(1);
+        let by_memory = (self.free_memory / call.memory_bytes.max(1)).min(u32::MAX as u64) as u32;
+        let by_gpus = if call.gpus == 0 {
+            u32::MAX
+        } else {
+            self.free_gpus / call.gpus
+        };
+        by_cores.min(by_memory).min(by_gpus)
+    }
+
+    fn can_ever_host(&self, call: &CallRequest) -> bool {
+        self.total.cores >= call.cores
+            && self.total.memory_bytes >= call.memory_bytes
+            && self.total.gpus.len() as u32 >= call.gpus
+    }
+
+    fn take(&mut self, call: &CallRequest) {
+        self.free_cores -= call.cores;
+        self.free_memory -= call.memory_bytes;
+        self.free_gpus -= call.gpus;
+    }
+
+    fn give_back(&mut self, call: &CallRequest) {
+        self.free_cores += call.cores;
+        self.free_memory += call.memory_bytes;
+        self.free_gpus += call.gpus;
+    }
+}
+
+#[derive(Debug)]
+struct Slot {
+    node: NodeId,
+    chunks: Vec<ChunkId>,
+}
+
+#[derive(Debug)]
+struct Job {
+    client: ClientId,
+    spec: JobSpec,
+    target_slots: u32,
+    /// Chunks the client may have in the coordinator at once.
+    window: u32,
+    /// Whether the client has been told the job is accepted.
+    announced: bool,
+    next_slot: SlotId,
+    slots: BTreeMap<SlotId, Slot>,
+    /// One entry per free place in a slot; stale ids (of removed slots) are
+    /// skipped when popped.
+    ready: VecDeque<SlotId>,
+    queue: VecDeque<InputChunk>,
+    in_flight: HashMap<ChunkId, (SlotId, InputChunk)>,
+    /// Chunks the client has sent and that have not finished.
+    in_system: u32,
+    received: u64,
+    finished: u64,
+    total_chunks: Option<u64>,
+}
+
+/// The coordinator's state: nodes, jobs, slots and queued inputs.
+#[derive(Debug, Default)]
+pub struct Scheduler {
+    nodes: BTreeMap<NodeId, Node>,
+    jobs: BTreeMap<JobId, Job>,
+    next_job: JobId,
+    out: VecDeque<Command>,
+}
+
+impl Scheduler {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The next message to deliver.
+    pub fn poll_command(&mut self) -> Option<Command> {
+        self.out.pop_front()
+    }
+
+    pub fn node_count(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn job_count(&self) -> usize {
+        self.jobs.len()
+    }
+
+    /// The client that submitted `job`, while it runs.
+    pub fn client_of(&self, job: JobId) -> Option<ClientId> {
+        self.jobs.get(&job).map(|j| j.client)
+    }
+
+    /// Slots held by `job`, per node name (for status and tests).
+    pub fn slots_of(&self, job: JobId) -> BTreeMap<String, u32> {
+        let mut out = BTreeMap::new();
+        if let Some(j) = self.jobs.get(&job) {
+            for slot in j.slots.values() {
+                *out.entry(self.nodes[&slot.node].name.clone()).or_default() += 1;
+            }
+        }
+        out
+    }
+
+    pub fn handle_node_joined(&mut self, node: NodeId, name: String, resources: Resources) {
+        let n = Node {
+            name,
+            free_cores: resources.cores,
+            free_memory: resources.memory_bytes,
+            free_gpus: resources.gpus.len() as u32,
+            total: resources,
+        };
+        self.nodes.insert(node, n);
+        self.grow_jobs();
+    }
+
+    /// A node's connection ended: its slots are gone and the chunks they held
+    /// go back to the front of their job's queue, in order, to run elsewhere.
+    pub fn handle_node_lost(&mut self, node: NodeId) {
+        let Some(lost) = self.nodes.remove(&node) else {
+            return;
+        };
+        let job_ids: Vec<JobId> = self.jobs.keys().copied().collect();
+        for id in job_ids {
+            let job = self.jobs.get_mut(&id).expect("id taken from the map above");
+            let gone: Vec<SlotId> = job
+                .slots
+                .iter()
+                .filter(|(_, s)| s.node == node)
+                .map(|(&k, _)| k)
+                .collect();
+            if gone.is_empty() {
+                continue;
+            }
+            let mut requeue = Vec::new();
+            for slot in gone {
+                let s = job.slots.remove(&slot).expect("slot id listed above");
+                for chunk in s.chunks {
+                    if let Some((_, c)) = job.in_flight.remove(&chunk) {
+                        requeue.push(c);
+                    }
+                }
+            }
+            requeue.sort_by_key(|c| c.chunk);
+            for c in requeue.into_iter().rev() {
+                job.queue.push_front(c);
+            }
+            if job.slots.is_empty() && !self.nodes.values().any(|n| n.can_ever_host(&job.spec.call)) {
+                let reason = format!(
+                    "node {} was lost and no remaining node can host a call of this job; \
+                     its unfinished inputs were not run. Add a node and run the job again",
+                    lost.name
+                );
+                self.fail_job(id, reason);
+            }
+        }
+        self.grow_jobs();
+        self.dispatch_all();
+    }
+
+    /// A client submits a job. It is accepted (and gets the slots that are
+    /// free) or rejected at once when no node could ever host one call.
+    pub fn handle_submit(&mut self, client: ClientId, request: u64, spec: JobSpec) {
+        if let Err(reason) = self.check_placeable(&spec.call) {
+            self.to_client(client, Message::JobRejected { request, reason });
+            return;
+        }
+        let id = self.next_job;
+        self.next_job += 1;
+        let mut target = spec.parallelism.unwrap_or(MAX_SLOTS).clamp(1, MAX_SLOTS);
+        if let Some(total) = spec.total_inputs {
+            target = target.min(total.max(1).min(MAX_SLOTS as u64) as u32);
+        }
+        self.jobs.insert(
+            id,
+            Job {
+                client,
+                spec,
+                target_slots: target,
+                // Room to queue a few chunks while the job waits for slots;
+                // every slot placed adds its share (see `grow_job`).
+                window: PER_SLOT_WINDOW,
+                announced: false,
+                next_slot: 0,
+                slots: BTreeMap::new(),
+                ready: VecDeque::new(),
+                queue: VecDeque::new(),
+                in_flight: HashMap::new(),
+                in_system: 0,
+                received: 0,
+                finished: 0,
+                total_chunks: None,
+            },
+        );
+        self.grow_job(id);
+        let job = self.jobs.get_mut(&id).expect("job inserted above");
+        job.announced = true;
+        let nodes = job
+            .slots
+            .values()
+            .map(|s| s.node)
+            .collect::<std::collections::BTreeSet<_>>()
+            .len() as u32;
+        let msg = Message::JobAccepted {
+            request,
+            job: id,
+            slots: job.slots.len() as u32,
+            nodes,
+            credit: job.window,
+        };
+        self.to_client(client, msg);
+    }
+
+    pub fn handle_inputs(&mut self, client: ClientId, job: JobId, chunk: InputChunk) -> Result<(), ProtocolViolation> {
+        let Some(j) = self.client_job(client, job) else {
+            return Ok(());
+        };
+        if j.in_system >= j.window {
+            return Err(ProtocolViolation(format!(
+                "job {job}: client sent chunk {} beyond its credit of {} chunks",
+                chunk.chunk, j.window
+            )));
+        }
+        if j.total_chunks.is_some() {
+            return Err(ProtocolViolation(format!("job {job}: inputs sent after InputsDone")));
+        }
+        j.in_system += 1;
+        j.received += 1;
+        j.queue.push_back(chunk);
+        self.dispatch(job);
+        Ok(())
+    }
+
+    pub fn handle_inputs_done(&mut self, client: ClientId, job: JobId, chunks: u64) -> Result<(), ProtocolViolation> {
+        let Some(j) = self.client_job(client, job) else {
+            return Ok(());
+        };
+        if chunks != j.received {
+            return Err(ProtocolViolation(format!(
+                "job {job}: client says it sent {chunks} chunks but {} arrived",
+                j.received
+            )));
+        }
+        j.total_chunks = Some(chunks);
+        self.finish_if_done(job);
+        Ok(())
+    }
+
+    pub fn handle_cancel(&mut self, client: ClientId, job: JobId) {
+        if self.client_of(job) == Some(client) {
+            self.stop_job(job);
+        }
+    }
+
+    pub fn handle_client_lost(&mut self, client: ClientId) {
+        let jobs: Vec<JobId> = self
+            .jobs
+            .iter()
+            .filter(|(_, j)| j.client == client)
+            .map(|(&k, _)| k)
+            .collect();
+        for job in jobs {
+            self.stop_job(job);
+        }
+    }
+
+    /// A node reports a finished chunk. Reports for jobs, slots or chunks the
+    /// scheduler no longer holds on that node (a stopped job, a slot already
+    /// given up) are dropped, so no input ever yields two outcomes.
+    pub fn handle_chunk_done(&mut self, node: NodeId, job: JobId, slot: SlotId, output: OutputChunk) {
+        let Some(j) = self.jobs.get_mut(&job) else {
+            return;
+        };
+        let Some(s) = j.slots.get_mut(&slot) else {
+            return;
+        };
+        if s.node != node {
+            return;
+        }
+        let Some(pos) = s.chunks.iter().position(|&c| c == output.chunk) else {
+            return;
+        };
+        s.chunks.remove(pos);
+        j.in_flight.remove(&output.chunk);
+        j.in_system -= 1;
+        j.finished += 1;
+        j.ready.push_back(slot);
+        let client = j.client;
+        self.to_client(client, Message::Output { job, output });
+        self.to_client(client, Message::Credit { job, chunks: 1 });
+        self.dispatch(job);
+        self.finish_if_done(job);
+    }
+
+    /// A slot's worker could not start or died. The job stops at its first
+    /// failure, as a local map would.
+    pub fn handle_slot_failed(&mut self, node: NodeId, job: JobId, slot: SlotId, reason: String) {
+        let owned = self
+            .jobs
+            .get(&job)
+            .and_then(|j| j.slots.get(&slot))
+            .is_some_and(|s| s.node == node);
+        if owned {
+            self.fail_job(job, reason);
+        }
+    }
+
+    /// A line a call printed goes to the job's client.
+    pub fn handle_log(&mut self, line: LogLine) {
+        if let Some(client) = self.client_of(line.job) {
+            self.to_client(client, Message::Log(line));
+        }
+    }
+
+    /// The client's running job. Messages about a job that has just failed
+    /// or been stopped cross the stop on the wire; they are not a violation
+    /// and are dropped.
+    fn client_job(&mut self, client: ClientId, job: JobId) -> Option<&mut Job> {
+        self.jobs.get_mut(&job).filter(|j| j.client == client)
+    }
+
+    fn check_placeable(&self, call: &CallRequest) -> Result<(), String> {
+        if call.cores == 0 || call.memory_bytes == 0 {
+            return Err("func_cpu and func_ram must be at least 1".into());
+        }
+        if self.nodes.is_empty() {
+            return Err("the fleet has no nodes: start one with `fleetmap node --coordinator HOST:PORT --token TOKEN --ca CA.pem`".into());
+        }
+        if self.nodes.values().any(|n| n.can_ever_host(call)) {
+            return Ok(());
+        }
+        let largest_by = |f: fn(&Node) -> u64| {
+            self.nodes
+                .values()
+                .max_by_key(|n| f(n))
+                .map(|n| (f(n), n.name.clone()))
+                .expect("the fleet has at least one node, checked above")
+        };
+        let (cores, cores_node) = largest_by(|n| n.total.cores as u64);
+        let (memory, memory_node) = largest_by(|n| n.total.memory_bytes);
+        let (gpus, gpus_node) = largest_by(|n| n.total.gpus.len() as u64);
+        let mut short = Vec::new();
+        if call.cores as u64 > cores {
+            short.push(format!(
+                "func_cpu={} but the largest node offers {cores} cores ({cores_node})",
+                call.cores
+            ));
+        }
+        if call.memory_bytes > memory {
+            short.push(format!(
+                "func_ram={} but the largest node offers {} ({memory_node})",
+                gib(call.memory_bytes),
+                gib(memory)
+            ));
+        }
+        if call.gpus as u64 > gpus {
+            short.push(format!(
+                "func_gpu={} but the largest node offers {gpus} GPUs ({gpus_node})",
+                call.gpus
+            ));
+        }
+        if short.is_empty() {
+            short.push(format!(
+                "no single node offers func_cpu={}, func_ram={} and func_gpu={} together",
+                call.cores,
+                gib(call.memory_bytes),
+                call.gpus
+            ));
+        }
+        Err(format!(
+            "no node can host one call: {}. Lower the request or add a larger node",
+            short.join("; ")
+        ))
+    }
+
+    /// Gives every job, oldest first, the free slots it can use.
+    fn grow_jobs(&mut self) {
+        let ids: Vec<JobId> = self.jobs.keys().copied().collect();
+        for id in ids {
+            self.grow_job(id);
+        }
+    }
+
+    fn grow_job(&mut self, id: JobId) {
+        let Some(job) = self.jobs.get_mut(&id) else {
+            return;
+        };
+        let call = job.spec.call;
+        let mut placed: BTreeMap<NodeId, Vec<SlotId>> = BTreeMap::new();
+        while (job.slots.len() as u32) < job.target_slots {
+            let best = self
+                .nodes
+                .iter()
+                .map(|(&id, n)| (n.room_for(&call), id))
+                .filter(|&(room, _)| room > 0)
+                .max_by_key(|&(room, id)| (room, std::cmp::Reverse(id)));
+            let Some((_, node)) = best else {
+                break;
+            };
+            self.nodes
+                .get_mut(&node)
+                .expect("node id taken from the map")
+                .take(&call);
+            let slot = job.next_slot;
+            job.next_slot += 1;
+            job.slots.insert(
+                slot,
+                Slot {
+                    node,
+                    chunks: Vec::new(),
+                },
+            );
+            placed.entry(node).or_default().push(slot);
+        }
+        // Every new slot gets its first chunk before any gets its second.
+        let new_slots: Vec<SlotId> = placed.values().flatten().copied().collect();
+        let added = new_slots.len() as u32 * PER_SLOT_WINDOW;
+        job.window += added;
+        if job.announced && added > 0 {
+            let msg = Message::Credit { job: id, chunks: added };
+            self.out.push_back(Command::ToClient {
+                client: job.client,
+                msg,
+            });
+        }
+        for _ in 0..SLOT_DEPTH {
+            job.ready.extend(new_slots.iter().copied());
+        }
+        for (node, slots) in placed {
+            let msg = Message::StartSlots {
+                job: id,
+                spec: job.spec.clone(),
+                slots,
+            };
+            self.out.push_back(Command::ToNode { node, msg });
+        }
+        self.dispatch(id);
+    }
+
+    fn dispatch_all(&mut self) {
+        let ids: Vec<JobId> = self.jobs.keys().copied().collect();
+        for id in ids {
+            self.dispatch(id);
+        }
+    }
+
+    fn dispatch(&mut self, id: JobId) {
+        let Some(job) = self.jobs.get_mut(&id) else {
+            return;
+        };
+        while !job.queue.is_empty() {
+            let Some(slot) = job.ready.pop_front() else {
+                break;
+            };
+            let Some(s) = job.slots.get_mut(&slot) else {
+                continue; // A slot of a lost node.
+            };
+            if s.chunks.len() >= SLOT_DEPTH {
+                continue;
+            }
+            let chunk = job.queue.pop_front().expect("queue checked non-empty");
+            s.chunks.push(chunk.chunk);
+            job.in_flight.insert(chunk.chunk, (slot, chunk.clone()));
+            self.out.push_back(Command::ToNode {
+                node: s.node,
+                msg: Message::RunChunk { job: id, slot, chunk },
+            });
+        }
+    }
+
+    fn finish_if_done(&mut self, id: JobId) {
+        let Some(job) = self.jobs.get(&id) else {
+            return;
+        };
+        if job.total_chunks == Some(job.finished) {
+            let client = job.client;
+            self.stop_job(id);
+            self.to_client(client, Message::JobFinished { job: id });
+        }
+    }
+
+    fn fail_job(&mut self, id: JobId, reason: String) {
+        if let Some(client) = self.client_of(id) {
+            self.stop_job(id);
+            self.to_client(client, Message::JobFailed { job: id, reason });
+        }
+    }
+
+    /// Ends a job: its nodes stop its workers and its resources go to
+    /// waiting jobs.
+    fn stop_job(&mut self, id: JobId) {
+        let Some(job) = self.jobs.remove(&id) else {
+            return;
+        };
+        let mut nodes = std::collections::BTreeSet::new();
+        for slot in job.slots.values() {
+            if let Some(n) = self.nodes.get_mut(&slot.node) {
+                n.give_back(&job.spec.call);
+            }
+            nodes.insert(slot.node);
+        }
+        for node in nodes {
+            self.out.push_back(Command::ToNode {
+                node,
+                msg: Message::StopJob { job: id },
+            });
+        }
+        self.grow_jobs();
+    }
+
+    fn to_client(&mut self, client: ClientId, msg: Message) {
+        self.out.push_back(Command::ToClient { client, msg });
+    }
+}
+
+/// Formats bytes as GiB for messages ("1 GiB", "23.4 GiB").
+pub fn gib(bytes: u64) -> String {
+    let g = bytes as f64 / (1u64 << 30) as f64;
+    if (g - g.round()).abs() < 0.05 {
+        format!("{} GiB", g.round())
+    } else {
+        format!("{g:.1} GiB")
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,299 @@
+use super::*;
+use fleetmap_protocol::RuntimeSpec;
+
+const GIB: u64 = 1 << 30;
+
+fn resources(cores: u32, memory_gib: u64) -> Resources {
+    Resources {
+        cores,
+        memory_bytes: memory_gib * GIB,
+        gpus: vec![],
+    }
+}
+
+fn spec(cores: u32, memory_gib: u64, parallelism: Option<u32>, total: u64) -> JobSpec {
+    JobSpec {
+        call: CallRequest {
+            cores,
+            memory_bytes: memory_gib * GIB,
+            gpus: 0,
+        },
+        parallelism,
+        total_inputs: Some(total),
+        runtime: RuntimeSpec::Python {
+            executable: "python3".into(),
+            version: "3.11".into(),
+            function: vec![1, 2, 3],
+        },
+    }
+}
+
+fn chunk(id: u64) -> InputChunk {
+    InputChunk {
+        chunk: id,
+        first_input: id * 10,
+        count: 10,
+        payload: vec![id as u8],
+    }
+}
+
+fn output(c: &InputChunk) -> OutputChunk {
+    OutputChunk {
+        chunk: c.chunk,
+        first_input: c.first_input,
+        count: c.count,
+        failed: 0,
+        node: "n".into(),
+        payload: c.payload.clone(),
+    }
+}
+
+fn drain(s: &mut Scheduler) -> Vec<Command> {
+    std::iter::from_fn(|| s.poll_command()).collect()
+}
+
+/// The `RunChunk` commands among `cmds`, as (node, slot, chunk).
+fn runs(cmds: &[Command]) -> Vec<(NodeId, SlotId, InputChunk)> {
+    cmds.iter()
+        .filter_map(|c| match c {
+            Command::ToNode {
+                node,
+                msg: Message::RunChunk { slot, chunk, .. },
+            } => Some((*node, *slot, chunk.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn accepted(cmds: &[Command]) -> (JobId, u32, u32) {
+    cmds.iter()
+        .find_map(|c| match c {
+            Command::ToClient {
+                msg: Message::JobAccepted { job, slots, credit, .. },
+                ..
+            } => Some((*job, *slots, *credit)),
+            _ => None,
+        })
+        .expect("job accepted")
+}
+
+#[test]
+fn slots_spread_over_nodes_within_their_resources() {
+    let mut s = Scheduler::new();
+    s.handle_node_joined(1, "a".into(), resources(4, 64));
+    s.handle_node_joined(2, "b".into(), resources(2, 64));
+    s.handle_submit(9, 0, spec(1, 1, None, 1000));
+    let cmds = drain(&mut s);
+    let (job, slots, _) = accepted(&cmds);
+    assert_eq!(slots, 6);
+    assert_eq!(s.slots_of(job), BTreeMap::from([("a".into(), 4), ("b".into(), 2)]));
+}
+
+#[test]
+fn parallelism_and_input_count_cap_the_slots() {
+    let mut s = Scheduler::new();
+    s.handle_node_joined(1, "a".into(), resources(64, 64));
+    s.handle_submit(9, 0, spec(1, 1, Some(5), 1000));
+    assert_eq!(accepted(&drain(&mut s)).1, 5);
+    s.handle_submit(9, 1, spec(1, 1, None, 3));
+    assert_eq!(accepted(&drain(&mut s)).1, 3);
+}
+
+#[test]
+fn memory_limits_slots_per_node() {
+    let mut s = Scheduler::new();
+    s.handle_node_joined(1, "a".into(), resources(16, 8));
+    s.handle_submit(9, 0, spec(1, 3, None, 100));
+    assert_eq!(accepted(&drain(&mut s)).1, 2);
+}
+
+#[test]
+fn a_job_no_node_can_host_is_rejected_naming_the_short_resource() {
+    let mut s = Scheduler::new();
+    s.handle_node_joined(1, "small".into(), resources(2, 4));
+    s.handle_node_joined(2, "big".into(), resources(8, 2));
+    s.handle_submit(9, 5, spec(16, 1, None, 10));
+    let cmds = drain(&mut s);
+    let Some(Command::ToClient {
+        client: 9,
+        msg: Message::JobRejected { request: 5, reason },
+    }) = cmds.first()
+    else {
+        panic!("expected a rejection, got {cmds:?}");
+    };
+    assert!(
+        reason.contains("func_cpu=16 but the largest node offers 8 cores (big)"),
+        "{reason}"
+    );
+    assert_eq!(s.job_count(), 0);
+
+    s.handle_submit(9, 6, spec(4, 4, None, 10));
+    let reason = format!("{:?}", drain(&mut s));
+    assert!(reason.contains("no single node offers"), "{reason}");
+}
+
+#[test]
+fn an_empty_fleet_rejects_with_what_to_do() {
+    let mut s = Scheduler::new();
+    s.handle_submit(9, 0, spec(1, 1, None, 10));
+    let text = format!("{:?}", drain(&mut s));
+    assert!(
+        text.contains("the fleet has no nodes") && text.contains("fleetmap node"),
+        "{text}"
+    );
+}
+
+#[test]
+fn every_chunk_runs_once_and_the_job_finishes() {
+    let mut s = Scheduler::new();
+    s.handle_node_joined(1, "a".into(), resources(2, 64));
+    s.handle_submit(9, 0, spec(1, 1, None, 100));
+    let (job, slots, credit) = accepted(&drain(&mut s));
+    assert_eq!((slots, credit), (2, 9));
+    let mut outputs = Vec::new();
+    let mut next = 0;
+    let mut credit = credit;
+    let mut pending = Vec::new();
+    while outputs.len() < 10 {
+        while credit > 0 && next < 10 {
+            s.handle_inputs(9, job, chunk(next)).unwrap();
+            next += 1;
+            credit -= 1;
+        }
+        if next == 10 {
+            s.handle_inputs_done(9, job, 10).unwrap();
+        }
+        let cmds = drain(&mut s);
+        for c in &cmds {
+            match c {
+                Command::ToClient {
+                    msg: Message::Output { output, .. },
+                    ..
+                } => outputs.push(output.chunk),
+                Command::ToClient {
+                    msg: Message::Credit { chunks, .. },
+                    ..
+                } => credit += chunks,
+                _ => {}
+            }
+        }
+        pending.extend(runs(&cmds));
+        // No slot ever holds more than SLOT_DEPTH chunks.
+        for slot in 0..2 {
+            assert!(pending.iter().filter(|p| p.1 == slot).count() <= SLOT_DEPTH);
+        }
+        if let Some((node, slot, c)) = (!pending.is_empty()).then(|| pending.remove(0)) {
+            s.handle_chunk_done(node, job, slot, output(&c));
+        }
+    }
+    outputs.sort();
+    assert_eq!(outputs, (0..10).collect::<Vec<_>>());
+    assert_eq!(s.job_count(), 0, "the job ended");
+}
+
+#[test]
+fn chunks_of_a_lost_node_run_again_elsewhere_and_its_late_results_are_dropped() {
+    let mut s = Scheduler::new();
+    s.handle_node_joined(1, "a".into(), resources(1, 64));
+    s.handle_node_joined(2, "b".into(), resources(1, 64));
+    s.handle_submit(9, 0, spec(1, 1, None, 40));
+    let (job, _, _) = accepted(&drain(&mut s));
+    for i in 0..4 {
+        s.handle_inputs(9, job, chunk(i)).unwrap();
+    }
+    s.handle_inputs_done(9, job, 4).unwrap();
+    let first = runs(&drain(&mut s));
+    assert_eq!(first.len(), 4);
+    let on_a: Vec<_> = first.iter().filter(|r| r.0 == 1).cloned().collect();
+    assert_eq!(on_a.len(), 2);
+
+    s.handle_node_lost(1);
+    // A result from the lost node that arrives late must not count.
+    s.handle_chunk_done(1, job, on_a[0].1, output(&on_a[0].2));
+    let cmds = drain(&mut s);
+    assert!(!cmds.iter().any(|c| matches!(
+        c,
+        Command::ToClient {
+            msg: Message::Output { .. },
+            ..
+        }
+    )));
+
+    let mut done = Vec::new();
+    let mut pending: Vec<_> = first.iter().filter(|r| r.0 == 2).cloned().collect();
+    while let Some((node, slot, c)) = pending.pop() {
+        assert_eq!(node, 2);
+        s.handle_chunk_done(node, job, slot, output(&c));
+        for cmd in drain(&mut s) {
+            match cmd {
+                Command::ToClient {
+                    msg: Message::Output { output, .. },
+                    ..
+                } => done.push(output.chunk),
+                Command::ToNode {
+                    node,
+                    msg: Message::RunChunk { slot, chunk, .. },
+                } => pending.push((node, slot, chunk)),
+                _ => {}
+            }
+        }
+    }
+    done.sort();
+    assert_eq!(done, vec![0, 1, 2, 3], "every chunk exactly once");
+    assert_eq!(s.job_count(), 0);
+}
+
+#[test]
+fn inputs_beyond_the_credit_are_a_violation() {
+    let mut s = Scheduler::new();
+    s.handle_node_joined(1, "a".into(), resources(1, 64));
+    s.handle_submit(9, 0, spec(1, 1, None, 100));
+    let (job, _, credit) = accepted(&drain(&mut s));
+    for i in 0..credit as u64 {
+        s.handle_inputs(9, job, chunk(i)).unwrap();
+    }
+    assert!(s.handle_inputs(9, job, chunk(99)).is_err());
+    // Another client cannot feed or cancel the job.
+    assert!(s.handle_inputs(8, job, chunk(100)).is_ok());
+    s.handle_cancel(8, job);
+    assert_eq!(s.job_count(), 1);
+}
+
+#[test]
+fn a_waiting_job_gets_slots_when_the_first_ends() {
+    let mut s = Scheduler::new();
+    s.handle_node_joined(1, "a".into(), resources(2, 64));
+    s.handle_submit(9, 0, spec(1, 1, None, 100));
+    let (first, slots, _) = accepted(&drain(&mut s));
+    assert_eq!(slots, 2);
+    s.handle_submit(8, 0, spec(1, 1, None, 100));
+    let (second, slots, _) = accepted(&drain(&mut s));
+    assert_eq!(slots, 0, "no free cores yet");
+    s.handle_client_lost(9);
+    let cmds = drain(&mut s);
+    assert!(cmds.contains(&Command::ToNode {
+        node: 1,
+        msg: Message::StopJob { job: first }
+    }));
+    assert_eq!(s.slots_of(second).get("a"), Some(&2));
+}
+
+#[test]
+fn a_failed_slot_fails_the_job_with_its_reason() {
+    let mut s = Scheduler::new();
+    s.handle_node_joined(1, "a".into(), resources(1, 64));
+    s.handle_submit(9, 0, spec(1, 1, None, 10));
+    let (job, _, _) = accepted(&drain(&mut s));
+    s.handle_slot_failed(2, job, 0, "not this node".into());
+    assert_eq!(s.job_count(), 1, "a node cannot fail another node's slot");
+    s.handle_slot_failed(1, job, 0, "worker died".into());
+    let cmds = drain(&mut s);
+    assert!(cmds.contains(&Command::ToClient {
+        client: 9,
+        msg: Message::JobFailed {
+            job,
+            reason: "worker died".into()
+        }
+    }));
+    assert_eq!(s.job_count(), 0);
+}

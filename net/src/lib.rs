@@ -1,0 +1,267 @@
+//! fleetmap's network plumbing, shared by the coordinator, node daemons and
+//! clients: QUIC endpoints over rustls (TLS 1.3 only), the transport settings
+//! every connection uses, and framed reading and writing of protocol messages
+//! on any async byte stream (QUIC streams, a worker's Unix socket).
+//!
+//! This crate holds no protocol logic: which message goes where is decided by
+//! the crates above it. It must not depend on `sandbox`, `runtime` or pyo3.
+
+use std::{
+    net::{SocketAddr, UdpSocket},
+    sync::{Arc, Once},
+    time::Duration,
+};
+
+use fleetmap_protocol::{encode_frame, DecodeError, EncodeError, FrameDecoder};
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+use serde::{de::DeserializeOwned, Serialize};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    sync::mpsc,
+};
+
+/// The name in the coordinator's certificate that every peer verifies,
+/// whatever address it dialled (as Kubernetes does with `kubernetes.default`),
+/// so that one certificate serves every interface and NAT of a coordinator.
+pub const SERVER_NAME: &str = "fleetmap-coordinator";
+
+/// The ALPN protocol id: a peer of another protocol fails the handshake.
+pub const ALPN: &[u8] = b"fleetmap/1";
+
+/// How often an idle connection is pinged, and when a silent one is dead.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(2);
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+const UDP_BUFFER: usize = 4 << 20;
+
+/// What can go wrong below the protocol.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NetError {
+    #[error("TLS configuration: {0}")]
+    Tls(String),
+    #[error("socket: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("QUIC connect: {0}")]
+    Connect(#[from] quinn::ConnectError),
+    #[error("QUIC connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("stream write: {0}")]
+    Write(#[from] quinn::WriteError),
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    #[error(transparent)]
+    Encode(#[from] EncodeError),
+    #[error("peer closed the stream in the middle of a frame ({0} bytes left undecoded)")]
+    Truncated(usize),
+}
+
+/// Installs the process-wide rustls crypto provider (ring) once.
+pub fn install_crypto_provider() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // Another library in the same process may have installed one first;
+        // any provider with TLS 1.3 and AES-128-GCM serves QUIC, so that is fine.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The transport settings of every fleetmap connection: keep-alives so that a
+/// dead peer is noticed within [`IDLE_TIMEOUT`], and windows sized for chunks
+/// of inputs in the megabytes.
+pub fn transport_config() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(KEEP_ALIVE));
+    // IDLE_TIMEOUT is 10 s, far inside QUIC's idle-timeout range (2^62 ms).
+    t.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(IDLE_TIMEOUT).expect("10 s is a valid QUIC idle timeout"),
+    ));
+    t.stream_receive_window(quinn::VarInt::from_u32(16 << 20));
+    t.receive_window(quinn::VarInt::from_u32(64 << 20));
+    t.send_window(64 << 20);
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(1024));
+    t
+}
+
+fn udp_socket(addr: SocketAddr) -> Result<UdpSocket, NetError> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    // Larger buffers than the kernel default keep bursts of chunk data from
+    // being dropped; the kernel caps them at net.core.[rw]mem_max anyway.
+    let _ = socket.set_recv_buffer_size(UDP_BUFFER);
+    let _ = socket.set_send_buffer_size(UDP_BUFFER);
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
+/// Parses PEM certificates.
+pub fn parse_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, NetError> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| NetError::Tls(format!("bad PEM certificate: {e}")))?;
+    if certs.is_empty() {
+        return Err(NetError::Tls("no certificate found in the PEM data".into()));
+    }
+    Ok(certs)
+}
+
+/// A QUIC server endpoint with the given certificate chain and key (PEM).
+pub fn server_endpoint(listen: SocketAddr, cert_pem: &[u8], key_pem: &[u8]) -> Result<quinn::Endpoint, NetError> {
+    install_crypto_provider();
+    let certs = parse_certs(cert_pem)?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| NetError::Tls(format!("bad PEM private key: {e}")))?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| NetError::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| NetError::Tls(e.to_string()))?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = QuicServerConfig::try_from(tls).map_err(|e| NetError::Tls(e.to_string()))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(Arc::new(transport_config()));
+    let socket = udp_socket(listen)?;
+    Ok(quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(config),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )?)
+}
+
+/// A QUIC client endpoint that trusts only the given CA (PEM).
+pub fn client_endpoint(ca_pem: &[u8], remote: SocketAddr) -> Result<quinn::Endpoint, NetError> {
+    install_crypto_provider();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in parse_certs(ca_pem)? {
+        roots
+            .add(cert)
+            .map_err(|e| NetError::Tls(format!("bad CA certificate: {e}")))?;
+    }
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| NetError::Tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = QuicClientConfig::try_from(tls).map_err(|e| NetError::Tls(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(Arc::new(transport_config()));
+    let local: SocketAddr = if remote.is_ipv6() {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    let mut endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        udp_socket(local)?,
+        Arc::new(quinn::TokioRuntime),
+    )?;
+    endpoint.set_default_client_config(config);
+    Ok(endpoint)
+}
+
+/// Reads framed messages from a byte stream.
+pub struct FramedReader<R> {
+    inner: R,
+    decoder: FrameDecoder,
+    buf: Box<[u8]>,
+}
+
+impl<R: AsyncRead + Unpin> FramedReader<R> {
+    pub fn new(inner: R, max_frame: usize) -> Self {
+        Self {
+            inner,
+            decoder: FrameDecoder::new(max_frame),
+            buf: vec![0; 256 << 10].into_boxed_slice(),
+        }
+    }
+
+    /// The next message; `Ok(None)` when the peer finished the stream cleanly.
+    pub async fn next<T: DeserializeOwned>(&mut self) -> Result<Option<T>, NetError> {
+        loop {
+            if let Some(msg) = self.decoder.next()? {
+                return Ok(Some(msg));
+            }
+            let n = self.inner.read(&mut self.buf).await?;
+            if n == 0 {
+                return match self.decoder.buffered() {
+                    0 => Ok(None),
+                    left => Err(NetError::Truncated(left)),
+                };
+            }
+            self.decoder.extend(&self.buf[..n]);
+        }
+    }
+}
+
+/// Writes every message sent on `rx` to `out`, coalescing the messages that
+/// are already queued into one write so that a burst costs one syscall (or
+/// one QUIC stream write) rather than one per message.
+pub async fn write_frames<W, T>(
+    mut out: W,
+    mut rx: mpsc::UnboundedReceiver<T>,
+    max_frame: usize,
+) -> Result<(), NetError>
+where
+    W: AsyncWrite + Unpin,
+    T: Serialize,
+{
+    const COALESCE: usize = 1 << 20;
+    let mut buf = Vec::with_capacity(64 << 10);
+    while let Some(msg) = rx.recv().await {
+        buf.clear();
+        encode_frame(&msg, max_frame, &mut buf)?;
+        while buf.len() < COALESCE {
+            match rx.try_recv() {
+                Ok(msg) => encode_frame(&msg, max_frame, &mut buf)?,
+                Err(_) => break,
+            }
+        }
+        out.write_all(&buf).await?;
+    }
+    out.shutdown().await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use fleetmap_protocol::{Message, DEFAULT_MAX_FRAME};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn frames_cross_a_byte_stream() {
+        let (a, b) = tokio::io::duplex(64);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let writer = tokio::spawn(write_frames(a, rx, DEFAULT_MAX_FRAME));
+        for job in 0..100 {
+            tx.send(Message::CancelJob { job }).unwrap();
+        }
+        drop(tx);
+        let mut reader = FramedReader::new(b, DEFAULT_MAX_FRAME);
+        for job in 0..100 {
+            assert_eq!(
+                reader.next::<Message>().await.unwrap(),
+                Some(Message::CancelJob { job })
+            );
+        }
+        assert!(reader.next::<Message>().await.unwrap().is_none());
+        writer.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_stream_cut_mid_frame_is_an_error() {
+        let (mut a, b) = tokio::io::duplex(64);
+        a.write_all(&[10, 0, 0, 0, 1]).await.unwrap();
+        drop(a);
+        let mut reader = FramedReader::new(b, DEFAULT_MAX_FRAME);
+        assert!(matches!(reader.next::<Message>().await, Err(NetError::Truncated(5))));
+    }
+}

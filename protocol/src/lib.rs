@@ -1,0 +1,272 @@
+//! fleetmap's wire protocol: the messages that clients, the coordinator, node
+//! daemons and workers exchange, and the frame codec that carries them.
+//!
+//! **This crate does no I/O** and must not depend on an async runtime, a
+//! network library or the operating system: it turns messages into bytes and
+//! bytes into messages, nothing else. The shells (coordinator, node daemon,
+//! client, worker) move the bytes.
+//!
+//! A frame is `u32 length (LE) | u16 protocol version (LE) | bincode body`,
+//! where `length` counts the version and the body. Everything that arrives
+//! from a peer "could represent an attacker": a frame that is too large, too
+//! short, of an unknown version or that does not decode is a [`DecodeError`]
+//! with a message, never a panic. The decoder checks the length before it
+//! buffers the body, so an oversized frame is refused after four bytes.
+
+mod codec;
+pub mod worker;
+
+pub use codec::{encode_frame, DecodeError, EncodeError, FrameDecoder};
+use serde::{Deserialize, Serialize};
+
+/// The protocol version this build speaks. A peer that sends another version
+/// gets [`DecodeError::UnknownVersion`], which names both.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// The largest frame accepted by default (64 MiB): a chunk of inputs or
+/// outputs, or a pickled function, must fit in one frame.
+pub const DEFAULT_MAX_FRAME: usize = 64 << 20;
+
+/// The software version, sent in the handshake so that mismatches are named.
+pub const SOFTWARE_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// A job, unique for the life of a coordinator.
+pub type JobId = u64;
+/// A node, unique for the life of a coordinator.
+pub type NodeId = u64;
+/// A slot within a job: slot ids of one job are unique across nodes.
+pub type SlotId = u32;
+/// The sequence number of a chunk of inputs within its job.
+pub type ChunkId = u64;
+
+/// What a node offers to run calls.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Resources {
+    /// CPU cores available to slots.
+    pub cores: u32,
+    /// Memory available to slots, in bytes.
+    pub memory_bytes: u64,
+    /// NVIDIA GPUs available to slots.
+    pub gpus: Vec<Gpu>,
+}
+
+/// One NVIDIA GPU of a node.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Gpu {
+    /// The device minor: `/dev/nvidia{minor}`.
+    pub minor: u32,
+    /// The GPU's UUID where known (from NVML), else empty.
+    pub uuid: String,
+    /// The NUMA node the GPU hangs off, where known.
+    pub numa_node: Option<u32>,
+}
+
+/// The resources that every call of a job gets (the user's `func_cpu`,
+/// `func_ram` and `func_gpu`).
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallRequest {
+    pub cores: u32,
+    pub memory_bytes: u64,
+    pub gpus: u32,
+}
+
+/// What runs in the slots of a job.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum RuntimeSpec {
+    /// A Python callable, pickled with cloudpickle.
+    Python {
+        /// The caller's interpreter; a node runs it when it exists there.
+        executable: String,
+        /// The caller's `major.minor`: pickles only travel between equal minors.
+        version: String,
+        #[serde(with = "serde_bytes")]
+        function: Vec<u8>,
+    },
+}
+
+/// A job as the client submits it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct JobSpec {
+    pub call: CallRequest,
+    /// The most calls that may run at once; `None` means as many as fit.
+    pub parallelism: Option<u32>,
+    /// The number of inputs, when the client knows it up front.
+    pub total_inputs: Option<u64>,
+    pub runtime: RuntimeSpec,
+}
+
+/// Who opens a connection to the coordinator.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    Node {
+        token: String,
+        name: String,
+        resources: Resources,
+    },
+    Client {
+        api_key: String,
+    },
+}
+
+/// The first message on every connection to the coordinator.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    pub role: Role,
+    pub software_version: String,
+}
+
+/// A run of consecutive inputs, pickled together as one list.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct InputChunk {
+    pub chunk: ChunkId,
+    /// The index (in the caller's `inputs`) of the chunk's first input.
+    pub first_input: u64,
+    pub count: u32,
+    #[serde(with = "serde_bytes")]
+    pub payload: Vec<u8>,
+}
+
+/// The outcomes of one chunk: a pickled `(outputs, failures)` pair.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct OutputChunk {
+    pub chunk: ChunkId,
+    pub first_input: u64,
+    pub count: u32,
+    /// How many of the chunk's inputs failed.
+    pub failed: u32,
+    /// The node that ran the chunk.
+    pub node: String,
+    #[serde(with = "serde_bytes")]
+    pub payload: Vec<u8>,
+}
+
+/// Which stream of a worker a line of output came from.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputStream {
+    Stdout,
+    Stderr,
+}
+
+/// A line that a call printed.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct LogLine {
+    pub job: JobId,
+    pub stream: OutputStream,
+    pub node: String,
+    pub text: String,
+}
+
+/// Every message between clients, the coordinator and node daemons.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    // Handshake, on every connection.
+    Hello(Hello),
+    Welcome {
+        node_id: Option<NodeId>,
+        coordinator_version: String,
+    },
+    Refused {
+        reason: String,
+    },
+
+    // Client to coordinator.
+    SubmitJob {
+        request: u64,
+        spec: JobSpec,
+    },
+    Inputs {
+        job: JobId,
+        chunk: InputChunk,
+    },
+    InputsDone {
+        job: JobId,
+        chunks: u64,
+    },
+    CancelJob {
+        job: JobId,
+    },
+
+    // Coordinator to client.
+    JobAccepted {
+        request: u64,
+        job: JobId,
+        slots: u32,
+        nodes: u32,
+        credit: u32,
+    },
+    JobRejected {
+        request: u64,
+        reason: String,
+    },
+    /// The client may send this many more chunks of inputs.
+    Credit {
+        job: JobId,
+        chunks: u32,
+    },
+    Output {
+        job: JobId,
+        output: OutputChunk,
+    },
+    Log(LogLine),
+    JobFinished {
+        job: JobId,
+    },
+    JobFailed {
+        job: JobId,
+        reason: String,
+    },
+
+    // Coordinator to node.
+    StartSlots {
+        job: JobId,
+        spec: JobSpec,
+        slots: Vec<SlotId>,
+    },
+    RunChunk {
+        job: JobId,
+        slot: SlotId,
+        chunk: InputChunk,
+    },
+    StopJob {
+        job: JobId,
+    },
+
+    // Node to coordinator.
+    ChunkDone {
+        job: JobId,
+        slot: SlotId,
+        output: OutputChunk,
+    },
+    SlotFailed {
+        job: JobId,
+        slot: SlotId,
+        reason: String,
+    },
+}
+
+impl Message {
+    /// A short name for logs and errors ("unexpected Inputs from a node").
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Hello(_) => "Hello",
+            Message::Welcome { .. } => "Welcome",
+            Message::Refused { .. } => "Refused",
+            Message::SubmitJob { .. } => "SubmitJob",
+            Message::Inputs { .. } => "Inputs",
+            Message::InputsDone { .. } => "InputsDone",
+            Message::CancelJob { .. } => "CancelJob",
+            Message::JobAccepted { .. } => "JobAccepted",
+            Message::JobRejected { .. } => "JobRejected",
+            Message::Credit { .. } => "Credit",
+            Message::Output { .. } => "Output",
+            Message::Log(_) => "Log",
+            Message::JobFinished { .. } => "JobFinished",
+            Message::JobFailed { .. } => "JobFailed",
+            Message::StartSlots { .. } => "StartSlots",
+            Message::RunChunk { .. } => "RunChunk",
+            Message::StopJob { .. } => "StopJob",
+            Message::ChunkDone { .. } => "ChunkDone",
+            Message::SlotFailed { .. } => "SlotFailed",
+        }
+    }
+}

@@ -1,0 +1,38 @@
+"""fleetmap: run a Python function over every item of a list, in parallel,
+across a fleet of machines, with one call::
+
+    from fleetmap import remote_parallel_map
+    outputs = remote_parallel_map(my_function, inputs, func_cpu=1, func_ram=4)
+
+With no fleet configured, the calls run on an embedded local cluster.
+"""
+
+from ._errors import (
+    AuthenticationError,
+    ConfigurationError,
+    CoordinatorUnreachable,
+    FleetmapError,
+    InputError,
+    JobFailed,
+    JobRejected,
+    RemoteError,
+    RemoteTraceback,
+    UnsupportedOption,
+)
+from ._map import remote_parallel_map
+from ._native import VERSION as __version__
+
+__all__ = [
+    "remote_parallel_map",
+    "FleetmapError",
+    "ConfigurationError",
+    "UnsupportedOption",
+    "InputError",
+    "CoordinatorUnreachable",
+    "AuthenticationError",
+    "JobRejected",
+    "JobFailed",
+    "RemoteError",
+    "RemoteTraceback",
+    "__version__",
+]

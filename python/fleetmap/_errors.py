@@ -1,0 +1,61 @@
+"""The exceptions fleetmap raises. Every one subclasses :class:`FleetmapError`."""
+
+from __future__ import annotations
+
+
+class FleetmapError(Exception):
+    """Base class of every error fleetmap itself raises."""
+
+
+class ConfigurationError(FleetmapError):
+    """The fleet configuration (environment, config file or arguments) is wrong."""
+
+
+class UnsupportedOption(FleetmapError, NotImplementedError):
+    """An argument of ``remote_parallel_map`` that this version does not support yet."""
+
+
+class InputError(FleetmapError, ValueError):
+    """An input (or the function) cannot be sent to the fleet; ``input_index`` says which."""
+
+    def __init__(self, message: str, input_index: int | None = None) -> None:
+        super().__init__(message)
+        self.input_index = input_index
+
+
+class CoordinatorUnreachable(FleetmapError, ConnectionError):
+    """The coordinator could not be reached, or the connection to it was lost."""
+
+
+class AuthenticationError(FleetmapError, PermissionError):
+    """The coordinator refused the API key (or the TLS certificate did not verify)."""
+
+
+class JobRejected(FleetmapError):
+    """The coordinator refused the job, e.g. because no node can host one call."""
+
+
+class JobFailed(FleetmapError):
+    """The job stopped without an exception from the function: a worker died, a node was lost."""
+
+
+class RemoteError(FleetmapError):
+    """An exception raised by the function whose class could not be rebuilt here.
+
+    ``type_name`` is the remote class's qualified name.
+    """
+
+    def __init__(self, type_name: str, message: str) -> None:
+        super().__init__(f"{type_name}: {message}")
+        self.type_name = type_name
+
+
+class RemoteTraceback(Exception):
+    """Carries the remote traceback text; set as ``__cause__`` of re-raised exceptions."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return self.text

@@ -1,0 +1,163 @@
+"""Finding the fleet: a configured coordinator, or the embedded local cluster.
+
+A fleet is configured by ``FLEETMAP_COORDINATOR`` (``host:port``),
+``FLEETMAP_API_KEY`` and ``FLEETMAP_CA`` (path to the coordinator's
+``ca.pem``), or by the same keys in the ``[fleet]`` section of
+``~/.config/fleetmap/config`` (or the file ``FLEETMAP_CONFIG`` names)::
+
+    [fleet]
+    coordinator = head-node:7070
+    api_key = fmkey_...
+    ca = /etc/fleetmap/ca.pem
+
+With neither, the first call starts a coordinator and one node daemon in this
+process, on loopback; later calls reuse them and they stop when the process
+exits.
+"""
+
+from __future__ import annotations
+
+import atexit
+import configparser
+import os
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+from . import _native
+from ._errors import (
+    AuthenticationError,
+    ConfigurationError,
+    CoordinatorUnreachable,
+    FleetmapError,
+    JobRejected,
+)
+
+
+@dataclass(frozen=True)
+class FleetAddress:
+    coordinator: str
+    ca_pem: bytes
+    api_key: str
+    description: str
+
+
+def config_path() -> Path:
+    if "FLEETMAP_CONFIG" in os.environ:
+        return Path(os.environ["FLEETMAP_CONFIG"])
+    base = Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config"))
+    return base / "fleetmap" / "config"
+
+
+def _file_settings() -> Dict[str, str]:
+    path = config_path()
+    if not path.is_file():
+        return {}
+    parser = configparser.ConfigParser()
+    try:
+        parser.read(path)
+    except configparser.Error as exc:
+        raise ConfigurationError(f"cannot read {path}: {exc}") from None
+    return dict(parser["fleet"]) if parser.has_section("fleet") else {}
+
+
+def configured_fleet(api_key: Optional[str]) -> Optional[FleetAddress]:
+    """The configured fleet, or None when the embedded cluster should be used."""
+    settings = _file_settings()
+    coordinator = os.environ.get("FLEETMAP_COORDINATOR") or settings.get("coordinator")
+    if not coordinator:
+        return None
+    source = "FLEETMAP_COORDINATOR" if os.environ.get("FLEETMAP_COORDINATOR") else str(config_path())
+    ca = os.environ.get("FLEETMAP_CA") or settings.get("ca")
+    if not ca:
+        raise ConfigurationError(
+            f"the coordinator {coordinator} (from {source}) needs its CA certificate: set FLEETMAP_CA "
+            "to the path of the coordinator's ca.pem (or `ca = PATH` in the config file)"
+        )
+    try:
+        ca_pem = Path(ca).expanduser().read_bytes()
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read the CA certificate {ca}: {exc}") from None
+    key = api_key or os.environ.get("FLEETMAP_API_KEY") or settings.get("api_key")
+    if not key:
+        raise ConfigurationError(
+            f"the coordinator {coordinator} needs an API key: pass api_key=, set FLEETMAP_API_KEY, "
+            "or put `api_key = ...` in the config file (the key is in the coordinator's api-key file)"
+        )
+    return FleetAddress(coordinator, ca_pem, key, f"fleet at {coordinator}")
+
+
+_lock = threading.Lock()
+_local: Optional["_native.LocalHandle"] = None
+_connections: Dict[Tuple[str, str], "_native.Connection"] = {}
+
+
+def local_cluster() -> "_native.LocalHandle":
+    """The embedded cluster of this process, started on first use."""
+    global _local
+    with _lock:
+        if _local is None:
+            try:
+                _local = _native.start_local_cluster("127.0.0.1:0", sys.executable)
+            except _native.NativeError as exc:
+                raise translate(exc) from None
+            atexit.register(_stop_local)
+        return _local
+
+
+def _stop_local() -> None:
+    global _local
+    with _lock:
+        for conn in _connections.values():
+            conn.close()
+        _connections.clear()
+        if _local is not None:
+            _local.stop()
+            _local = None
+
+
+def fleet_address(api_key: Optional[str]) -> FleetAddress:
+    fleet = configured_fleet(api_key)
+    if fleet is not None:
+        return fleet
+    local = local_cluster()
+    return FleetAddress(local.addr, local.ca_pem.encode(), local.api_key, "local cluster")
+
+
+def connection(fleet: FleetAddress, fresh: bool = False) -> "_native.Connection":
+    """A connection to the fleet, shared by the calls of this process."""
+    key = (fleet.coordinator, fleet.api_key)
+    with _lock:
+        conn = _connections.get(key)
+        if conn is not None and not fresh:
+            return conn
+        try:
+            conn = _native.connect(fleet.coordinator, fleet.ca_pem, fleet.api_key)
+        except _native.NativeError as exc:
+            raise translate(exc) from None
+        _connections[key] = conn
+        return conn
+
+
+def forget(fleet: FleetAddress) -> None:
+    with _lock:
+        _connections.pop((fleet.coordinator, fleet.api_key), None)
+
+
+_KINDS = {
+    "unreachable": CoordinatorUnreachable,
+    "disconnected": CoordinatorUnreachable,
+    "auth": AuthenticationError,
+    "tls": AuthenticationError,
+    "rejected": JobRejected,
+    "config": ConfigurationError,
+    "local": FleetmapError,
+}
+
+
+def translate(exc: "_native.NativeError") -> FleetmapError:
+    """The fleetmap exception for an error from the native core."""
+    kind, message = exc.args if len(exc.args) == 2 else ("", str(exc))
+    return _KINDS.get(kind, FleetmapError)(message)

@@ -1,0 +1,216 @@
+"""``remote_parallel_map``: the call."""
+
+from __future__ import annotations
+
+import math
+import pickle
+import sys
+import time
+import types
+from typing import Any, Callable, Iterable, List, Optional, Sequence
+
+from . import _fleet, _native
+from ._errors import CoordinatorUnreachable, InputError, JobFailed, UnsupportedOption
+from ._progress import Progress
+
+#: Largest pickled chunk of inputs the client aims for; chunks shrink to fit.
+_TARGET_CHUNK_BYTES = 1 << 20
+#: Largest pickled input or function (the frame limit less headroom).
+MAX_PAYLOAD_BYTES = (64 << 20) - (64 << 10)
+
+_MAX_CPU, _MAX_RAM, _MAX_GPU, _MAX_SLOTS = 96, 624, 4, 4000
+
+_REFUSED_TYPES = (
+    types.GeneratorType,
+    types.FrameType,
+    types.TracebackType,
+    types.CoroutineType,
+    types.AsyncGeneratorType,
+)
+
+
+def remote_parallel_map(
+    function_: Callable[[Any], Any],
+    inputs: Iterable[Any],
+    parallelism: int = -1,
+    func_cpu: int = 1,
+    func_ram: float = 1,
+    func_gpu: int = 0,
+    verbose: bool = True,
+    image: Optional[str] = None,
+    packages: Optional[Sequence[str]] = None,
+    api_key: Optional[str] = None,
+) -> List[Any]:
+    """Runs ``function_`` on every element of ``inputs`` in parallel on the fleet.
+
+    Returns the outputs in input order. Each call gets ``func_cpu`` dedicated
+    cores, ``func_ram`` GiB of memory and ``func_gpu`` whole GPUs; at most
+    ``parallelism`` calls run at once (-1: as many as the fleet has free, up
+    to 4000). An exception raised by ``function_`` on input *i* is re-raised
+    here with its original type, message and remote traceback, and
+    ``input_index == i``; the job stops at the first failure.
+
+    With no fleet configured (``FLEETMAP_COORDINATOR`` or the config file),
+    the calls run on an embedded cluster in this process.
+    """
+    _check_arguments(function_, parallelism, func_cpu, func_ram, func_gpu, image, packages)
+    items = inputs if isinstance(inputs, (list, tuple)) else list(inputs)
+    n = len(items)
+    if n == 0:
+        return []
+    for i, item in enumerate(items):
+        if isinstance(item, _REFUSED_TYPES):
+            raise InputError(
+                f"input {i} is a {type(item).__name__}, which cannot be sent to another process; "
+                "pass the values it would produce instead",
+                input_index=i,
+            )
+    function_blob = _pickle_function(function_)
+    fleet = _fleet.fleet_address(api_key)
+    job = _submit(fleet, function_blob, n, parallelism, func_cpu, func_ram, func_gpu)
+    progress = Progress(n, enabled=verbose, where=fleet.description, slots=job.slots, nodes=job.nodes)
+    try:
+        results = _drive(job, items, progress)
+    except BaseException:
+        # Ctrl-C or a failure here: stop every remote call of the job.
+        job.cancel()
+        progress.close(success=False)
+        raise
+    progress.close(success=True)
+    return results
+
+
+def _check_arguments(function_, parallelism, func_cpu, func_ram, func_gpu, image, packages) -> None:
+    if image is not None:
+        raise UnsupportedOption(
+            "image= is not supported yet: calls run in the caller's Python environment; leave image=None"
+        )
+    if packages is not None:
+        raise UnsupportedOption(
+            "packages= is not supported yet: install the packages on the nodes' Python environment "
+            "and leave packages=None"
+        )
+    if not callable(function_):
+        raise TypeError(f"function_ must be callable, got {type(function_).__name__}")
+
+    def whole(name: str, value: Any, low: int, high: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"{name} must be a whole number from {low} to {high}, got {value!r}")
+
+    if parallelism != -1:
+        whole("parallelism", parallelism, 1, _MAX_SLOTS)
+    whole("func_cpu", func_cpu, 1, _MAX_CPU)
+    whole("func_gpu", func_gpu, 0, _MAX_GPU)
+    if isinstance(func_ram, bool) or not isinstance(func_ram, (int, float)) or not 0 < func_ram <= _MAX_RAM:
+        raise ValueError(f"func_ram must be a number of GiB above 0 and at most {_MAX_RAM}, got {func_ram!r}")
+
+
+def _pickle_function(function_: Callable[[Any], Any]) -> bytes:
+    import cloudpickle
+
+    try:
+        blob = cloudpickle.dumps(function_, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:
+        raise InputError(f"function_ {function_!r} cannot be pickled: {exc}") from exc
+    if len(blob) > MAX_PAYLOAD_BYTES:
+        raise InputError(
+            f"function_ pickles to {len(blob)} bytes, over the limit of {MAX_PAYLOAD_BYTES} bytes; "
+            "load large data inside the function instead of capturing it"
+        )
+    return blob
+
+
+def _submit(fleet, function_blob, n, parallelism, func_cpu, func_ram, func_gpu):
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    args = (
+        function_blob,
+        func_cpu,
+        int(func_ram * (1 << 30)),
+        func_gpu,
+        None if parallelism == -1 else parallelism,
+        n,
+        sys.executable,
+        version,
+    )
+    for attempt in range(2):
+        conn = _fleet.connection(fleet, fresh=attempt > 0)
+        try:
+            return conn.submit(*args)
+        except _native.NativeError as exc:
+            error = _fleet.translate(exc)
+            if isinstance(error, CoordinatorUnreachable) and attempt == 0:
+                # The shared connection may have died since the last call.
+                _fleet.forget(fleet)
+                continue
+            raise error from None
+    raise AssertionError("unreachable: the loop returns or raises")
+
+
+def _pickle_chunk(items: Sequence[Any], start: int, count: int) -> bytes:
+    import cloudpickle
+
+    chunk = items[start : start + count]
+    try:
+        return cloudpickle.dumps(list(chunk), protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        for i, item in enumerate(chunk):
+            try:
+                cloudpickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
+            except Exception as exc:
+                raise InputError(
+                    f"input {start + i} ({type(item).__name__}) cannot be pickled: {exc}", input_index=start + i
+                ) from exc
+        raise
+
+
+def _drive(job, items: Sequence[Any], progress: Progress) -> List[Any]:
+    n = len(items)
+    results: List[Any] = [None] * n
+    slots = max(job.slots, 1)
+    # As many chunks as four per slot (multiprocessing's heuristic), so that
+    # slots finishing early find more work; smaller where inputs are large.
+    chunk_size = max(1, math.ceil(n / (slots * 4)))
+    credit = job.credit
+    next_input = chunk_id = done = 0
+    inputs_done = False
+    while True:
+        while credit > 0 and next_input < n:
+            count = min(chunk_size, n - next_input)
+            payload = _pickle_chunk(items, next_input, count)
+            while len(payload) > _TARGET_CHUNK_BYTES and count > 1:
+                count = max(1, count * _TARGET_CHUNK_BYTES // len(payload))
+                chunk_size = count
+                payload = _pickle_chunk(items, next_input, count)
+            if len(payload) > MAX_PAYLOAD_BYTES:
+                raise InputError(
+                    f"input {next_input} pickles to {len(payload)} bytes, over the limit of "
+                    f"{MAX_PAYLOAD_BYTES} bytes per input; pass a path or a URL to the data instead",
+                    input_index=next_input,
+                )
+            job.send_chunk(chunk_id, next_input, count, payload)
+            chunk_id += 1
+            next_input += count
+            credit -= 1
+        if next_input >= n and not inputs_done:
+            job.inputs_done(chunk_id)
+            inputs_done = True
+        for event in job.events(0.1):
+            kind = event[0]
+            if kind == "output":
+                _, first, count, failed, node, payload = event
+                outputs, failures = pickle.loads(payload)
+                if failed:
+                    raise min(failures, key=lambda f: f.index).to_exception(node)
+                results[first : first + count] = outputs
+                done += count
+                progress.update(done)
+            elif kind == "credit":
+                credit += event[1]
+            elif kind == "log":
+                _, stream, _node, text = event
+                progress.print_line(text, sys.stderr if stream == "stderr" else sys.stdout)
+            elif kind == "finished":
+                return results
+            elif kind == "failed":
+                raise JobFailed(event[1])
+        progress.tick()

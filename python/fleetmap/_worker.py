@@ -1,0 +1,89 @@
+"""The Python side of a slot's worker process.
+
+The node daemon starts ``python -c "import fleetmap._worker as w; w.main()"``
+with the job's interpreter; the loop itself runs in Rust
+(``fleetmap._native.worker_main``) and calls the helpers below.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import traceback
+from typing import Any, Callable, List, Optional, Tuple
+
+from ._remote import RemoteFailure
+
+_THIS_FILE = os.path.abspath(__file__)
+_MAX_OUTPUT = int(os.environ.get("FLEETMAP_MAX_OUTPUT", str(60 << 20)))
+
+
+def main() -> None:
+    from . import _native
+
+    _native.worker_main(int(os.environ.get("FLEETMAP_WORKER_FD", "3")))
+
+
+def load_function(blob: bytes) -> Tuple[Optional[Callable[[Any], Any]], Optional[str]]:
+    """Unpickles the job's function: ``(function, None)`` or ``(None, error text)``."""
+    try:
+        import cloudpickle
+
+        return cloudpickle.loads(blob), None
+    except BaseException as exc:  # noqa: BLE001 - anything unpickling raises is reported
+        return None, "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+
+
+def run_chunk(function: Callable[[Any], Any], payload: bytes, first_input: int) -> Tuple[bytes, int]:
+    """Runs the function on every input of a chunk.
+
+    Returns the pickled pair ``(outputs, failures)`` and the number of
+    failures; the output of a failed input is ``None`` and its
+    :class:`RemoteFailure` says why.
+    """
+    inputs = pickle.loads(payload)
+    outputs: List[Any] = []
+    failures: List[RemoteFailure] = []
+    remaining = iter(inputs)
+    while True:
+        try:
+            # list.extend keeps what map produced before an exception, and
+            # map has consumed the failing input: resume after it.
+            outputs.extend(map(function, remaining))
+            break
+        except BaseException as exc:  # noqa: BLE001 - SystemExit and KeyboardInterrupt are outcomes too
+            failures.append(RemoteFailure.capture(first_input + len(outputs), exc, _THIS_FILE))
+            outputs.append(None)
+    return _pickle_outcomes(outputs, failures, first_input)
+
+
+def _pickle_outcomes(outputs: List[Any], failures: List[RemoteFailure], first_input: int) -> Tuple[bytes, int]:
+    import cloudpickle
+
+    try:
+        blob = cloudpickle.dumps((outputs, failures), protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        # Find the outputs that cannot be pickled and fail just those inputs.
+        for i, out in enumerate(outputs):
+            try:
+                cloudpickle.dumps(out)
+            except Exception as exc:
+                error = TypeError(f"the output of input {first_input + i} cannot be pickled: {exc}")
+                failures.append(RemoteFailure.capture(first_input + i, error, _THIS_FILE))
+                outputs[i] = None
+        failures.sort(key=lambda f: f.index)
+        blob = cloudpickle.dumps((outputs, failures), protocol=pickle.HIGHEST_PROTOCOL)
+    if len(blob) > _MAX_OUTPUT:
+        sizes = [len(pickle.dumps(o, protocol=pickle.HIGHEST_PROTOCOL)) for o in outputs]
+        failures = list(failures)
+        for i, size in enumerate(sizes):
+            if size > _MAX_OUTPUT // max(len(outputs), 1):
+                error = ValueError(
+                    f"the output of input {first_input + i} is {size} bytes, over the limit of "
+                    f"{_MAX_OUTPUT // max(len(outputs), 1)} bytes per output in this chunk; return less data"
+                )
+                failures.append(RemoteFailure.capture(first_input + i, error, _THIS_FILE))
+                outputs[i] = None
+        failures.sort(key=lambda f: f.index)
+        blob = cloudpickle.dumps((outputs, failures), protocol=pickle.HIGHEST_PROTOCOL)
+    return blob, len(failures)

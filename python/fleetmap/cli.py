@@ -1,0 +1,118 @@
+"""The ``fleetmap`` command: run a coordinator, a node daemon or a local cluster."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+from . import _native
+
+
+def _default_state_dir() -> Path:
+    base = Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state"))
+    return base / "fleetmap" / "coordinator"
+
+
+def _wait_forever(stop) -> int:
+    try:
+        while True:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        stop()
+        return 0
+
+
+def cmd_coordinator(args: argparse.Namespace) -> int:
+    _native.init_logging("info")
+    handle = _native.start_coordinator(args.listen, Path(args.state_dir))
+    print(f"fleetmap coordinator listening on {handle.addr} (QUIC, TLS 1.3)")
+    print(f"  CA certificate: {handle.ca_path}")
+    print(f"  join token:     {handle.join_token_path}")
+    print(f"  API key:        {handle.api_key_path}")
+    print("start a node:")
+    print(f"  fleetmap node --coordinator HOST:{handle.addr.rsplit(':', 1)[1]} "
+          f"--token-file {handle.join_token_path} --ca {handle.ca_path}")
+    sys.stdout.flush()
+    return _wait_forever(handle.stop)
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    _native.init_logging("info")
+    token = args.token
+    if args.token_file:
+        token = Path(args.token_file).read_text().strip()
+    if not token:
+        print("fleetmap node: give the join token with --token or --token-file", file=sys.stderr)
+        return 2
+    ca_pem = Path(args.ca).read_bytes()
+    memory = int(args.memory_gib * (1 << 30)) if args.memory_gib else None
+    node = _native.start_node(args.coordinator, token, ca_pem, args.name, args.cores, memory, args.python)
+    print(f"fleetmap node {node.name} joining {args.coordinator}")
+    sys.stdout.flush()
+    try:
+        while True:
+            why = node.wait(0.5)
+            if why is not None:
+                print(f"fleetmap node {node.name} stopped: {why}", file=sys.stderr)
+                return 1
+    except KeyboardInterrupt:
+        node.stop()
+        return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    _native.init_logging("warn")
+    cluster = _native.start_local_cluster(args.listen, sys.executable)
+    state = Path(args.state_dir)
+    state.mkdir(parents=True, exist_ok=True)
+    ca_path = state / "ca.pem"
+    ca_path.write_text(cluster.ca_pem)
+    print(f"fleetmap local cluster on {cluster.addr}; to use it from other processes:")
+    print(f"  export FLEETMAP_COORDINATOR={cluster.addr}")
+    print(f"  export FLEETMAP_CA={ca_path}")
+    print(f"  export FLEETMAP_API_KEY={cluster.api_key}")
+    sys.stdout.flush()
+    return _wait_forever(cluster.stop)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="fleetmap", description=__doc__)
+    parser.add_argument("--version", action="version", version=_native.VERSION)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("coordinator", help="run a coordinator for a fleet")
+    p.add_argument("--listen", default="0.0.0.0:7070", help="UDP address to serve QUIC on (default 0.0.0.0:7070)")
+    p.add_argument("--state-dir", default=str(_default_state_dir()), help="where the CA, join token and API key live")
+    p.set_defaults(run=cmd_coordinator)
+
+    p = sub.add_parser("node", help="run a node daemon that joins a coordinator")
+    p.add_argument("--coordinator", required=True, help="the coordinator's HOST:PORT")
+    p.add_argument("--token", default=os.environ.get("FLEETMAP_JOIN_TOKEN"), help="the join token")
+    p.add_argument("--token-file", help="a file holding the join token")
+    p.add_argument("--ca", required=True, help="the coordinator's ca.pem")
+    p.add_argument("--name", help="the node's name (default: the host name)")
+    p.add_argument("--cores", type=int, help="cores to offer (default: all)")
+    p.add_argument("--memory-gib", type=float, help="memory to offer in GiB (default: all)")
+    p.add_argument("--python", help="interpreter for jobs whose caller's interpreter is not on this node")
+    p.set_defaults(run=cmd_node)
+
+    p = sub.add_parser("up", help="run a local cluster (coordinator and node) in the foreground")
+    p.add_argument("--listen", default="127.0.0.1:7070", help="address to serve on (default 127.0.0.1:7070)")
+    p.add_argument("--state-dir", default=str(_default_state_dir().parent / "local"), help="where to write ca.pem")
+    p.set_defaults(run=cmd_up)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except _native.NativeError as exc:
+        kind, message = exc.args if len(exc.args) == 2 else ("error", str(exc))
+        print(f"fleetmap {args.command}: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
