@@ -1,1 +1,10 @@
-//! placeholder
+//! fleetmap's benchmark harness: what fleet operators run to measure their
+//! fleet, and what the project uses to compare itself with its peers.
+//!
+//! - `throughput.py`: no-op calls per second through the embedded cluster,
+//!   against `multiprocessing.Pool.map` in the same run.
+//! - `codec` (`cargo run --release -p fleetmap-benches --bin codec`): frames
+//!   per second and bytes per second through the wire codec.
+//!
+//! Benchmarks report ratios against baselines measured in the same run;
+//! nothing here is a pass/fail test.

@@ -130,11 +130,20 @@ impl Client {
             software_version: SOFTWARE_VERSION.into(),
         }));
         let mut reader = FramedReader::new(recv, DEFAULT_MAX_FRAME);
-        match reader.next::<Message>().await {
+        match reader.recv::<Message>().await {
             Ok(Some(Message::Welcome { .. })) => {}
             Ok(Some(Message::Refused { reason })) => return Err(ClientError::Refused(reason)),
             Ok(other) => return Err(ClientError::Protocol(format!("expected Welcome, got {other:?}"))),
-            Err(_) => return Err(connection_error(addr, conn.closed().await)),
+            Err(e) => {
+                // A refusal arrives as the connection's close reason.
+                if let Some(closed) = conn.close_reason() {
+                    return Err(connection_error(addr, closed));
+                }
+                conn.close(2u32.into(), b"bad handshake");
+                return Err(ClientError::Protocol(format!(
+                    "bad handshake from the coordinator: {e}"
+                )));
+            }
         }
         let routes: Routes = Default::default();
         tokio::spawn(read_loop(reader, conn.clone(), routes.clone()));
@@ -207,7 +216,7 @@ fn connection_error(addr: &str, e: quinn::ConnectionError) -> ClientError {
 
 async fn read_loop(mut reader: FramedReader<quinn::RecvStream>, conn: quinn::Connection, routes: Routes) {
     let reason = loop {
-        let msg = match reader.next::<Message>().await {
+        let msg = match reader.recv::<Message>().await {
             Ok(Some(msg)) => msg,
             Ok(None) => break "the coordinator closed the connection".to_string(),
             Err(NetError::Decode(e)) => {

@@ -64,11 +64,8 @@ impl Node {
     fn room_for(&self, call: &CallRequest) -> u32 {
         let by_cores = self.free_cores / call.cores.max(1);
         let by_memory = (self.free_memory / call.memory_bytes.max(1)).min(u32::MAX as u64) as u32;
-        let by_gpus = if call.gpus == 0 {
-            u32::MAX
-        } else {
-            self.free_gpus / call.gpus
-        };
+        // A call without GPUs is not limited by them.
+        let by_gpus = self.free_gpus.checked_div(call.gpus).unwrap_or(u32::MAX);
         by_cores.min(by_memory).min(by_gpus)
     }
 
@@ -223,7 +220,7 @@ impl Scheduler {
     /// free) or rejected at once when no node could ever host one call.
     pub fn handle_submit(&mut self, client: ClientId, request: u64, spec: JobSpec) {
         if let Err(reason) = self.check_placeable(&spec.call) {
-            self.to_client(client, Message::JobRejected { request, reason });
+            self.send_to_client(client, Message::JobRejected { request, reason });
             return;
         }
         let id = self.next_job;
@@ -269,7 +266,7 @@ impl Scheduler {
             nodes,
             credit: job.window,
         };
-        self.to_client(client, msg);
+        self.send_to_client(client, msg);
     }
 
     pub fn handle_inputs(&mut self, client: ClientId, job: JobId, chunk: InputChunk) -> Result<(), ProtocolViolation> {
@@ -347,8 +344,8 @@ impl Scheduler {
         j.finished += 1;
         j.ready.push_back(slot);
         let client = j.client;
-        self.to_client(client, Message::Output { job, output });
-        self.to_client(client, Message::Credit { job, chunks: 1 });
+        self.send_to_client(client, Message::Output { job, output });
+        self.send_to_client(client, Message::Credit { job, chunks: 1 });
         self.dispatch(job);
         self.finish_if_done(job);
     }
@@ -369,7 +366,7 @@ impl Scheduler {
     /// A line a call printed goes to the job's client.
     pub fn handle_log(&mut self, line: LogLine) {
         if let Some(client) = self.client_of(line.job) {
-            self.to_client(client, Message::Log(line));
+            self.send_to_client(client, Message::Log(line));
         }
     }
 
@@ -536,14 +533,14 @@ impl Scheduler {
         if job.total_chunks == Some(job.finished) {
             let client = job.client;
             self.stop_job(id);
-            self.to_client(client, Message::JobFinished { job: id });
+            self.send_to_client(client, Message::JobFinished { job: id });
         }
     }
 
     fn fail_job(&mut self, id: JobId, reason: String) {
         if let Some(client) = self.client_of(id) {
             self.stop_job(id);
-            self.to_client(client, Message::JobFailed { job: id, reason });
+            self.send_to_client(client, Message::JobFailed { job: id, reason });
         }
     }
 
@@ -569,7 +566,7 @@ impl Scheduler {
         self.grow_jobs();
     }
 
-    fn to_client(&mut self, client: ClientId, msg: Message) {
+    fn send_to_client(&mut self, client: ClientId, msg: Message) {
         self.out.push_back(Command::ToClient { client, msg });
     }
 }

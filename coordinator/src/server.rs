@@ -217,7 +217,7 @@ async fn serve_peer(conn: &quinn::Connection, shared: &Shared) -> Result<(), Pee
         .await
         .map_err(|_| PeerError::Timeout(HANDSHAKE_TIMEOUT))??;
     let mut reader = FramedReader::new(recv, shared.max_frame);
-    let hello = match tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.next::<Message>()).await {
+    let hello = match tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.recv::<Message>()).await {
         Err(_) => return Err(PeerError::Timeout(HANDSHAKE_TIMEOUT)),
         Ok(r) => r?,
     };
@@ -298,7 +298,7 @@ async fn node_loop(
     node: NodeId,
     shared: &Shared,
 ) -> Result<(), PeerError> {
-    while let Some(msg) = reader.next::<Message>().await? {
+    while let Some(msg) = reader.recv::<Message>().await? {
         match msg {
             Message::ChunkDone { job, slot, output } => shared.with(|s| s.handle_chunk_done(node, job, slot, output)),
             Message::SlotFailed { job, slot, reason } => shared.with(|s| s.handle_slot_failed(node, job, slot, reason)),
@@ -314,7 +314,7 @@ async fn client_loop(
     client: ClientId,
     shared: &Shared,
 ) -> Result<(), PeerError> {
-    while let Some(msg) = reader.next::<Message>().await? {
+    while let Some(msg) = reader.recv::<Message>().await? {
         let result = match msg {
             Message::SubmitJob { request, spec } => {
                 shared.with(|s| s.handle_submit(client, request, spec));

@@ -184,9 +184,9 @@ impl<R: AsyncRead + Unpin> FramedReader<R> {
     }
 
     /// The next message; `Ok(None)` when the peer finished the stream cleanly.
-    pub async fn next<T: DeserializeOwned>(&mut self) -> Result<Option<T>, NetError> {
+    pub async fn recv<T: DeserializeOwned>(&mut self) -> Result<Option<T>, NetError> {
         loop {
-            if let Some(msg) = self.decoder.next()? {
+            if let Some(msg) = self.decoder.decode()? {
                 return Ok(Some(msg));
             }
             let n = self.inner.read(&mut self.buf).await?;
@@ -248,11 +248,11 @@ mod tests {
         let mut reader = FramedReader::new(b, DEFAULT_MAX_FRAME);
         for job in 0..100 {
             assert_eq!(
-                reader.next::<Message>().await.unwrap(),
+                reader.recv::<Message>().await.unwrap(),
                 Some(Message::CancelJob { job })
             );
         }
-        assert!(reader.next::<Message>().await.unwrap().is_none());
+        assert!(reader.recv::<Message>().await.unwrap().is_none());
         writer.await.unwrap().unwrap();
     }
 
@@ -262,6 +262,6 @@ mod tests {
         a.write_all(&[10, 0, 0, 0, 1]).await.unwrap();
         drop(a);
         let mut reader = FramedReader::new(b, DEFAULT_MAX_FRAME);
-        assert!(matches!(reader.next::<Message>().await, Err(NetError::Truncated(5))));
+        assert!(matches!(reader.recv::<Message>().await, Err(NetError::Truncated(5))));
     }
 }

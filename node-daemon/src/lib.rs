@@ -179,18 +179,26 @@ async fn session(config: &Arc<NodeConfig>, backoff: &mut Duration) -> Result<(),
         software_version: SOFTWARE_VERSION.into(),
     }));
     let mut reader = FramedReader::new(recv, config.max_frame);
-    let first = reader.next::<Message>().await;
+    let first = reader.recv::<Message>().await;
     match first {
         Ok(Some(Message::Welcome { .. })) => {}
         Ok(Some(Message::Refused { reason })) => return Err(NodeError::Refused(reason)),
         Ok(other) => return Err(NodeError::Protocol(format!("expected Welcome, got {other:?}"))),
-        Err(_) => return Err(conn.closed().await.into()),
+        Err(e) => {
+            // A refusal arrives as the connection's close reason.
+            if let Some(closed) = conn.close_reason() {
+                return Err(closed.into());
+            }
+            let reason = format!("bad handshake from the coordinator: {e}");
+            conn.close(2u32.into(), reason.as_bytes());
+            return Err(NodeError::Protocol(reason));
+        }
     }
     info!("node {} joined the coordinator at {addr}", config.name);
     *backoff = Duration::from_millis(100);
     let mut jobs: HashMap<JobId, JobSlots> = HashMap::new();
     let result = loop {
-        let msg = match reader.next::<Message>().await {
+        let msg = match reader.recv::<Message>().await {
             Ok(Some(msg)) => msg,
             Ok(None) => break Ok(()),
             Err(NetError::Decode(e)) => {
@@ -341,7 +349,7 @@ async fn drive_worker(ctx: &SlotContext, mut chunks: mpsc::UnboundedReceiver<Inp
             ctx.slot
         )
     };
-    match reader.next::<FromWorker>().await {
+    match reader.recv::<FromWorker>().await {
         Ok(Some(FromWorker::Ready { .. })) => {}
         Ok(Some(FromWorker::LoadFailed { error })) => {
             return Err(format!("the function could not be loaded on node {node}: {error}"));
@@ -367,7 +375,7 @@ async fn drive_worker(ctx: &SlotContext, mut chunks: mpsc::UnboundedReceiver<Inp
                 running.push_back(Running { chunk: chunk.chunk, first_input: chunk.first_input, count: chunk.count });
                 let _ = to_worker.send(ToWorker::Run { chunk });
             }
-            reply = reader.next::<FromWorker>() => {
+            reply = reader.recv::<FromWorker>() => {
                 match reply {
                     Ok(Some(FromWorker::Done { chunk, failed, payload })) => {
                         let Some(r) = running.pop_front().filter(|r| r.chunk == chunk) else {

@@ -111,7 +111,7 @@ impl FrameDecoder {
     }
 
     /// The next whole message, `Ok(None)` if more bytes are needed.
-    pub fn next<T: DeserializeOwned>(&mut self) -> Result<Option<T>, DecodeError> {
+    pub fn decode<T: DeserializeOwned>(&mut self) -> Result<Option<T>, DecodeError> {
         let Some(len) = self.frame_len() else {
             return Ok(None);
         };
@@ -178,7 +178,7 @@ mod tests {
             let mut got = Vec::new();
             for part in [&bytes[..split], &bytes[split..]] {
                 dec.extend(part);
-                while let Some(m) = dec.next::<Message>().unwrap() {
+                while let Some(m) = dec.decode::<Message>().unwrap() {
                     got.push(m);
                 }
             }
@@ -192,7 +192,7 @@ mod tests {
         let bytes = frame(&sample());
         let mut dec = FrameDecoder::new(DEFAULT_MAX_FRAME);
         dec.extend(&bytes[..bytes.len() - 1]);
-        assert_eq!(dec.next::<Message>(), Ok(None));
+        assert_eq!(dec.decode::<Message>(), Ok(None));
         assert_eq!(dec.needed(), Some(1));
     }
 
@@ -201,7 +201,7 @@ mod tests {
         let mut dec = FrameDecoder::new(1024);
         dec.extend(&(1_000_000u32).to_le_bytes());
         assert_eq!(
-            dec.next::<Message>(),
+            dec.decode::<Message>(),
             Err(DecodeError::FrameTooLarge {
                 len: 1_000_000,
                 max: 1024
@@ -223,7 +223,7 @@ mod tests {
         bytes[4..6].copy_from_slice(&99u16.to_le_bytes());
         let mut dec = FrameDecoder::new(DEFAULT_MAX_FRAME);
         dec.extend(&bytes);
-        let err = dec.next::<Message>().unwrap_err();
+        let err = dec.decode::<Message>().unwrap_err();
         assert_eq!(
             err,
             DecodeError::UnknownVersion {
@@ -239,7 +239,7 @@ mod tests {
         let mut dec = FrameDecoder::new(DEFAULT_MAX_FRAME);
         dec.extend(&1u32.to_le_bytes());
         dec.extend(&[0]);
-        assert_eq!(dec.next::<Message>(), Err(DecodeError::FrameTooShort { len: 1 }));
+        assert_eq!(dec.decode::<Message>(), Err(DecodeError::FrameTooShort { len: 1 }));
     }
 
     #[test]
@@ -250,7 +250,7 @@ mod tests {
         bytes.extend(&[250, 255, 255, 255]);
         let mut dec = FrameDecoder::new(DEFAULT_MAX_FRAME);
         dec.extend(&bytes);
-        assert!(matches!(dec.next::<Message>(), Err(DecodeError::Malformed(_))));
+        assert!(matches!(dec.decode::<Message>(), Err(DecodeError::Malformed(_))));
     }
 
     #[test]
@@ -261,7 +261,7 @@ mod tests {
         bytes[..HEADER].copy_from_slice(&len.to_le_bytes());
         let mut dec = FrameDecoder::new(DEFAULT_MAX_FRAME);
         dec.extend(&bytes);
-        assert!(matches!(dec.next::<Message>(), Err(DecodeError::Malformed(_))));
+        assert!(matches!(dec.decode::<Message>(), Err(DecodeError::Malformed(_))));
     }
 
     #[test]
@@ -277,7 +277,7 @@ mod tests {
         bytes.extend(body);
         let mut dec = FrameDecoder::new(4096);
         dec.extend(&bytes);
-        assert!(matches!(dec.next::<Message>(), Err(DecodeError::Malformed(_))));
+        assert!(matches!(dec.decode::<Message>(), Err(DecodeError::Malformed(_))));
     }
 
     #[test]
@@ -294,7 +294,7 @@ mod tests {
             }
             let mut dec = FrameDecoder::new(1 << 16);
             dec.extend(&bytes);
-            while let Ok(Some(_)) = dec.next::<Message>() {}
+            while let Ok(Some(_)) = dec.decode::<Message>() {}
         }
     }
 }

@@ -57,7 +57,7 @@ impl<S: Read + Write> WorkerChannel<S> {
     /// The next request; `None` when the daemon closed the channel.
     pub fn recv(&mut self) -> Result<Option<ToWorker>, ChannelError> {
         loop {
-            if let Some(msg) = self.decoder.next()? {
+            if let Some(msg) = self.decoder.decode()? {
                 return Ok(Some(msg));
             }
             let n = self.stream.read(&mut self.buf)?;
@@ -109,7 +109,7 @@ mod tests {
         let n = (&daemon).read(&mut buf).unwrap();
         decoder.extend(&buf[..n]);
         assert_eq!(
-            decoder.next::<FromWorker>().unwrap(),
+            decoder.decode::<FromWorker>().unwrap(),
             Some(FromWorker::Ready { pid: 5 })
         );
         drop(daemon);

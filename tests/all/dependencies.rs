@@ -1,0 +1,54 @@
+//! The dependency direction of the workspace, enforced rather than hoped
+//! for: `protocol` at the bottom does no I/O; `runtime` and `sandbox` know
+//! nothing of QUIC; only the Python binding links pyo3 into servers.
+
+use std::process::Command;
+
+/// The crates `krate` depends on, transitively (normal dependencies only).
+fn dependencies_of(krate: &str) -> Vec<String> {
+    let out = Command::new(env!("CARGO"))
+        .args(["tree", "--offline", "-e", "normal", "--prefix", "none", "-p", krate])
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .output()
+        .expect("cargo tree runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect()
+}
+
+#[test]
+fn crates_keep_their_dependency_direction() {
+    let forbidden: &[(&str, &[&str])] = &[
+        (
+            "fleetmap-protocol",
+            &["tokio", "quinn", "rustls", "pyo3", "libc", "fleetmap-net"],
+        ),
+        ("fleetmap-net", &["pyo3", "fleetmap-sandbox", "fleetmap-runtime"]),
+        ("fleetmap-sandbox", &["quinn", "rustls", "pyo3", "fleetmap-protocol"]),
+        (
+            "fleetmap-runtime",
+            &["quinn", "rustls", "fleetmap-net", "fleetmap-coordinator"],
+        ),
+        (
+            "fleetmap-coordinator",
+            &["pyo3", "fleetmap-sandbox", "fleetmap-runtime"],
+        ),
+        (
+            "fleetmap-node-daemon",
+            &["pyo3", "fleetmap-runtime", "fleetmap-coordinator"],
+        ),
+        ("fleetmap-client", &["pyo3", "fleetmap-runtime", "fleetmap-sandbox"]),
+    ];
+    for (krate, banned) in forbidden {
+        let deps = dependencies_of(krate);
+        assert!(
+            deps.iter().any(|d| d == krate),
+            "cargo tree lists {krate} itself: {deps:?}"
+        );
+        for b in *banned {
+            assert!(!deps.iter().any(|d| d == b), "{krate} must not depend on {b}");
+        }
+    }
+}

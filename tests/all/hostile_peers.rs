@@ -1,0 +1,238 @@
+//! Invariant 2: no bytes from the network can crash the coordinator or a
+//! node daemon. Each test feeds one kind of bad input over real QUIC and then
+//! shows that the target still serves.
+
+use std::time::Duration;
+
+use fleetmap_client::{Client, ClientError};
+use fleetmap_coordinator::{Credentials, RunningCoordinator};
+use fleetmap_net::{write_frames, FramedReader};
+use fleetmap_node_daemon::{NodeConfig, NodeError};
+use fleetmap_protocol::{Message, Role, PROTOCOL_VERSION};
+use rand::{Rng, SeedableRng};
+
+use crate::{node_role, protocol_peers, start_coordinator, Peer};
+
+/// The coordinator still runs a whole job after whatever came before.
+async fn still_serves(coordinator: &RunningCoordinator, creds: &Credentials) {
+    let addr = coordinator.local_addr;
+    let node = protocol_peers::echo_node(addr, creds.clone(), "after", None);
+    let client = Client::connect(&addr.to_string(), creds.ca_pem.as_bytes(), &creds.api_key)
+        .await
+        .expect("the coordinator still admits clients");
+    assert!(coordinator.wait_for_nodes(1, Duration::from_secs(10)).await);
+    let outputs = protocol_peers::run_echo_job(&client, 20).await;
+    assert_eq!(outputs.len(), 20);
+    node.abort();
+}
+
+/// Opens a stream and writes `bytes` on it; returns the reason the
+/// coordinator gave when it closed the connection.
+async fn close_reason_after(coordinator: &RunningCoordinator, creds: &Credentials, bytes: &[u8]) -> String {
+    let (conn, mut send, _recv, _endpoint) = Peer::open(coordinator.local_addr, creds).await;
+    send.write_all(bytes).await.unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(15), conn.closed())
+        .await
+        .expect("the coordinator closes a connection that sends garbage");
+    match closed {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            assert_eq!(c.error_code, 2u32.into(), "closed as a protocol violation");
+            String::from_utf8_lossy(&c.reason).into_owned()
+        }
+        other => panic!("unexpected close: {other}"),
+    }
+}
+
+#[tokio::test]
+async fn the_coordinator_survives_garbage_udp_datagrams() {
+    let (coordinator, creds) = start_coordinator().await;
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    for _ in 0..2000 {
+        let len = rng.gen_range(1..1400);
+        let datagram: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+        socket.send_to(&datagram, coordinator.local_addr).unwrap();
+    }
+    still_serves(&coordinator, &creds).await;
+    coordinator.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_coordinator_closes_streams_of_random_bytes_and_carries_on() {
+    let (coordinator, creds) = start_coordinator().await;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(2);
+    for _ in 0..10 {
+        let bytes: Vec<u8> = (0..rng.gen_range(8..4096)).map(|_| rng.gen()).collect();
+        let reason = close_reason_after(&coordinator, &creds, &bytes).await;
+        assert!(!reason.is_empty());
+    }
+    still_serves(&coordinator, &creds).await;
+    coordinator.shutdown().await;
+}
+
+#[tokio::test]
+async fn oversized_and_unknown_version_frames_are_refused_with_a_reason() {
+    let (coordinator, creds) = start_coordinator().await;
+    let reason = close_reason_after(&coordinator, &creds, &u32::MAX.to_le_bytes()).await;
+    assert!(reason.contains("exceeds the limit"), "{reason}");
+    let mut frame = 10u32.to_le_bytes().to_vec();
+    frame.extend((PROTOCOL_VERSION + 7).to_le_bytes());
+    frame.extend([0; 8]);
+    let reason = close_reason_after(&coordinator, &creds, &frame).await;
+    assert!(
+        reason.contains(&format!("version {}", PROTOCOL_VERSION + 7)),
+        "{reason}"
+    );
+    still_serves(&coordinator, &creds).await;
+    coordinator.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_peer_that_breaks_the_protocol_is_disconnected() {
+    let (coordinator, creds) = start_coordinator().await;
+    // A client may not send what only nodes send.
+    let mut peer = Peer::hello(
+        coordinator.local_addr,
+        &creds,
+        Role::Client {
+            api_key: creds.api_key.clone(),
+        },
+    )
+    .await;
+    assert!(matches!(peer.next().await, Message::Welcome { .. }));
+    peer.tx.send(Message::StopJob { job: 1 }).unwrap();
+    match tokio::time::timeout(Duration::from_secs(10), peer.conn.closed())
+        .await
+        .unwrap()
+    {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            assert!(String::from_utf8_lossy(&c.reason).contains("a client may not send StopJob"));
+        }
+        other => panic!("unexpected close: {other}"),
+    }
+    still_serves(&coordinator, &creds).await;
+    coordinator.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_wrong_api_key_is_refused_with_what_to_do() {
+    let (coordinator, creds) = start_coordinator().await;
+    let err = Client::connect(
+        &coordinator.local_addr.to_string(),
+        creds.ca_pem.as_bytes(),
+        "fmkey_wrong",
+    )
+    .await
+    .err()
+    .expect("a wrong key is refused");
+    assert!(matches!(err, ClientError::Refused(_)), "{err:?}");
+    assert!(err.to_string().contains("FLEETMAP_API_KEY"), "{err}");
+    coordinator.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_node_with_a_wrong_token_is_refused_and_stops() {
+    let (coordinator, creds) = start_coordinator().await;
+    let config = NodeConfig::new(
+        coordinator.local_addr.to_string(),
+        creds.ca_pem.clone().into_bytes(),
+        "fmjoin_wrong".into(),
+    );
+    let result = tokio::time::timeout(Duration::from_secs(20), fleetmap_node_daemon::run(config))
+        .await
+        .expect("a refused node stops instead of retrying");
+    match result {
+        Err(NodeError::Refused(reason)) => assert!(reason.contains("join token"), "{reason}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert_eq!(coordinator.node_count(), 0);
+    coordinator.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_client_that_does_not_trust_the_coordinator_fails_tls() {
+    let (coordinator, creds) = start_coordinator().await;
+    let other = Credentials::generate().unwrap();
+    let err = Client::connect(
+        &coordinator.local_addr.to_string(),
+        other.ca_pem.as_bytes(),
+        &creds.api_key,
+    )
+    .await
+    .err()
+    .expect("a certificate from another CA is not trusted");
+    assert!(
+        !matches!(err, ClientError::Refused(_)),
+        "TLS fails before any key is sent: {err:?}"
+    );
+    coordinator.shutdown().await;
+}
+
+/// A hostile "coordinator" that answers the daemon's Hello with random bytes:
+/// the daemon drops the connection and joins again, and keeps running.
+#[tokio::test]
+async fn a_node_daemon_survives_a_coordinator_that_sends_garbage() {
+    let creds = Credentials::generate().unwrap();
+    let endpoint = fleetmap_net::server_endpoint(
+        "127.0.0.1:0".parse().unwrap(),
+        creds.cert_pem.as_bytes(),
+        creds.key_pem.as_bytes(),
+    )
+    .unwrap();
+    let addr = endpoint.local_addr().unwrap();
+    let config = NodeConfig::new(
+        addr.to_string(),
+        creds.ca_pem.clone().into_bytes(),
+        creds.join_token.clone(),
+    );
+    let daemon = tokio::spawn(fleetmap_node_daemon::run(config));
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    for round in 0..3 {
+        let incoming = tokio::time::timeout(Duration::from_secs(15), endpoint.accept())
+            .await
+            .unwrap_or_else(|_| panic!("the daemon connects again (round {round})"))
+            .unwrap();
+        let conn = incoming.await.unwrap();
+        let (mut send, recv) = conn.accept_bi().await.unwrap();
+        let mut reader = FramedReader::new(recv, 1 << 20);
+        assert!(matches!(
+            reader.recv::<Message>().await.unwrap(),
+            Some(Message::Hello(_))
+        ));
+        let garbage: Vec<u8> = (0..rng.gen_range(8..2048)).map(|_| rng.gen()).collect();
+        send.write_all(&garbage).await.unwrap();
+        // Random bytes may announce a frame that never completes; ending the
+        // stream turns that into a truncated frame.
+        send.finish().unwrap();
+        let closed = tokio::time::timeout(Duration::from_secs(10), conn.closed()).await;
+        assert!(closed.is_ok(), "the daemon drops the connection (round {round})");
+    }
+    assert!(!daemon.is_finished(), "the daemon keeps running");
+    // And a well-formed but unexpected message is handled the same way.
+    let conn = endpoint.accept().await.unwrap().await.unwrap();
+    let (send, recv) = conn.accept_bi().await.unwrap();
+    let mut reader = FramedReader::new(recv, 1 << 20);
+    assert!(matches!(
+        reader.recv::<Message>().await.unwrap(),
+        Some(Message::Hello(_))
+    ));
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(write_frames(send, rx, 1 << 20));
+    tx.send(Message::Welcome {
+        node_id: Some(1),
+        coordinator_version: "x".into(),
+    })
+    .unwrap();
+    tx.send(Message::SubmitJob {
+        request: 0,
+        spec: protocol_peers::spec(1),
+    })
+    .unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(10), conn.closed())
+        .await
+        .unwrap();
+    assert!(closed.to_string().contains("may not send SubmitJob"), "{closed}");
+    assert!(!daemon.is_finished());
+    daemon.abort();
+    let _ = node_role;
+}
