@@ -12,7 +12,7 @@
 //! This crate must not depend on pyo3 or `runtime`: the daemon never runs
 //! user code in its own process.
 
-use std::{collections::HashMap, net::SocketAddr, path::Path, sync::Arc, time::Duration};
+use std::{collections::HashMap, net::SocketAddr, os::fd::AsRawFd, path::Path, sync::Arc, time::Duration};
 
 use fleetmap_net::{write_frames, FramedReader, NetError};
 use fleetmap_protocol::{
@@ -22,7 +22,7 @@ use fleetmap_protocol::{
 };
 use fleetmap_sandbox::{spawn_worker, WorkerCommand};
 use tokio::{
-    io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader},
+    io::{AsyncRead, AsyncReadExt},
     sync::mpsc,
     task::JoinHandle,
 };
@@ -317,23 +317,15 @@ async fn drive_worker(ctx: &SlotContext, mut chunks: mpsc::UnboundedReceiver<Inp
         .map_err(|e| format!("could not start a worker for slot {} on node {node}: {e}", ctx.slot))?;
     let pid = worker.pid;
     // spawn_worker fills all three; take each once.
-    let stdout = worker.stdout.take().expect("stdout of a new worker");
-    let stderr = worker.stderr.take().expect("stderr of a new worker");
-    let channel = worker.channel.take().expect("channel of a new worker");
-    tokio::spawn(forward_lines(
-        stdout,
+    let mut stdout = LineForwarder::new(
+        worker.stdout.take().expect("stdout of a new worker"),
         OutputStream::Stdout,
-        ctx.job,
-        node.clone(),
-        ctx.up.clone(),
-    ));
-    tokio::spawn(forward_lines(
-        stderr,
+    );
+    let mut stderr = LineForwarder::new(
+        worker.stderr.take().expect("stderr of a new worker"),
         OutputStream::Stderr,
-        ctx.job,
-        node.clone(),
-        ctx.up.clone(),
-    ));
+    );
+    let channel = worker.channel.take().expect("channel of a new worker");
     let (rd, wr) = channel.into_split();
     let mut reader = FramedReader::new(rd, ctx.config.max_frame);
     let (to_worker, rx) = mpsc::unbounded_channel();
@@ -375,9 +367,15 @@ async fn drive_worker(ctx: &SlotContext, mut chunks: mpsc::UnboundedReceiver<Inp
                 running.push_back(Running { chunk: chunk.chunk, first_input: chunk.first_input, count: chunk.count });
                 let _ = to_worker.send(ToWorker::Run { chunk });
             }
+            read = stdout.read_some(), if stdout.open => stdout.forward(read, ctx),
+            read = stderr.read_some(), if stderr.open => stderr.forward(read, ctx),
             reply = reader.recv::<FromWorker>() => {
                 match reply {
                     Ok(Some(FromWorker::Done { chunk, failed, payload })) => {
+                        // Lines the calls printed reach the client before
+                        // their outputs (and so before the job can end).
+                        stdout.drain_written(ctx).await;
+                        stderr.drain_written(ctx).await;
                         let Some(r) = running.pop_front().filter(|r| r.chunk == chunk) else {
                             return Err(format!("the worker (pid {pid}) on node {node} answered for chunk {chunk}, which it was not running"));
                         };
@@ -407,36 +405,84 @@ async fn wait_briefly(worker: &mut fleetmap_sandbox::Worker) {
     let _ = tokio::time::timeout(Duration::from_secs(2), worker.child.wait()).await;
 }
 
-/// Forwards what a worker prints, line by line, to the job's client.
-async fn forward_lines(
-    pipe: impl AsyncRead + Unpin,
+/// Forwards what a worker prints, line by line, to the job's client. Lines
+/// longer than [`MAX_LOG_LINE`] are split; invalid UTF-8 is replaced.
+struct LineForwarder<R> {
+    pipe: R,
     stream: OutputStream,
-    job: JobId,
-    node: String,
-    up: mpsc::UnboundedSender<Message>,
-) {
-    let mut reader = BufReader::new(pipe);
-    let mut line = Vec::new();
-    loop {
-        line.clear();
-        let mut limited = (&mut reader).take(MAX_LOG_LINE as u64);
-        match limited.read_until(b'\n', &mut line).await {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {
-                if line.last() == Some(&b'\n') {
-                    line.pop();
-                }
-                let text = String::from_utf8_lossy(&line).into_owned();
-                let msg = Message::Log(LogLine {
-                    job,
-                    stream,
-                    node: node.clone(),
-                    text,
-                });
-                if up.send(msg).is_err() {
-                    return;
+    pending: Vec<u8>,
+    buf: Box<[u8]>,
+    open: bool,
+}
+
+impl<R: AsyncRead + AsRawFd + Unpin> LineForwarder<R> {
+    fn new(pipe: R, stream: OutputStream) -> Self {
+        Self {
+            pipe,
+            stream,
+            pending: Vec::new(),
+            buf: vec![0; 16 << 10].into_boxed_slice(),
+            open: true,
+        }
+    }
+
+    /// Reads what the worker wrote next (cancel-safe: a read either
+    /// completes or takes nothing).
+    async fn read_some(&mut self) -> std::io::Result<usize> {
+        self.pipe.read(&mut self.buf).await
+    }
+
+    fn forward(&mut self, read: std::io::Result<usize>, ctx: &SlotContext) {
+        match read {
+            Ok(0) | Err(_) => {
+                self.open = false;
+                if !self.pending.is_empty() {
+                    let rest = std::mem::take(&mut self.pending);
+                    self.send(&rest, ctx);
                 }
             }
+            Ok(n) => {
+                self.pending.extend_from_slice(&self.buf[..n]);
+                self.send_complete_lines(ctx);
+            }
         }
+    }
+
+    /// Forwards everything the worker has written so far: exactly the bytes
+    /// waiting in the pipe now, so that lines printed before an event are
+    /// sent before it.
+    async fn drain_written(&mut self, ctx: &SlotContext) {
+        let mut left = fleetmap_sandbox::readable_bytes(&self.pipe).unwrap_or(0);
+        while left > 0 && self.open {
+            let want = left.min(self.buf.len());
+            let read = self.pipe.read(&mut self.buf[..want]).await;
+            if let Ok(n) = read {
+                left = left.saturating_sub(n);
+            }
+            self.forward(read, ctx);
+        }
+    }
+
+    fn send_complete_lines(&mut self, ctx: &SlotContext) {
+        let mut start = 0;
+        while let Some(pos) = self.pending[start..].iter().position(|&b| b == b'\n') {
+            let line = self.pending[start..start + pos].to_vec();
+            self.send(&line, ctx);
+            start += pos + 1;
+        }
+        self.pending.drain(..start);
+        while self.pending.len() >= MAX_LOG_LINE {
+            let head: Vec<u8> = self.pending.drain(..MAX_LOG_LINE).collect();
+            self.send(&head, ctx);
+        }
+    }
+
+    fn send(&self, line: &[u8], ctx: &SlotContext) {
+        let _ = ctx.up.send(Message::Log(LogLine {
+            job: ctx.job,
+            stream: self.stream,
+            node: ctx.config.name.clone(),
+            text: String::from_utf8_lossy(line).into_owned(),
+        }));
     }
 }

@@ -164,6 +164,18 @@ pub fn inherited_channel(fd: i32) -> Result<UnixStream, SandboxError> {
     Ok(UnixStream::from(owned))
 }
 
+/// How many bytes are waiting to be read from a pipe or socket, so that a
+/// reader can take exactly what a peer wrote before some event.
+pub fn readable_bytes(fd: &impl AsRawFd) -> std::io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one c_int into `n`, which we own; the fd is
+    // borrowed from a live owner, so it is open for the duration of the call.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) } == -1 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(n.max(0) as usize)
+}
+
 /// Describes how a worker ended, for error messages.
 pub fn describe_exit(status: std::process::ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
@@ -221,6 +233,14 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
         assert!(!alive, "the worker's process group is gone");
+    }
+
+    #[test]
+    fn readable_bytes_counts_what_is_waiting() {
+        let (a, b) = UnixStream::pair().unwrap();
+        assert_eq!(readable_bytes(&b).unwrap(), 0);
+        std::io::Write::write_all(&mut &a, b"12345").unwrap();
+        assert_eq!(readable_bytes(&b).unwrap(), 5);
     }
 
     #[test]
