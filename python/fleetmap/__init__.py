@@ -19,8 +19,21 @@ from ._errors import (
     RemoteTraceback,
     UnsupportedOption,
 )
-from ._map import remote_parallel_map
 from ._native import VERSION as __version__
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from ._map import remote_parallel_map
+
+
+def __getattr__(name: str):
+    # Worker processes import this package too (for fleetmap._worker); the
+    # client side is loaded on first use so that worker start-up stays lean.
+    if name == "remote_parallel_map":
+        from ._map import remote_parallel_map
+
+        return remote_parallel_map
+    raise AttributeError(f"module 'fleetmap' has no attribute {name!r}")
 
 __all__ = [
     "remote_parallel_map",
