@@ -11,15 +11,13 @@ use fleetmap_node_daemon::{NodeConfig, NodeError};
 use fleetmap_protocol::{Message, Role, PROTOCOL_VERSION};
 use rand::{Rng, SeedableRng};
 
-use crate::{node_role, protocol_peers, start_coordinator, Peer};
+use crate::{protocol_peers, start_coordinator, Peer};
 
 /// The coordinator still runs a whole job after whatever came before.
 async fn still_serves(coordinator: &RunningCoordinator, creds: &Credentials) {
     let addr = coordinator.local_addr;
     let node = protocol_peers::echo_node(addr, creds.clone(), "after", None);
-    let client = Client::connect(&addr.to_string(), creds.ca_pem.as_bytes(), &creds.api_key)
-        .await
-        .expect("the coordinator still admits clients");
+    let client = crate::connect_client(coordinator, creds).await;
     assert!(coordinator.wait_for_nodes(1, Duration::from_secs(10)).await);
     let outputs = protocol_peers::run_echo_job(&client, 20).await;
     assert_eq!(outputs.len(), 20);
@@ -234,5 +232,4 @@ async fn a_node_daemon_survives_a_coordinator_that_sends_garbage() {
     assert!(closed.to_string().contains("may not send SubmitJob"), "{closed}");
     assert!(!daemon.is_finished());
     daemon.abort();
-    let _ = node_role;
 }

@@ -20,6 +20,17 @@ pub async fn start_coordinator() -> (RunningCoordinator, Credentials) {
     (serve(config).await.unwrap(), creds)
 }
 
+/// A client of the library under test, with the coordinator's credentials.
+pub async fn connect_client(coordinator: &RunningCoordinator, creds: &Credentials) -> fleetmap_client::Client {
+    fleetmap_client::Client::connect(
+        &coordinator.local_addr.to_string(),
+        creds.ca_pem.as_bytes(),
+        &creds.api_key,
+    )
+    .await
+    .expect("the coordinator admits a client with its API key")
+}
+
 /// A raw protocol connection to the coordinator.
 pub struct Peer {
     pub conn: quinn::Connection,

@@ -112,9 +112,7 @@ async fn a_job_runs_every_chunk_exactly_once_across_nodes() {
     let a = echo_node(addr, creds.clone(), "a", None);
     let b = echo_node(addr, creds.clone(), "b", None);
     assert!(coordinator.wait_for_nodes(2, Duration::from_secs(10)).await);
-    let client = Client::connect(&addr.to_string(), creds.ca_pem.as_bytes(), &creds.api_key)
-        .await
-        .unwrap();
+    let client = crate::connect_client(&coordinator, &creds).await;
     let outputs = run_echo_job(&client, 500).await;
     assert_eq!(outputs.len(), 500);
     for (chunk, outs) in &outputs {
@@ -136,9 +134,7 @@ async fn chunks_of_a_node_that_dies_mid_job_run_elsewhere_exactly_once() {
     let dying = echo_node(addr, creds.clone(), "dying", Some(20));
     let healthy = echo_node(addr, creds.clone(), "healthy", None);
     assert!(coordinator.wait_for_nodes(2, Duration::from_secs(10)).await);
-    let client = Client::connect(&addr.to_string(), creds.ca_pem.as_bytes(), &creds.api_key)
-        .await
-        .unwrap();
+    let client = crate::connect_client(&coordinator, &creds).await;
     let outputs = run_echo_job(&client, 300).await;
     assert_eq!(outputs.len(), 300);
     assert!(outputs.values().all(|o| o.len() == 1), "no chunk yields two outcomes");
@@ -156,9 +152,7 @@ async fn a_client_that_disconnects_cancels_its_job() {
     let addr = coordinator.local_addr;
     let mut node = Peer::hello(addr, &creds, node_role(&creds.join_token, "n", 2)).await;
     assert!(matches!(node.next().await, Message::Welcome { .. }));
-    let client = Client::connect(&addr.to_string(), creds.ca_pem.as_bytes(), &creds.api_key)
-        .await
-        .unwrap();
+    let client = crate::connect_client(&coordinator, &creds).await;
     let job = client.submit(spec(100)).await.unwrap();
     assert!(matches!(node.next().await, Message::StartSlots { .. }));
     drop(job);
