@@ -24,7 +24,8 @@ use std::{
 
 use fleetmap_net::{write_frames, FramedReader, NetError};
 use fleetmap_protocol::{
-    Hello, InputChunk, JobId, JobSpec, LogLine, Message, OutputChunk, Role, DEFAULT_MAX_FRAME, SOFTWARE_VERSION,
+    Hello, InputChunk, JobId, JobSpec, LogLine, Message, NodeStatus, OutputChunk, Role, DEFAULT_MAX_FRAME,
+    SOFTWARE_VERSION,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -66,6 +67,7 @@ type Routes = Arc<Mutex<Routing>>;
 struct Routing {
     jobs: HashMap<JobId, mpsc::UnboundedSender<JobEvent>>,
     submits: HashMap<u64, oneshot::Sender<Result<Accepted, ClientError>>>,
+    statuses: HashMap<u64, oneshot::Sender<FleetStatus>>,
     /// Set once the connection is gone, with why.
     closed: Option<String>,
 }
@@ -76,6 +78,13 @@ struct Accepted {
     nodes: u32,
     credit: u32,
     events: mpsc::UnboundedReceiver<JobEvent>,
+}
+
+/// The fleet as the coordinator sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetStatus {
+    pub nodes: Vec<NodeStatus>,
+    pub jobs: u32,
 }
 
 /// A connection to a coordinator; jobs share it.
@@ -183,6 +192,23 @@ impl Client {
         })
     }
 
+    /// The fleet's nodes, their free resources and how they isolate slots.
+    pub async fn status(&self) -> Result<FleetStatus, ClientError> {
+        let request = self.next_request.fetch_add(1, Ordering::Relaxed);
+        let (done, status) = oneshot::channel();
+        {
+            let mut routes = self.routes.lock().expect("routing lock poisoned");
+            if let Some(reason) = &routes.closed {
+                return Err(ClientError::Disconnected(reason.clone()));
+            }
+            routes.statuses.insert(request, done);
+        }
+        let _ = self.tx.send(Message::StatusRequest { request });
+        status
+            .await
+            .map_err(|_| ClientError::Disconnected("the connection closed during a status request".into()))
+    }
+
     /// Closes the connection; running jobs are cancelled by the coordinator.
     pub fn close(&self) {
         self.conn.close(0u32.into(), b"client closed");
@@ -254,6 +280,12 @@ async fn read_loop(mut reader: FramedReader<quinn::RecvStream>, conn: quinn::Con
                 }
                 continue;
             }
+            Message::Status { request, nodes, jobs } => {
+                if let Some(done) = r.statuses.remove(&request) {
+                    let _ = done.send(FleetStatus { nodes, jobs });
+                }
+                continue;
+            }
             Message::Output { job, output } => (job, JobEvent::Output(output)),
             Message::Log(line) => (line.job, JobEvent::Log(line)),
             Message::Credit { job, chunks } => (job, JobEvent::Credit(chunks)),
@@ -282,6 +314,8 @@ async fn read_loop(mut reader: FramedReader<quinn::RecvStream>, conn: quinn::Con
     for (_, done) in r.submits.drain() {
         let _ = done.send(Err(ClientError::Disconnected(reason.clone())));
     }
+    // Dropping the senders tells waiting status requests the connection is gone.
+    r.statuses.clear();
     r.closed = Some(reason);
 }
 

@@ -6,7 +6,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use fleetmap_coordinator::{serve, CoordinatorConfig, Credentials, RunningCoordinator};
-use fleetmap_node_daemon::NodeConfig;
+use fleetmap_node_daemon::{Isolation, NodeConfig};
 use tokio::task::JoinHandle;
 
 /// A running embedded cluster.
@@ -41,6 +41,12 @@ impl LocalCluster {
         );
         config.name = format!("{}-local", config.name);
         config.python = python;
+        // Every process's embedded cluster owns its own cgroup subtree, so
+        // that one never cleans up another's slots.
+        config.isolation = Isolation::Cgroups {
+            mount: "/sys/fs/cgroup".into(),
+            subtree: Some(format!("fleetmap-local-{}", std::process::id())),
+        };
         let node = tokio::spawn(async move {
             if let Err(e) = fleetmap_node_daemon::run(config).await {
                 tracing::error!("local node daemon stopped: {e}");

@@ -21,7 +21,8 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use fleetmap_protocol::{
-    CallRequest, ChunkId, InputChunk, JobId, JobSpec, LogLine, Message, NodeId, OutputChunk, Resources, SlotId,
+    CallRequest, ChunkId, InputChunk, JobId, JobSpec, LogLine, Message, NodeId, NodeStatus, OutputChunk, Resources,
+    SlotId,
 };
 
 /// Chunks a slot may hold at once: one running and one waiting at the node,
@@ -53,6 +54,7 @@ pub struct ProtocolViolation(pub String);
 #[derive(Debug)]
 struct Node {
     name: String,
+    isolation: String,
     total: Resources,
     free_cores: u32,
     free_memory: u64,
@@ -160,9 +162,10 @@ impl Scheduler {
         out
     }
 
-    pub fn handle_node_joined(&mut self, node: NodeId, name: String, resources: Resources) {
+    pub fn handle_node_joined(&mut self, node: NodeId, name: String, resources: Resources, isolation: String) {
         let n = Node {
             name,
+            isolation,
             free_cores: resources.cores,
             free_memory: resources.memory_bytes,
             free_gpus: resources.gpus.len() as u32,
@@ -361,6 +364,24 @@ impl Scheduler {
         if owned {
             self.fail_job(job, reason);
         }
+    }
+
+    /// A client asks what the fleet looks like.
+    pub fn handle_status(&mut self, client: ClientId, request: u64) {
+        let nodes = self
+            .nodes
+            .values()
+            .map(|n| NodeStatus {
+                name: n.name.clone(),
+                resources: n.total.clone(),
+                free_cores: n.free_cores,
+                free_memory_bytes: n.free_memory,
+                free_gpus: n.free_gpus,
+                isolation: n.isolation.clone(),
+            })
+            .collect();
+        let jobs = self.jobs.len() as u32;
+        self.send_to_client(client, Message::Status { request, nodes, jobs });
     }
 
     /// A line a call printed goes to the job's client.

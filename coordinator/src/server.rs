@@ -154,7 +154,8 @@ impl RunningCoordinator {
     pub async fn shutdown(self) {
         self.endpoint.close(CLOSE_OK.into(), b"coordinator shutting down");
         self.accept.abort();
-        self.endpoint.wait_idle().await;
+        // Give peers a moment to see the close; a dead peer never answers.
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
     }
 }
 
@@ -256,7 +257,12 @@ async fn serve_peer(conn: &quinn::Connection, shared: &Shared) -> Result<(), Pee
     }
     let peer = shared.register(tx.clone());
     let result = match hello.role {
-        Role::Node { name, resources, .. } => {
+        Role::Node {
+            name,
+            resources,
+            isolation,
+            ..
+        } => {
             info!(
                 "node {name} joined from {}: {} cores, {} memory, {} GPUs",
                 conn.remote_address(),
@@ -268,7 +274,7 @@ async fn serve_peer(conn: &quinn::Connection, shared: &Shared) -> Result<(), Pee
                 node_id: Some(peer),
                 coordinator_version: SOFTWARE_VERSION.into(),
             });
-            shared.with(|s| s.handle_node_joined(peer, name.clone(), resources));
+            shared.with(|s| s.handle_node_joined(peer, name.clone(), resources, isolation));
             let r = node_loop(&mut reader, peer, shared).await;
             info!(
                 "node {name} left: {}",
@@ -324,6 +330,10 @@ async fn client_loop(
             Message::InputsDone { job, chunks } => shared.with(|s| s.handle_inputs_done(client, job, chunks)),
             Message::CancelJob { job } => {
                 shared.with(|s| s.handle_cancel(client, job));
+                Ok(())
+            }
+            Message::StatusRequest { request } => {
+                shared.with(|s| s.handle_status(client, request));
                 Ok(())
             }
             other => return Err(PeerError::Protocol(format!("a client may not send {}", other.kind()))),

@@ -12,25 +12,20 @@
 //! This crate must not depend on pyo3 or `runtime`: the daemon never runs
 //! user code in its own process.
 
-use std::{collections::HashMap, net::SocketAddr, os::fd::AsRawFd, path::Path, sync::Arc, time::Duration};
+pub mod inventory;
+mod slot;
+
+use std::{collections::HashMap, net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
 use fleetmap_net::{write_frames, FramedReader, NetError};
 use fleetmap_protocol::{
-    worker::{FromWorker, ToWorker},
-    ChunkId, Hello, InputChunk, JobId, JobSpec, LogLine, Message, OutputChunk, OutputStream, Resources, Role,
-    RuntimeSpec, SlotId, DEFAULT_MAX_FRAME, SOFTWARE_VERSION,
+    Gpu, Hello, InputChunk, JobId, Message, Resources, Role, SlotId, DEFAULT_MAX_FRAME, SOFTWARE_VERSION,
 };
-use fleetmap_sandbox::{spawn_worker, WorkerCommand};
-use tokio::{
-    io::{AsyncRead, AsyncReadExt},
-    sync::mpsc,
-    task::JoinHandle,
-};
+use fleetmap_sandbox::cgroup::CgroupTree;
+use inventory::Inventory;
+use slot::{run_slot, SlotContext};
+use tokio::{sync::mpsc, task::JoinHandle};
 use tracing::{info, warn};
-
-/// The longest line of a call's output forwarded as one line; longer lines
-/// are split.
-const MAX_LOG_LINE: usize = 64 << 10;
 
 /// How to run a node daemon.
 #[derive(Debug, Clone)]
@@ -40,11 +35,31 @@ pub struct NodeConfig {
     pub ca_pem: Vec<u8>,
     pub token: String,
     pub name: String,
+    /// What the node offers. `cores` is capped by the cores the daemon may
+    /// use; GPUs come from the driver's inventory or the operator.
     pub resources: Resources,
     /// The Python interpreter for jobs whose caller's interpreter does not
     /// exist on this node.
     pub python: String,
     pub max_frame: usize,
+    pub isolation: Isolation,
+    /// The most processes a slot may have (`pids.max`).
+    pub pids_per_slot: u64,
+}
+
+/// How slots are isolated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Isolation {
+    /// Each slot in its own cgroup under `mount` (dedicated cores, a memory
+    /// limit, a process limit, device rules), in the daemon's subtree
+    /// `subtree` (by default `fleetmap-NODE`). Falls back to unpinned slots,
+    /// saying so, where the daemon may not manage cgroups.
+    Cgroups {
+        mount: std::path::PathBuf,
+        subtree: Option<String>,
+    },
+    /// Slots are only pinned to their cores (CPU affinity).
+    None,
 }
 
 impl NodeConfig {
@@ -57,7 +72,35 @@ impl NodeConfig {
             resources: detect_resources(),
             python: "python3".into(),
             max_frame: DEFAULT_MAX_FRAME,
+            isolation: Isolation::Cgroups {
+                mount: "/sys/fs/cgroup".into(),
+                subtree: None,
+            },
+            pids_per_slot: 4096,
         }
+    }
+
+    /// The cgroup subtree this daemon owns: one per node name, so that
+    /// several daemons on one machine (tests, the embedded cluster) never
+    /// clean up each other's slots.
+    pub fn cgroup_subtree(&self) -> Option<String> {
+        let Isolation::Cgroups { subtree, .. } = &self.isolation else {
+            return None;
+        };
+        Some(subtree.clone().unwrap_or_else(|| {
+            let safe: String = self
+                .name
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .collect();
+            format!("fleetmap-{safe}")
+        }))
     }
 }
 
@@ -95,9 +138,20 @@ pub fn default_name() -> String {
         .unwrap_or_else(|| "node".into())
 }
 
-/// The cores and memory of this machine (GPU discovery is separate).
+/// The cores this process may run on (its CPU affinity).
+pub fn allowed_cpus() -> Vec<u32> {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|text| {
+            let line = text.lines().find(|l| l.starts_with("Cpus_allowed_list:"))?;
+            fleetmap_sandbox::cgroup::parse_cpu_list(line.split_once(':')?.1.trim()).ok()
+        })
+        .filter(|cpus| !cpus.is_empty())
+        .unwrap_or_else(|| (0..std::thread::available_parallelism().map_or(1, |n| n.get() as u32)).collect())
+}
+
+/// The cores, memory and NVIDIA GPUs of this machine.
 pub fn detect_resources() -> Resources {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
     let memory_bytes = std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|text| {
@@ -107,10 +161,23 @@ pub fn detect_resources() -> Resources {
         })
         .unwrap_or(1 << 30);
     Resources {
-        cores,
+        cores: allowed_cpus().len() as u32,
         memory_bytes,
-        gpus: vec![],
+        gpus: inventory::detect_gpus(Path::new("/proc")),
     }
+}
+
+/// GPUs named by the operator (`--gpus 0,1`: device minors), for rigs
+/// whose driver inventory is not readable.
+pub fn gpus_from_minors(minors: &[u32]) -> Vec<Gpu> {
+    minors
+        .iter()
+        .map(|&minor| Gpu {
+            minor,
+            uuid: String::new(),
+            numa_node: None,
+        })
+        .collect()
 }
 
 /// Resolves `host:port`.
@@ -126,21 +193,87 @@ pub async fn resolve(addr: &str) -> Result<SocketAddr, NodeError> {
         .ok_or_else(|| err("no address found".into()))
 }
 
-/// Runs the daemon: joins the coordinator and serves it, reconnecting with
-/// backoff whenever the connection is lost. Returns only when the
+/// Runs the daemon: sets up its cgroup subtree (or says plainly that calls
+/// will not be pinned), joins the coordinator and serves it, reconnecting
+/// with backoff whenever the connection is lost. Returns only when the
 /// coordinator refuses the node.
 pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
-    let config = Arc::new(config);
+    let (_keep, shutdown) = tokio::sync::watch::channel(false);
+    run_until(config, shutdown).await
+}
+
+/// Like [`run`], and returns once `shutdown` turns true, after every slot
+/// has been torn down (workers killed, cgroups removed).
+pub async fn run_until(
+    mut config: NodeConfig,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), NodeError> {
+    let (cgroups, isolation) = match (&config.isolation, config.cgroup_subtree()) {
+        (Isolation::Cgroups { mount, .. }, Some(subtree)) => match CgroupTree::init(mount, &subtree) {
+            Ok(tree) => {
+                let isolation = format!(
+                    "pinned: cgroup {:?} subtree {subtree} (cores, memory, processes, GPU devices)",
+                    tree.version()
+                );
+                info!("node {}: {isolation}", config.name);
+                (Some(Arc::new(tree)), isolation)
+            }
+            Err(e) => {
+                warn!(
+                    "node {}: calls will NOT be pinned to memory limits, process limits or GPUs, only to cores: {e}. \
+                     Run the daemon as root or in a delegated cgroup (systemd Delegate=yes) to pin them",
+                    config.name
+                );
+                (None, format!("NOT pinned (CPU affinity only): {e}"))
+            }
+        },
+        _ => (None, "NOT pinned (CPU affinity only): cgroups turned off".to_string()),
+    };
+    let mut cpus = match &cgroups {
+        Some(tree) => tree.cpus().unwrap_or_else(|_| allowed_cpus()),
+        None => allowed_cpus(),
+    };
+    cpus.truncate(config.resources.cores as usize);
+    config.resources.cores = cpus.len() as u32;
+    let node = Node {
+        inventory: Inventory::new(cpus, config.resources.gpus.clone()),
+        cgroups,
+        isolation,
+        config: Arc::new(config),
+    };
     let mut backoff = Duration::from_millis(100);
     loop {
-        match session(&config, &mut backoff).await {
-            Err(NodeError::Refused(reason)) => return Err(NodeError::Refused(reason)),
-            Err(e) => warn!("node {}: connection to {} ended: {e}", config.name, config.coordinator),
-            Ok(()) => info!("node {}: coordinator closed the connection", config.name),
+        if *shutdown.borrow() {
+            return Ok(());
         }
-        tokio::time::sleep(backoff).await;
+        let ended = session(&node, &mut backoff, &mut shutdown).await;
+        if *shutdown.borrow() {
+            info!("node {}: stopped; every slot was torn down", node.config.name);
+            return Ok(());
+        }
+        match ended {
+            Err(NodeError::Refused(reason)) => return Err(NodeError::Refused(reason)),
+            Err(e) => warn!(
+                "node {}: connection to {} ended: {e}",
+                node.config.name, node.config.coordinator
+            ),
+            Ok(()) => info!("node {}: coordinator closed the connection", node.config.name),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.changed() => {}
+        }
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
+}
+
+/// What lives as long as the daemon.
+struct Node {
+    config: Arc<NodeConfig>,
+    inventory: Inventory,
+    cgroups: Option<Arc<CgroupTree>>,
+    /// How slots are isolated, as `fleetmap status` shows it.
+    isolation: String,
 }
 
 /// The slots of one job on this node.
@@ -150,17 +283,37 @@ struct JobSlots {
     tasks: Vec<JoinHandle<()>>,
 }
 
+impl JobSlots {
+    /// Stops every slot and waits until each is torn down (worker killed,
+    /// cgroup removed, cores and GPUs back in the inventory), so that the
+    /// next job placed here finds them free.
+    async fn stop(mut self) {
+        let tasks = std::mem::take(&mut self.tasks);
+        for task in &tasks {
+            task.abort();
+        }
+        for task in tasks {
+            let _ = task.await;
+        }
+    }
+}
+
 impl Drop for JobSlots {
     fn drop(&mut self) {
         // Aborting a slot task drops its worker, which kills the worker's
-        // process group.
+        // process group and removes its cgroup.
         for task in &self.tasks {
             task.abort();
         }
     }
 }
 
-async fn session(config: &Arc<NodeConfig>, backoff: &mut Duration) -> Result<(), NodeError> {
+async fn session(
+    node: &Node,
+    backoff: &mut Duration,
+    shutdown: &mut tokio::sync::watch::Receiver<bool>,
+) -> Result<(), NodeError> {
+    let config = &node.config;
     let addr = resolve(&config.coordinator).await?;
     let endpoint = fleetmap_net::client_endpoint(&config.ca_pem, addr)?;
     let conn = endpoint
@@ -175,6 +328,7 @@ async fn session(config: &Arc<NodeConfig>, backoff: &mut Duration) -> Result<(),
             token: config.token.clone(),
             name: config.name.clone(),
             resources: config.resources.clone(),
+            isolation: node.isolation.clone(),
         },
         software_version: SOFTWARE_VERSION.into(),
     }));
@@ -198,7 +352,14 @@ async fn session(config: &Arc<NodeConfig>, backoff: &mut Duration) -> Result<(),
     *backoff = Duration::from_millis(100);
     let mut jobs: HashMap<JobId, JobSlots> = HashMap::new();
     let result = loop {
-        let msg = match reader.recv::<Message>().await {
+        let received = tokio::select! {
+            received = reader.recv::<Message>() => received,
+            _ = shutdown.changed() => {
+                conn.close(0u32.into(), b"node daemon stopping");
+                break Ok(());
+            }
+        };
+        let msg = match received {
             Ok(Some(msg)) => msg,
             Ok(None) => break Ok(()),
             Err(NetError::Decode(e)) => {
@@ -213,6 +374,19 @@ async fn session(config: &Arc<NodeConfig>, backoff: &mut Duration) -> Result<(),
                 let spec = Arc::new(spec);
                 let entry = jobs.entry(job).or_default();
                 for slot in slots {
+                    let placement = node
+                        .inventory
+                        .take(spec.call.cores, spec.call.gpus, inventory::cpus_of_numa);
+                    let Some(placement) = placement else {
+                        // The coordinator places no more than the node
+                        // advertised; this is a disagreement, not user error.
+                        let reason = format!(
+                            "node {} has no free cores or GPUs left for slot {slot} ({} cores, {} GPUs asked)",
+                            config.name, spec.call.cores, spec.call.gpus
+                        );
+                        let _ = up.send(Message::SlotFailed { job, slot, reason });
+                        continue;
+                    };
                     let (tx, rx) = mpsc::unbounded_channel();
                     entry.chunks.insert(slot, tx);
                     let ctx = SlotContext {
@@ -220,6 +394,8 @@ async fn session(config: &Arc<NodeConfig>, backoff: &mut Duration) -> Result<(),
                         slot,
                         spec: spec.clone(),
                         config: config.clone(),
+                        cgroups: node.cgroups.clone(),
+                        placement,
                         up: up.clone(),
                     };
                     entry.tasks.push(tokio::spawn(run_slot(ctx, rx)));
@@ -231,7 +407,9 @@ async fn session(config: &Arc<NodeConfig>, backoff: &mut Duration) -> Result<(),
                 }
             }
             Message::StopJob { job } => {
-                jobs.remove(&job);
+                if let Some(slots) = jobs.remove(&job) {
+                    slots.stop().await;
+                }
             }
             other => {
                 let reason = format!("a coordinator may not send {}", other.kind());
@@ -242,247 +420,10 @@ async fn session(config: &Arc<NodeConfig>, backoff: &mut Duration) -> Result<(),
     };
     // Slots do not outlive the connection: the coordinator re-runs their
     // chunks elsewhere once it notices the node is gone.
-    drop(jobs);
+    for (_, slots) in jobs.drain() {
+        slots.stop().await;
+    }
     drop(up);
     writer.abort();
     result
-}
-
-struct SlotContext {
-    job: JobId,
-    slot: SlotId,
-    spec: Arc<JobSpec>,
-    config: Arc<NodeConfig>,
-    up: mpsc::UnboundedSender<Message>,
-}
-
-async fn run_slot(ctx: SlotContext, chunks: mpsc::UnboundedReceiver<InputChunk>) {
-    if let Err(reason) = drive_worker(&ctx, chunks).await {
-        let _ = ctx.up.send(Message::SlotFailed {
-            job: ctx.job,
-            slot: ctx.slot,
-            reason,
-        });
-    }
-}
-
-/// The chunk a worker holds, for error messages and to label its output.
-struct Running {
-    chunk: ChunkId,
-    first_input: u64,
-    count: u32,
-}
-
-impl Running {
-    fn describe(&self) -> String {
-        match self.count {
-            1 => format!("input {}", self.first_input),
-            n => format!("inputs {}..{}", self.first_input, self.first_input + n as u64 - 1),
-        }
-    }
-}
-
-fn worker_command(ctx: &SlotContext) -> (WorkerCommand, Arc<Vec<u8>>) {
-    let RuntimeSpec::Python {
-        executable, function, ..
-    } = &ctx.spec.runtime;
-    // The caller's own interpreter when this node has it (the embedded
-    // cluster, a shared file system), else the node's.
-    let program = if Path::new(executable).is_file() {
-        executable.clone()
-    } else {
-        ctx.config.python.clone()
-    };
-    let max_output = ctx.config.max_frame.saturating_sub(64 << 10);
-    let cmd = WorkerCommand {
-        program: program.into(),
-        args: vec!["-c".into(), "import fleetmap._worker as w; w.main()".into()],
-        env: vec![
-            ("PYTHONUNBUFFERED".into(), "1".into()),
-            ("FLEETMAP_NODE".into(), ctx.config.name.clone().into()),
-            ("FLEETMAP_MAX_OUTPUT".into(), max_output.to_string().into()),
-            (
-                "FLEETMAP_WORKER_FD".into(),
-                fleetmap_sandbox::WORKER_CHANNEL_FD.to_string().into(),
-            ),
-        ],
-    };
-    (cmd, Arc::new(function.clone()))
-}
-
-async fn drive_worker(ctx: &SlotContext, mut chunks: mpsc::UnboundedReceiver<InputChunk>) -> Result<(), String> {
-    let node = &ctx.config.name;
-    let (cmd, function) = worker_command(ctx);
-    let mut worker = spawn_worker(&cmd)
-        .map_err(|e| format!("could not start a worker for slot {} on node {node}: {e}", ctx.slot))?;
-    let pid = worker.pid;
-    // spawn_worker fills all three; take each once.
-    let mut stdout = LineForwarder::new(
-        worker.stdout.take().expect("stdout of a new worker"),
-        OutputStream::Stdout,
-    );
-    let mut stderr = LineForwarder::new(
-        worker.stderr.take().expect("stderr of a new worker"),
-        OutputStream::Stderr,
-    );
-    let channel = worker.channel.take().expect("channel of a new worker");
-    let (rd, wr) = channel.into_split();
-    let mut reader = FramedReader::new(rd, ctx.config.max_frame);
-    let (to_worker, rx) = mpsc::unbounded_channel();
-    let writer = tokio::spawn(write_frames(wr, rx, ctx.config.max_frame));
-    let _ = to_worker.send(ToWorker::Load {
-        function: function.to_vec(),
-    });
-    let died = |worker: &mut fleetmap_sandbox::Worker, what: String| {
-        let status = worker.child.try_wait().ok().flatten();
-        let how = status.map_or("stopped answering".into(), fleetmap_sandbox::describe_exit);
-        format!(
-            "the worker (pid {pid}) of slot {} on node {node} {how} {what}",
-            ctx.slot
-        )
-    };
-    match reader.recv::<FromWorker>().await {
-        Ok(Some(FromWorker::Ready { .. })) => {}
-        Ok(Some(FromWorker::LoadFailed { error })) => {
-            return Err(format!("the function could not be loaded on node {node}: {error}"));
-        }
-        other => {
-            wait_briefly(&mut worker).await;
-            let mut reason = died(&mut worker, "while loading the function".into());
-            if let Err(e) = other {
-                reason.push_str(&format!(" ({e})"));
-            }
-            return Err(reason);
-        }
-    }
-    let mut running: std::collections::VecDeque<Running> = Default::default();
-    loop {
-        tokio::select! {
-            chunk = chunks.recv() => {
-                let Some(chunk) = chunk else {
-                    // The job stopped: dropping the worker kills it.
-                    writer.abort();
-                    return Ok(());
-                };
-                running.push_back(Running { chunk: chunk.chunk, first_input: chunk.first_input, count: chunk.count });
-                let _ = to_worker.send(ToWorker::Run { chunk });
-            }
-            read = stdout.read_some(), if stdout.open => stdout.forward(read, ctx),
-            read = stderr.read_some(), if stderr.open => stderr.forward(read, ctx),
-            reply = reader.recv::<FromWorker>() => {
-                match reply {
-                    Ok(Some(FromWorker::Done { chunk, failed, payload })) => {
-                        // Lines the calls printed reach the client before
-                        // their outputs (and so before the job can end).
-                        stdout.drain_written(ctx).await;
-                        stderr.drain_written(ctx).await;
-                        let Some(r) = running.pop_front().filter(|r| r.chunk == chunk) else {
-                            return Err(format!("the worker (pid {pid}) on node {node} answered for chunk {chunk}, which it was not running"));
-                        };
-                        let output = OutputChunk { chunk, first_input: r.first_input, count: r.count, failed, node: node.clone(), payload };
-                        let _ = ctx.up.send(Message::ChunkDone { job: ctx.job, slot: ctx.slot, output });
-                    }
-                    other => {
-                        wait_briefly(&mut worker).await;
-                        let what = running.front().map_or("between calls".into(), |r| format!("while running {}", r.describe()));
-                        let mut reason = died(&mut worker, what);
-                        if let Err(e) = other {
-                            reason.push_str(&format!(" ({e})"));
-                        } else if let Ok(Some(msg)) = other {
-                            reason = format!("the worker (pid {pid}) on node {node} sent an unexpected {msg:?}");
-                        }
-                        return Err(reason);
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Gives a worker whose channel closed a moment to exit, so its exit status
-/// can be reported.
-async fn wait_briefly(worker: &mut fleetmap_sandbox::Worker) {
-    let _ = tokio::time::timeout(Duration::from_secs(2), worker.child.wait()).await;
-}
-
-/// Forwards what a worker prints, line by line, to the job's client. Lines
-/// longer than [`MAX_LOG_LINE`] are split; invalid UTF-8 is replaced.
-struct LineForwarder<R> {
-    pipe: R,
-    stream: OutputStream,
-    pending: Vec<u8>,
-    buf: Box<[u8]>,
-    open: bool,
-}
-
-impl<R: AsyncRead + AsRawFd + Unpin> LineForwarder<R> {
-    fn new(pipe: R, stream: OutputStream) -> Self {
-        Self {
-            pipe,
-            stream,
-            pending: Vec::new(),
-            buf: vec![0; 16 << 10].into_boxed_slice(),
-            open: true,
-        }
-    }
-
-    /// Reads what the worker wrote next (cancel-safe: a read either
-    /// completes or takes nothing).
-    async fn read_some(&mut self) -> std::io::Result<usize> {
-        self.pipe.read(&mut self.buf).await
-    }
-
-    fn forward(&mut self, read: std::io::Result<usize>, ctx: &SlotContext) {
-        match read {
-            Ok(0) | Err(_) => {
-                self.open = false;
-                if !self.pending.is_empty() {
-                    let rest = std::mem::take(&mut self.pending);
-                    self.send(&rest, ctx);
-                }
-            }
-            Ok(n) => {
-                self.pending.extend_from_slice(&self.buf[..n]);
-                self.send_complete_lines(ctx);
-            }
-        }
-    }
-
-    /// Forwards everything the worker has written so far: exactly the bytes
-    /// waiting in the pipe now, so that lines printed before an event are
-    /// sent before it.
-    async fn drain_written(&mut self, ctx: &SlotContext) {
-        let mut left = fleetmap_sandbox::readable_bytes(&self.pipe).unwrap_or(0);
-        while left > 0 && self.open {
-            let want = left.min(self.buf.len());
-            let read = self.pipe.read(&mut self.buf[..want]).await;
-            if let Ok(n) = read {
-                left = left.saturating_sub(n);
-            }
-            self.forward(read, ctx);
-        }
-    }
-
-    fn send_complete_lines(&mut self, ctx: &SlotContext) {
-        let mut start = 0;
-        while let Some(pos) = self.pending[start..].iter().position(|&b| b == b'\n') {
-            let line = self.pending[start..start + pos].to_vec();
-            self.send(&line, ctx);
-            start += pos + 1;
-        }
-        self.pending.drain(..start);
-        while self.pending.len() >= MAX_LOG_LINE {
-            let head: Vec<u8> = self.pending.drain(..MAX_LOG_LINE).collect();
-            self.send(&head, ctx);
-        }
-    }
-
-    fn send(&self, line: &[u8], ctx: &SlotContext) {
-        let _ = ctx.up.send(Message::Log(LogLine {
-            job: ctx.job,
-            stream: self.stream,
-            node: ctx.config.name.clone(),
-            text: String::from_utf8_lossy(line).into_owned(),
-        }));
-    }
 }

@@ -102,6 +102,9 @@ pub enum Role {
         token: String,
         name: String,
         resources: Resources,
+        /// How the node isolates its slots, for `fleetmap status`
+        /// ("cgroup v1: ..." or why slots are not pinned).
+        isolation: String,
     },
     Client {
         api_key: String,
@@ -138,6 +141,17 @@ pub struct OutputChunk {
     pub node: String,
     #[serde(with = "serde_bytes")]
     pub payload: Vec<u8>,
+}
+
+/// One node as `fleetmap status` shows it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct NodeStatus {
+    pub name: String,
+    pub resources: Resources,
+    pub free_cores: u32,
+    pub free_memory_bytes: u64,
+    pub free_gpus: u32,
+    pub isolation: String,
 }
 
 /// Which stream of a worker a line of output came from.
@@ -185,8 +199,16 @@ pub enum Message {
     CancelJob {
         job: JobId,
     },
+    StatusRequest {
+        request: u64,
+    },
 
     // Coordinator to client.
+    Status {
+        request: u64,
+        nodes: Vec<NodeStatus>,
+        jobs: u32,
+    },
     JobAccepted {
         request: u64,
         job: JobId,
@@ -255,6 +277,8 @@ impl Message {
             Message::Inputs { .. } => "Inputs",
             Message::InputsDone { .. } => "InputsDone",
             Message::CancelJob { .. } => "CancelJob",
+            Message::StatusRequest { .. } => "StatusRequest",
+            Message::Status { .. } => "Status",
             Message::JobAccepted { .. } => "JobAccepted",
             Message::JobRejected { .. } => "JobRejected",
             Message::Credit { .. } => "Credit",

@@ -15,7 +15,34 @@ pub enum ToWorker {
         function: Vec<u8>,
     },
     /// Run every input of a chunk; the worker answers `Done`.
-    Run { chunk: InputChunk },
+    ///
+    /// After a worker died on a chunk, the daemon runs it again `isolated`:
+    /// the worker says `Started` before each input, so that the next death
+    /// names its input, and the inputs in `crashed` are not run again but
+    /// fail with the given reason.
+    Run {
+        chunk: InputChunk,
+        isolated: bool,
+        crashed: Vec<CrashedInput>,
+    },
+}
+
+/// An input whose call killed its worker.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct CrashedInput {
+    pub input: u64,
+    pub kind: CrashKind,
+    /// What happened, for the user: the limit, the peak, the node, the signal.
+    pub message: String,
+}
+
+/// How a call killed its worker.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CrashKind {
+    /// The slot's memory limit was exceeded and the OOM killer struck.
+    OutOfMemory,
+    /// Any other death: a signal, `os._exit`, a crash in native code.
+    Died,
 }
 
 /// Worker to node daemon.
@@ -26,6 +53,10 @@ pub enum FromWorker {
     },
     LoadFailed {
         error: String,
+    },
+    /// In an isolated run: the call on `input` starts now.
+    Started {
+        input: u64,
     },
     Done {
         chunk: ChunkId,

@@ -15,9 +15,11 @@ from ._errors import (
     InputError,
     JobFailed,
     JobRejected,
+    OutOfMemory,
     RemoteError,
     RemoteTraceback,
     UnsupportedOption,
+    WorkerCrashed,
 )
 from ._native import VERSION as __version__
 
@@ -45,6 +47,8 @@ __all__ = [
     "AuthenticationError",
     "JobRejected",
     "JobFailed",
+    "OutOfMemory",
+    "WorkerCrashed",
     "RemoteError",
     "RemoteTraceback",
     "__version__",

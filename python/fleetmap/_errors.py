@@ -39,6 +39,17 @@ class JobFailed(FleetmapError):
     """The job stopped without an exception from the function: a worker died, a node was lost."""
 
 
+class OutOfMemory(FleetmapError, MemoryError):
+    """A call used more memory than its ``func_ram`` and was killed; the
+    message names the input, the limit, the peak use and the node."""
+
+
+class WorkerCrashed(FleetmapError):
+    """A call killed its worker process (a signal, ``os._exit``, a crash in
+    native code); the message names the input, the exit status or signal and
+    the node."""
+
+
 class RemoteError(FleetmapError):
     """An exception raised by the function whose class could not be rebuilt here.
 

@@ -48,6 +48,8 @@ def remote_parallel_map(
     image: Optional[str] = None,
     packages: Optional[Sequence[str]] = None,
     api_key: Optional[str] = None,
+    *,
+    return_exceptions: bool = False,
 ) -> List[Any]:
     """Runs ``function_`` on every element of ``inputs`` in parallel on the fleet.
 
@@ -56,7 +58,9 @@ def remote_parallel_map(
     ``parallelism`` calls run at once (-1: as many as the fleet has free, up
     to 4000). An exception raised by ``function_`` on input *i* is re-raised
     here with its original type, message and remote traceback, and
-    ``input_index == i``; the job stops at the first failure.
+    ``input_index == i``; the job stops at the first failure. With
+    ``return_exceptions=True`` the job runs every input and the exception
+    stands in the returned list in place of the output.
 
     With no fleet configured (``FLEETMAP_COORDINATOR`` or the config file),
     the calls run on an embedded cluster in this process.
@@ -80,7 +84,7 @@ def remote_parallel_map(
         job = _submit(fleet, function_blob, n, parallelism, func_cpu, func_ram, func_gpu)
         progress = Progress(n, enabled=verbose, where=fleet.description, slots=job.slots, nodes=job.nodes)
         try:
-            results = _drive(job, items, progress)
+            results = _drive(job, items, progress, return_exceptions)
         except BaseException:
             # Ctrl-C or a failure here: stop every remote call of the job.
             job.cancel()
@@ -238,7 +242,7 @@ def _pickle_chunk(items: Sequence[Any], start: int, count: int) -> bytes:
         raise
 
 
-def _drive(job, items: Sequence[Any], progress: Progress) -> List[Any]:
+def _drive(job, items: Sequence[Any], progress: Progress, return_exceptions: bool) -> List[Any]:
     n = len(items)
     results: List[Any] = [None] * n
     slots = max(job.slots, 1)
@@ -274,8 +278,10 @@ def _drive(job, items: Sequence[Any], progress: Progress) -> List[Any]:
             if kind == "output":
                 _, first, count, failed, node, payload = event
                 outputs, failures = pickle.loads(payload)
-                if failed:
+                if failed and not return_exceptions:
                     raise min(failures, key=lambda f: f.index).to_exception(node)
+                for failure in failures:
+                    outputs[failure.index - first] = failure.to_exception(node)
                 results[first : first + count] = outputs
                 done += count
                 progress.update(done)

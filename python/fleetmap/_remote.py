@@ -29,11 +29,13 @@ class RemoteFailure:
         self.index, self.type_name, self.message, self.traceback, self.exception = state
 
     @classmethod
-    def capture(cls, index: int, exc: BaseException, skip_file: str) -> "RemoteFailure":
-        """Records ``exc`` raised on input ``index``, leaving out frames of ``skip_file``."""
+    def capture(cls, index: int, exc: BaseException, skip_file: str, with_traceback: bool = True) -> "RemoteFailure":
+        """Records ``exc`` raised on input ``index``, leaving out frames of
+        ``skip_file``; without a traceback for failures fleetmap itself
+        reports (a worker killed by its call has no Python traceback)."""
         import cloudpickle
 
-        tb = exc.__traceback__
+        tb = exc.__traceback__ if with_traceback else None
         while tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename) == skip_file:
             tb = tb.tb_next
         text = "".join(traceback.format_exception(type(exc), exc, tb))

@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 import pickle
 import traceback
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from ._errors import OutOfMemory, WorkerCrashed
 from ._remote import RemoteFailure
 
 _THIS_FILE = os.path.abspath(__file__)
@@ -34,16 +35,43 @@ def load_function(blob: bytes) -> Tuple[Optional[Callable[[Any], Any]], Optional
         return None, "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
 
 
-def run_chunk(function: Callable[[Any], Any], payload: bytes, first_input: int) -> Tuple[bytes, int]:
+def run_chunk(
+    function: Callable[[Any], Any],
+    payload: bytes,
+    first_input: int,
+    isolation: Optional[Tuple[Callable[[int], None], Dict[int, Tuple[str, str]]]] = None,
+) -> Tuple[bytes, int]:
     """Runs the function on every input of a chunk.
 
     Returns the pickled pair ``(outputs, failures)`` and the number of
     failures; the output of a failed input is ``None`` and its
     :class:`RemoteFailure` says why.
+
+    ``isolation`` is set when the chunk runs again after a call killed the
+    worker: ``(started, crashed)``, where ``started(i)`` tells the daemon
+    that input ``i`` starts, and ``crashed`` maps the inputs that killed a
+    worker before to ``(kind, message)``; those fail without running again.
     """
     inputs = pickle.loads(payload)
     outputs: List[Any] = []
     failures: List[RemoteFailure] = []
+    if isolation is not None:
+        started, crashed = isolation
+        for offset, item in enumerate(inputs):
+            index = first_input + offset
+            if index in crashed:
+                kind, message = crashed[index]
+                error = (OutOfMemory if kind == "oom" else WorkerCrashed)(message)
+                failures.append(RemoteFailure.capture(index, error, _THIS_FILE, with_traceback=False))
+                outputs.append(None)
+                continue
+            started(index)
+            try:
+                outputs.append(function(item))
+            except BaseException as exc:  # noqa: BLE001 - SystemExit and KeyboardInterrupt are outcomes too
+                failures.append(RemoteFailure.capture(index, exc, _THIS_FILE))
+                outputs.append(None)
+        return _pickle_outcomes(outputs, failures, first_input)
     remaining = iter(inputs)
     while True:
         try:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from pathlib import Path
 from typing import List, Optional
 
 from . import _native
+from ._errors import FleetmapError
 
 
 def _default_state_dir() -> Path:
@@ -17,7 +19,18 @@ def _default_state_dir() -> Path:
     return base / "fleetmap" / "coordinator"
 
 
+def _stop_on_sigterm() -> None:
+    """SIGTERM (systemd, kill) stops the daemon like Ctrl-C: cleanly, with
+    every slot torn down."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def _wait_forever(stop) -> int:
+    _stop_on_sigterm()
     try:
         while True:
             time.sleep(0.5)
@@ -50,9 +63,30 @@ def cmd_node(args: argparse.Namespace) -> int:
         return 2
     ca_pem = Path(args.ca).read_bytes()
     memory = int(args.memory_gib * (1 << 30)) if args.memory_gib else None
-    node = _native.start_node(args.coordinator, token, ca_pem, args.name, args.cores, memory, args.python)
+    gpus = None
+    if args.gpus is not None:
+        try:
+            gpus = [int(g) for g in args.gpus.split(",") if g.strip()]
+        except ValueError:
+            print(f"fleetmap node: --gpus takes device minors like 0,1, got {args.gpus!r}", file=sys.stderr)
+            return 2
+    node = _native.start_node(
+        args.coordinator,
+        token,
+        ca_pem,
+        args.name,
+        args.cores,
+        memory,
+        args.python,
+        gpus,
+        not args.no_cgroups,
+        args.cgroup_subtree,
+        args.cgroup_mount,
+        args.pids_per_slot,
+    )
     print(f"fleetmap node {node.name} joining {args.coordinator}")
     sys.stdout.flush()
+    _stop_on_sigterm()
     try:
         while True:
             why = node.wait(0.5)
@@ -79,6 +113,33 @@ def cmd_up(args: argparse.Namespace) -> int:
     return _wait_forever(cluster.stop)
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from . import _fleet
+
+    fleet = _fleet.configured_fleet(args.api_key)
+    if fleet is None:
+        print(
+            "fleetmap status: no fleet is configured; set FLEETMAP_COORDINATOR, FLEETMAP_CA and "
+            f"FLEETMAP_API_KEY (or write {_fleet.config_path()})",
+            file=sys.stderr,
+        )
+        return 1
+    try:
+        nodes, jobs = _fleet.connection(fleet).status()
+    except _native.NativeError as exc:
+        raise _fleet.translate(exc) from None
+    gib = float(1 << 30)
+    print(f"fleet at {fleet.coordinator}: {len(nodes)} node(s), {jobs} running job(s)")
+    print(f"{'node':<24} {'cores free/all':>14} {'memory free/all GiB':>20} {'GPUs free/all':>14}  isolation")
+    for n in nodes:
+        print(
+            f"{n['name']:<24} {n['free_cores']:>6}/{n['cores']:<7} "
+            f"{n['free_memory_bytes'] / gib:>9.1f}/{n['memory_bytes'] / gib:<10.1f} "
+            f"{n['free_gpus']:>6}/{len(n['gpus']):<7}  {n['isolation']}"
+        )
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="fleetmap", description=__doc__)
     parser.add_argument("--version", action="version", version=_native.VERSION)
@@ -98,6 +159,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--cores", type=int, help="cores to offer (default: all)")
     p.add_argument("--memory-gib", type=float, help="memory to offer in GiB (default: all)")
     p.add_argument("--python", help="interpreter for jobs whose caller's interpreter is not on this node")
+    p.add_argument("--gpus", help="NVIDIA device minors to offer, e.g. 0,1 (default: the driver's inventory)")
+    p.add_argument("--no-cgroups", action="store_true", help="do not put slots in cgroups (only pin their cores)")
+    p.add_argument("--cgroup-subtree", help="the cgroup subtree this daemon owns (default: fleetmap-NAME)")
+    p.add_argument("--cgroup-mount", help="where the cgroup hierarchy is mounted (default: /sys/fs/cgroup)")
+    p.add_argument("--pids-per-slot", type=int, help="the most processes one slot may have (default: 4096)")
     p.set_defaults(run=cmd_node)
 
     p = sub.add_parser("up", help="run a local cluster (coordinator and node) in the foreground")
@@ -105,9 +171,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--state-dir", default=str(_default_state_dir().parent / "local"), help="where to write ca.pem")
     p.set_defaults(run=cmd_up)
 
+    p = sub.add_parser("status", help="show the configured fleet's nodes, free resources and isolation")
+    p.add_argument("--api-key", help="the fleet's API key (default: FLEETMAP_API_KEY or the config file)")
+    p.set_defaults(run=cmd_status)
+
     args = parser.parse_args(argv)
     try:
         return args.run(args)
+    except FleetmapError as exc:
+        print(f"fleetmap {args.command}: {exc}", file=sys.stderr)
+        return 1
     except _native.NativeError as exc:
         kind, message = exc.args if len(exc.args) == 2 else ("error", str(exc))
         print(f"fleetmap {args.command}: {message}", file=sys.stderr)

@@ -14,9 +14,14 @@ use std::{
 
 use fleetmap_client::{local::LocalCluster, Client, ClientError, Job, JobEvent};
 use fleetmap_coordinator::{credentials::CredentialPaths, CoordinatorConfig, Credentials, RunningCoordinator};
-use fleetmap_node_daemon::NodeConfig;
+use fleetmap_node_daemon::{Isolation, NodeConfig};
 use fleetmap_protocol::{CallRequest, InputChunk, JobSpec, OutputStream, RuntimeSpec};
-use pyo3::{create_exception, exceptions::PyException, prelude::*, types::PyBytes};
+use pyo3::{
+    create_exception,
+    exceptions::PyException,
+    prelude::*,
+    types::{PyBytes, PyDict},
+};
 use tokio::{runtime::Runtime, task::JoinHandle};
 
 create_exception!(
@@ -171,6 +176,7 @@ fn start_coordinator(py: Python<'_>, listen: &str, state_dir: PathBuf) -> PyResu
 #[pyclass]
 struct NodeHandle {
     task: Mutex<Option<JoinHandle<Result<(), fleetmap_node_daemon::NodeError>>>>,
+    shutdown: tokio::sync::watch::Sender<bool>,
     #[pyo3(get)]
     name: String,
 }
@@ -198,16 +204,24 @@ impl NodeHandle {
         }
     }
 
-    fn stop(&self) {
+    /// Stops the daemon: every slot is torn down (workers killed, cgroups
+    /// removed) before this returns, or after 10 s at most.
+    fn stop(&self, py: Python<'_>) {
+        let _ = self.shutdown.send(true);
         if let Some(task) = self.task.lock().expect("node lock").take() {
-            task.abort();
+            py.allow_threads(|| {
+                runtime().block_on(async {
+                    let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+                })
+            });
         }
     }
 }
 
 /// Starts a node daemon that joins `coordinator`.
 #[pyfunction]
-#[pyo3(signature = (coordinator, token, ca_pem, name=None, cores=None, memory_bytes=None, python=None))]
+#[pyo3(signature = (coordinator, token, ca_pem, name=None, cores=None, memory_bytes=None, python=None, gpus=None, cgroups=true, cgroup_subtree=None, cgroup_mount=None, pids_per_slot=None))]
+#[allow(clippy::too_many_arguments)]
 fn start_node(
     coordinator: String,
     token: String,
@@ -216,6 +230,11 @@ fn start_node(
     cores: Option<u32>,
     memory_bytes: Option<u64>,
     python: Option<String>,
+    gpus: Option<Vec<u32>>,
+    cgroups: bool,
+    cgroup_subtree: Option<String>,
+    cgroup_mount: Option<PathBuf>,
+    pids_per_slot: Option<u64>,
 ) -> NodeHandle {
     let mut config = NodeConfig::new(coordinator, ca_pem, token);
     if let Some(name) = name {
@@ -230,10 +249,26 @@ fn start_node(
     if let Some(python) = python {
         config.python = python;
     }
+    if let Some(minors) = gpus {
+        config.resources.gpus = fleetmap_node_daemon::gpus_from_minors(&minors);
+    }
+    config.isolation = if cgroups {
+        Isolation::Cgroups {
+            mount: cgroup_mount.unwrap_or_else(|| "/sys/fs/cgroup".into()),
+            subtree: cgroup_subtree,
+        }
+    } else {
+        Isolation::None
+    };
+    if let Some(pids) = pids_per_slot {
+        config.pids_per_slot = pids;
+    }
     let name = config.name.clone();
-    let task = runtime().spawn(fleetmap_node_daemon::run(config));
+    let (shutdown, stop) = tokio::sync::watch::channel(false);
+    let task = runtime().spawn(fleetmap_node_daemon::run_until(config, stop));
     NodeHandle {
         task: Mutex::new(Some(task)),
+        shutdown,
         name,
     }
 }
@@ -294,6 +329,30 @@ impl Connection {
 
     fn close(&self) {
         self.client.close();
+    }
+
+    /// The fleet's nodes as dicts: name, cores, memory_bytes, gpus,
+    /// free_cores, free_memory_bytes, free_gpus, isolation; and the number
+    /// of running jobs.
+    fn status<'py>(&self, py: Python<'py>) -> PyResult<(Vec<Bound<'py, PyDict>>, u32)> {
+        let client = self.client.clone();
+        let status = py
+            .allow_threads(|| runtime().block_on(client.status()))
+            .map_err(client_error)?;
+        let mut nodes = Vec::new();
+        for n in status.nodes {
+            let d = PyDict::new(py);
+            d.set_item("name", n.name)?;
+            d.set_item("cores", n.resources.cores)?;
+            d.set_item("memory_bytes", n.resources.memory_bytes)?;
+            d.set_item("gpus", n.resources.gpus.iter().map(|g| g.minor).collect::<Vec<_>>())?;
+            d.set_item("free_cores", n.free_cores)?;
+            d.set_item("free_memory_bytes", n.free_memory_bytes)?;
+            d.set_item("free_gpus", n.free_gpus)?;
+            d.set_item("isolation", n.isolation)?;
+            nodes.push(d);
+        }
+        Ok((nodes, status.jobs))
     }
 }
 

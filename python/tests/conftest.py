@@ -185,6 +185,7 @@ class Processes:
         netns: Optional[str] = None,
         token_file: Optional[Path] = None,
         wait: bool = True,
+        extra: Optional[List[str]] = None,
     ) -> Proc:
         """Starts ``fleetmap node`` (inside ``netns`` if given) and waits
         until the coordinator logs that it joined."""
@@ -201,6 +202,7 @@ class Processes:
         ]
         if cores is not None:
             argv += ["--cores", str(cores)]
+        argv += extra or []
         if netns is not None:
             argv = ["ip", "netns", "exec", netns] + argv
         proc = self.start(f"node-{name}", argv)

@@ -123,12 +123,13 @@ def test_worker_that_dies_fails_the_job_naming_input_and_node():
             os._exit(3)
         return x
 
-    with pytest.raises(fleetmap.JobFailed) as info:
+    with pytest.raises(fleetmap.WorkerCrashed) as info:
         remote_parallel_map(crash, range(6), verbose=False)
     message = str(info.value)
+    assert info.value.input_index == 3
     assert "input 3" in message, message
     assert "status 3" in message, message
-    assert "node" in message
+    assert f"node {info.value.node}" in message
     assert remote_parallel_map(lambda x: x, range(3), verbose=False) == [0, 1, 2]
 
 

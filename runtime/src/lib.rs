@@ -98,6 +98,8 @@ mod tests {
                 count: 2,
                 payload: vec![7; 100_000],
             },
+            isolated: false,
+            crashed: vec![],
         };
         let mut frame = Vec::new();
         encode_frame(&run, DEFAULT_MAX_FRAME, &mut frame).unwrap();

@@ -6,11 +6,17 @@
 //! channel); the Python helpers in `fleetmap._worker` unpickle, call and
 //! pickle, so that exceptions and tracebacks are Python's own.
 
-use fleetmap_protocol::{worker::FromWorker, worker::ToWorker, DEFAULT_MAX_FRAME};
+use std::{io::Write, os::unix::net::UnixStream, sync::Mutex};
+
+use fleetmap_protocol::{
+    encode_frame,
+    worker::{CrashKind, CrashedInput, FromWorker, ToWorker},
+    DEFAULT_MAX_FRAME,
+};
 use pyo3::{
     exceptions::PyRuntimeError,
     prelude::*,
-    types::{PyBytes, PyTuple},
+    types::{PyBytes, PyCFunction, PyDict, PyTuple},
 };
 
 use crate::WorkerChannel;
@@ -22,6 +28,7 @@ fn runtime_error(e: impl std::fmt::Display) -> PyErr {
 /// Serves the node daemon on the inherited channel `fd` until it closes.
 pub fn worker_main(py: Python<'_>, fd: i32) -> PyResult<()> {
     let stream = fleetmap_sandbox::inherited_channel(fd).map_err(runtime_error)?;
+    let started = started_callback(py, stream.try_clone().map_err(runtime_error)?)?;
     let mut channel = WorkerChannel::new(stream, DEFAULT_MAX_FRAME);
     let helpers = py.import("fleetmap._worker")?;
     let load = helpers.getattr("load_function")?;
@@ -46,11 +53,22 @@ pub fn worker_main(py: Python<'_>, fd: i32) -> PyResult<()> {
                     }
                 }
             }
-            ToWorker::Run { chunk } => {
+            ToWorker::Run {
+                chunk,
+                isolated,
+                crashed,
+            } => {
                 let Some(f) = function.as_ref() else {
                     return Err(runtime_error("the daemon sent inputs before a function"));
                 };
-                let result = run.call1((f, PyBytes::new(py, &chunk.payload), chunk.first_input))?;
+                let isolation = if isolated {
+                    (started.clone_ref(py), crashed_to_py(py, &crashed)?)
+                        .into_pyobject(py)?
+                        .into_any()
+                } else {
+                    py.None().into_bound(py)
+                };
+                let result = run.call1((f, PyBytes::new(py, &chunk.payload), chunk.first_input, isolation))?;
                 let (payload, failed): (Bound<'_, PyBytes>, u32) = result.extract()?;
                 FromWorker::Done {
                     chunk: chunk.chunk,
@@ -61,4 +79,41 @@ pub fn worker_main(py: Python<'_>, fd: i32) -> PyResult<()> {
         };
         py.allow_threads(|| channel.send(&reply)).map_err(runtime_error)?;
     }
+}
+
+/// A Python callable `started(input)` that tells the daemon, in an isolated
+/// run, which input's call starts now. It writes on its own handle of the
+/// channel; calls happen on the worker's one thread between the main loop's
+/// reads and writes, so frames never interleave.
+fn started_callback(py: Python<'_>, stream: UnixStream) -> PyResult<PyObject> {
+    let stream = Mutex::new((stream, Vec::new()));
+    let callback = PyCFunction::new_closure(
+        py,
+        None,
+        None,
+        move |args: &Bound<'_, PyTuple>, _kwargs: Option<&Bound<'_, PyDict>>| -> PyResult<()> {
+            let input: u64 = args.get_item(0)?.extract()?;
+            let mut guard = stream
+                .lock()
+                .map_err(|_| runtime_error("worker channel lock poisoned"))?;
+            let (stream, buf) = &mut *guard;
+            buf.clear();
+            encode_frame(&FromWorker::Started { input }, DEFAULT_MAX_FRAME, buf).map_err(runtime_error)?;
+            stream.write_all(buf).map_err(runtime_error)
+        },
+    )?;
+    Ok(callback.into_any().unbind())
+}
+
+/// `{input: (kind, message)}` for the inputs that are not to run again.
+fn crashed_to_py<'py>(py: Python<'py>, crashed: &[CrashedInput]) -> PyResult<Bound<'py, PyDict>> {
+    let dict = PyDict::new(py);
+    for c in crashed {
+        let kind = match c.kind {
+            CrashKind::OutOfMemory => "oom",
+            CrashKind::Died => "died",
+        };
+        dict.set_item(c.input, (kind, &c.message))?;
+    }
+    Ok(dict)
 }

@@ -3,13 +3,15 @@
 //! [`spawn_worker`] is the only function in fleetmap that starts a process
 //! running user code; every slot's worker goes through it, so whatever
 //! isolation a slot gets (its own process group, a parent-death signal, and
-//! the cgroup pinning that builds on it) is applied in one place, in the
-//! child, before `exec`.
+//! its slot's cgroup, `no_new_privs`) is applied in one place, in the child,
+//! before `exec`. [`cgroup`] makes the slots' cgroups.
 //!
 //! `unsafe` code and raw system calls live here and nowhere else in
 //! fleetmap; every `unsafe` block says why it is sound. This crate must not
 //! depend on the network, the protocol or pyo3.
 #![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod cgroup;
 
 use std::{
     ffi::OsString,
@@ -41,11 +43,20 @@ pub enum SandboxError {
 }
 
 /// What to run in a slot.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct WorkerCommand {
     pub program: PathBuf,
     pub args: Vec<OsString>,
     pub env: Vec<(OsString, OsString)>,
+    /// `cgroup.procs` files of the slot's cgroup, opened for writing
+    /// ([`cgroup::SlotCgroup::procs_files`]): the worker writes `"0"` into
+    /// each before `exec`, so it runs inside its cgroup from its first
+    /// instruction. Empty: the worker stays in the daemon's cgroups.
+    pub cgroup_procs: Vec<std::fs::File>,
+    /// The cores the worker may run on (`sched_setaffinity` before `exec`).
+    /// This pins a slot to its cores even where the daemon may not manage
+    /// cgroups. Empty: no change.
+    pub cpu_affinity: Vec<u32>,
 }
 
 /// A running worker. Dropping it kills the worker's whole process group.
@@ -95,6 +106,8 @@ fn kill_group(pid: u32) {
 pub fn spawn_worker(cmd: &WorkerCommand) -> Result<Worker, SandboxError> {
     let (ours, theirs) = UnixStream::pair().map_err(SandboxError::Channel)?;
     let child_fd = theirs.as_raw_fd();
+    let cgroup_fds: Vec<i32> = cmd.cgroup_procs.iter().map(|f| f.as_raw_fd()).collect();
+    let affinity = cpu_set(&cmd.cpu_affinity);
     let mut command = tokio::process::Command::new(&cmd.program);
     command
         .args(&cmd.args)
@@ -105,11 +118,25 @@ pub fn spawn_worker(cmd: &WorkerCommand) -> Result<Worker, SandboxError> {
         .process_group(0)
         .kill_on_drop(true);
     // SAFETY: the closure runs in the child between fork and exec, where only
-    // async-signal-safe calls are allowed: it calls dup2, fcntl and prctl and
-    // touches no heap memory. `child_fd` stays open in the parent until after
-    // spawn returns (`theirs` is dropped below), so it is valid in the child.
+    // async-signal-safe calls are allowed: it calls write, sched_setaffinity,
+    // dup2, fcntl and prctl, and allocates nothing (it iterates over
+    // `cgroup_fds` and reads `affinity`, both built in the parent). `child_fd` stays open in the parent until after spawn
+    // returns (`theirs` is dropped below), and the cgroup files are owned by
+    // `cmd`, borrowed until spawn returns, so every fd is valid in the child.
     unsafe {
         command.pre_exec(move || {
+            // Join the slot's cgroup first, so that nothing the child does,
+            // the exec included, is outside it. "0" names the writer.
+            for &fd in cgroup_fds.iter() {
+                if libc::write(fd, b"0".as_ptr().cast(), 1) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if let Some(set) = &affinity {
+                if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), set) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             if child_fd == WORKER_CHANNEL_FD {
                 // dup2 onto itself keeps FD_CLOEXEC: clear it by hand.
                 if libc::fcntl(child_fd, libc::F_SETFD, 0) == -1 {
@@ -121,11 +148,22 @@ pub fn spawn_worker(cmd: &WorkerCommand) -> Result<Worker, SandboxError> {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) == -1 {
                 return Err(std::io::Error::last_os_error());
             }
+            // No setuid or file-capability binary can raise the worker's
+            // privileges, whatever it execs.
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
             Ok(())
         });
     }
     let mut child = command.spawn().map_err(|source| SandboxError::Spawn {
-        program: cmd.program.display().to_string(),
+        // The child reports only an errno: say that joining the cgroup is
+        // one of the steps that can have failed.
+        program: if cmd.cgroup_procs.is_empty() {
+            cmd.program.display().to_string()
+        } else {
+            format!("{} in its slot's cgroup", cmd.program.display())
+        },
         source,
     })?;
     drop(theirs);
@@ -142,6 +180,22 @@ pub fn spawn_worker(cmd: &WorkerCommand) -> Result<Worker, SandboxError> {
         stderr: Some(stderr),
         pid,
     })
+}
+
+/// A CPU set of `cpus`, built before fork so the child only passes it on.
+fn cpu_set(cpus: &[u32]) -> Option<libc::cpu_set_t> {
+    if cpus.is_empty() {
+        return None;
+    }
+    // SAFETY: cpu_set_t is a plain bit array for which all zeroes is the
+    // empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &cpu in cpus.iter().filter(|&&c| (c as usize) < libc::CPU_SETSIZE as usize) {
+        // SAFETY: CPU_SET writes one bit of `set`, which we own; the index
+        // is below CPU_SETSIZE (filtered above), so the bit lies inside it.
+        unsafe { libc::CPU_SET(cpu as usize, &mut set) };
+    }
+    Some(set)
 }
 
 /// The worker's side: takes ownership of the channel the daemon handed over
@@ -211,6 +265,8 @@ mod tests {
                 "read line <&3; echo \"got $line\" >&3; sleep 60 & wait".into(),
             ],
             env: vec![],
+            cgroup_procs: vec![],
+            cpu_affinity: vec![],
         };
         let mut worker = spawn_worker(&cmd).unwrap();
         let mut channel = worker.channel.take().unwrap();
@@ -235,6 +291,37 @@ mod tests {
         assert!(!alive, "the worker's process group is gone");
     }
 
+    #[tokio::test]
+    async fn the_worker_cannot_gain_privileges() {
+        let cmd = WorkerCommand {
+            program: "/bin/sh".into(),
+            args: vec!["-c".into(), "grep NoNewPrivs /proc/self/status".into()],
+            env: vec![],
+            cgroup_procs: vec![],
+            cpu_affinity: vec![],
+        };
+        let mut worker = spawn_worker(&cmd).unwrap();
+        let mut out = String::new();
+        worker.stdout.take().unwrap().read_to_string(&mut out).await.unwrap();
+        assert_eq!(out, "NoNewPrivs:\t1\n");
+    }
+
+    #[tokio::test]
+    async fn the_worker_runs_on_exactly_its_cores() {
+        let cmd = WorkerCommand {
+            program: "/bin/sh".into(),
+            args: vec!["-c".into(), "grep Cpus_allowed_list /proc/self/status >&3".into()],
+            env: vec![],
+            cgroup_procs: vec![],
+            cpu_affinity: vec![0],
+        };
+        let mut worker = spawn_worker(&cmd).unwrap();
+        let mut channel = worker.channel.take().unwrap();
+        let mut out = String::new();
+        channel.read_to_string(&mut out).await.unwrap();
+        assert_eq!(out.split_whitespace().last(), Some("0"), "{out}");
+    }
+
     #[test]
     fn readable_bytes_counts_what_is_waiting() {
         let (a, b) = UnixStream::pair().unwrap();
@@ -249,6 +336,8 @@ mod tests {
             program: "/nonexistent/python".into(),
             args: vec![],
             env: vec![],
+            cgroup_procs: vec![],
+            cpu_affinity: vec![],
         };
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()

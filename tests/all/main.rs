@@ -89,5 +89,6 @@ pub fn node_role(token: &str, name: &str, cores: u32) -> Role {
             memory_bytes: 8 << 30,
             gpus: vec![],
         },
+        isolation: "none (a test peer)".into(),
     }
 }

@@ -80,8 +80,8 @@ fn accepted(cmds: &[Command]) -> (JobId, u32, u32) {
 #[test]
 fn slots_spread_over_nodes_within_their_resources() {
     let mut s = Scheduler::new();
-    s.handle_node_joined(1, "a".into(), resources(4, 64));
-    s.handle_node_joined(2, "b".into(), resources(2, 64));
+    s.handle_node_joined(1, "a".into(), resources(4, 64), String::new());
+    s.handle_node_joined(2, "b".into(), resources(2, 64), String::new());
     s.handle_submit(9, 0, spec(1, 1, None, 1000));
     let cmds = drain(&mut s);
     let (job, slots, _) = accepted(&cmds);
@@ -92,7 +92,7 @@ fn slots_spread_over_nodes_within_their_resources() {
 #[test]
 fn parallelism_and_input_count_cap_the_slots() {
     let mut s = Scheduler::new();
-    s.handle_node_joined(1, "a".into(), resources(64, 64));
+    s.handle_node_joined(1, "a".into(), resources(64, 64), String::new());
     s.handle_submit(9, 0, spec(1, 1, Some(5), 1000));
     assert_eq!(accepted(&drain(&mut s)).1, 5);
     s.handle_submit(9, 1, spec(1, 1, None, 3));
@@ -102,7 +102,7 @@ fn parallelism_and_input_count_cap_the_slots() {
 #[test]
 fn memory_limits_slots_per_node() {
     let mut s = Scheduler::new();
-    s.handle_node_joined(1, "a".into(), resources(16, 8));
+    s.handle_node_joined(1, "a".into(), resources(16, 8), String::new());
     s.handle_submit(9, 0, spec(1, 3, None, 100));
     assert_eq!(accepted(&drain(&mut s)).1, 2);
 }
@@ -110,8 +110,8 @@ fn memory_limits_slots_per_node() {
 #[test]
 fn a_job_no_node_can_host_is_rejected_naming_the_short_resource() {
     let mut s = Scheduler::new();
-    s.handle_node_joined(1, "small".into(), resources(2, 4));
-    s.handle_node_joined(2, "big".into(), resources(8, 2));
+    s.handle_node_joined(1, "small".into(), resources(2, 4), String::new());
+    s.handle_node_joined(2, "big".into(), resources(8, 2), String::new());
     s.handle_submit(9, 5, spec(16, 1, None, 10));
     let cmds = drain(&mut s);
     let Some(Command::ToClient {
@@ -146,7 +146,7 @@ fn an_empty_fleet_rejects_with_what_to_do() {
 #[test]
 fn every_chunk_runs_once_and_the_job_finishes() {
     let mut s = Scheduler::new();
-    s.handle_node_joined(1, "a".into(), resources(2, 64));
+    s.handle_node_joined(1, "a".into(), resources(2, 64), String::new());
     s.handle_submit(9, 0, spec(1, 1, None, 100));
     let (job, slots, credit) = accepted(&drain(&mut s));
     assert_eq!((slots, credit), (2, 9));
@@ -194,8 +194,8 @@ fn every_chunk_runs_once_and_the_job_finishes() {
 #[test]
 fn chunks_of_a_lost_node_run_again_elsewhere_and_its_late_results_are_dropped() {
     let mut s = Scheduler::new();
-    s.handle_node_joined(1, "a".into(), resources(1, 64));
-    s.handle_node_joined(2, "b".into(), resources(1, 64));
+    s.handle_node_joined(1, "a".into(), resources(1, 64), String::new());
+    s.handle_node_joined(2, "b".into(), resources(1, 64), String::new());
     s.handle_submit(9, 0, spec(1, 1, None, 40));
     let (job, _, _) = accepted(&drain(&mut s));
     for i in 0..4 {
@@ -246,7 +246,7 @@ fn chunks_of_a_lost_node_run_again_elsewhere_and_its_late_results_are_dropped() 
 #[test]
 fn inputs_beyond_the_credit_are_a_violation() {
     let mut s = Scheduler::new();
-    s.handle_node_joined(1, "a".into(), resources(1, 64));
+    s.handle_node_joined(1, "a".into(), resources(1, 64), String::new());
     s.handle_submit(9, 0, spec(1, 1, None, 100));
     let (job, _, credit) = accepted(&drain(&mut s));
     for i in 0..credit as u64 {
@@ -262,7 +262,7 @@ fn inputs_beyond_the_credit_are_a_violation() {
 #[test]
 fn a_waiting_job_gets_slots_when_the_first_ends() {
     let mut s = Scheduler::new();
-    s.handle_node_joined(1, "a".into(), resources(2, 64));
+    s.handle_node_joined(1, "a".into(), resources(2, 64), String::new());
     s.handle_submit(9, 0, spec(1, 1, None, 100));
     let (first, slots, _) = accepted(&drain(&mut s));
     assert_eq!(slots, 2);
@@ -281,7 +281,7 @@ fn a_waiting_job_gets_slots_when_the_first_ends() {
 #[test]
 fn a_failed_slot_fails_the_job_with_its_reason() {
     let mut s = Scheduler::new();
-    s.handle_node_joined(1, "a".into(), resources(1, 64));
+    s.handle_node_joined(1, "a".into(), resources(1, 64), String::new());
     s.handle_submit(9, 0, spec(1, 1, None, 10));
     let (job, _, _) = accepted(&drain(&mut s));
     s.handle_slot_failed(2, job, 0, "not this node".into());
@@ -296,4 +296,28 @@ fn a_failed_slot_fails_the_job_with_its_reason() {
         }
     }));
     assert_eq!(s.job_count(), 0);
+}
+
+#[test]
+fn status_shows_each_node_with_its_free_resources_and_isolation() {
+    let mut s = Scheduler::new();
+    s.handle_node_joined(1, "a".into(), resources(4, 64), "cgroup v1".into());
+    s.handle_submit(9, 0, spec(1, 1, Some(3), 100));
+    drain(&mut s);
+    s.handle_status(8, 5);
+    let cmds = drain(&mut s);
+    let Some(Command::ToClient {
+        client: 8,
+        msg: Message::Status {
+            request: 5,
+            nodes,
+            jobs: 1,
+        },
+    }) = cmds.first()
+    else {
+        panic!("expected a status, got {cmds:?}");
+    };
+    assert_eq!(nodes.len(), 1);
+    assert_eq!((nodes[0].free_cores, nodes[0].free_memory_bytes), (1, 61 * GIB));
+    assert_eq!(nodes[0].isolation, "cgroup v1");
 }

@@ -1,0 +1,315 @@
+"""Every call pinned in its own cgroup: dedicated cores, a memory limit, a
+process limit, exactly its GPUs, and clean teardown. Through the real
+daemon (`fleetmap node` processes and the embedded cluster) and real Python
+workers, as root on cgroup v1 here (CI=true: a missing capability fails).
+
+This machine has no GPU: two fake NVIDIA devices made with mknod (char
+195:0 and 195:1) show that a slot can open its own GPU (ENXIO: no driver
+behind it, but the cgroup let it through) and gets EPERM on the other.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import stat
+import subprocess
+import time
+from pathlib import Path
+from typing import List
+
+import pytest
+
+import fleetmap
+from fleetmap import remote_parallel_map
+
+from conftest import fleetmap_command, need_privileges, run_client, wait_for
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def require_cgroups() -> None:
+    if os.geteuid() != 0:
+        need_privileges("slot cgroups need root")
+    if not (CGROUP_ROOT / "cgroup.controllers").exists() and not (CGROUP_ROOT / "memory").is_dir():
+        need_privileges("no cgroup hierarchy is mounted at /sys/fs/cgroup")
+
+
+def subtree_dirs(subtree: str) -> List[Path]:
+    """The directories of a daemon's cgroup subtree, in every hierarchy."""
+    if (CGROUP_ROOT / "cgroup.controllers").exists():
+        return [CGROUP_ROOT / subtree]
+    return [d / subtree for d in CGROUP_ROOT.iterdir() if (d / subtree).is_dir()]
+
+
+def slot_cgroups(subtree: str) -> List[str]:
+    """Slot cgroups left in a daemon's subtree (anything but its own leaf)."""
+    return sorted(
+        f"{d.parent.name}/{child.name}"
+        for d in subtree_dirs(subtree)
+        for child in d.iterdir()
+        if child.is_dir() and child.name != "daemon"
+    )
+
+
+def processes_of_node(name: str) -> List[int]:
+    """PIDs of worker processes started for node `name`."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if f"FLEETMAP_NODE={name}".encode() in environ.split(b"\0"):
+            pids.append(int(entry.name))
+    return pids
+
+
+def embedded_subtree() -> str:
+    return f"fleetmap-local-{os.getpid()}"
+
+
+# --- through the embedded cluster (this process's own daemon) -------------
+
+
+def affinity_window(x):
+    import os
+    import time
+
+    start = time.time()
+    time.sleep(0.2)
+    cgroup = open("/proc/self/cgroup").read()
+    return sorted(os.sched_getaffinity(0)), start, time.time(), cgroup
+
+
+def test_each_call_runs_on_exactly_its_own_cores_in_its_own_cgroup():
+    require_cgroups()
+    out = remote_parallel_map(affinity_window, list(range(6)), verbose=False)
+    cores = os.cpu_count()
+    for cpus, _, _, cgroup in out:
+        assert len(cpus) == 1, f"a func_cpu=1 call may use exactly one core, got {cpus}"
+        assert embedded_subtree() in cgroup, f"the call runs outside the daemon's subtree:\n{cgroup}"
+    # Calls that ran at the same time never shared a core.
+    for i, (ci, si, ei, _) in enumerate(out):
+        for cj, sj, ej, _ in out[i + 1 :]:
+            if si < ej and sj < ei:
+                assert ci != cj, f"two overlapping calls shared core {ci}"
+    if cores and cores >= 2:
+        assert len({tuple(o[0]) for o in out}) >= 2, "with two cores both were used"
+
+
+def allocate(x):
+    if x == 3:
+        block = b"x" * (2 << 30)  # 2 GiB, written, so it is really resident
+        return len(block)
+    return x * 10
+
+
+def test_a_call_over_its_memory_limit_fails_with_a_memory_error_naming_it():
+    require_cgroups()
+    with pytest.raises(MemoryError) as info:
+        remote_parallel_map(allocate, list(range(8)), func_ram=1, verbose=False)
+    exc = info.value
+    assert isinstance(exc, fleetmap.OutOfMemory)
+    assert exc.input_index == 3
+    message = str(exc)
+    assert "input 3" in message and "func_ram=1 GiB" in message and "peak" in message, message
+    assert exc.node in message
+
+
+def test_other_outputs_are_correct_when_the_job_collects_every_outcome():
+    require_cgroups()
+    out = remote_parallel_map(allocate, list(range(8)), func_ram=1, verbose=False, return_exceptions=True)
+    assert isinstance(out[3], fleetmap.OutOfMemory), out[3]
+    assert [o for i, o in enumerate(out) if i != 3] == [x * 10 for x in range(8) if x != 3]
+
+
+def exit_hard(x):
+    import os
+
+    if x == 5:
+        os._exit(7)
+    return x
+
+
+def test_a_call_that_kills_its_worker_is_reported_and_the_slot_rebuilt():
+    out = remote_parallel_map(exit_hard, list(range(12)), verbose=False, return_exceptions=True)
+    assert isinstance(out[5], fleetmap.WorkerCrashed), out[5]
+    assert "input 5" in str(out[5]) and "status 7" in str(out[5]), str(out[5])
+    assert [o for i, o in enumerate(out) if i != 5] == [x for x in range(12) if x != 5]
+    # The rebuilt slots serve the next job.
+    assert remote_parallel_map(exit_hard, [1, 2], verbose=False) == [1, 2]
+
+
+def test_teardown_leaves_no_cgroup_and_no_worker_after_200_jobs():
+    require_cgroups()
+    for i in range(200):
+        assert remote_parallel_map(abs, [-i, i], verbose=False) == [i, i]
+    wait_for(
+        lambda: not slot_cgroups(embedded_subtree()),
+        5,
+        "slot cgroups to be removed",
+        lambda: str(slot_cgroups(embedded_subtree())),
+    )
+    workers = processes_of_node_prefix("-local")
+    assert not workers, f"worker processes left: {workers}"
+
+
+def processes_of_node_prefix(suffix: str) -> List[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == os.getpid() and any(v.startswith(b"FLEETMAP_NODE=") and v.endswith(suffix.encode()) for v in environ):
+            pids.append(int(entry.name))
+    return pids
+
+
+# --- through separate `fleetmap node` processes ---------------------------
+
+
+@pytest.fixture
+def gpu_devices(tmp_path):
+    """Two fake NVIDIA devices, /dev-style char nodes 195:0 and 195:1."""
+    require_cgroups()
+    devices = tmp_path / "dev"
+    devices.mkdir()
+    for minor in (0, 1):
+        os.mknod(devices / f"nvidia{minor}", 0o666 | stat.S_IFCHR, os.makedev(195, minor))
+    return devices
+
+
+GPU_JOB = """
+import errno, os
+from fleetmap import remote_parallel_map
+
+def probe(devices):
+    import errno, os, time
+    result = {{"visible": os.environ.get("CUDA_VISIBLE_DEVICES"), "nvidia": os.environ.get("NVIDIA_VISIBLE_DEVICES")}}
+    for minor in (0, 1):
+        try:
+            os.close(os.open(f"{{devices}}/nvidia{{minor}}", os.O_RDWR))
+            result[minor] = "opened"
+        except OSError as e:
+            result[minor] = errno.errorcode.get(e.errno, str(e.errno))
+    time.sleep(0.3)
+    return result
+
+RESULT = remote_parallel_map(probe, [{devices!r}] * 2, func_gpu=1, verbose=False)
+"""
+
+
+def test_a_gpu_call_opens_only_its_own_gpu(processes, gpu_devices):
+    coordinator = processes.start_coordinator()
+    node = processes.start_node(coordinator, "gpu-node", cores=2, extra=["--gpus", "0,1"])
+    r = run_client(GPU_JOB.format(devices=str(gpu_devices)), env=coordinator.client_env())
+    assert r["returncode"] == 0, r["stderr"] + node.describe()
+    seen = set()
+    for result in r["result"]:
+        own = int(result["visible"])
+        other = 1 - own
+        assert result["nvidia"] == result["visible"]
+        # ENXIO: the cgroup let the open through to a device with no driver.
+        assert result[str(own)] == "ENXIO", result
+        assert result[str(other)] == "EPERM", result
+        seen.add(own)
+    assert seen == {0, 1}, "the two calls ran at once on different GPUs"
+
+
+FORK_BOMB = """
+from fleetmap import remote_parallel_map
+
+def bomb(x):
+    import os, time
+    children = 0
+    while True:
+        try:
+            pid = os.fork()
+        except OSError as e:
+            raise RuntimeError(f"fork failed after {children} children: {e}")
+        if pid == 0:
+            time.sleep(30)
+            os._exit(0)
+        children += 1
+
+try:
+    remote_parallel_map(bomb, [1], verbose=False)
+    RESULT = "no error"
+except RuntimeError as e:
+    RESULT = str(e)
+"""
+
+
+def test_a_fork_bomb_stops_at_the_process_limit(processes):
+    require_cgroups()
+    coordinator = processes.start_coordinator()
+    node = processes.start_node(coordinator, "pids-node", cores=1, extra=["--pids-per-slot", "40"])
+    r = run_client(FORK_BOMB, env=coordinator.client_env())
+    assert r["returncode"] == 0, r["stderr"] + node.describe()
+    message = r["result"]
+    assert message.startswith("fork failed after"), message
+    children = int(message.split()[3])
+    assert children < 40, message
+    wait_for(lambda: not processes_of_node("pids-node"), 5, "the bomb's processes to be killed", lambda: str(processes_of_node("pids-node")))
+    wait_for(lambda: not slot_cgroups("fleetmap-pids-node"), 5, "the slot cgroup to go", lambda: str(slot_cgroups("fleetmap-pids-node")))
+
+
+SLEEPER = """
+from fleetmap import remote_parallel_map
+import time
+remote_parallel_map(lambda x: time.sleep(60), [1, 2], verbose=False)
+"""
+
+
+def test_a_killed_daemon_leaves_nothing_after_its_restart(processes):
+    require_cgroups()
+    coordinator = processes.start_coordinator()
+    node = processes.start_node(coordinator, "crashy-node", cores=2)
+    client = processes.start("client", [os.sys.executable, "-c", SLEEPER], env=coordinator.client_env())
+    wait_for(lambda: len(processes_of_node("crashy-node")) >= 2, 20, "the job's workers to start", lambda: client.describe() + node.describe())
+    assert slot_cgroups("fleetmap-crashy-node"), "the running slots have cgroups"
+    os.kill(node.popen.pid, signal.SIGKILL)
+    node.popen.wait(timeout=10)
+    # Workers die with their daemon (parent-death signal).
+    wait_for(lambda: not processes_of_node("crashy-node"), 5, "workers to die with the daemon", lambda: str(processes_of_node("crashy-node")))
+    restarted = processes.start_node(coordinator, "crashy-node", cores=2, wait=False)
+    wait_for(lambda: not slot_cgroups("fleetmap-crashy-node"), 20, "leftover cgroups to be removed", lambda: restarted.describe() + str(slot_cgroups("fleetmap-crashy-node")))
+    assert restarted.alive(), restarted.describe()
+
+
+def test_a_daemon_that_cannot_use_cgroups_says_so_and_still_runs_calls(processes, tmp_path):
+    coordinator = processes.start_coordinator()
+    node = processes.start_node(
+        coordinator, "unpinned-node", cores=1, extra=["--cgroup-mount", str(tmp_path / "no-cgroups-here")]
+    )
+    assert "NOT be pinned" in node.stderr(), node.describe()
+    r = run_client("from fleetmap import remote_parallel_map\nimport os\nRESULT = remote_parallel_map(lambda x: sorted(os.sched_getaffinity(0)), [1], verbose=False)", env=coordinator.client_env())
+    assert r["returncode"] == 0, r["stderr"]
+    assert len(r["result"][0]) == 1, "cores are still pinned by CPU affinity"
+    status = subprocess.run(
+        fleetmap_command() + ["status"], env=coordinator.client_env(), capture_output=True, text=True, timeout=60
+    )
+    assert status.returncode == 0, status.stderr
+    line = next(l for l in status.stdout.splitlines() if l.startswith("unpinned-node"))
+    assert "NOT pinned" in line, status.stdout
+
+
+def test_status_shows_a_pinned_node(processes):
+    require_cgroups()
+    coordinator = processes.start_coordinator()
+    processes.start_node(coordinator, "pinned-node", cores=1)
+    status = subprocess.run(
+        fleetmap_command() + ["status"], env=coordinator.client_env(), capture_output=True, text=True, timeout=60
+    )
+    assert status.returncode == 0, status.stderr
+    line = next(l for l in status.stdout.splitlines() if l.startswith("pinned-node"))
+    assert "pinned: cgroup" in line and "1/1" in line, status.stdout
