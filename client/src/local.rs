@@ -41,6 +41,8 @@ impl LocalCluster {
         );
         config.name = format!("{}-local", config.name);
         config.python = python;
+        // The caller's own machine: calls share its /tmp, as local code would.
+        config.private_tmp = false;
         // Every process's embedded cluster owns its own cgroup subtree, so
         // that one never cleans up another's slots.
         config.isolation = Isolation::Cgroups {

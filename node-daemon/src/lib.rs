@@ -45,6 +45,11 @@ pub struct NodeConfig {
     pub isolation: Isolation,
     /// The most processes a slot may have (`pids.max`).
     pub pids_per_slot: u64,
+    /// Run workers as this `(uid, gid)`; `None`: as the daemon's user.
+    pub run_as: Option<(u32, u32)>,
+    /// Give each worker an empty /tmp of its own (where slots are pinned,
+    /// which needs root anyway).
+    pub private_tmp: bool,
 }
 
 /// How slots are isolated.
@@ -77,6 +82,8 @@ impl NodeConfig {
                 subtree: None,
             },
             pids_per_slot: 4096,
+            run_as: None,
+            private_tmp: true,
         }
     }
 

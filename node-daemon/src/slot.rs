@@ -367,6 +367,8 @@ fn worker_command(ctx: &SlotContext) -> WorkerCommand {
         env,
         cgroup_procs: vec![],
         cpu_affinity: ctx.placement.cpus.clone(),
+        run_as: ctx.config.run_as,
+        private_tmp: ctx.config.private_tmp && ctx.cgroups.is_some(),
     }
 }
 

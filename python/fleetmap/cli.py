@@ -83,6 +83,8 @@ def cmd_node(args: argparse.Namespace) -> int:
         args.cgroup_subtree,
         args.cgroup_mount,
         args.pids_per_slot,
+        args.run_as,
+        not args.shared_tmp,
     )
     print(f"fleetmap node {node.name} joining {args.coordinator}")
     sys.stdout.flush()
@@ -164,6 +166,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--cgroup-subtree", help="the cgroup subtree this daemon owns (default: fleetmap-NAME)")
     p.add_argument("--cgroup-mount", help="where the cgroup hierarchy is mounted (default: /sys/fs/cgroup)")
     p.add_argument("--pids-per-slot", type=int, help="the most processes one slot may have (default: 4096)")
+    p.add_argument("--run-as", help="run workers as this user (name or UID:GID; default: the daemon's user)")
+    p.add_argument("--shared-tmp", action="store_true", help="let workers share the node's /tmp (default: a private one)")
     p.set_defaults(run=cmd_node)
 
     p = sub.add_parser("up", help="run a local cluster (coordinator and node) in the foreground")

@@ -220,7 +220,7 @@ impl NodeHandle {
 
 /// Starts a node daemon that joins `coordinator`.
 #[pyfunction]
-#[pyo3(signature = (coordinator, token, ca_pem, name=None, cores=None, memory_bytes=None, python=None, gpus=None, cgroups=true, cgroup_subtree=None, cgroup_mount=None, pids_per_slot=None))]
+#[pyo3(signature = (coordinator, token, ca_pem, name=None, cores=None, memory_bytes=None, python=None, gpus=None, cgroups=true, cgroup_subtree=None, cgroup_mount=None, pids_per_slot=None, run_as=None, private_tmp=true))]
 #[allow(clippy::too_many_arguments)]
 fn start_node(
     coordinator: String,
@@ -235,7 +235,9 @@ fn start_node(
     cgroup_subtree: Option<String>,
     cgroup_mount: Option<PathBuf>,
     pids_per_slot: Option<u64>,
-) -> NodeHandle {
+    run_as: Option<String>,
+    private_tmp: bool,
+) -> PyResult<NodeHandle> {
     let mut config = NodeConfig::new(coordinator, ca_pem, token);
     if let Some(name) = name {
         config.name = name;
@@ -263,14 +265,18 @@ fn start_node(
     if let Some(pids) = pids_per_slot {
         config.pids_per_slot = pids;
     }
+    if let Some(user) = run_as {
+        config.run_as = Some(fleetmap_sandbox::lookup_user(&user).map_err(|e| native_error("config", e))?);
+    }
+    config.private_tmp = private_tmp;
     let name = config.name.clone();
     let (shutdown, stop) = tokio::sync::watch::channel(false);
     let task = runtime().spawn(fleetmap_node_daemon::run_until(config, stop));
-    NodeHandle {
+    Ok(NodeHandle {
         task: Mutex::new(Some(task)),
         shutdown,
         name,
-    }
+    })
 }
 
 /// A connection to a coordinator.

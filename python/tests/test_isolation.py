@@ -210,7 +210,7 @@ RESULT = remote_parallel_map(probe, [{devices!r}] * 2, func_gpu=1, verbose=False
 
 def test_a_gpu_call_opens_only_its_own_gpu(processes, gpu_devices):
     coordinator = processes.start_coordinator()
-    node = processes.start_node(coordinator, "gpu-node", cores=2, extra=["--gpus", "0,1"])
+    node = processes.start_node(coordinator, "gpu-node", cores=2, extra=["--gpus", "0,1", "--shared-tmp"])
     r = run_client(GPU_JOB.format(devices=str(gpu_devices)), env=coordinator.client_env())
     assert r["returncode"] == 0, r["stderr"] + node.describe()
     seen = set()
@@ -313,3 +313,17 @@ def test_status_shows_a_pinned_node(processes):
     assert status.returncode == 0, status.stderr
     line = next(l for l in status.stdout.splitlines() if l.startswith("pinned-node"))
     assert "pinned: cgroup" in line and "1/1" in line, status.stdout
+    # Its workers get an empty /tmp of their own and cannot gain privileges.
+    probe = (
+        "from fleetmap import remote_parallel_map\n"
+        "def f(x):\n"
+        "    import os\n"
+        "    open('/tmp/written-by-a-call', 'w').close()\n"
+        "    status = open('/proc/self/status').read()\n"
+        "    return sorted(os.listdir('/tmp')), 'NoNewPrivs:\\t1' in status\n"
+        "RESULT = remote_parallel_map(f, [1], verbose=False)\n"
+    )
+    r = run_client(probe, env=coordinator.client_env())
+    assert r["returncode"] == 0, r["stderr"]
+    assert r["result"] == [[["written-by-a-call"], True]], r["result"]
+    assert not Path("/tmp/written-by-a-call").exists()

@@ -38,6 +38,8 @@ pub enum SandboxError {
         #[source]
         source: std::io::Error,
     },
+    #[error("no user {0:?} in /etc/passwd; give an existing user or UID:GID")]
+    NoSuchUser(String),
     #[error("descriptor {fd} is not a socket inherited from the node daemon: {reason}")]
     NotAChannel { fd: i32, reason: String },
 }
@@ -57,6 +59,12 @@ pub struct WorkerCommand {
     /// This pins a slot to its cores even where the daemon may not manage
     /// cgroups. Empty: no change.
     pub cpu_affinity: Vec<u32>,
+    /// Run as this `(uid, gid)` rather than the daemon's user (no
+    /// supplementary groups). The cgroup is joined first, as the daemon.
+    pub run_as: Option<(u32, u32)>,
+    /// Give the worker its own mount namespace with an empty tmpfs on
+    /// `/tmp`, so calls of different jobs never see each other's files.
+    pub private_tmp: bool,
 }
 
 /// A running worker. Dropping it kills the worker's whole process group.
@@ -108,6 +116,10 @@ pub fn spawn_worker(cmd: &WorkerCommand) -> Result<Worker, SandboxError> {
     let child_fd = theirs.as_raw_fd();
     let cgroup_fds: Vec<i32> = cmd.cgroup_procs.iter().map(|f| f.as_raw_fd()).collect();
     let affinity = cpu_set(&cmd.cpu_affinity);
+    let run_as = cmd.run_as;
+    let private_tmp = cmd.private_tmp;
+    // Strings for mount(2), made before fork: the child may not allocate.
+    let (root, tmp, tmpfs, tmp_options) = (c"/", c"/tmp", c"tmpfs", c"mode=1777");
     let mut command = tokio::process::Command::new(&cmd.program);
     command
         .args(&cmd.args)
@@ -119,8 +131,9 @@ pub fn spawn_worker(cmd: &WorkerCommand) -> Result<Worker, SandboxError> {
         .kill_on_drop(true);
     // SAFETY: the closure runs in the child between fork and exec, where only
     // async-signal-safe calls are allowed: it calls write, sched_setaffinity,
-    // dup2, fcntl and prctl, and allocates nothing (it iterates over
-    // `cgroup_fds` and reads `affinity`, both built in the parent). `child_fd` stays open in the parent until after spawn
+    // dup2, fcntl, unshare, mount, setgroups, setgid, setuid and prctl, and
+    // allocates nothing (it iterates over `cgroup_fds` and reads `affinity`
+    // and C string literals, all made before fork). `child_fd` stays open in the parent until after spawn
     // returns (`theirs` is dropped below), and the cgroup files are owned by
     // `cmd`, borrowed until spawn returns, so every fd is valid in the child.
     unsafe {
@@ -145,6 +158,35 @@ pub fn spawn_worker(cmd: &WorkerCommand) -> Result<Worker, SandboxError> {
             } else if libc::dup2(child_fd, WORKER_CHANNEL_FD) == -1 {
                 return Err(std::io::Error::last_os_error());
             }
+            if private_tmp {
+                if libc::unshare(libc::CLONE_NEWNS) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // Keep the new /tmp (and everything else) from propagating
+                // back to the daemon's namespace.
+                let flags = libc::MS_REC | libc::MS_PRIVATE;
+                if libc::mount(
+                    std::ptr::null(),
+                    root.as_ptr(),
+                    std::ptr::null(),
+                    flags,
+                    std::ptr::null(),
+                ) == -1
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let flags = libc::MS_NOSUID | libc::MS_NODEV;
+                let data = tmp_options.as_ptr().cast();
+                if libc::mount(tmpfs.as_ptr(), tmp.as_ptr(), tmpfs.as_ptr(), flags, data) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if let Some((uid, gid)) = run_as {
+                if libc::setgroups(0, std::ptr::null()) == -1 || libc::setgid(gid) == -1 || libc::setuid(uid) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            // After setuid, which clears it.
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) == -1 {
                 return Err(std::io::Error::last_os_error());
             }
@@ -180,6 +222,23 @@ pub fn spawn_worker(cmd: &WorkerCommand) -> Result<Worker, SandboxError> {
         stderr: Some(stderr),
         pid,
     })
+}
+
+/// The `(uid, gid)` of a user named in `/etc/passwd`, or given as
+/// `UID:GID`. (Users from NSS sources other than files are not looked up.)
+pub fn lookup_user(name: &str) -> Result<(u32, u32), SandboxError> {
+    if let Some((uid, gid)) = name.split_once(':') {
+        if let (Ok(uid), Ok(gid)) = (uid.parse(), gid.parse()) {
+            return Ok((uid, gid));
+        }
+    }
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    passwd
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.len() >= 4 && f[0] == name)
+        .and_then(|f| Some((f[2].parse().ok()?, f[3].parse().ok()?)))
+        .ok_or_else(|| SandboxError::NoSuchUser(name.to_string()))
 }
 
 /// A CPU set of `cpus`, built before fork so the child only passes it on.
@@ -267,6 +326,8 @@ mod tests {
             env: vec![],
             cgroup_procs: vec![],
             cpu_affinity: vec![],
+            run_as: None,
+            private_tmp: false,
         };
         let mut worker = spawn_worker(&cmd).unwrap();
         let mut channel = worker.channel.take().unwrap();
@@ -299,6 +360,8 @@ mod tests {
             env: vec![],
             cgroup_procs: vec![],
             cpu_affinity: vec![],
+            run_as: None,
+            private_tmp: false,
         };
         let mut worker = spawn_worker(&cmd).unwrap();
         let mut out = String::new();
@@ -314,12 +377,66 @@ mod tests {
             env: vec![],
             cgroup_procs: vec![],
             cpu_affinity: vec![0],
+            run_as: None,
+            private_tmp: false,
         };
         let mut worker = spawn_worker(&cmd).unwrap();
         let mut channel = worker.channel.take().unwrap();
         let mut out = String::new();
         channel.read_to_string(&mut out).await.unwrap();
         assert_eq!(out.split_whitespace().last(), Some("0"), "{out}");
+    }
+
+    /// As root: a worker can run as another user, with no_new_privs, and
+    /// with a /tmp of its own.
+    #[tokio::test]
+    async fn the_worker_can_run_unprivileged_with_a_private_tmp() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "this test needs root in CI"
+            );
+            eprintln!("SKIPPED: needs root");
+            return;
+        }
+        let marker = format!("/tmp/fleetmap-private-tmp-{}", std::process::id());
+        let cmd = WorkerCommand {
+            program: "/bin/sh".into(),
+            args: vec![
+                "-c".into(),
+                format!("touch {marker}; echo $(id -u) $(grep NoNewPrivs /proc/self/status | cut -f2) $(ls -A /tmp | wc -l) >&3").into(),
+            ],
+            env: vec![],
+            cgroup_procs: vec![],
+            cpu_affinity: vec![],
+            run_as: Some(lookup_user("nobody").unwrap()),
+            private_tmp: true,
+        };
+        let mut worker = spawn_worker(&cmd).unwrap();
+        let mut channel = worker.channel.take().unwrap();
+        let mut out = String::new();
+        channel.read_to_string(&mut out).await.unwrap();
+        let fields: Vec<&str> = out.split_whitespace().collect();
+        assert_eq!(
+            fields,
+            vec!["65534", "1", "1"],
+            "uid, no_new_privs, files in its /tmp: {out}"
+        );
+        assert!(
+            !std::path::Path::new(&marker).exists(),
+            "the worker's /tmp is not the daemon's"
+        );
+    }
+
+    #[test]
+    fn users_are_looked_up_by_name_or_number() {
+        assert_eq!(lookup_user("root").unwrap(), (0, 0));
+        assert_eq!(lookup_user("1000:1001").unwrap(), (1000, 1001));
+        assert!(lookup_user("no-such-user-here")
+            .unwrap_err()
+            .to_string()
+            .contains("no-such-user-here"));
     }
 
     #[test]
@@ -338,6 +455,8 @@ mod tests {
             env: vec![],
             cgroup_procs: vec![],
             cpu_affinity: vec![],
+            run_as: None,
+            private_tmp: false,
         };
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()

@@ -442,6 +442,8 @@ async fn run_in(slot: &SlotCgroup, script: &str) -> (ExitStatus, String, String)
         env: vec![],
         cgroup_procs: slot.procs_files().unwrap(),
         cpu_affinity: vec![],
+        run_as: None,
+        private_tmp: false,
     };
     let mut worker = spawn_worker(&cmd).unwrap();
     let (mut out, mut err) = (String::new(), String::new());
@@ -602,6 +604,8 @@ async fn init_kills_and_removes_the_slots_of_a_crashed_daemon() {
         env: vec![],
         cgroup_procs: slot.procs_files().unwrap(),
         cpu_affinity: vec![],
+        run_as: None,
+        private_tmp: false,
     };
     let mut worker = spawn_worker(&cmd).unwrap();
     let deadline = Instant::now() + Duration::from_secs(2);
