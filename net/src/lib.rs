@@ -30,8 +30,8 @@ pub const SERVER_NAME: &str = "fleetmap-coordinator";
 pub const ALPN: &[u8] = b"fleetmap/1";
 
 /// How often an idle connection is pinged, and when a silent one is dead.
-pub const KEEP_ALIVE: Duration = Duration::from_secs(2);
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const KEEP_ALIVE: Duration = Duration::from_secs(1);
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 
 const UDP_BUFFER: usize = 4 << 20;
 
@@ -77,9 +77,9 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 pub fn transport_config() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(KEEP_ALIVE));
-    // IDLE_TIMEOUT is 10 s, far inside QUIC's idle-timeout range (2^62 ms).
+    // IDLE_TIMEOUT is 5 s, far inside QUIC's idle-timeout range (2^62 ms).
     t.max_idle_timeout(Some(
-        quinn::IdleTimeout::try_from(IDLE_TIMEOUT).expect("10 s is a valid QUIC idle timeout"),
+        quinn::IdleTimeout::try_from(IDLE_TIMEOUT).expect("5 s is a valid QUIC idle timeout"),
     ));
     t.stream_receive_window(quinn::VarInt::from_u32(16 << 20));
     t.receive_window(quinn::VarInt::from_u32(64 << 20));

@@ -362,13 +362,15 @@ fn worker_command(ctx: &SlotContext) -> WorkerCommand {
         env.push(("OMP_NUM_THREADS".into(), cpus.into()));
     }
     WorkerCommand {
-        program: program.into(),
+        program: program.clone().into(),
         args: vec!["-c".into(), "import fleetmap._worker as w; w.main()".into()],
         env,
         cgroup_procs: vec![],
         cpu_affinity: ctx.placement.cpus.clone(),
         run_as: ctx.config.run_as,
-        private_tmp: ctx.config.private_tmp && ctx.cgroups.is_some(),
+        // An interpreter that lives under /tmp (a checkout or virtualenv
+        // there) would vanish behind the worker's own /tmp: share it then.
+        private_tmp: ctx.config.private_tmp && ctx.cgroups.is_some() && !program.starts_with("/tmp/"),
     }
 }
 

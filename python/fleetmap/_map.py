@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import collections.abc
+import itertools
 import math
 import os
 import pickle
@@ -66,25 +68,16 @@ def remote_parallel_map(
     the calls run on an embedded cluster in this process.
     """
     _check_arguments(function_, parallelism, func_cpu, func_ram, func_gpu, image, packages)
-    items = inputs if isinstance(inputs, (list, tuple)) else list(inputs)
-    n = len(items)
-    if n == 0:
+    source = _InputSource(inputs)
+    if source.empty():
         return []
-    if not _REFUSED_TYPE_SET.isdisjoint(map(type, items)):
-        for i, item in enumerate(items):
-            if isinstance(item, _REFUSED_TYPES):
-                raise InputError(
-                    f"input {i} is a {type(item).__name__}, which cannot be sent to another process; "
-                    "pass the values it would produce instead",
-                    input_index=i,
-                )
     with _local_modules_by_value():
         function_blob = _pickle_function(function_)
         fleet = _fleet.fleet_address(api_key)
-        job = _submit(fleet, function_blob, n, parallelism, func_cpu, func_ram, func_gpu)
-        progress = Progress(n, enabled=verbose, where=fleet.description, slots=job.slots, nodes=job.nodes)
+        job = _submit(fleet, function_blob, source.total, parallelism, func_cpu, func_ram, func_gpu)
+        progress = Progress(source.total, enabled=verbose, where=fleet.description, slots=job.slots, nodes=job.nodes)
         try:
-            results = _drive(job, items, progress, return_exceptions)
+            results = _drive(job, source, progress, return_exceptions)
         except BaseException:
             # Ctrl-C or a failure here: stop every remote call of the job.
             job.cancel()
@@ -225,52 +218,126 @@ def _submit(fleet, function_blob, n, parallelism, func_cpu, func_ram, func_gpu):
     raise AssertionError("unreachable: the loop returns or raises")
 
 
-def _pickle_chunk(items: Sequence[Any], start: int, count: int) -> bytes:
+def _refuse_unsendable(items: Sequence[Any], first: int) -> None:
+    # A C-level pre-scan: the five refused types cannot be subclassed, so
+    # their exact type decides, and the per-item loop runs only on a hit.
+    if _REFUSED_TYPE_SET.isdisjoint(map(type, items)):
+        return
+    for i, item in enumerate(items):
+        if isinstance(item, _REFUSED_TYPES):
+            raise InputError(
+                f"input {first + i} is a {type(item).__name__}, which cannot be sent to another process; "
+                "pass the values it would produce instead",
+                input_index=first + i,
+            )
+
+
+class _InputSource:
+    """Hands out the inputs chunk by chunk.
+
+    A sequence is indexed (and checked whole before anything runs); any
+    other iterable, a generator of a million items say, is consumed lazily,
+    one chunk at a time within the coordinator's credit, so the client holds
+    only the chunks in flight, never the whole input.
+    """
+
+    def __init__(self, inputs: Iterable[Any]) -> None:
+        self.next_index = 0
+        self.pending: List[Any] = []
+        if isinstance(inputs, collections.abc.Sequence):
+            self.items: Optional[Sequence[Any]] = inputs
+        elif isinstance(inputs, collections.abc.Sized):
+            self.items = list(inputs)
+        else:
+            self.items = None
+            self.iterator = iter(inputs)
+        self.total: Optional[int] = len(self.items) if self.items is not None else None
+        if self.items is not None:
+            _refuse_unsendable(self.items, 0)
+
+    def empty(self) -> bool:
+        if self.items is not None:
+            return len(self.items) == 0
+        self.pending = list(itertools.islice(self.iterator, 1))
+        return not self.pending
+
+    def exhausted(self) -> bool:
+        if self.items is not None:
+            return self.next_index >= len(self.items)
+        if not self.pending:
+            self.pending = list(itertools.islice(self.iterator, 1))
+        return not self.pending
+
+    def take(self, count: int) -> List[Any]:
+        """The next ``count`` inputs (fewer at the end), not yet consumed."""
+        if self.items is not None:
+            return list(self.items[self.next_index : self.next_index + count])
+        if len(self.pending) < count:
+            more = list(itertools.islice(self.iterator, count - len(self.pending)))
+            _refuse_unsendable(more, self.next_index + len(self.pending))
+            self.pending.extend(more)
+        return self.pending[:count]
+
+    def consume(self, count: int) -> None:
+        self.next_index += count
+        if self.items is None:
+            del self.pending[:count]
+
+
+def _pickle_chunk(chunk: List[Any], first: int) -> bytes:
     import cloudpickle
 
-    chunk = items[start : start + count]
     try:
-        return cloudpickle.dumps(list(chunk), protocol=pickle.HIGHEST_PROTOCOL)
+        return cloudpickle.dumps(chunk, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception:
         for i, item in enumerate(chunk):
             try:
                 cloudpickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
             except Exception as exc:
                 raise InputError(
-                    f"input {start + i} ({type(item).__name__}) cannot be pickled: {exc}", input_index=start + i
+                    f"input {first + i} ({type(item).__name__}) cannot be pickled: {exc}", input_index=first + i
                 ) from exc
         raise
 
 
-def _drive(job, items: Sequence[Any], progress: Progress, return_exceptions: bool) -> List[Any]:
-    n = len(items)
-    results: List[Any] = [None] * n
+def _drive(job, source: _InputSource, progress: Progress, return_exceptions: bool) -> List[Any]:
+    total = source.total
+    results: List[Any] = [None] * (total or 0)
     slots = max(job.slots, 1)
-    # As many chunks as four per slot (multiprocessing's heuristic), so that
-    # slots finishing early find more work; smaller where inputs are large.
-    chunk_size = max(1, math.ceil(n / (slots * 4)))
+    if total is not None:
+        # As many chunks as four per slot (multiprocessing's heuristic), so
+        # that slots finishing early find more work.
+        chunk_size = max(1, math.ceil(total / (slots * 4)))
+    else:
+        # Length unknown: start small so the first results come soon, and
+        # double up to a size where per-chunk costs vanish.
+        chunk_size = 1
     credit = job.credit
-    next_input = chunk_id = done = 0
+    chunk_id = done = 0
     inputs_done = False
     while True:
-        while credit > 0 and next_input < n:
-            count = min(chunk_size, n - next_input)
-            payload = _pickle_chunk(items, next_input, count)
-            while len(payload) > _TARGET_CHUNK_BYTES and count > 1:
-                count = max(1, count * _TARGET_CHUNK_BYTES // len(payload))
-                chunk_size = count
-                payload = _pickle_chunk(items, next_input, count)
+        while credit > 0 and not source.exhausted():
+            first = source.next_index
+            chunk = source.take(chunk_size)
+            payload = _pickle_chunk(chunk, first)
+            while len(payload) > _TARGET_CHUNK_BYTES and len(chunk) > 1:
+                # Inputs are large: shrink this chunk and the ones after it.
+                chunk = chunk[: max(1, len(chunk) * _TARGET_CHUNK_BYTES // len(payload))]
+                chunk_size = len(chunk)
+                payload = _pickle_chunk(chunk, first)
             if len(payload) > MAX_PAYLOAD_BYTES:
                 raise InputError(
-                    f"input {next_input} pickles to {len(payload)} bytes, over the limit of "
+                    f"input {first} pickles to {len(payload)} bytes, over the limit of "
                     f"{MAX_PAYLOAD_BYTES} bytes per input; pass a path or a URL to the data instead",
-                    input_index=next_input,
+                    input_index=first,
                 )
-            job.send_chunk(chunk_id, next_input, count, payload)
+            job.send_chunk(chunk_id, first, len(chunk), payload)
+            source.consume(len(chunk))
             chunk_id += 1
-            next_input += count
             credit -= 1
-        if next_input >= n and not inputs_done:
+            if total is None and len(payload) < _TARGET_CHUNK_BYTES // 2:
+                chunk_size = min(chunk_size * 2, 4096)
+        if source.exhausted() and not inputs_done:
             job.inputs_done(chunk_id)
             inputs_done = True
         for event in job.events(0.1):
@@ -282,6 +349,8 @@ def _drive(job, items: Sequence[Any], progress: Progress, return_exceptions: boo
                     raise min(failures, key=lambda f: f.index).to_exception(node)
                 for failure in failures:
                     outputs[failure.index - first] = failure.to_exception(node)
+                if len(results) < first + count:
+                    results.extend([None] * (first + count - len(results)))
                 results[first : first + count] = outputs
                 done += count
                 progress.update(done)

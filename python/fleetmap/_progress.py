@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import TextIO
+from typing import Optional, TextIO
 
 
 class Progress:
@@ -16,7 +16,7 @@ class Progress:
     into it.
     """
 
-    def __init__(self, total: int, enabled: bool, where: str, slots: int, nodes: int) -> None:
+    def __init__(self, total: Optional[int], enabled: bool, where: str, slots: int, nodes: int) -> None:
         self.total = total
         self.enabled = enabled
         self.done = 0
@@ -27,7 +27,8 @@ class Progress:
         self.drawn = False
         if enabled:
             placed = f"{slots} slots on {nodes} node{'s' if nodes != 1 else ''}" if slots else "waiting for slots"
-            self._write_line(f"fleetmap: {total} inputs on the {where}, {placed}")
+            count = f"{total} inputs" if total is not None else "inputs (streamed)"
+            self._write_line(f"fleetmap: {count} on the {where}, {placed}")
 
     def _write_line(self, text: str) -> None:
         self._clear()
@@ -42,6 +43,8 @@ class Progress:
     def _status(self) -> str:
         elapsed = max(time.monotonic() - self.start, 1e-9)
         rate = self.done / elapsed
+        if self.total is None:
+            return f"fleetmap: {self.done} done, {rate:,.0f}/s, {elapsed:.1f}s"
         left = (self.total - self.done) / rate if rate > 0 else float("nan")
         eta = f", {left:.0f}s left" if rate > 0 and self.done < self.total else ""
         return f"fleetmap: {self.done}/{self.total} done, {rate:,.0f}/s, {elapsed:.1f}s{eta}"
@@ -72,5 +75,6 @@ class Progress:
     def close(self, success: bool) -> None:
         if not self.enabled:
             return
-        status = self._status() if success else f"fleetmap: stopped after {self.done}/{self.total}"
+        of = f"/{self.total}" if self.total is not None else ""
+        status = self._status() if success else f"fleetmap: stopped after {self.done}{of}"
         self._write_line(status)
