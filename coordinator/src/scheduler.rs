@@ -101,8 +101,13 @@ struct Job {
     client: ClientId,
     spec: JobSpec,
     target_slots: u32,
-    /// Chunks the client may have in the coordinator at once.
+    /// Chunks the client may have in the coordinator at once: 3 per slot
+    /// plus 3. It shrinks when slots are lost; credit already granted stays
+    /// valid, and completions are not credited back until the client is
+    /// inside the window again.
     window: u32,
+    /// Credit granted to the client and not yet used.
+    credit_out: u32,
     /// Whether the client has been told the job is accepted.
     announced: bool,
     next_slot: SlotId,
@@ -117,6 +122,15 @@ struct Job {
     received: u64,
     finished: u64,
     total_chunks: Option<u64>,
+}
+
+impl Job {
+    /// Grants the client what fits in the window: returns the new credit.
+    fn top_up(&mut self) -> u32 {
+        let room = self.window.saturating_sub(self.in_system + self.credit_out);
+        self.credit_out += room;
+        room
+    }
 }
 
 /// The coordinator's state: nodes, jobs, slots and queued inputs.
@@ -194,6 +208,7 @@ impl Scheduler {
                 continue;
             }
             let mut requeue = Vec::new();
+            job.window = job.window.saturating_sub(gone.len() as u32 * PER_SLOT_WINDOW).max(PER_SLOT_WINDOW);
             for slot in gone {
                 let s = job.slots.remove(&slot).expect("slot id listed above");
                 for chunk in s.chunks {
@@ -206,14 +221,22 @@ impl Scheduler {
             for c in requeue.into_iter().rev() {
                 job.queue.push_front(c);
             }
-            if job.slots.is_empty() && !self.nodes.values().any(|n| n.can_ever_host(&job.spec.call)) {
-                let reason = format!(
-                    "node {} was lost and no remaining node can host a call of this job; \
-                     its unfinished inputs were not run. Add a node and run the job again",
-                    lost.name
-                );
-                self.fail_job(id, reason);
-            }
+        }
+        // A job without slots that no remaining node can host would wait
+        // forever, whether it lost its slots here or was waiting for room.
+        let stranded: Vec<JobId> = self
+            .jobs
+            .iter()
+            .filter(|(_, j)| j.slots.is_empty() && !self.nodes.values().any(|n| n.can_ever_host(&j.spec.call)))
+            .map(|(&k, _)| k)
+            .collect();
+        for id in stranded {
+            let reason = format!(
+                "node {} was lost and no remaining node can host a call of this job; \
+                 its unfinished inputs were not run. Add a node and run the job again",
+                lost.name
+            );
+            self.fail_job(id, reason);
         }
         self.grow_jobs();
         self.dispatch_all();
@@ -241,6 +264,7 @@ impl Scheduler {
                 // Room to queue a few chunks while the job waits for slots;
                 // every slot placed adds its share (see `grow_job`).
                 window: PER_SLOT_WINDOW,
+                credit_out: 0,
                 announced: false,
                 next_slot: 0,
                 slots: BTreeMap::new(),
@@ -256,6 +280,7 @@ impl Scheduler {
         self.grow_job(id);
         let job = self.jobs.get_mut(&id).expect("job inserted above");
         job.announced = true;
+        let credit = job.top_up();
         let nodes = job
             .slots
             .values()
@@ -267,7 +292,7 @@ impl Scheduler {
             job: id,
             slots: job.slots.len() as u32,
             nodes,
-            credit: job.window,
+            credit,
         };
         self.send_to_client(client, msg);
     }
@@ -276,15 +301,22 @@ impl Scheduler {
         let Some(j) = self.client_job(client, job) else {
             return Ok(());
         };
-        if j.in_system >= j.window {
+        if j.credit_out == 0 {
             return Err(ProtocolViolation(format!(
-                "job {job}: client sent chunk {} beyond its credit of {} chunks",
+                "job {job}: client sent chunk {} without credit (window of {} chunks)",
                 chunk.chunk, j.window
             )));
         }
         if j.total_chunks.is_some() {
             return Err(ProtocolViolation(format!("job {job}: inputs sent after InputsDone")));
         }
+        if chunk.chunk != j.received {
+            return Err(ProtocolViolation(format!(
+                "job {job}: chunk {} arrived where chunk {} was due; chunks are numbered from 0 without gaps",
+                chunk.chunk, j.received
+            )));
+        }
+        j.credit_out -= 1;
         j.in_system += 1;
         j.received += 1;
         j.queue.push_back(chunk);
@@ -320,9 +352,13 @@ impl Scheduler {
             .filter(|(_, j)| j.client == client)
             .map(|(&k, _)| k)
             .collect();
+        // End them all before any freed slot goes to a waiting job: one
+        // of them could otherwise get slots (started on nodes, credit sent
+        // to the gone client) just before it is stopped too.
         for job in jobs {
-            self.stop_job(job);
+            self.end_job(job);
         }
+        self.grow_jobs();
     }
 
     /// A node reports a finished chunk. Reports for jobs, slots or chunks the
@@ -347,8 +383,11 @@ impl Scheduler {
         j.finished += 1;
         j.ready.push_back(slot);
         let client = j.client;
+        let credit = j.top_up();
         self.send_to_client(client, Message::Output { job, output });
-        self.send_to_client(client, Message::Credit { job, chunks: 1 });
+        if credit > 0 {
+            self.send_to_client(client, Message::Credit { job, chunks: credit });
+        }
         self.dispatch(job);
         self.finish_if_done(job);
     }
@@ -493,9 +532,9 @@ impl Scheduler {
         }
         // Every new slot gets its first chunk before any gets its second.
         let new_slots: Vec<SlotId> = placed.values().flatten().copied().collect();
-        let added = new_slots.len() as u32 * PER_SLOT_WINDOW;
-        job.window += added;
-        if job.announced && added > 0 {
+        job.window += new_slots.len() as u32 * PER_SLOT_WINDOW;
+        let added = if job.announced { job.top_up() } else { 0 };
+        if added > 0 {
             let msg = Message::Credit { job: id, chunks: added };
             self.out.push_back(Command::ToClient {
                 client: job.client,
@@ -568,6 +607,12 @@ impl Scheduler {
     /// Ends a job: its nodes stop its workers and its resources go to
     /// waiting jobs.
     fn stop_job(&mut self, id: JobId) {
+        self.end_job(id);
+        self.grow_jobs();
+    }
+
+    /// Ends a job without handing its resources to other jobs yet.
+    fn end_job(&mut self, id: JobId) {
         let Some(job) = self.jobs.remove(&id) else {
             return;
         };
@@ -584,7 +629,6 @@ impl Scheduler {
                 msg: Message::StopJob { job: id },
             });
         }
-        self.grow_jobs();
     }
 
     fn send_to_client(&mut self, client: ClientId, msg: Message) {
@@ -604,3 +648,6 @@ pub fn gib(bytes: u64) -> String {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod sim;

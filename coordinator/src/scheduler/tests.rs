@@ -321,3 +321,52 @@ fn status_shows_each_node_with_its_free_resources_and_isolation() {
     assert_eq!((nodes[0].free_cores, nodes[0].free_memory_bytes), (1, 61 * GIB));
     assert_eq!(nodes[0].isolation, "cgroup v1");
 }
+
+#[test]
+fn the_credit_window_shrinks_with_lost_slots() {
+    let mut s = Scheduler::new();
+    s.handle_node_joined(1, "a".into(), resources(1, 64), String::new());
+    s.handle_node_joined(2, "b".into(), resources(1, 64), String::new());
+    s.handle_submit(9, 0, spec(1, 1, None, 100));
+    let (job, slots, credit) = accepted(&drain(&mut s));
+    assert_eq!((slots, credit), (2, 9));
+    for i in 0..9 {
+        s.handle_inputs(9, job, chunk(i)).unwrap();
+    }
+    let first = runs(&drain(&mut s));
+    s.handle_node_lost(1);
+    drain(&mut s);
+    // 9 chunks in the coordinator, a window of 6 now: the next three
+    // completions are not credited back.
+    let mut credited = 0;
+    let mut pending: Vec<_> = first.into_iter().filter(|r| r.0 == 2).collect();
+    for _ in 0..5 {
+        let (node, slot, c) = pending.remove(0);
+        s.handle_chunk_done(node, job, slot, output(&c));
+        for cmd in drain(&mut s) {
+            match cmd {
+                Command::ToClient {
+                    msg: Message::Credit { chunks, .. },
+                    ..
+                } => credited += chunks,
+                Command::ToNode {
+                    node,
+                    msg: Message::RunChunk { slot, chunk, .. },
+                } => pending.push((node, slot, chunk)),
+                _ => {}
+            }
+        }
+    }
+    assert_eq!(credited, 2, "five completions, three withheld to get back inside the window");
+}
+
+#[test]
+fn chunks_out_of_sequence_are_a_violation() {
+    let mut s = Scheduler::new();
+    s.handle_node_joined(1, "a".into(), resources(1, 64), String::new());
+    s.handle_submit(9, 0, spec(1, 1, None, 100));
+    let (job, _, _) = accepted(&drain(&mut s));
+    s.handle_inputs(9, job, chunk(0)).unwrap();
+    let err = s.handle_inputs(9, job, chunk(0)).unwrap_err();
+    assert!(err.0.contains("chunk 0 arrived where chunk 1 was due"), "{}", err.0);
+}
