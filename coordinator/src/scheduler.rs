@@ -8,9 +8,12 @@
 //! - **Placement: spread.** A job's slots go one at a time to the node that
 //!   can host the most further calls, so a job spans as many nodes as it can
 //!   (more memory bandwidth, and a lost node costs the job the least).
-//! - **Jobs share the fleet first come, first served.** A job takes the slots
-//!   it can get when it is submitted (up to its target) and more when
-//!   resources free up; jobs that got nothing wait in submission order.
+//! - **Jobs share the fleet fairly.** Free resources go one slot at a time
+//!   to the job holding the fewest cores (max-min fairness), up to each
+//!   job's target. Every running job is entitled to an equal part of the
+//!   fleet's cores: a job below that share that finds no free room gets
+//!   room from jobs above it, whose slots are drained (they finish the
+//!   chunks they hold, take no more, and stop).
 //! - **Dispatch: pull with a window.** Each slot holds at most
 //!   [`SLOT_DEPTH`] chunks (one running, the next already at the node), and a
 //!   chunk is sent to a slot only when it has room. The client may have at
@@ -94,6 +97,9 @@ impl Node {
 struct Slot {
     node: NodeId,
     chunks: Vec<ChunkId>,
+    /// Given back to the fleet for a job below its fair share: takes no new
+    /// chunk and stops once the ones it holds are done.
+    draining: bool,
 }
 
 #[derive(Debug)]
@@ -124,7 +130,25 @@ struct Job {
     total_chunks: Option<u64>,
 }
 
+/// Whether a call fits in `(cores, memory, gpus)` of room.
+fn fits(room: (u32, u64, u32), call: &CallRequest) -> bool {
+    room.0 >= call.cores && room.1 >= call.memory_bytes && room.2 >= call.gpus
+}
+
 impl Job {
+    /// Cores held by slots that are not being given back.
+    fn held_cores(&self) -> u64 {
+        self.slots.values().filter(|s| !s.draining).count() as u64 * self.spec.call.cores as u64
+    }
+
+    /// Whether more slots would help: below its target and with inputs left
+    /// to run (or still arriving).
+    fn wants_slots(&self) -> bool {
+        let active = self.slots.values().filter(|s| !s.draining).count() as u32;
+        let all_dispatched = self.total_chunks.is_some() && self.queue.is_empty();
+        active < self.target_slots && !all_dispatched
+    }
+
     /// Grants the client what fits in the window: returns the new credit.
     fn top_up(&mut self) -> u32 {
         let room = self.window.saturating_sub(self.in_system + self.credit_out);
@@ -208,7 +232,10 @@ impl Scheduler {
                 continue;
             }
             let mut requeue = Vec::new();
-            job.window = job.window.saturating_sub(gone.len() as u32 * PER_SLOT_WINDOW).max(PER_SLOT_WINDOW);
+            job.window = job
+                .window
+                .saturating_sub(gone.len() as u32 * PER_SLOT_WINDOW)
+                .max(PER_SLOT_WINDOW);
             for slot in gone {
                 let s = job.slots.remove(&slot).expect("slot id listed above");
                 for chunk in s.chunks {
@@ -277,7 +304,7 @@ impl Scheduler {
                 total_chunks: None,
             },
         );
-        self.grow_job(id);
+        self.grow_jobs();
         let job = self.jobs.get_mut(&id).expect("job inserted above");
         job.announced = true;
         let credit = job.top_up();
@@ -378,10 +405,13 @@ impl Scheduler {
             return;
         };
         s.chunks.remove(pos);
+        let release = s.draining && s.chunks.is_empty();
+        if !s.draining {
+            j.ready.push_back(slot);
+        }
         j.in_flight.remove(&output.chunk);
         j.in_system -= 1;
         j.finished += 1;
-        j.ready.push_back(slot);
         let client = j.client;
         let credit = j.top_up();
         self.send_to_client(client, Message::Output { job, output });
@@ -389,6 +419,10 @@ impl Scheduler {
             self.send_to_client(client, Message::Credit { job, chunks: credit });
         }
         self.dispatch(job);
+        if release {
+            self.release_slot(job, slot);
+            self.grow_jobs();
+        }
         self.finish_if_done(job);
     }
 
@@ -491,47 +525,71 @@ impl Scheduler {
         ))
     }
 
-    /// Gives every job, oldest first, the free slots it can use.
+    /// Hands out free resources and, where jobs are below their fair share,
+    /// reclaims some from jobs above it.
     fn grow_jobs(&mut self) {
-        let ids: Vec<JobId> = self.jobs.keys().copied().collect();
-        for id in ids {
-            self.grow_job(id);
+        self.grow_pass();
+        if self.rebalance() {
+            self.grow_pass();
         }
     }
 
-    fn grow_job(&mut self, id: JobId) {
-        let Some(job) = self.jobs.get_mut(&id) else {
-            return;
-        };
-        let call = job.spec.call;
-        let mut placed: BTreeMap<NodeId, Vec<SlotId>> = BTreeMap::new();
-        while (job.slots.len() as u32) < job.target_slots {
-            let best = self
-                .nodes
+    /// Gives free resources away one slot at a time, always to the job that
+    /// holds the fewest cores (the oldest among equals): max-min fairness
+    /// over the jobs that want more slots.
+    fn grow_pass(&mut self) {
+        let mut placed: BTreeMap<JobId, BTreeMap<NodeId, Vec<SlotId>>> = BTreeMap::new();
+        loop {
+            let mut order: Vec<(u64, JobId)> = self
+                .jobs
                 .iter()
-                .map(|(&id, n)| (n.room_for(&call), id))
-                .filter(|&(room, _)| room > 0)
-                .max_by_key(|&(room, id)| (room, std::cmp::Reverse(id)));
-            let Some((_, node)) = best else {
+                .filter(|(_, j)| j.wants_slots())
+                .map(|(&id, j)| (j.held_cores(), id))
+                .collect();
+            order.sort_unstable();
+            let Some((node, id)) = order
+                .iter()
+                .find_map(|&(_, id)| self.best_node(id).map(|node| (node, id)))
+            else {
                 break;
             };
+            let job = self.jobs.get_mut(&id).expect("id taken from the map");
             self.nodes
                 .get_mut(&node)
                 .expect("node id taken from the map")
-                .take(&call);
+                .take(&job.spec.call);
             let slot = job.next_slot;
             job.next_slot += 1;
-            job.slots.insert(
-                slot,
-                Slot {
-                    node,
-                    chunks: Vec::new(),
-                },
-            );
-            placed.entry(node).or_default().push(slot);
+            let new = Slot {
+                node,
+                chunks: Vec::new(),
+                draining: false,
+            };
+            job.slots.insert(slot, new);
+            placed.entry(id).or_default().entry(node).or_default().push(slot);
         }
+        for (id, per_node) in placed {
+            self.announce_slots(id, per_node);
+        }
+    }
+
+    /// The node with the most room for another call of job `id`.
+    fn best_node(&self, id: JobId) -> Option<NodeId> {
+        let call = self.jobs[&id].spec.call;
+        self.nodes
+            .iter()
+            .map(|(&node, n)| (n.room_for(&call), node))
+            .filter(|&(room, _)| room > 0)
+            .max_by_key(|&(room, node)| (room, std::cmp::Reverse(node)))
+            .map(|(_, node)| node)
+    }
+
+    /// Tells the nodes to start new slots, widens the job's window and lets
+    /// the slots take their first chunks.
+    fn announce_slots(&mut self, id: JobId, per_node: BTreeMap<NodeId, Vec<SlotId>>) {
+        let job = self.jobs.get_mut(&id).expect("slots were just placed for this job");
         // Every new slot gets its first chunk before any gets its second.
-        let new_slots: Vec<SlotId> = placed.values().flatten().copied().collect();
+        let new_slots: Vec<SlotId> = per_node.values().flatten().copied().collect();
         job.window += new_slots.len() as u32 * PER_SLOT_WINDOW;
         let added = if job.announced { job.top_up() } else { 0 };
         if added > 0 {
@@ -544,7 +602,7 @@ impl Scheduler {
         for _ in 0..SLOT_DEPTH {
             job.ready.extend(new_slots.iter().copied());
         }
-        for (node, slots) in placed {
+        for (node, slots) in per_node {
             let msg = Message::StartSlots {
                 job: id,
                 spec: job.spec.clone(),
@@ -553,6 +611,88 @@ impl Scheduler {
             self.out.push_back(Command::ToNode { node, msg });
         }
         self.dispatch(id);
+    }
+
+    /// Fair share: every running job is entitled to an equal part of the
+    /// fleet's cores. A job that wants more slots, is below its share by at
+    /// least one call and finds no free room gets room on one node by
+    /// draining slots of jobs that stay at or above their share without
+    /// them. Draining slots finish the chunks they hold, then stop; idle
+    /// ones stop at once. Returns whether resources were freed at once.
+    fn rebalance(&mut self) -> bool {
+        if self.jobs.len() < 2 {
+            return false;
+        }
+        let fleet_cores: u64 = self.nodes.values().map(|n| n.total.cores as u64).sum();
+        let share = fleet_cores / self.jobs.len() as u64;
+        let mut freed = false;
+        let needy: Vec<JobId> = self
+            .jobs
+            .iter()
+            .filter(|(_, j)| j.wants_slots() && j.held_cores() + j.spec.call.cores as u64 <= share)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in needy {
+            if self.best_node(id).is_some() {
+                continue; // Free room exists: the next grow pass serves it.
+            }
+            let call = self.jobs[&id].spec.call;
+            let mut held: BTreeMap<JobId, u64> = self.jobs.iter().map(|(&k, j)| (k, j.held_cores())).collect();
+            let mut plan = None;
+            for (&node, n) in &self.nodes {
+                let mut room = (n.free_cores, n.free_memory, n.free_gpus);
+                let mut chosen = Vec::new();
+                for (&donor, j) in self.jobs.iter().filter(|(&k, _)| k != id) {
+                    for (&slot, _) in j.slots.iter().filter(|(_, s)| s.node == node && !s.draining) {
+                        if fits(room, &call) {
+                            break;
+                        }
+                        let cores = j.spec.call.cores as u64;
+                        if held[&donor] < share + cores {
+                            break; // The donor would fall below its share.
+                        }
+                        held.insert(donor, held[&donor] - cores);
+                        room.0 += j.spec.call.cores;
+                        room.1 += j.spec.call.memory_bytes;
+                        room.2 += j.spec.call.gpus;
+                        chosen.push((donor, slot));
+                    }
+                }
+                if fits(room, &call) && !chosen.is_empty() {
+                    plan = Some(chosen);
+                    break;
+                }
+                held = self.jobs.iter().map(|(&k, j)| (k, j.held_cores())).collect();
+            }
+            for (donor, slot) in plan.unwrap_or_default() {
+                let j = self.jobs.get_mut(&donor).expect("donor taken from the map");
+                let s = j.slots.get_mut(&slot).expect("slot taken from the map");
+                s.draining = true;
+                if s.chunks.is_empty() {
+                    self.release_slot(donor, slot);
+                    freed = true;
+                }
+            }
+        }
+        freed
+    }
+
+    /// Stops a drained slot and gives its resources back to its node.
+    fn release_slot(&mut self, id: JobId, slot: SlotId) {
+        let Some(job) = self.jobs.get_mut(&id) else {
+            return;
+        };
+        let Some(s) = job.slots.remove(&slot) else {
+            return;
+        };
+        job.window = job.window.saturating_sub(PER_SLOT_WINDOW).max(PER_SLOT_WINDOW);
+        if let Some(n) = self.nodes.get_mut(&s.node) {
+            n.give_back(&job.spec.call);
+        }
+        self.out.push_back(Command::ToNode {
+            node: s.node,
+            msg: Message::StopSlot { job: id, slot },
+        });
     }
 
     fn dispatch_all(&mut self) {
@@ -571,9 +711,9 @@ impl Scheduler {
                 break;
             };
             let Some(s) = job.slots.get_mut(&slot) else {
-                continue; // A slot of a lost node.
+                continue; // A slot of a lost node, or one given back.
             };
-            if s.chunks.len() >= SLOT_DEPTH {
+            if s.chunks.len() >= SLOT_DEPTH || s.draining {
                 continue;
             }
             let chunk = job.queue.pop_front().expect("queue checked non-empty");

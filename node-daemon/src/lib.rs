@@ -287,7 +287,7 @@ struct Node {
 #[derive(Default)]
 struct JobSlots {
     chunks: HashMap<SlotId, mpsc::UnboundedSender<InputChunk>>,
-    tasks: Vec<JoinHandle<()>>,
+    tasks: HashMap<SlotId, JoinHandle<()>>,
 }
 
 impl JobSlots {
@@ -295,11 +295,20 @@ impl JobSlots {
     /// cgroup removed, cores and GPUs back in the inventory), so that the
     /// next job placed here finds them free.
     async fn stop(mut self) {
-        let tasks = std::mem::take(&mut self.tasks);
+        let tasks: Vec<_> = self.tasks.drain().map(|(_, t)| t).collect();
         for task in &tasks {
             task.abort();
         }
         for task in tasks {
+            let _ = task.await;
+        }
+    }
+
+    /// Stops one slot (given back for another job's fair share) the same way.
+    async fn stop_slot(&mut self, slot: SlotId) {
+        self.chunks.remove(&slot);
+        if let Some(task) = self.tasks.remove(&slot) {
+            task.abort();
             let _ = task.await;
         }
     }
@@ -309,7 +318,7 @@ impl Drop for JobSlots {
     fn drop(&mut self) {
         // Aborting a slot task drops its worker, which kills the worker's
         // process group and removes its cgroup.
-        for task in &self.tasks {
+        for task in self.tasks.values() {
             task.abort();
         }
     }
@@ -405,7 +414,7 @@ async fn session(
                         placement,
                         up: up.clone(),
                     };
-                    entry.tasks.push(tokio::spawn(run_slot(ctx, rx)));
+                    entry.tasks.insert(slot, tokio::spawn(run_slot(ctx, rx)));
                 }
             }
             Message::RunChunk { job, slot, chunk } => {
@@ -416,6 +425,11 @@ async fn session(
             Message::StopJob { job } => {
                 if let Some(slots) = jobs.remove(&job) {
                     slots.stop().await;
+                }
+            }
+            Message::StopSlot { job, slot } => {
+                if let Some(slots) = jobs.get_mut(&job) {
+                    slots.stop_slot(slot).await;
                 }
             }
             other => {

@@ -252,6 +252,12 @@ pub enum Message {
     StopJob {
         job: JobId,
     },
+    /// Stop one slot of a job (given back for another job's fair share);
+    /// it holds no chunk.
+    StopSlot {
+        job: JobId,
+        slot: SlotId,
+    },
 
     // Node to coordinator.
     ChunkDone {
@@ -289,6 +295,7 @@ impl Message {
             Message::StartSlots { .. } => "StartSlots",
             Message::RunChunk { .. } => "RunChunk",
             Message::StopJob { .. } => "StopJob",
+            Message::StopSlot { .. } => "StopSlot",
             Message::ChunkDone { .. } => "ChunkDone",
             Message::SlotFailed { .. } => "SlotFailed",
         }

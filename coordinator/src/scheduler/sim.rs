@@ -81,6 +81,8 @@ pub(super) struct Stats {
     pub slot_failures: u64,
     /// Messages of a node delivered after the scheduler was told it was lost.
     pub late_messages: u64,
+    /// Slots given back for another job's fair share.
+    pub stopped_slots: u64,
     /// FNV-1a over every action and command, to compare replays.
     pub fingerprint: u64,
 }
@@ -99,6 +101,7 @@ impl Stats {
         self.clients_lost += o.clients_lost;
         self.slot_failures += o.slot_failures;
         self.late_messages += o.late_messages;
+        self.stopped_slots += o.stopped_slots;
         self.fingerprint ^= o.fingerprint;
     }
 
@@ -245,6 +248,7 @@ fn job_of(msg: &Message) -> Option<JobId> {
         | Message::StartSlots { job, .. }
         | Message::RunChunk { job, .. }
         | Message::StopJob { job }
+        | Message::StopSlot { job, .. }
         | Message::ChunkDone { job, .. }
         | Message::SlotFailed { job, .. }
         | Message::Inputs { job, .. }
@@ -701,7 +705,10 @@ impl World {
                         self,
                         matches!(
                             msg,
-                            Message::StartSlots { .. } | Message::RunChunk { .. } | Message::StopJob { .. }
+                            Message::StartSlots { .. }
+                                | Message::RunChunk { .. }
+                                | Message::StopJob { .. }
+                                | Message::StopSlot { .. }
                         ),
                         "{} sent to node {node}",
                         msg.kind()
@@ -797,6 +804,26 @@ impl World {
                     held.len(),
                     held.iter().map(|c| c.chunk).collect::<Vec<_>>()
                 );
+            }
+            Message::StopSlot { job, slot } => {
+                check!(
+                    self,
+                    node.jobs
+                        .get_mut(&job)
+                        .is_some_and(|(_, started)| started.remove(&slot)),
+                    "node {id} told to stop slot {slot} of job {job}, which it does not run"
+                );
+                if node.jobs.get(&job).is_some_and(|(_, started)| started.is_empty()) {
+                    node.jobs.remove(&job);
+                }
+                let held = node.held.remove(&(job, slot)).unwrap_or_default();
+                check!(
+                    self,
+                    held.is_empty(),
+                    "slot {slot} of job {job} on node {id} was stopped while holding chunks {:?}",
+                    held.iter().map(|c| c.chunk).collect::<Vec<_>>()
+                );
+                self.stats.stopped_slots += 1;
             }
             Message::StopJob { job } => {
                 check!(
@@ -1074,6 +1101,7 @@ fn seeded_worlds_deliver_each_output_once_never_overbook_respect_credit_and_come
             ("joined nodes", total.nodes_joined),
             ("late messages of lost nodes", total.late_messages),
             ("slot failures", total.slot_failures),
+            ("slots given back for fair share", total.stopped_slots),
         ] {
             assert!(count >= 10, "only {count} {what} in {} seeds: {total:?}", seeds.len());
         }

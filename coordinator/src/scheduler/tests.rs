@@ -260,22 +260,56 @@ fn inputs_beyond_the_credit_are_a_violation() {
 }
 
 #[test]
-fn a_waiting_job_gets_slots_when_the_first_ends() {
+fn a_second_job_gets_its_fair_share_and_the_rest_when_the_first_ends() {
     let mut s = Scheduler::new();
-    s.handle_node_joined(1, "a".into(), resources(2, 64), String::new());
+    s.handle_node_joined(1, "a".into(), resources(4, 64), String::new());
     s.handle_submit(9, 0, spec(1, 1, None, 100));
-    let (first, slots, _) = accepted(&drain(&mut s));
-    assert_eq!(slots, 2);
+    let (first, slots, credit) = accepted(&drain(&mut s));
+    assert_eq!(slots, 4);
+    // The first job is busy: every slot holds chunks.
+    for i in 0..credit as u64 {
+        s.handle_inputs(9, first, chunk(i)).unwrap();
+    }
+    let running = runs(&drain(&mut s));
     s.handle_submit(8, 0, spec(1, 1, None, 100));
     let (second, slots, _) = accepted(&drain(&mut s));
-    assert_eq!(slots, 0, "no free cores yet");
+    assert_eq!(slots, 0, "no free core yet: two of the first job's slots drain");
+    // Draining slots finish what they hold, then stop and go to the second job.
+    let mut stopped = 0;
+    let mut pending: VecDeque<_> = running.into();
+    while stopped < 2 {
+        let (node, slot, c) = pending.pop_front().expect("the first job still has chunks running");
+        s.handle_chunk_done(node, first, slot, output(&c));
+        for cmd in drain(&mut s) {
+            match cmd {
+                Command::ToNode {
+                    msg: Message::StopSlot { job, .. },
+                    ..
+                } => {
+                    assert_eq!(job, first);
+                    stopped += 1;
+                }
+                Command::ToNode {
+                    node,
+                    msg: Message::RunChunk { job, slot, chunk },
+                } if job == first => pending.push_back((node, slot, chunk)),
+                _ => {}
+            }
+        }
+    }
+    assert_eq!(s.slots_of(first).get("a"), Some(&2), "the first job keeps its share");
+    assert_eq!(s.slots_of(second).get("a"), Some(&2), "the second job has its share");
     s.handle_client_lost(9);
     let cmds = drain(&mut s);
     assert!(cmds.contains(&Command::ToNode {
         node: 1,
         msg: Message::StopJob { job: first }
     }));
-    assert_eq!(s.slots_of(second).get("a"), Some(&2));
+    assert_eq!(
+        s.slots_of(second).get("a"),
+        Some(&4),
+        "and the whole node once the first ends"
+    );
 }
 
 #[test]
@@ -357,7 +391,10 @@ fn the_credit_window_shrinks_with_lost_slots() {
             }
         }
     }
-    assert_eq!(credited, 2, "five completions, three withheld to get back inside the window");
+    assert_eq!(
+        credited, 2,
+        "five completions, three withheld to get back inside the window"
+    );
 }
 
 #[test]
