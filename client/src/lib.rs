@@ -95,6 +95,8 @@ pub struct Client {
     routes: Routes,
     next_request: AtomicU64,
     pub coordinator: String,
+    /// The fleetmap version the coordinator runs.
+    pub coordinator_version: String,
 }
 
 impl Client {
@@ -139,8 +141,10 @@ impl Client {
             software_version: SOFTWARE_VERSION.into(),
         }));
         let mut reader = FramedReader::new(recv, DEFAULT_MAX_FRAME);
-        match reader.recv::<Message>().await {
-            Ok(Some(Message::Welcome { .. })) => {}
+        let coordinator_version = match reader.recv::<Message>().await {
+            Ok(Some(Message::Welcome {
+                coordinator_version, ..
+            })) => coordinator_version,
             Ok(Some(Message::Refused { reason })) => return Err(ClientError::Refused(reason)),
             Ok(other) => return Err(ClientError::Protocol(format!("expected Welcome, got {other:?}"))),
             Err(e) => {
@@ -153,7 +157,7 @@ impl Client {
                     "bad handshake from the coordinator: {e}"
                 )));
             }
-        }
+        };
         let routes: Routes = Default::default();
         tokio::spawn(read_loop(reader, conn.clone(), routes.clone()));
         Ok(Client {
@@ -163,6 +167,7 @@ impl Client {
             routes,
             next_request: AtomicU64::new(0),
             coordinator: addr.into(),
+            coordinator_version,
         })
     }
 

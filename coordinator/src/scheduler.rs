@@ -118,6 +118,9 @@ struct Job {
     announced: bool,
     next_slot: SlotId,
     slots: BTreeMap<SlotId, Slot>,
+    /// Slots not being given back: `slots` less the draining ones, kept as a
+    /// count because placement asks for it once per slot placed.
+    active_slots: u32,
     /// One entry per free place in a slot; stale ids (of removed slots) are
     /// skipped when popped.
     ready: VecDeque<SlotId>,
@@ -138,15 +141,14 @@ fn fits(room: (u32, u64, u32), call: &CallRequest) -> bool {
 impl Job {
     /// Cores held by slots that are not being given back.
     fn held_cores(&self) -> u64 {
-        self.slots.values().filter(|s| !s.draining).count() as u64 * self.spec.call.cores as u64
+        self.active_slots as u64 * self.spec.call.cores as u64
     }
 
     /// Whether more slots would help: below its target and with inputs left
     /// to run (or still arriving).
     fn wants_slots(&self) -> bool {
-        let active = self.slots.values().filter(|s| !s.draining).count() as u32;
         let all_dispatched = self.total_chunks.is_some() && self.queue.is_empty();
-        active < self.target_slots && !all_dispatched
+        self.active_slots < self.target_slots && !all_dispatched
     }
 
     /// Grants the client what fits in the window: returns the new credit.
@@ -238,6 +240,9 @@ impl Scheduler {
                 .max(PER_SLOT_WINDOW);
             for slot in gone {
                 let s = job.slots.remove(&slot).expect("slot id listed above");
+                if !s.draining {
+                    job.active_slots -= 1;
+                }
                 for chunk in s.chunks {
                     if let Some((_, c)) = job.in_flight.remove(&chunk) {
                         requeue.push(c);
@@ -295,6 +300,7 @@ impl Scheduler {
                 announced: false,
                 next_slot: 0,
                 slots: BTreeMap::new(),
+                active_slots: 0,
                 ready: VecDeque::new(),
                 queue: VecDeque::new(),
                 in_flight: HashMap::new(),
@@ -566,6 +572,7 @@ impl Scheduler {
                 draining: false,
             };
             job.slots.insert(slot, new);
+            job.active_slots += 1;
             placed.entry(id).or_default().entry(node).or_default().push(slot);
         }
         for (id, per_node) in placed {
@@ -668,6 +675,7 @@ impl Scheduler {
                 let j = self.jobs.get_mut(&donor).expect("donor taken from the map");
                 let s = j.slots.get_mut(&slot).expect("slot taken from the map");
                 s.draining = true;
+                j.active_slots -= 1;
                 if s.chunks.is_empty() {
                     self.release_slot(donor, slot);
                     freed = true;

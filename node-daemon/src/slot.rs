@@ -320,7 +320,9 @@ fn slot_limits(ctx: &SlotContext) -> SlotLimits {
 }
 
 fn worker_command(ctx: &SlotContext) -> WorkerCommand {
-    let RuntimeSpec::Python { executable, .. } = &ctx.spec.runtime;
+    let RuntimeSpec::Python {
+        executable, version, ..
+    } = &ctx.spec.runtime;
     // The caller's own interpreter when this node has it (the embedded
     // cluster, a shared file system), else the node's.
     let program = if Path::new(executable).is_file() {
@@ -352,6 +354,9 @@ fn worker_command(ctx: &SlotContext) -> WorkerCommand {
             "FLEETMAP_WORKER_FD".into(),
             fleetmap_sandbox::WORKER_CHANNEL_FD.to_string().into(),
         ),
+        // The worker checks that it runs the caller's Python minor version:
+        // cloudpickle needs the same on both ends.
+        ("FLEETMAP_CALLER_PYTHON".into(), version.clone().into()),
         ("CUDA_DEVICE_ORDER".into(), "PCI_BUS_ID".into()),
         ("CUDA_VISIBLE_DEVICES".into(), visible.clone().into()),
         ("NVIDIA_VISIBLE_DEVICES".into(), visible.into()),

@@ -19,6 +19,7 @@ from ._errors import (
     RemoteError,
     RemoteTraceback,
     UnsupportedOption,
+    VersionMismatch,
     WorkerCrashed,
 )
 from ._native import VERSION as __version__
@@ -49,6 +50,7 @@ __all__ = [
     "JobFailed",
     "OutOfMemory",
     "WorkerCrashed",
+    "VersionMismatch",
     "RemoteError",
     "RemoteTraceback",
     "__version__",

@@ -70,3 +70,7 @@ class RemoteTraceback(Exception):
 
     def __str__(self) -> str:
         return self.text
+
+
+class VersionMismatch(UserWarning):
+    """Warned when the client and the fleet run different fleetmap versions."""

@@ -22,6 +22,7 @@ import configparser
 import os
 import sys
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Tuple
@@ -29,6 +30,7 @@ from typing import Dict, Optional, Tuple
 from . import _native
 from ._errors import (
     AuthenticationError,
+    VersionMismatch,
     ConfigurationError,
     CoordinatorUnreachable,
     FleetmapError,
@@ -109,10 +111,8 @@ def local_cluster() -> "_native.LocalHandle":
 
 def _stop_local() -> None:
     global _local
+    _close_connections()
     with _lock:
-        for conn in _connections.values():
-            conn.close()
-        _connections.clear()
         if _local is not None:
             _local.stop()
             _local = None
@@ -137,8 +137,27 @@ def connection(fleet: FleetAddress, fresh: bool = False) -> "_native.Connection"
             conn = _native.connect(fleet.coordinator, fleet.ca_pem, fleet.api_key)
         except _native.NativeError as exc:
             raise translate(exc) from None
+        if conn.coordinator_version != _native.VERSION:
+            warnings.warn(
+                f"the coordinator at {fleet.coordinator} runs fleetmap {conn.coordinator_version} and this "
+                f"client {_native.VERSION}; install the same version on clients, coordinator and nodes",
+                VersionMismatch,
+                stacklevel=4,
+            )
         _connections[key] = conn
         return conn
+
+
+def _close_connections() -> None:
+    with _lock:
+        for conn in _connections.values():
+            conn.close()
+        _connections.clear()
+
+
+# A closed connection tells the coordinator at once that this client is
+# gone, so its jobs are cancelled now rather than after the idle timeout.
+atexit.register(_close_connections)
 
 
 def forget(fleet: FleetAddress) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import collections.abc
 import itertools
 import math
@@ -12,10 +13,11 @@ import site
 import sys
 import sysconfig
 import types
-from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from . import _fleet, _native
 from ._errors import CoordinatorUnreachable, InputError, JobFailed, UnsupportedOption
+from ._inspect import describe_unpicklable
 from ._progress import Progress
 
 #: Largest pickled chunk of inputs the client aims for; chunks shrink to fit.
@@ -52,7 +54,8 @@ def remote_parallel_map(
     api_key: Optional[str] = None,
     *,
     return_exceptions: bool = False,
-) -> List[Any]:
+    generator: bool = False,
+) -> Any:
     """Runs ``function_`` on every element of ``inputs`` in parallel on the fleet.
 
     Returns the outputs in input order. Each call gets ``func_cpu`` dedicated
@@ -62,7 +65,10 @@ def remote_parallel_map(
     here with its original type, message and remote traceback, and
     ``input_index == i``; the job stops at the first failure. With
     ``return_exceptions=True`` the job runs every input and the exception
-    stands in the returned list in place of the output.
+    stands in the returned list in place of the output. With
+    ``generator=True`` it returns at once an iterator of ``(index, output)``
+    pairs in the order the calls complete; leaving the loop early cancels
+    the rest of the job.
 
     With no fleet configured (``FLEETMAP_COORDINATOR`` or the config file),
     the calls run on an embedded cluster in this process.
@@ -70,21 +76,36 @@ def remote_parallel_map(
     _check_arguments(function_, parallelism, func_cpu, func_ram, func_gpu, image, packages)
     source = _InputSource(inputs)
     if source.empty():
-        return []
-    with _local_modules_by_value():
+        return iter(()) if generator else []
+    scope = _local_modules_by_value()
+    scope.__enter__()
+    try:
         function_blob = _pickle_function(function_)
         fleet = _fleet.fleet_address(api_key)
         job = _submit(fleet, function_blob, source.total, parallelism, func_cpu, func_ram, func_gpu)
-        progress = Progress(source.total, enabled=verbose, where=fleet.description, slots=job.slots, nodes=job.nodes)
-        try:
-            results = _drive(job, source, progress, return_exceptions)
-        except BaseException:
-            # Ctrl-C or a failure here: stop every remote call of the job.
-            job.cancel()
-            progress.close(success=False)
-            raise
-        progress.close(success=True)
+    except BaseException:
+        scope.__exit__(*sys.exc_info())
+        raise
+    progress = Progress(source.total, enabled=verbose, where=fleet.description, slots=job.slots, nodes=job.nodes)
+    chunks = _chunk_outcomes(job, source, progress, return_exceptions, scope)
+    if generator:
+        return _each_outcome(chunks)
+    results: List[Any] = [None] * (source.total or 0)
+    # Closing the generator on any way out (Ctrl-C between two chunks
+    # included) cancels the job at once rather than when it is collected.
+    with contextlib.closing(chunks):
+        for first, outputs in chunks:
+            if len(results) < first + len(outputs):
+                results.extend([None] * (first + len(outputs) - len(results)))
+            results[first : first + len(outputs)] = outputs
     return results
+
+
+def _each_outcome(chunks: Iterator[Tuple[int, List[Any]]]) -> Iterator[Tuple[int, Any]]:
+    """``(index, output)`` for every input, as chunks complete."""
+    for first, outputs in chunks:
+        for offset, output in enumerate(outputs):
+            yield first + offset, output
 
 
 def _installed_dirs() -> List[str]:
@@ -164,6 +185,19 @@ def _check_arguments(function_, parallelism, func_cpu, func_ram, func_gpu, image
         )
     if not callable(function_):
         raise TypeError(f"function_ must be callable, got {type(function_).__name__}")
+    try:
+        signature = inspect.signature(function_)
+    except (TypeError, ValueError):
+        signature = None  # Builtins without a signature: nothing to check.
+    if signature is not None:
+        try:
+            signature.bind(None)
+        except TypeError as exc:
+            name = getattr(function_, "__qualname__", repr(function_))
+            raise TypeError(
+                f"function_ {name}{signature} cannot be called with one positional argument ({exc}); "
+                "remote_parallel_map calls function_(input) for each input"
+            ) from None
 
     def whole(name: str, value: Any, low: int, high: int) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
@@ -183,7 +217,10 @@ def _pickle_function(function_: Callable[[Any], Any]) -> bytes:
     try:
         blob = cloudpickle.dumps(function_, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:
-        raise InputError(f"function_ {function_!r} cannot be pickled: {exc}") from exc
+        raise InputError(
+            f"function_ {getattr(function_, '__qualname__', function_)!r} cannot be sent: "
+            + describe_unpicklable(function_, "function_")
+        ) from exc
     if len(blob) > MAX_PAYLOAD_BYTES:
         raise InputError(
             f"function_ pickles to {len(blob)} bytes, over the limit of {MAX_PAYLOAD_BYTES} bytes; "
@@ -192,8 +229,13 @@ def _pickle_function(function_: Callable[[Any], Any]) -> bytes:
     return blob
 
 
+def _python_version() -> str:
+    """The caller's ``major.minor``: workers must run the same."""
+    return f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
 def _submit(fleet, function_blob, n, parallelism, func_cpu, func_ram, func_gpu):
-    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    version = _python_version()
     args = (
         function_blob,
         func_cpu,
@@ -294,15 +336,34 @@ def _pickle_chunk(chunk: List[Any], first: int) -> bytes:
             try:
                 cloudpickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
             except Exception as exc:
+                index = first + i
                 raise InputError(
-                    f"input {first + i} ({type(item).__name__}) cannot be pickled: {exc}", input_index=first + i
+                    f"input {index} cannot be sent: " + describe_unpicklable(item, f"inputs[{index}]"),
+                    input_index=index,
                 ) from exc
         raise
 
 
-def _drive(job, source: _InputSource, progress: Progress, return_exceptions: bool) -> List[Any]:
+def _chunk_outcomes(
+    job, source: _InputSource, progress: Progress, return_exceptions: bool, scope
+) -> Iterator[Tuple[int, List[Any]]]:
+    """Feeds the job its inputs within credit and yields ``(first index,
+    outputs)`` per finished chunk. Whatever ends it early (a failure,
+    Ctrl-C, the caller leaving a streaming loop) cancels the job."""
+    finished = False
+    try:
+        yield from _run(job, source, progress, return_exceptions)
+        finished = True
+    finally:
+        if not finished:
+            # Stop every remote call of the job.
+            job.cancel()
+        progress.close(success=finished)
+        scope.__exit__(None, None, None)
+
+
+def _run(job, source: _InputSource, progress: Progress, return_exceptions: bool) -> Iterator[Tuple[int, List[Any]]]:
     total = source.total
-    results: List[Any] = [None] * (total or 0)
     slots = max(job.slots, 1)
     if total is not None:
         # As many chunks as four per slot (multiprocessing's heuristic), so
@@ -349,18 +410,16 @@ def _drive(job, source: _InputSource, progress: Progress, return_exceptions: boo
                     raise min(failures, key=lambda f: f.index).to_exception(node)
                 for failure in failures:
                     outputs[failure.index - first] = failure.to_exception(node)
-                if len(results) < first + count:
-                    results.extend([None] * (first + count - len(results)))
-                results[first : first + count] = outputs
                 done += count
                 progress.update(done)
+                yield first, outputs
             elif kind == "credit":
                 credit += event[1]
             elif kind == "log":
                 _, stream, _node, text = event
                 progress.print_line(text, sys.stderr if stream == "stderr" else sys.stdout)
             elif kind == "finished":
-                return results
+                return
             elif kind == "failed":
                 raise JobFailed(event[1])
         progress.tick()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import sys
 import traceback
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -27,6 +28,14 @@ def main() -> None:
 
 def load_function(blob: bytes) -> Tuple[Optional[Callable[[Any], Any]], Optional[str]]:
     """Unpickles the job's function: ``(function, None)`` or ``(None, error text)``."""
+    caller = os.environ.get("FLEETMAP_CALLER_PYTHON")
+    here = f"{sys.version_info.major}.{sys.version_info.minor}"
+    if caller and caller != here:
+        return None, (
+            f"this node's Python is {here} ({sys.executable}) but the caller runs Python {caller}; "
+            "functions and values travel with cloudpickle, which needs the same minor version on both ends: "
+            f"install Python {caller} on the node and give it to `fleetmap node --python`"
+        )
     try:
         import cloudpickle
 
@@ -96,7 +105,7 @@ def _pickle_outcomes(outputs: List[Any], failures: List[RemoteFailure], first_in
             try:
                 cloudpickle.dumps(out)
             except Exception as exc:
-                error = TypeError(f"the output of input {first_input + i} cannot be pickled: {exc}")
+                error: Exception = TypeError(f"the output of input {first_input + i} cannot be pickled: {exc}")
                 failures.append(RemoteFailure.capture(first_input + i, error, _THIS_FILE))
                 outputs[i] = None
         failures.sort(key=lambda f: f.index)

@@ -337,6 +337,12 @@ impl Connection {
         self.client.close();
     }
 
+    /// The fleetmap version the coordinator runs.
+    #[getter]
+    fn coordinator_version(&self) -> String {
+        self.client.coordinator_version.clone()
+    }
+
     /// The fleet's nodes as dicts: name, cores, memory_bytes, gpus,
     /// free_cores, free_memory_bytes, free_gpus, isolation; and the number
     /// of running jobs.
