@@ -1,0 +1,130 @@
+"""The call, finished: mistakes caught before anything runs, streaming
+results, Ctrl-C, and connection-level checks."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+
+import pytest
+
+import fleetmap
+from fleetmap import remote_parallel_map
+
+from conftest import wait_for
+from test_isolation import processes_of_node
+
+
+def test_streaming_yields_every_index_once_as_calls_complete():
+    def f(x):
+        import time
+
+        time.sleep(0.02 * (x % 3))
+        return x * 3
+
+    seen = {}
+    for index, output in remote_parallel_map(f, range(30), generator=True, verbose=False):
+        assert index not in seen
+        seen[index] = output
+    assert seen == {i: i * 3 for i in range(30)}
+
+
+def test_streaming_from_a_generator_input():
+    pairs = remote_parallel_map(lambda x: -x, (i for i in range(50)), generator=True, verbose=False)
+    assert sorted(pairs) == [(i, -i) for i in range(50)]
+
+
+def test_leaving_a_streaming_loop_early_cancels_the_job():
+    def slow(x):
+        import time
+
+        time.sleep(0.05)
+        return x
+
+    stream = remote_parallel_map(slow, range(400), generator=True, verbose=False)
+    for index, _ in stream:
+        break
+    stream.close()
+    # The job's workers are killed once the job is cancelled.
+    wait_for(lambda: not _embedded_workers(), 5, "the job's workers to stop", lambda: str(_embedded_workers()))
+
+
+def _embedded_workers():
+    from test_isolation import processes_of_node_prefix
+
+    return processes_of_node_prefix("-local")
+
+
+def test_a_function_that_cannot_take_one_argument_is_refused_before_submission():
+    with pytest.raises(TypeError, match="cannot be called with one positional argument"):
+        remote_parallel_map(lambda a, b: a, [1, 2], verbose=False)
+    # Defaults and *args are fine.
+    assert remote_parallel_map(lambda a, b=2: a * b, [1], verbose=False) == [2]
+    assert remote_parallel_map(lambda *args: args[0], [5], verbose=False) == [5]
+
+
+def test_an_unpicklable_capture_is_named_with_where_it_sits():
+    lock = threading.Lock()
+
+    def uses_lock(x):
+        with lock:
+            return x
+
+    with pytest.raises(fleetmap.InputError) as info:
+        remote_parallel_map(uses_lock, [1], verbose=False)
+    message = str(info.value)
+    assert "closure variable 'lock'" in message and "lock" in message, message
+    assert "create it inside the function" in message, message
+
+
+def test_a_generator_nested_in_an_input_is_refused_naming_its_path():
+    nested = {"values": [1, (i for i in range(3))]}
+    with pytest.raises(fleetmap.InputError) as info:
+        remote_parallel_map(lambda x: x, [0, nested], verbose=False)
+    assert info.value.input_index == 1
+    assert "inputs[1]['values'][1] is a generator" in str(info.value), str(info.value)
+
+
+def test_a_node_with_another_python_minor_version_says_so(monkeypatch):
+    import fleetmap._map as map_module
+
+    monkeypatch.setattr(map_module, "_python_version", lambda: "3.99")
+    with pytest.raises(fleetmap.JobFailed) as info:
+        remote_parallel_map(abs, [1], verbose=False)
+    message = str(info.value)
+    assert "the caller runs Python 3.99" in message and "same minor version" in message, message
+
+
+CTRL_C_JOB = """
+import time
+from fleetmap import remote_parallel_map
+
+def slow(x):
+    import time
+    time.sleep(30)
+    return x
+
+print("submitting", flush=True)
+remote_parallel_map(slow, range(8), verbose=False)
+"""
+
+
+def test_ctrl_c_in_the_caller_kills_every_remote_process_of_the_job(processes):
+    coordinator = processes.start_coordinator()
+    processes.start_node(coordinator, "ctrl-c-node", cores=2)
+    client = processes.start("client", [sys.executable, "-c", CTRL_C_JOB], env=coordinator.client_env())
+    wait_for(lambda: len(processes_of_node("ctrl-c-node")) >= 2, 30, "the job's workers to start", client.describe)
+    client.popen.send_signal(signal.SIGINT)
+    client.popen.wait(timeout=10)
+    assert client.popen.returncode != 0
+    assert "KeyboardInterrupt" in client.stderr(), client.describe()
+    interrupted = time.monotonic()
+    wait_for(
+        lambda: not processes_of_node("ctrl-c-node"),
+        2,
+        "the job's workers to be killed",
+        lambda: str(processes_of_node("ctrl-c-node")),
+    )
+    assert time.monotonic() - interrupted <= 2
