@@ -357,6 +357,11 @@ fn worker_command(ctx: &SlotContext) -> WorkerCommand {
         // The worker checks that it runs the caller's Python minor version:
         // cloudpickle needs the same on both ends.
         ("FLEETMAP_CALLER_PYTHON".into(), version.clone().into()),
+        // WebAssembly calls cap their memory at the slot's func_ram.
+        (
+            "FLEETMAP_MEMORY_LIMIT".into(),
+            ctx.spec.call.memory_bytes.to_string().into(),
+        ),
         ("CUDA_DEVICE_ORDER".into(), "PCI_BUS_ID".into()),
         ("CUDA_VISIBLE_DEVICES".into(), visible.clone().into()),
         ("NVIDIA_VISIBLE_DEVICES".into(), visible.into()),

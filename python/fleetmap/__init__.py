@@ -20,8 +20,12 @@ from ._errors import (
     RemoteTraceback,
     UnsupportedOption,
     VersionMismatch,
+    WasmError,
+    WasmMemoryLimit,
+    WasmTimeout,
     WorkerCrashed,
 )
+from ._wasm import wasm
 from ._native import VERSION as __version__
 
 TYPE_CHECKING = False
@@ -51,6 +55,10 @@ __all__ = [
     "OutOfMemory",
     "WorkerCrashed",
     "VersionMismatch",
+    "WasmError",
+    "WasmMemoryLimit",
+    "WasmTimeout",
+    "wasm",
     "RemoteError",
     "RemoteTraceback",
     "__version__",

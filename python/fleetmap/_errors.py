@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 
 class FleetmapError(Exception):
     """Base class of every error fleetmap itself raises."""
@@ -70,6 +72,30 @@ class RemoteTraceback(Exception):
 
     def __str__(self) -> str:
         return self.text
+
+
+class WasmError(FleetmapError):
+    """A WebAssembly call failed: it trapped, exited non-zero, ran out of
+    time or memory, or the module is invalid. ``kind`` says which,
+    ``stderr`` holds what the module wrote to stderr, ``exit_code`` its
+    exit status where it exited."""
+
+    def __init__(self, message: str, kind: str = "trap", stderr: str = "", exit_code: Optional[int] = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.stderr = stderr
+        self.exit_code = exit_code
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.kind, self.stderr, self.exit_code))
+
+
+class WasmTimeout(WasmError, TimeoutError):
+    """A WebAssembly call ran past its ``time_limit``."""
+
+
+class WasmMemoryLimit(WasmError, MemoryError):
+    """A WebAssembly call tried to grow its memory past the slot's ``func_ram``."""
 
 
 class VersionMismatch(UserWarning):

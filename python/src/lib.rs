@@ -3,9 +3,11 @@
 //! decisions of its own. Blocking calls release the GIL.
 //!
 //! Errors cross as `NativeError(kind, message)`; the pure-Python package
-//! turns each kind into its own exception class.
+//! turns each kind into its own exception class. WebAssembly modules fail
+//! with `WasmError(kind, message, stderr, exit_code)`.
 
 use std::{
+    borrow::Cow,
     net::SocketAddr,
     path::PathBuf,
     sync::{Arc, Mutex, OnceLock},
@@ -16,9 +18,10 @@ use fleetmap_client::{local::LocalCluster, Client, ClientError, Job, JobEvent};
 use fleetmap_coordinator::{credentials::CredentialPaths, CoordinatorConfig, Credentials, RunningCoordinator};
 use fleetmap_node_daemon::{Isolation, NodeConfig};
 use fleetmap_protocol::{CallRequest, InputChunk, JobSpec, OutputStream, RuntimeSpec};
+use fleetmap_runtime::wasm;
 use pyo3::{
     create_exception,
-    exceptions::PyException,
+    exceptions::{PyException, PyValueError},
     prelude::*,
     types::{PyBytes, PyDict},
 };
@@ -30,6 +33,19 @@ create_exception!(
     PyException,
     "An error from fleetmap's native core: args are (kind, message)."
 );
+
+create_exception!(
+    _native,
+    WasmError,
+    PyException,
+    "A WebAssembly module failed to load or run: args are (kind, message, stderr, exit_code); \
+     kind is one of \"invalid\", \"no_start\", \"trap\", \"exit\", \"timeout\", \"memory\", \
+     \"output_too_large\"; exit_code is None unless kind is \"exit\"."
+);
+
+fn wasm_error(e: wasm::WasmError) -> PyErr {
+    WasmError::new_err((e.kind(), e.to_string(), e.stderr().to_string(), e.exit_code()))
+}
 
 fn native_error(kind: &str, message: impl std::fmt::Display) -> PyErr {
     NativeError::new_err((kind.to_string(), message.to_string()))
@@ -476,9 +492,83 @@ fn worker_main(py: Python<'_>, fd: i32) -> PyResult<()> {
     fleetmap_runtime::python::worker_main(py, fd)
 }
 
+/// A WASI command module compiled in this process (once per module bytes),
+/// run once per input in a fresh instance: stdin in, stdout out.
+#[pyclass(name = "WasmModule", frozen)]
+struct PyWasmModule {
+    module: wasm::WasmModule,
+}
+
+#[pymethods]
+impl PyWasmModule {
+    /// Compiles `module` (binary or WAT text) with the GIL released.
+    #[new]
+    #[pyo3(signature = (module, memory_limit_bytes, time_limit_s, args, env, mounts, max_output_bytes))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        module: Cow<'_, [u8]>,
+        memory_limit_bytes: u64,
+        time_limit_s: Option<f64>,
+        args: Vec<String>,
+        env: Vec<(String, String)>,
+        mounts: Vec<(String, String)>,
+        max_output_bytes: usize,
+    ) -> PyResult<Self> {
+        let time_limit = time_limit_s
+            .map(|s| {
+                Duration::try_from_secs_f64(s)
+                    .ok()
+                    .filter(|d| !d.is_zero())
+                    .ok_or_else(|| {
+                        PyValueError::new_err(format!("time_limit_s must be a positive number of seconds, not {s}"))
+                    })
+            })
+            .transpose()?;
+        let config = wasm::WasmConfig {
+            memory_limit_bytes,
+            time_limit,
+            args,
+            env,
+            mounts: mounts
+                .into_iter()
+                .map(|(host, guest)| (PathBuf::from(host), guest))
+                .collect(),
+            max_output: max_output_bytes,
+            ..wasm::WasmConfig::default()
+        };
+        let module = py
+            .allow_threads(|| wasm::WasmModule::new(&module, config))
+            .map_err(wasm_error)?;
+        Ok(Self { module })
+    }
+
+    /// Runs the module on `stdin` and returns its stdout (GIL released).
+    fn run(&self, py: Python<'_>, stdin: Cow<'_, [u8]>) -> PyResult<Py<PyBytes>> {
+        let out = py.allow_threads(|| self.module.run(&stdin)).map_err(wasm_error)?;
+        Ok(PyBytes::new(py, &out).unbind())
+    }
+
+    /// Like `run`, returning `(stdout, stderr)`.
+    fn run_with_stderr(&self, py: Python<'_>, stdin: Cow<'_, [u8]>) -> PyResult<(Py<PyBytes>, String)> {
+        let out = py
+            .allow_threads(|| self.module.run_with_stderr(&stdin))
+            .map_err(wasm_error)?;
+        Ok((PyBytes::new(py, &out.stdout).unbind(), out.stderr))
+    }
+}
+
+/// Checks that `module` compiles to a WASI command module; raises
+/// `WasmError` ("invalid" or "no_start") if not.
+#[pyfunction]
+fn validate_wasm(py: Python<'_>, module: Cow<'_, [u8]>) -> PyResult<()> {
+    py.allow_threads(|| wasm::validate(&module)).map_err(wasm_error)
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("NativeError", m.py().get_type::<NativeError>())?;
+    m.add("WasmError", m.py().get_type::<WasmError>())?;
     m.add("VERSION", fleetmap_protocol::SOFTWARE_VERSION)?;
     m.add_function(wrap_pyfunction!(init_logging, m)?)?;
     m.add_function(wrap_pyfunction!(start_local_cluster, m)?)?;
@@ -486,10 +576,12 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(start_node, m)?)?;
     m.add_function(wrap_pyfunction!(connect, m)?)?;
     m.add_function(wrap_pyfunction!(worker_main, m)?)?;
+    m.add_function(wrap_pyfunction!(validate_wasm, m)?)?;
     m.add_class::<LocalHandle>()?;
     m.add_class::<CoordinatorHandle>()?;
     m.add_class::<NodeHandle>()?;
     m.add_class::<Connection>()?;
     m.add_class::<PyJob>()?;
+    m.add_class::<PyWasmModule>()?;
     Ok(())
 }

@@ -4,13 +4,17 @@
 //! (blocking, framed). With the `python` feature, [`python::worker_main`] is
 //! the Python executor: it runs inside a CPython worker process (through
 //! pyo3), loads the job's function once with cloudpickle and runs chunk
-//! after chunk of inputs through it.
+//! after chunk of inputs through it. With the `wasm` feature,
+//! [`wasm::WasmModule`] runs a WASI command module (wasmtime) once per
+//! input, in a fresh instance each time.
 //!
 //! This crate must not depend on QUIC, the coordinator or the node daemon:
 //! a worker talks only to its daemon, over the channel it inherited.
 
 #[cfg(feature = "python")]
 pub mod python;
+#[cfg(feature = "wasm")]
+pub mod wasm;
 
 use std::io::{Read, Write};
 

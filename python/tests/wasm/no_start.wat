@@ -1,0 +1,2 @@
+;; A module without the _start a WASI command needs.
+(module (func (export "main")))
