@@ -13,7 +13,7 @@ import site
 import sys
 import sysconfig
 import types
-from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Generator, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from . import _fleet, _native
 from ._errors import CoordinatorUnreachable, InputError, JobFailed, UnsupportedOption
@@ -346,7 +346,7 @@ def _pickle_chunk(chunk: List[Any], first: int) -> bytes:
 
 def _chunk_outcomes(
     job, source: _InputSource, progress: Progress, return_exceptions: bool, scope
-) -> Iterator[Tuple[int, List[Any]]]:
+) -> Generator[Tuple[int, List[Any]], None, None]:
     """Feeds the job its inputs within credit and yields ``(first index,
     outputs)`` per finished chunk. Whatever ends it early (a failure,
     Ctrl-C, the caller leaving a streaming loop) cancels the job."""
@@ -362,29 +362,29 @@ def _chunk_outcomes(
         scope.__exit__(None, None, None)
 
 
-def _run(job, source: _InputSource, progress: Progress, return_exceptions: bool) -> Iterator[Tuple[int, List[Any]]]:
+def _run(
+    job, source: _InputSource, progress: Progress, return_exceptions: bool
+) -> Generator[Tuple[int, List[Any]], None, None]:
     total = source.total
     slots = max(job.slots, 1)
-    if total is not None:
-        # As many chunks as four per slot (multiprocessing's heuristic), so
-        # that slots finishing early find more work.
-        chunk_size = max(1, math.ceil(total / (slots * 4)))
-    else:
-        # Length unknown: start small so the first results come soon, and
-        # double up to a size where per-chunk costs vanish.
-        chunk_size = 1
+    # Chunks grow to as many as four per slot (multiprocessing's heuristic,
+    # so that slots finishing early find more work), or to 4,096 inputs when
+    # the length is unknown, and shrink where inputs are large. They start
+    # at one input and double with every round of slots, so the first
+    # results come after one call, not after a whole chunk.
+    cap = max(1, math.ceil(total / (slots * 4))) if total is not None else 4096
     credit = job.credit
     chunk_id = done = 0
     inputs_done = False
     while True:
         while credit > 0 and not source.exhausted():
             first = source.next_index
-            chunk = source.take(chunk_size)
+            chunk = source.take(min(cap, 1 << min(chunk_id // slots, 30)))
             payload = _pickle_chunk(chunk, first)
             while len(payload) > _TARGET_CHUNK_BYTES and len(chunk) > 1:
                 # Inputs are large: shrink this chunk and the ones after it.
                 chunk = chunk[: max(1, len(chunk) * _TARGET_CHUNK_BYTES // len(payload))]
-                chunk_size = len(chunk)
+                cap = len(chunk)
                 payload = _pickle_chunk(chunk, first)
             if len(payload) > MAX_PAYLOAD_BYTES:
                 raise InputError(
@@ -396,8 +396,6 @@ def _run(job, source: _InputSource, progress: Progress, return_exceptions: bool)
             source.consume(len(chunk))
             chunk_id += 1
             credit -= 1
-            if total is None and len(payload) < _TARGET_CHUNK_BYTES // 2:
-                chunk_size = min(chunk_size * 2, 4096)
         if source.exhausted() and not inputs_done:
             job.inputs_done(chunk_id)
             inputs_done = True

@@ -39,9 +39,11 @@ class RemoteFailure:
         while tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename) == skip_file:
             tb = tb.tb_next
         text = "".join(traceback.format_exception(type(exc), exc, tb))
+        blob: Optional[bytes]
         try:
-            blob: Optional[bytes] = cloudpickle.dumps(exc)
-            pickle.loads(blob)
+            pickled = cloudpickle.dumps(exc)
+            pickle.loads(pickled)
+            blob = pickled
         except Exception:
             blob = None
         name = f"{type(exc).__module__}.{type(exc).__qualname__}"

@@ -1,0 +1,299 @@
+"""Type stub of ``fleetmap._native``, the compiled core (``python/src/lib.rs``).
+
+The module converts types between Python and the Rust crates and holds the
+process's tokio runtime. Every blocking call releases the GIL. Errors cross
+as :class:`NativeError`; ``fleetmap._fleet.translate`` turns them into
+``fleetmap`` exception classes.
+
+Keep this file in step with the ``#[pymodule]`` in ``python/src/lib.rs``.
+"""
+
+import os
+from typing import Any, Optional, Sequence, Tuple, TypedDict, Union, final, type_check_only
+
+#: Bytes as the core accepts them (``bytes`` or ``bytearray``, without a copy).
+_Bytes = Union[bytes, bytearray]
+
+__all__ = [
+    "NativeError",
+    "VERSION",
+    "init_logging",
+    "start_local_cluster",
+    "start_coordinator",
+    "start_node",
+    "connect",
+    "worker_main",
+    "LocalHandle",
+    "CoordinatorHandle",
+    "NodeHandle",
+    "Connection",
+    "Job",
+    "WasmError",
+    "WasmModule",
+    "validate_wasm",
+]
+
+#: fleetmap's software version (the Rust crates' ``CARGO_PKG_VERSION``).
+VERSION: str
+
+class NativeError(Exception):
+    """An error from fleetmap's native core: ``args`` are ``(kind, message)``.
+
+    ``kind`` is one of ``"unreachable"``, ``"disconnected"``, ``"auth"``,
+    ``"tls"``, ``"rejected"``, ``"protocol"``, ``"config"`` or ``"local"``.
+    """
+
+    args: Tuple[str, str]
+
+class WasmError(Exception):
+    """A WebAssembly module failed to load or run: ``args`` are
+    ``(kind, message, stderr, exit_code)``.
+
+    ``kind`` is one of ``"invalid"``, ``"no_start"``, ``"trap"``,
+    ``"exit"``, ``"timeout"``, ``"memory"`` or ``"output_too_large"``;
+    ``stderr`` is the tail of what the module wrote there; ``exit_code`` is
+    ``None`` unless ``kind`` is ``"exit"``. ``fleetmap._wasm`` turns it into
+    ``fleetmap.WasmError`` and its subclasses.
+    """
+
+    args: Tuple[str, str, str, Optional[int]]
+
+def init_logging(level: str) -> None:
+    """Turns on logging to stderr at ``level`` (``FLEETMAP_LOG`` overrides it);
+    only the first call has an effect."""
+
+def start_local_cluster(listen: str, python: str) -> LocalHandle:
+    """Starts the embedded cluster (a coordinator and one node daemon, fresh
+    credentials) in this process on ``listen`` (``"127.0.0.1:0"`` for any
+    port), with ``python`` as the workers' default interpreter.
+
+    Raises :class:`NativeError` ``("config", ...)`` for a bad address and
+    ``("local", ...)`` when the cluster cannot start."""
+
+def start_coordinator(listen: str, state_dir: Union[str, "os.PathLike[str]"]) -> CoordinatorHandle:
+    """Starts a coordinator serving QUIC on ``listen``, with its CA, join token
+    and API key loaded from (or created in) ``state_dir``.
+
+    Raises :class:`NativeError` ``("config", ...)`` when the address is bad,
+    the credentials cannot be read or written, or the address is taken."""
+
+def start_node(
+    coordinator: str,
+    token: str,
+    ca_pem: bytes,
+    name: Optional[str] = None,
+    cores: Optional[int] = None,
+    memory_bytes: Optional[int] = None,
+    python: Optional[str] = None,
+    gpus: Optional[Sequence[int]] = None,
+    cgroups: bool = True,
+    cgroup_subtree: Optional[str] = None,
+    cgroup_mount: Union[str, "os.PathLike[str]", None] = None,
+    pids_per_slot: Optional[int] = None,
+    run_as: Optional[str] = None,
+    private_tmp: bool = True,
+) -> NodeHandle:
+    """Starts a node daemon in this process that joins ``coordinator``
+    (``host:port``) with the join ``token``, trusting the CA in ``ca_pem``.
+
+    ``None`` leaves a setting at its default: the host name, every core, all
+    memory, the caller's interpreter for jobs, the NVIDIA driver's GPUs
+    (``gpus`` takes device minors), ``/sys/fs/cgroup`` and a subtree named
+    after the node, 4096 processes per slot, the daemon's own user.
+    ``cgroups=False`` only pins slots to cores; ``private_tmp=False`` lets
+    workers share the node's ``/tmp``.
+
+    The daemon runs in the background: :meth:`NodeHandle.wait` reports why it
+    stopped. Raises :class:`NativeError` ``("config", ...)`` when ``run_as``
+    names no user."""
+
+def connect(addr: str, ca_pem: bytes, api_key: str) -> Connection:
+    """Connects to the coordinator at ``addr`` (``host:port``), verifying its
+    certificate against ``ca_pem`` and presenting ``api_key``.
+
+    Raises :class:`NativeError` with kind ``"unreachable"``, ``"auth"``,
+    ``"tls"`` or ``"protocol"``."""
+
+def worker_main(fd: int) -> None:
+    """Runs a slot's worker loop on the inherited channel ``fd`` until the
+    daemon closes it (called by ``fleetmap._worker.main`` in a worker process)."""
+
+@final
+class LocalHandle:
+    """The embedded cluster running in this process and its credentials."""
+
+    @property
+    def addr(self) -> str:
+        """The coordinator's ``host:port``."""
+    @property
+    def ca_pem(self) -> str:
+        """The cluster CA's certificate, PEM text."""
+    @property
+    def api_key(self) -> str:
+        """The API key clients present."""
+    @property
+    def join_token(self) -> str:
+        """The token nodes present to join."""
+    def stop(self) -> None:
+        """Stops the node and the coordinator (workers included); later calls do nothing."""
+
+@final
+class CoordinatorHandle:
+    """A coordinator serving in this process."""
+
+    @property
+    def addr(self) -> str:
+        """The address it listens on, ``host:port``."""
+    @property
+    def ca_path(self) -> str:
+        """The path of the CA certificate (``ca.pem``) that nodes and clients trust."""
+    @property
+    def join_token_path(self) -> str:
+        """The path of the file holding the join token for nodes."""
+    @property
+    def api_key_path(self) -> str:
+        """The path of the file holding the API key for clients."""
+    def node_count(self) -> int:
+        """How many nodes are joined now (0 once stopped)."""
+    def stop(self) -> None:
+        """Shuts the coordinator down; later calls do nothing."""
+
+@final
+class NodeHandle:
+    """A node daemon serving in this process."""
+
+    @property
+    def name(self) -> str:
+        """The node's name."""
+    def wait(self, timeout: float) -> Optional[str]:
+        """Waits up to ``timeout`` seconds: ``None`` while the daemon runs,
+        else why it stopped (``"stopped"``, or the error, e.g. a refused join
+        token)."""
+    def stop(self) -> None:
+        """Stops the daemon: every slot is torn down (workers killed, cgroups
+        removed) before this returns, or after 10 s at most."""
+
+@type_check_only
+class NodeStatus(TypedDict):
+    """One node as :meth:`Connection.status` reports it (a plain ``dict``)."""
+
+    name: str
+    cores: int
+    memory_bytes: int
+    #: The device minors of the node's GPUs.
+    gpus: list[int]
+    free_cores: int
+    free_memory_bytes: int
+    free_gpus: int
+    #: How slots are isolated, e.g. whether calls are pinned.
+    isolation: str
+
+@final
+class Connection:
+    """An authenticated connection to a coordinator, shared by the calls of a process."""
+
+    def submit(
+        self,
+        function: bytes,
+        cores: int,
+        memory_bytes: int,
+        gpus: int,
+        parallelism: Optional[int],
+        total_inputs: Optional[int],
+        executable: str,
+        version: str,
+    ) -> Job:
+        """Submits a job of the pickled Python ``function``: each call gets
+        ``cores`` cores, ``memory_bytes`` of memory and ``gpus`` GPUs; at most
+        ``parallelism`` slots (``None``: as many as are free);
+        ``total_inputs`` is ``None`` when the inputs are streamed. Workers run
+        ``executable`` (Python ``version``, ``"3.11"``).
+
+        Returns once the coordinator has placed the job's slots; raises
+        :class:`NativeError` ``("rejected", reason)`` when no node can host
+        one call, or ``"disconnected"`` when the connection is gone."""
+    @property
+    def coordinator_version(self) -> str:
+        """The fleetmap version the coordinator runs (from its ``Welcome``)."""
+    def close(self) -> None:
+        """Closes the connection; its running jobs are cancelled."""
+    def status(self) -> Tuple[list[NodeStatus], int]:
+        """The fleet's nodes and the number of running jobs."""
+
+#: What :meth:`Job.events` returns, one tuple per event. The first item says
+#: which:
+#:
+#: - ``("output", first_input, count, failed, node, payload)``: the pickled
+#:   ``(outputs, failures)`` of ``count`` inputs from ``first_input``;
+#:   ``failed`` is true when the function raised on one of them;
+#: - ``("log", stream, node, text)``: a line a call printed, ``stream`` is
+#:   ``"stdout"`` or ``"stderr"``;
+#: - ``("credit", n)``: ``n`` more chunks may be sent;
+#: - ``("finished",)``: every input has its output;
+#: - ``("failed", reason)``: the job stopped (e.g. a node was lost, or the
+#:   connection to the coordinator).
+#:
+#: Typed as plain tuples so that callers may index and unpack them after
+#: testing the first item. (A name for the stub only: it does not exist at
+#: run time.)
+_JobEvent = Tuple[Any, ...]
+
+@final
+class Job:
+    """A running job. Cancelled when its connection closes."""
+
+    @property
+    def id(self) -> int:
+        """The job's number at the coordinator."""
+    @property
+    def slots(self) -> int:
+        """Slots placed when the job was accepted."""
+    @property
+    def nodes(self) -> int:
+        """Nodes those slots are on."""
+    @property
+    def credit(self) -> int:
+        """Chunks the client may send before it gets more credit."""
+    def send_chunk(self, chunk: int, first_input: int, count: int, payload: bytes) -> None:
+        """Sends chunk number ``chunk``: ``count`` inputs from ``first_input``,
+        pickled as one list in ``payload``. The caller keeps within its credit."""
+    def inputs_done(self, chunks: int) -> None:
+        """Says that ``chunks`` chunks were sent in all and no more will come."""
+    def cancel(self) -> None:
+        """Cancels the job: its remote calls are stopped."""
+    def events(self, timeout: float) -> list[_JobEvent]:
+        """The events that arrive within ``timeout`` seconds: at least one
+        unless the time runs out, at most 4096 (see ``_JobEvent`` above)."""
+
+def validate_wasm(module: _Bytes) -> None:
+    """Checks that ``module`` (binary or WAT text) compiles to a WASI command
+    module; raises :class:`WasmError` (``"invalid"`` or ``"no_start"``) if not."""
+
+@final
+class WasmModule:
+    """A WASI command module compiled in this process (once per module
+    bytes), run once per input in a fresh instance: stdin in, stdout out."""
+
+    def __new__(
+        cls,
+        module: _Bytes,
+        memory_limit_bytes: int,
+        time_limit_s: Optional[float],
+        args: Sequence[str],
+        env: Sequence[Tuple[str, str]],
+        mounts: Sequence[Tuple[str, str]],
+        max_output_bytes: int,
+    ) -> WasmModule:
+        """Compiles ``module`` (binary or WAT text) with the GIL released.
+
+        Every run gets at most ``memory_limit_bytes`` of linear memory and
+        ``time_limit_s`` seconds (``None``: no limit; otherwise above 0, else
+        ``ValueError``), the WASI ``args`` and ``env``, the ``mounts`` as
+        ``(host directory, guest path)`` pairs, and may write at most
+        ``max_output_bytes`` to stdout. Raises :class:`WasmError` when the
+        module does not compile."""
+    def run(self, stdin: _Bytes) -> bytes:
+        """Runs the module in a fresh instance on ``stdin`` and returns its
+        stdout (GIL released); raises :class:`WasmError` when it fails."""
+    def run_with_stderr(self, stdin: _Bytes) -> Tuple[bytes, str]:
+        """Like :meth:`run`, returning ``(stdout, stderr)``."""
