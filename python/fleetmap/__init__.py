@@ -25,12 +25,12 @@ from ._errors import (
     WasmTimeout,
     WorkerCrashed,
 )
-from ._wasm import wasm
 from ._native import VERSION as __version__
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from ._map import remote_parallel_map
+    from ._wasm import wasm
 
 
 def __getattr__(name: str):
@@ -40,6 +40,10 @@ def __getattr__(name: str):
         from ._map import remote_parallel_map
 
         return remote_parallel_map
+    if name == "wasm":
+        from ._wasm import wasm
+
+        return wasm
     raise AttributeError(f"module 'fleetmap' has no attribute {name!r}")
 
 __all__ = [
