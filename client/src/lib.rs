@@ -174,15 +174,10 @@ impl Client {
     /// Submits a job; it is accepted (possibly with no free slots yet) or
     /// rejected with the coordinator's reason.
     pub async fn submit(&self, spec: JobSpec) -> Result<Job, ClientError> {
-        let request = self.next_request.fetch_add(1, Ordering::Relaxed);
         let (done, accepted) = oneshot::channel();
-        {
-            let mut routes = self.routes.lock().expect("routing lock poisoned");
-            if let Some(reason) = &routes.closed {
-                return Err(ClientError::Disconnected(reason.clone()));
-            }
+        let request = self.register(|routes, request| {
             routes.submits.insert(request, done);
-        }
+        })?;
         let _ = self.tx.send(Message::SubmitJob { request, spec });
         let accepted = accepted
             .await
@@ -199,19 +194,26 @@ impl Client {
 
     /// The fleet's nodes, their free resources and how they isolate slots.
     pub async fn status(&self) -> Result<FleetStatus, ClientError> {
-        let request = self.next_request.fetch_add(1, Ordering::Relaxed);
         let (done, status) = oneshot::channel();
-        {
-            let mut routes = self.routes.lock().expect("routing lock poisoned");
-            if let Some(reason) = &routes.closed {
-                return Err(ClientError::Disconnected(reason.clone()));
-            }
+        let request = self.register(|routes, request| {
             routes.statuses.insert(request, done);
-        }
+        })?;
         let _ = self.tx.send(Message::StatusRequest { request });
         status
             .await
             .map_err(|_| ClientError::Disconnected("the connection closed during a status request".into()))
+    }
+
+    /// Takes a request number and records where its answer goes, unless the
+    /// connection is already gone.
+    fn register(&self, route: impl FnOnce(&mut Routing, u64)) -> Result<u64, ClientError> {
+        let request = self.next_request.fetch_add(1, Ordering::Relaxed);
+        let mut routes = self.routes.lock().expect("routing lock poisoned");
+        if let Some(reason) = &routes.closed {
+            return Err(ClientError::Disconnected(reason.clone()));
+        }
+        route(&mut routes, request);
+        Ok(request)
     }
 
     /// Closes the connection; running jobs are cancelled by the coordinator.

@@ -55,19 +55,29 @@ def slot_cgroups(subtree: str) -> List[str]:
     )
 
 
-def processes_of_node(name: str) -> List[int]:
-    """PIDs of worker processes started for node `name`."""
+def worker_processes(node_matches, children_only: bool = False) -> List[int]:
+    """PIDs of worker processes whose FLEETMAP_NODE satisfies `node_matches`
+    (only this process's children with `children_only`)."""
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            environ = (entry / "environ").read_bytes()
-        except OSError:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
             continue
-        if f"FLEETMAP_NODE={name}".encode() in environ.split(b"\0"):
+        if children_only and ppid != os.getpid():
+            continue
+        nodes = [v[len(b"FLEETMAP_NODE=") :].decode() for v in environ if v.startswith(b"FLEETMAP_NODE=")]
+        if any(node_matches(n) for n in nodes):
             pids.append(int(entry.name))
     return pids
+
+
+def processes_of_node(name: str) -> List[int]:
+    """PIDs of worker processes started for node `name`."""
+    return worker_processes(lambda node: node == name)
 
 
 def embedded_subtree() -> str:
@@ -161,18 +171,9 @@ def test_teardown_leaves_no_cgroup_and_no_worker_after_200_jobs():
 
 
 def processes_of_node_prefix(suffix: str) -> List[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes().split(b"\0")
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        if ppid == os.getpid() and any(v.startswith(b"FLEETMAP_NODE=") and v.endswith(suffix.encode()) for v in environ):
-            pids.append(int(entry.name))
-    return pids
+    """PIDs of this process's workers whose node name ends with `suffix`
+    (the embedded cluster's)."""
+    return worker_processes(lambda node: node.endswith(suffix), children_only=True)
 
 
 # --- through separate `fleetmap node` processes ---------------------------
