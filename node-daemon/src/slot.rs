@@ -11,8 +11,8 @@ use std::{collections::VecDeque, os::fd::AsRawFd, path::Path, sync::Arc, time::D
 
 use fleetmap_net::{write_frames, FramedReader};
 use fleetmap_protocol::{
-    worker::{CrashKind, CrashedInput, FromWorker, ToWorker},
-    InputChunk, JobId, JobSpec, LogLine, Message, OutputChunk, OutputStream, RuntimeSpec, SlotId,
+    worker::{CrashKind, CrashedInput, FromWorker, ToWorker, WorkerSettings},
+    InputChunk, InputIndex, JobId, JobSpec, LogLine, NodeToCoordinator, OutputChunk, OutputStream, RuntimeSpec, SlotId,
 };
 use fleetmap_sandbox::{
     cgroup::{CgroupTree, GpuAccess, SlotCgroup, SlotLimits},
@@ -38,12 +38,12 @@ pub(crate) struct SlotContext {
     pub config: Arc<NodeConfig>,
     pub cgroups: Option<Arc<CgroupTree>>,
     pub placement: Placement,
-    pub up: mpsc::UnboundedSender<Message>,
+    pub up: mpsc::UnboundedSender<NodeToCoordinator>,
 }
 
 pub(crate) async fn run_slot(ctx: SlotContext, chunks: mpsc::UnboundedReceiver<InputChunk>) {
     if let Err(reason) = drive_slot(&ctx, chunks).await {
-        let _ = ctx.up.send(Message::SlotFailed {
+        let _ = ctx.up.send(NodeToCoordinator::SlotFailed {
             job: ctx.job,
             slot: ctx.slot,
             reason,
@@ -56,7 +56,7 @@ struct Pending {
     chunk: InputChunk,
     isolated: bool,
     crashed: Vec<CrashedInput>,
-    started: Option<u64>,
+    started: Option<InputIndex>,
 }
 
 impl Pending {
@@ -116,7 +116,7 @@ async fn drive_slot(ctx: &SlotContext, mut chunks: mpsc::UnboundedReceiver<Input
                         node: ctx.config.name.clone(),
                         payload,
                     };
-                    let _ = ctx.up.send(Message::ChunkDone { job: ctx.job, slot: ctx.slot, output });
+                    let _ = ctx.up.send(NodeToCoordinator::ChunkDone { job: ctx.job, slot: ctx.slot, output });
                 }
                 Ok(Some(other)) => {
                     return Err(format!(
@@ -155,7 +155,7 @@ fn learn_from_death(front: &mut Pending, death: Death, ctx: &SlotContext) -> Res
                 ctx.slot,
                 death.what,
                 front.chunk.first_input,
-                front.chunk.first_input + front.chunk.count as u64 - 1
+                front.chunk.first_input.offset(front.chunk.count as u64 - 1)
             ));
         }
         (_, false, _) => None,
@@ -236,9 +236,16 @@ impl WorkerProcess {
             process,
             cgroup,
         };
-        let RuntimeSpec::Python { function, .. } = &ctx.spec.runtime;
+        let RuntimeSpec::Python { function, version, .. } = &ctx.spec.runtime;
         worker.send(ToWorker::Load {
             function: function.clone(),
+            settings: WorkerSettings {
+                node: ctx.config.name.clone(),
+                caller_python: version.clone(),
+                memory_limit_bytes: ctx.spec.call.memory_bytes,
+                // Room for the envelope around the pickled outputs.
+                max_output_bytes: ctx.config.max_frame.saturating_sub(64 << 10) as u64,
+            },
         });
         loop {
             tokio::select! {
@@ -320,9 +327,7 @@ fn slot_limits(ctx: &SlotContext) -> SlotLimits {
 }
 
 fn worker_command(ctx: &SlotContext) -> WorkerCommand {
-    let RuntimeSpec::Python {
-        executable, version, ..
-    } = &ctx.spec.runtime;
+    let RuntimeSpec::Python { executable, .. } = &ctx.spec.runtime;
     // The caller's own interpreter when this node has it (the embedded
     // cluster, a shared file system), else the node's.
     let program = if Path::new(executable).is_file() {
@@ -330,7 +335,6 @@ fn worker_command(ctx: &SlotContext) -> WorkerCommand {
     } else {
         ctx.config.python.clone()
     };
-    let max_output = ctx.config.max_frame.saturating_sub(64 << 10);
     // CUDA numbers devices in its own order; UUIDs (or PCI order) name
     // exactly the slot's GPUs.
     let visible = ctx
@@ -348,20 +352,10 @@ fn worker_command(ctx: &SlotContext) -> WorkerCommand {
         .join(",");
     let mut env: Vec<(std::ffi::OsString, std::ffi::OsString)> = vec![
         ("PYTHONUNBUFFERED".into(), "1".into()),
+        // For the user's code and operators' tools (as Slurm's
+        // SLURMD_NODENAME); the worker itself reads no settings from its
+        // environment: they come in its first message.
         ("FLEETMAP_NODE".into(), ctx.config.name.clone().into()),
-        ("FLEETMAP_MAX_OUTPUT".into(), max_output.to_string().into()),
-        (
-            "FLEETMAP_WORKER_FD".into(),
-            fleetmap_sandbox::WORKER_CHANNEL_FD.to_string().into(),
-        ),
-        // The worker checks that it runs the caller's Python minor version:
-        // cloudpickle needs the same on both ends.
-        ("FLEETMAP_CALLER_PYTHON".into(), version.clone().into()),
-        // WebAssembly calls cap their memory at the slot's func_ram.
-        (
-            "FLEETMAP_MEMORY_LIMIT".into(),
-            ctx.spec.call.memory_bytes.to_string().into(),
-        ),
         ("CUDA_DEVICE_ORDER".into(), "PCI_BUS_ID".into()),
         ("CUDA_VISIBLE_DEVICES".into(), visible.clone().into()),
         ("NVIDIA_VISIBLE_DEVICES".into(), visible.into()),
@@ -373,7 +367,9 @@ fn worker_command(ctx: &SlotContext) -> WorkerCommand {
     }
     WorkerCommand {
         program: program.clone().into(),
-        args: vec!["-c".into(), "import fleetmap._worker as w; w.main()".into()],
+        // The worker's settings come in its first message; its channel is
+        // fd WORKER_CHANNEL_FD by the sandbox's contract.
+        args: vec!["-m".into(), "fleetmap._worker".into()],
         env,
         cgroup_procs: vec![],
         cpu_affinity: ctx.placement.cpus.clone(),
@@ -457,7 +453,7 @@ impl<R: AsyncRead + AsRawFd + Unpin> LineForwarder<R> {
     }
 
     fn send(&self, line: &[u8], ctx: &SlotContext) {
-        let _ = ctx.up.send(Message::Log(LogLine {
+        let _ = ctx.up.send(NodeToCoordinator::Log(LogLine {
             job: ctx.job,
             stream: self.stream,
             node: ctx.config.name.clone(),

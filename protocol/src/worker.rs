@@ -4,15 +4,17 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{ChunkId, InputChunk};
+use crate::{ChunkId, InputChunk, InputIndex};
 
 /// Node daemon to worker.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub enum ToWorker {
     /// Load the job's function; the worker answers `Ready` or `LoadFailed`.
+    /// The first message a worker gets.
     Load {
         #[serde(with = "serde_bytes")]
         function: Vec<u8>,
+        settings: WorkerSettings,
     },
     /// Run every input of a chunk; the worker answers `Done`.
     ///
@@ -27,10 +29,27 @@ pub enum ToWorker {
     },
 }
 
+/// What a worker needs to know about its job and node. It travels in the
+/// protocol, not in environment variables, so that the daemon and the
+/// worker cannot disagree on a default.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct WorkerSettings {
+    /// The node's name, for errors the worker raises.
+    pub node: String,
+    /// The caller's Python `major.minor`: cloudpickle needs the same on
+    /// both ends, so a worker of another version refuses the function.
+    pub caller_python: String,
+    /// The job's `func_ram` in bytes (WebAssembly calls cap their memory at it).
+    pub memory_limit_bytes: u64,
+    /// The most bytes of pickled outputs one chunk may return (the frame
+    /// limit less room for the envelope).
+    pub max_output_bytes: u64,
+}
+
 /// An input whose call killed its worker.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct CrashedInput {
-    pub input: u64,
+    pub input: InputIndex,
     pub kind: CrashKind,
     /// What happened, for the user: the limit, the peak, the node, the signal.
     pub message: String,
@@ -56,7 +75,7 @@ pub enum FromWorker {
     },
     /// In an isolated run: the call on `input` starts now.
     Started {
-        input: u64,
+        input: InputIndex,
     },
     Done {
         chunk: ChunkId,

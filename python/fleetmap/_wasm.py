@@ -82,9 +82,10 @@ class WasmFunction:
         for every input of the job)."""
         native = self.__dict__.get("_native")
         if native is None:
-            from . import _native
+            from . import _native, _worker
 
-            limit = int(os.environ.get("FLEETMAP_MEMORY_LIMIT", str(1 << 30)))
+            # Inside a slot, the job's func_ram; elsewhere (a local test), 1 GiB.
+            limit = int(_worker.setting("memory_limit_bytes", 1 << 30))
             try:
                 native = _native.WasmModule(
                     self.module,

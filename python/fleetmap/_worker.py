@@ -1,8 +1,10 @@
 """The Python side of a slot's worker process.
 
-The node daemon starts ``python -c "import fleetmap._worker as w; w.main()"``
-with the job's interpreter; the loop itself runs in Rust
-(``fleetmap._native.worker_main``) and calls the helpers below.
+The node daemon starts ``python -m fleetmap._worker`` with the job's
+interpreter; the loop itself runs in Rust (``fleetmap._native.worker_main``)
+and calls the helpers below. The worker's settings arrive with the
+function, in the daemon's first message (:func:`load_function`), never in
+environment variables.
 """
 
 from __future__ import annotations
@@ -17,18 +19,35 @@ from ._errors import OutOfMemory, WorkerCrashed
 from ._remote import RemoteFailure
 
 _THIS_FILE = os.path.abspath(__file__)
-_MAX_OUTPUT = int(os.environ.get("FLEETMAP_MAX_OUTPUT", str(60 << 20)))
+
+# The worker's end of its channel to the daemon: the sandbox's contract
+# (fleetmap_sandbox::WORKER_CHANNEL_FD), the same for every worker.
+_CHANNEL_FD = 3
+
+# The settings of the job this worker serves, set by load_function.
+_settings: Dict[str, Any] = {}
 
 
 def main() -> None:
     from . import _native
 
-    _native.worker_main(int(os.environ.get("FLEETMAP_WORKER_FD", "3")))
+    _native.worker_main(_CHANNEL_FD)
 
 
-def load_function(blob: bytes) -> Tuple[Optional[Callable[[Any], Any]], Optional[str]]:
-    """Unpickles the job's function: ``(function, None)`` or ``(None, error text)``."""
-    caller = os.environ.get("FLEETMAP_CALLER_PYTHON")
+def setting(name: str, default: Any) -> Any:
+    """One of the daemon's settings for this worker's job, or ``default``
+    outside a worker."""
+    return _settings.get(name, default)
+
+
+def load_function(
+    blob: bytes, settings: Dict[str, Any]
+) -> Tuple[Optional[Callable[[Any], Any]], Optional[str]]:
+    """Takes the job's settings and unpickles its function:
+    ``(function, None)`` or ``(None, error text)``."""
+    _settings.clear()
+    _settings.update(settings)
+    caller = settings.get("caller_python")
     here = f"{sys.version_info.major}.{sys.version_info.minor}"
     if caller and caller != here:
         return None, (
@@ -110,17 +129,26 @@ def _pickle_outcomes(outputs: List[Any], failures: List[RemoteFailure], first_in
                 outputs[i] = None
         failures.sort(key=lambda f: f.index)
         blob = cloudpickle.dumps((outputs, failures), protocol=pickle.HIGHEST_PROTOCOL)
-    if len(blob) > _MAX_OUTPUT:
+    max_output = int(setting("max_output_bytes", 60 << 20))
+    if len(blob) > max_output:
         sizes = [len(pickle.dumps(o, protocol=pickle.HIGHEST_PROTOCOL)) for o in outputs]
         failures = list(failures)
         for i, size in enumerate(sizes):
-            if size > _MAX_OUTPUT // max(len(outputs), 1):
+            if size > max_output // max(len(outputs), 1):
                 error = ValueError(
                     f"the output of input {first_input + i} is {size} bytes, over the limit of "
-                    f"{_MAX_OUTPUT // max(len(outputs), 1)} bytes per output in this chunk; return less data"
+                    f"{max_output // max(len(outputs), 1)} bytes per output in this chunk; return less data"
                 )
                 failures.append(RemoteFailure.capture(first_input + i, error, _THIS_FILE))
                 outputs[i] = None
         failures.sort(key=lambda f: f.index)
         blob = cloudpickle.dumps((outputs, failures), protocol=pickle.HIGHEST_PROTOCOL)
     return blob, len(failures)
+
+
+if __name__ == "__main__":
+    # ``python -m fleetmap._worker`` runs this file as ``__main__``; the
+    # worker's state lives in the imported ``fleetmap._worker``.
+    from fleetmap._worker import main as _main
+
+    _main()

@@ -17,7 +17,7 @@ use std::{
 use fleetmap_client::{local::LocalCluster, Client, ClientError, Job, JobEvent};
 use fleetmap_coordinator::{credentials::CredentialPaths, CoordinatorConfig, Credentials, RunningCoordinator};
 use fleetmap_node_daemon::{Isolation, NodeConfig};
-use fleetmap_protocol::{CallRequest, InputChunk, JobSpec, OutputStream, RuntimeSpec};
+use fleetmap_protocol::{CallRequest, ChunkId, InputChunk, InputIndex, JobSpec, OutputStream, RuntimeSpec};
 use fleetmap_runtime::wasm;
 use pyo3::{
     create_exception,
@@ -394,7 +394,7 @@ struct PyJob {
 impl PyJob {
     #[getter]
     fn id(&self) -> u64 {
-        self.job.id
+        self.job.id.0
     }
 
     #[getter]
@@ -414,8 +414,8 @@ impl PyJob {
 
     fn send_chunk(&self, chunk: u64, first_input: u64, count: u32, payload: Vec<u8>) {
         self.job.send_chunk(InputChunk {
-            chunk,
-            first_input,
+            chunk: ChunkId(chunk),
+            first_input: InputIndex(first_input),
             count,
             payload,
         });
@@ -463,7 +463,7 @@ fn event_to_py(py: Python<'_>, event: JobEvent) -> PyResult<PyObject> {
     let obj = match event {
         JobEvent::Output(o) => (
             "output",
-            o.first_input,
+            o.first_input.0,
             o.count,
             o.failed,
             o.node,

@@ -34,8 +34,6 @@ pub enum ChannelError {
     Decode(#[from] DecodeError),
     #[error("worker channel: {0}")]
     Encode(#[from] EncodeError),
-    #[error("worker channel: the daemon closed the channel in the middle of a frame")]
-    Truncated,
 }
 
 /// The worker's end of its channel to the node daemon.
@@ -66,10 +64,8 @@ impl<S: Read + Write> WorkerChannel<S> {
             }
             let n = self.stream.read(&mut self.buf)?;
             if n == 0 {
-                return match self.decoder.buffered() {
-                    0 => Ok(None),
-                    _ => Err(ChannelError::Truncated),
-                };
+                self.decoder.finish()?;
+                return Ok(None);
             }
             self.decoder.extend(&self.buf[..n]);
         }
@@ -87,7 +83,7 @@ impl<S: Read + Write> WorkerChannel<S> {
 mod tests {
     use std::os::unix::net::UnixStream;
 
-    use fleetmap_protocol::{InputChunk, DEFAULT_MAX_FRAME};
+    use fleetmap_protocol::{ChunkId, InputChunk, InputIndex, DEFAULT_MAX_FRAME};
 
     use super::*;
 
@@ -97,8 +93,8 @@ mod tests {
         let mut worker = WorkerChannel::new(worker, DEFAULT_MAX_FRAME);
         let run = ToWorker::Run {
             chunk: InputChunk {
-                chunk: 1,
-                first_input: 10,
+                chunk: ChunkId(1),
+                first_input: InputIndex(10),
                 count: 2,
                 payload: vec![7; 100_000],
             },

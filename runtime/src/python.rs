@@ -11,7 +11,7 @@ use std::{io::Write, os::unix::net::UnixStream, sync::Mutex};
 use fleetmap_protocol::{
     encode_frame,
     worker::{CrashKind, CrashedInput, FromWorker, ToWorker},
-    DEFAULT_MAX_FRAME,
+    InputIndex, DEFAULT_MAX_FRAME,
 };
 use pyo3::{
     exceptions::PyRuntimeError,
@@ -39,8 +39,16 @@ pub fn worker_main(py: Python<'_>, fd: i32) -> PyResult<()> {
             return Ok(());
         };
         let reply = match request {
-            ToWorker::Load { function: pickled } => {
-                let loaded = load.call1((PyBytes::new(py, &pickled),))?;
+            ToWorker::Load {
+                function: pickled,
+                settings,
+            } => {
+                let settings_dict = PyDict::new(py);
+                settings_dict.set_item("node", &settings.node)?;
+                settings_dict.set_item("caller_python", &settings.caller_python)?;
+                settings_dict.set_item("memory_limit_bytes", settings.memory_limit_bytes)?;
+                settings_dict.set_item("max_output_bytes", settings.max_output_bytes)?;
+                let loaded = load.call1((PyBytes::new(py, &pickled), settings_dict))?;
                 let loaded = loaded.downcast::<PyTuple>()?;
                 let error: Option<String> = loaded.get_item(1)?.extract()?;
                 match error {
@@ -68,7 +76,7 @@ pub fn worker_main(py: Python<'_>, fd: i32) -> PyResult<()> {
                 } else {
                     py.None().into_bound(py)
                 };
-                let result = run.call1((f, PyBytes::new(py, &chunk.payload), chunk.first_input, isolation))?;
+                let result = run.call1((f, PyBytes::new(py, &chunk.payload), chunk.first_input.0, isolation))?;
                 let (payload, failed): (Bound<'_, PyBytes>, u32) = result.extract()?;
                 FromWorker::Done {
                     chunk: chunk.chunk,
@@ -98,7 +106,14 @@ fn started_callback(py: Python<'_>, stream: UnixStream) -> PyResult<PyObject> {
                 .map_err(|_| runtime_error("worker channel lock poisoned"))?;
             let (stream, buf) = &mut *guard;
             buf.clear();
-            encode_frame(&FromWorker::Started { input }, DEFAULT_MAX_FRAME, buf).map_err(runtime_error)?;
+            encode_frame(
+                &FromWorker::Started {
+                    input: InputIndex(input),
+                },
+                DEFAULT_MAX_FRAME,
+                buf,
+            )
+            .map_err(runtime_error)?;
             stream.write_all(buf).map_err(runtime_error)
         },
     )?;
@@ -113,7 +128,7 @@ fn crashed_to_py<'py>(py: Python<'py>, crashed: &[CrashedInput]) -> PyResult<Bou
             CrashKind::OutOfMemory => "oom",
             CrashKind::Died => "died",
         };
-        dict.set_item(c.input, (kind, &c.message))?;
+        dict.set_item(c.input.0, (kind, &c.message))?;
     }
     Ok(dict)
 }

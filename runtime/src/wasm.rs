@@ -540,6 +540,9 @@ fn compile(bytes: &[u8], cache_dir: Option<&Path>) -> Result<Arc<Compiled>, Wasm
 mod disk_cache {
     use super::*;
 
+    // unsafe outside `sandbox`, allowed here: geteuid is a plain syscall
+    // wrapper that libc exposes only as `unsafe`.
+    #[allow(unsafe_code)]
     fn current_uid() -> u32 {
         // SAFETY: geteuid has no preconditions and cannot fail.
         unsafe { libc::geteuid() }
@@ -575,6 +578,10 @@ mod disk_cache {
     }
 
     /// The module compiled earlier on this node, if there is one we trust.
+    // unsafe outside `sandbox`, allowed here: loading a precompiled module
+    // is wasmtime's own API and cannot move; the SAFETY comment says why
+    // this use is sound.
+    #[allow(unsafe_code)]
     pub(super) fn load(engine: &Engine, dir: &Path, digest: &Digest32) -> Option<Module> {
         checked_dir(dir)?;
         let file = fs::OpenOptions::new()

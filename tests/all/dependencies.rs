@@ -4,10 +4,15 @@
 
 use std::process::Command;
 
-/// The crates `krate` depends on, transitively (normal dependencies only).
-fn dependencies_of(krate: &str) -> Vec<String> {
+/// The crates `krate` depends on with `features` on, transitively (normal
+/// dependencies only).
+fn dependencies_of(krate: &str, features: &str) -> Vec<String> {
+    let mut args = vec!["tree", "--offline", "-e", "normal", "--prefix", "none", "-p", krate];
+    if !features.is_empty() {
+        args.extend(["--features", features]);
+    }
     let out = Command::new(env!("CARGO"))
-        .args(["tree", "--offline", "-e", "normal", "--prefix", "none", "-p", krate])
+        .args(args)
         .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
         .output()
         .expect("cargo tree runs");
@@ -18,37 +23,53 @@ fn dependencies_of(krate: &str) -> Vec<String> {
         .collect()
 }
 
+/// Each crate is checked as the wheel builds it: the client with its
+/// `local` feature (the embedded cluster), the runtime with both executors.
 #[test]
 fn crates_keep_their_dependency_direction() {
-    let forbidden: &[(&str, &[&str])] = &[
+    let forbidden: &[(&str, &str, &[&str])] = &[
         (
             "fleetmap-protocol",
+            "",
             &["tokio", "quinn", "rustls", "pyo3", "libc", "fleetmap-net"],
         ),
-        ("fleetmap-net", &["pyo3", "fleetmap-sandbox", "fleetmap-runtime"]),
-        ("fleetmap-sandbox", &["quinn", "rustls", "pyo3", "fleetmap-protocol"]),
+        ("fleetmap-net", "", &["pyo3", "fleetmap-sandbox", "fleetmap-runtime"]),
+        (
+            "fleetmap-sandbox",
+            "",
+            &["quinn", "rustls", "pyo3", "fleetmap-protocol"],
+        ),
         (
             "fleetmap-runtime",
+            "python,wasm",
             &["quinn", "rustls", "fleetmap-net", "fleetmap-coordinator"],
         ),
         (
             "fleetmap-coordinator",
+            "",
             &["pyo3", "fleetmap-sandbox", "fleetmap-runtime"],
         ),
         (
             "fleetmap-node-daemon",
+            "",
             &["pyo3", "fleetmap-runtime", "fleetmap-coordinator"],
         ),
-        ("fleetmap-client", &["pyo3", "fleetmap-runtime", "fleetmap-sandbox"]),
+        ("fleetmap-client", "", &["pyo3", "fleetmap-runtime", "fleetmap-sandbox"]),
+        // The embedded cluster brings the servers and the sandbox, never an
+        // interpreter or an executor: workers are separate processes.
+        ("fleetmap-client", "local", &["pyo3", "fleetmap-runtime", "wasmtime"]),
     ];
-    for (krate, banned) in forbidden {
-        let deps = dependencies_of(krate);
+    for (krate, features, banned) in forbidden {
+        let deps = dependencies_of(krate, features);
         assert!(
             deps.iter().any(|d| d == krate),
             "cargo tree lists {krate} itself: {deps:?}"
         );
         for b in *banned {
-            assert!(!deps.iter().any(|d| d == b), "{krate} must not depend on {b}");
+            assert!(
+                !deps.iter().any(|d| d == b),
+                "{krate} (features: {features:?}) must not depend on {b}"
+            );
         }
     }
 }

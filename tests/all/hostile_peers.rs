@@ -6,12 +6,15 @@ use std::time::Duration;
 
 use fleetmap_client::{Client, ClientError};
 use fleetmap_coordinator::{Credentials, RunningCoordinator};
-use fleetmap_net::{write_frames, FramedReader};
+use fleetmap_net::{CloseCode, FramedReader};
 use fleetmap_node_daemon::{NodeConfig, NodeError};
-use fleetmap_protocol::{Message, Role, PROTOCOL_VERSION};
+use fleetmap_protocol::{
+    ClientToCoordinator, CoordinatorToClient, Hello, JobId, NodeToCoordinator, Role, SlotId, HANDSHAKE_MAX_FRAME,
+    PROTOCOL_VERSION,
+};
 use rand::{Rng, SeedableRng};
 
-use crate::{protocol_peers, start_coordinator, Peer};
+use crate::{open_raw, protocol_peers, start_coordinator, Peer};
 
 /// The coordinator still runs a whole job after whatever came before.
 async fn still_serves(coordinator: &RunningCoordinator, creds: &Credentials) {
@@ -27,14 +30,18 @@ async fn still_serves(coordinator: &RunningCoordinator, creds: &Credentials) {
 /// Opens a stream and writes `bytes` on it; returns the reason the
 /// coordinator gave when it closed the connection.
 async fn close_reason_after(coordinator: &RunningCoordinator, creds: &Credentials, bytes: &[u8]) -> String {
-    let (conn, mut send, _recv, _endpoint) = Peer::open(coordinator.local_addr, creds).await;
+    let (conn, mut send, _recv, _endpoint) = open_raw(coordinator.local_addr, creds).await;
     send.write_all(bytes).await.unwrap();
     let closed = tokio::time::timeout(Duration::from_secs(15), conn.closed())
         .await
         .expect("the coordinator closes a connection that sends garbage");
     match closed {
         quinn::ConnectionError::ApplicationClosed(c) => {
-            assert_eq!(c.error_code, 2u32.into(), "closed as a protocol violation");
+            assert_eq!(
+                CloseCode::of(c.error_code),
+                Some(CloseCode::Protocol),
+                "closed as a protocol violation"
+            );
             String::from_utf8_lossy(&c.reason).into_owned()
         }
         other => panic!("unexpected close: {other}"),
@@ -86,25 +93,38 @@ async fn oversized_and_unknown_version_frames_are_refused_with_a_reason() {
 }
 
 #[tokio::test]
-async fn a_peer_that_breaks_the_protocol_is_disconnected() {
+async fn a_handshake_larger_than_the_handshake_limit_is_refused_before_it_is_buffered() {
     let (coordinator, creds) = start_coordinator().await;
-    // A client may not send what only nodes send.
-    let mut peer = Peer::hello(
-        coordinator.local_addr,
-        &creds,
-        Role::Client {
-            api_key: creds.api_key.clone(),
-        },
-    )
-    .await;
-    assert!(matches!(peer.next().await, Message::Welcome { .. }));
-    peer.tx.send(Message::StopJob { job: 1 }).unwrap();
+    let announced = (HANDSHAKE_MAX_FRAME as u32 + 1).to_le_bytes();
+    let reason = close_reason_after(&coordinator, &creds, &announced).await;
+    assert!(reason.contains("exceeds the limit"), "{reason}");
+    assert!(reason.contains(&HANDSHAKE_MAX_FRAME.to_string()), "{reason}");
+    still_serves(&coordinator, &creds).await;
+    coordinator.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_client_that_speaks_the_node_protocol_is_disconnected() {
+    let (coordinator, creds) = start_coordinator().await;
+    // Typed sessions make this impossible by mistake; a hostile client
+    // can still send a node's bytes, and gets closed for it.
+    let role = Role::Client {
+        api_key: creds.api_key.clone(),
+    };
+    let peer: Peer<NodeToCoordinator, CoordinatorToClient> = Peer::join(coordinator.local_addr, &creds, role).await;
+    peer.tx
+        .send(NodeToCoordinator::SlotFailed {
+            job: JobId(1),
+            slot: SlotId(0),
+            reason: "forged".into(),
+        })
+        .unwrap();
     match tokio::time::timeout(Duration::from_secs(10), peer.conn.closed())
         .await
         .unwrap()
     {
         quinn::ConnectionError::ApplicationClosed(c) => {
-            assert!(String::from_utf8_lossy(&c.reason).contains("a client may not send StopJob"));
+            assert_eq!(CloseCode::of(c.error_code), Some(CloseCode::Protocol), "{c:?}");
         }
         other => panic!("unexpected close: {other}"),
     }
@@ -160,8 +180,8 @@ async fn a_client_that_does_not_trust_the_coordinator_fails_tls() {
     .err()
     .expect("a certificate from another CA is not trusted");
     assert!(
-        !matches!(err, ClientError::Refused(_)),
-        "TLS fails before any key is sent: {err:?}"
+        matches!(err, ClientError::Tls(_)),
+        "TLS fails before any key is sent, and says so: {err:?}"
     );
     coordinator.shutdown().await;
 }
@@ -193,10 +213,7 @@ async fn a_node_daemon_survives_a_coordinator_that_sends_garbage() {
         let conn = incoming.await.unwrap();
         let (mut send, recv) = conn.accept_bi().await.unwrap();
         let mut reader = FramedReader::new(recv, 1 << 20);
-        assert!(matches!(
-            reader.recv::<Message>().await.unwrap(),
-            Some(Message::Hello(_))
-        ));
+        assert!(reader.recv::<Hello>().await.unwrap().is_some());
         let garbage: Vec<u8> = (0..rng.gen_range(8..2048)).map(|_| rng.gen()).collect();
         send.write_all(&garbage).await.unwrap();
         // Random bytes may announce a frame that never completes; ending the
@@ -206,30 +223,26 @@ async fn a_node_daemon_survives_a_coordinator_that_sends_garbage() {
         assert!(closed.is_ok(), "the daemon drops the connection (round {round})");
     }
     assert!(!daemon.is_finished(), "the daemon keeps running");
-    // And a well-formed but unexpected message is handled the same way.
+    // And a well-formed message of the wrong direction (a client's, sent
+    // to a node after a proper Welcome) is handled the same way.
     let conn = endpoint.accept().await.unwrap().await.unwrap();
-    let (send, recv) = conn.accept_bi().await.unwrap();
-    let mut reader = FramedReader::new(recv, 1 << 20);
-    assert!(matches!(
-        reader.recv::<Message>().await.unwrap(),
-        Some(Message::Hello(_))
-    ));
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(write_frames(send, rx, 1 << 20));
-    tx.send(Message::Welcome {
-        node_id: Some(1),
-        coordinator_version: "x".into(),
-    })
-    .unwrap();
-    tx.send(Message::SubmitJob {
-        request: 0,
-        spec: protocol_peers::spec(1),
+    let handshake = fleetmap_net::accept_hello(&conn, Duration::from_secs(10))
+        .await
+        .unwrap()
+        .expect("the daemon says Hello");
+    let (tx, _rx, _writer) = handshake
+        .welcome::<CoordinatorToClient, ClientToCoordinator>("x", 1 << 20)
+        .await
+        .unwrap();
+    tx.send(CoordinatorToClient::JobFailed {
+        job: JobId(1),
+        reason: "not for a node".into(),
     })
     .unwrap();
     let closed = tokio::time::timeout(Duration::from_secs(10), conn.closed())
         .await
         .unwrap();
-    assert!(closed.to_string().contains("may not send SubmitJob"), "{closed}");
+    assert!(closed.to_string().contains("malformed"), "{closed}");
     assert!(!daemon.is_finished());
     daemon.abort();
 }

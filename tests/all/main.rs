@@ -10,8 +10,12 @@ mod protocol_peers;
 use std::{net::SocketAddr, time::Duration};
 
 use fleetmap_coordinator::{serve, CoordinatorConfig, Credentials, RunningCoordinator};
-use fleetmap_net::{write_frames, FramedReader};
-use fleetmap_protocol::{Hello, Message, Resources, Role, DEFAULT_MAX_FRAME, SOFTWARE_VERSION};
+use fleetmap_net::{Receiver, Session};
+use fleetmap_protocol::{
+    ClientToCoordinator, CoordinatorToClient, CoordinatorToNode, Hello, NodeToCoordinator, Resources, Role,
+    DEFAULT_MAX_FRAME, SOFTWARE_VERSION,
+};
+use serde::{de::DeserializeOwned, Serialize};
 use tokio::sync::mpsc;
 
 pub async fn start_coordinator() -> (RunningCoordinator, Credentials) {
@@ -31,48 +35,61 @@ pub async fn connect_client(coordinator: &RunningCoordinator, creds: &Credential
     .expect("the coordinator admits a client with its API key")
 }
 
-/// A raw protocol connection to the coordinator.
-pub struct Peer {
+/// A protocol connection to the coordinator that sends `Up` and reads
+/// `Down`, through the same session layer as the real peers.
+pub struct Peer<Up, Down> {
     pub conn: quinn::Connection,
-    pub tx: mpsc::UnboundedSender<Message>,
-    pub rx: FramedReader<quinn::RecvStream>,
+    pub tx: mpsc::UnboundedSender<Up>,
+    pub rx: Receiver<Down>,
     _endpoint: quinn::Endpoint,
 }
 
-impl Peer {
-    pub async fn open(
-        addr: SocketAddr,
-        creds: &Credentials,
-    ) -> (quinn::Connection, quinn::SendStream, quinn::RecvStream, quinn::Endpoint) {
-        let endpoint = fleetmap_net::client_endpoint(creds.ca_pem.as_bytes(), addr).unwrap();
-        let conn = endpoint
-            .connect(addr, fleetmap_net::SERVER_NAME)
-            .unwrap()
-            .await
-            .unwrap();
-        let (send, recv) = conn.open_bi().await.unwrap();
-        (conn, send, recv, endpoint)
-    }
+/// A node speaking the protocol by hand.
+pub type NodePeer = Peer<NodeToCoordinator, CoordinatorToNode>;
+/// A client speaking the protocol by hand.
+pub type ClientPeer = Peer<ClientToCoordinator, CoordinatorToClient>;
 
-    pub async fn hello(addr: SocketAddr, creds: &Credentials, role: Role) -> Peer {
-        let (conn, send, recv, endpoint) = Self::open(addr, creds).await;
-        let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(write_frames(send, rx, DEFAULT_MAX_FRAME));
-        tx.send(Message::Hello(Hello {
+/// A connection with its stream open and nothing said yet, for raw bytes.
+pub async fn open_raw(
+    addr: SocketAddr,
+    creds: &Credentials,
+) -> (quinn::Connection, quinn::SendStream, quinn::RecvStream, quinn::Endpoint) {
+    let endpoint = fleetmap_net::client_endpoint(creds.ca_pem.as_bytes(), addr).unwrap();
+    let conn = endpoint
+        .connect(addr, fleetmap_net::SERVER_NAME)
+        .unwrap()
+        .await
+        .unwrap();
+    let (send, recv) = conn.open_bi().await.unwrap();
+    (conn, send, recv, endpoint)
+}
+
+impl<Up: Serialize + Send + 'static, Down: DeserializeOwned> Peer<Up, Down> {
+    /// Dials, says `Hello` as `role` and expects to be welcomed.
+    pub async fn join(addr: SocketAddr, creds: &Credentials, role: Role) -> Self {
+        let hello = Hello {
             role,
             software_version: SOFTWARE_VERSION.into(),
-        }))
-        .unwrap();
+        };
+        let session: Session<Up, Down> = fleetmap_net::dial(
+            &addr.to_string(),
+            creds.ca_pem.as_bytes(),
+            &hello,
+            DEFAULT_MAX_FRAME,
+            Duration::from_secs(15),
+        )
+        .await
+        .expect("the coordinator welcomes the peer");
         Peer {
-            conn,
-            tx,
-            rx: FramedReader::new(recv, DEFAULT_MAX_FRAME),
-            _endpoint: endpoint,
+            conn: session.conn,
+            tx: session.tx,
+            rx: session.rx,
+            _endpoint: session.endpoint,
         }
     }
 
-    pub async fn next(&mut self) -> Message {
-        tokio::time::timeout(Duration::from_secs(10), self.rx.recv::<Message>())
+    pub async fn next(&mut self) -> Down {
+        tokio::time::timeout(Duration::from_secs(10), self.rx.recv())
             .await
             .expect("a message within 10 s")
             .expect("a valid message")

@@ -6,10 +6,13 @@ use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
 use fleetmap_client::{Client, JobEvent};
 use fleetmap_coordinator::Credentials;
-use fleetmap_protocol::{CallRequest, InputChunk, JobSpec, Message, OutputChunk, RuntimeSpec};
+use fleetmap_protocol::{
+    CallRequest, ChunkId, CoordinatorToNode, InputChunk, InputIndex, JobSpec, NodeToCoordinator, OutputChunk,
+    RuntimeSpec,
+};
 use tokio::task::JoinHandle;
 
-use crate::{node_role, start_coordinator, Peer};
+use crate::{node_role, start_coordinator, NodePeer};
 
 /// A node that answers every chunk with its own payload. With `die_after`,
 /// it drops its connection instead of answering that many-th chunk.
@@ -20,17 +23,15 @@ pub fn echo_node(
     die_after: Option<usize>,
 ) -> JoinHandle<usize> {
     tokio::spawn(async move {
-        let mut peer = Peer::hello(addr, &creds, node_role(&creds.join_token, name, 2)).await;
-        assert!(matches!(peer.next().await, Message::Welcome { .. }));
+        let mut peer = NodePeer::join(addr, &creds, node_role(&creds.join_token, name, 2)).await;
         let mut answered = 0;
         loop {
-            let Ok(Ok(Some(msg))) = tokio::time::timeout(Duration::from_secs(30), peer.rx.recv::<Message>()).await
-            else {
+            let Ok(Ok(Some(msg))) = tokio::time::timeout(Duration::from_secs(30), peer.rx.recv()).await else {
                 return answered;
             };
-            if let Message::RunChunk { job, slot, chunk } = msg {
+            if let CoordinatorToNode::RunChunk { job, slot, chunk } = msg {
                 if Some(answered) == die_after {
-                    peer.conn.close(0u32.into(), b"node dies");
+                    fleetmap_net::CloseCode::Done.close(&peer.conn, "node dies");
                     return answered;
                 }
                 answered += 1;
@@ -44,7 +45,7 @@ pub fn echo_node(
                 };
                 // Slow enough that chunks are in flight when a node dies.
                 tokio::time::sleep(Duration::from_millis(2)).await;
-                let _ = peer.tx.send(Message::ChunkDone { job, slot, output });
+                let _ = peer.tx.send(NodeToCoordinator::ChunkDone { job, slot, output });
             }
         }
     })
@@ -77,8 +78,8 @@ pub async fn run_echo_job(client: &Client, chunks: u64) -> BTreeMap<u64, Vec<(Ve
     loop {
         while credit > 0 && sent < chunks {
             job.send_chunk(InputChunk {
-                chunk: sent,
-                first_input: sent * 10,
+                chunk: ChunkId(sent),
+                first_input: InputIndex(sent * 10),
                 count: 10,
                 payload: sent.to_le_bytes().to_vec(),
             });
@@ -94,8 +95,8 @@ pub async fn run_echo_job(client: &Client, chunks: u64) -> BTreeMap<u64, Vec<(Ve
             .expect("the job's events do not end before it does");
         match event {
             JobEvent::Output(o) => {
-                assert_eq!(o.first_input, o.chunk * 10);
-                outputs.entry(o.chunk).or_default().push((o.payload, o.node));
+                assert_eq!(o.first_input, InputIndex(o.chunk.0 * 10));
+                outputs.entry(o.chunk.0).or_default().push((o.payload, o.node));
             }
             JobEvent::Credit(n) => credit += n,
             JobEvent::Finished => return outputs,
@@ -150,15 +151,14 @@ async fn chunks_of_a_node_that_dies_mid_job_run_elsewhere_exactly_once() {
 async fn a_client_that_disconnects_cancels_its_job() {
     let (coordinator, creds) = start_coordinator().await;
     let addr = coordinator.local_addr;
-    let mut node = Peer::hello(addr, &creds, node_role(&creds.join_token, "n", 2)).await;
-    assert!(matches!(node.next().await, Message::Welcome { .. }));
+    let mut node = NodePeer::join(addr, &creds, node_role(&creds.join_token, "n", 2)).await;
     let client = crate::connect_client(&coordinator, &creds).await;
     let job = client.submit(spec(100)).await.unwrap();
-    assert!(matches!(node.next().await, Message::StartSlots { .. }));
+    assert!(matches!(node.next().await, CoordinatorToNode::StartSlots { .. }));
     drop(job);
     drop(client);
     match node.next().await {
-        Message::StopJob { .. } => {}
+        CoordinatorToNode::StopJob { .. } => {}
         other => panic!("expected StopJob, got {other:?}"),
     }
     assert_eq!(coordinator.job_count(), 0);

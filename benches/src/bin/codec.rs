@@ -3,7 +3,10 @@
 
 use std::time::Instant;
 
-use fleetmap_protocol::{encode_frame, FrameDecoder, InputChunk, Message, DEFAULT_MAX_FRAME};
+use fleetmap_protocol::{
+    encode_frame, ChunkId, ClientToCoordinator as Message, FrameDecoder, InputChunk, InputIndex, JobId,
+    DEFAULT_MAX_FRAME,
+};
 
 fn main() {
     println!(
@@ -12,10 +15,10 @@ fn main() {
     );
     for payload in [64usize, 4 << 10, 256 << 10, 4 << 20] {
         let msg = Message::Inputs {
-            job: 1,
+            job: JobId(1),
             chunk: InputChunk {
-                chunk: 1,
-                first_input: 0,
+                chunk: ChunkId(1),
+                first_input: InputIndex(0),
                 count: 100,
                 payload: vec![7; payload],
             },

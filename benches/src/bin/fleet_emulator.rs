@@ -34,15 +34,12 @@ use std::{
 use anyhow::{anyhow, bail, Context};
 use fleetmap_client::{Client, JobEvent};
 use fleetmap_coordinator::{serve, CoordinatorConfig, Credentials, RunningCoordinator};
-use fleetmap_net::{write_frames, FramedReader};
+use fleetmap_net::{CloseCode, Session};
 use fleetmap_protocol::{
-    CallRequest, Hello, InputChunk, JobId, JobSpec, Message, OutputChunk, Resources, Role, RuntimeSpec, SlotId,
-    DEFAULT_MAX_FRAME, SOFTWARE_VERSION,
+    CallRequest, ChunkId, CoordinatorToNode, Hello, InputChunk, InputIndex, JobId, JobSpec, NodeToCoordinator,
+    OutputChunk, Resources, Role, RuntimeSpec, SlotId, DEFAULT_MAX_FRAME, SOFTWARE_VERSION,
 };
-use tokio::{
-    sync::{mpsc, watch},
-    time::Instant,
-};
+use tokio::{sync::watch, time::Instant};
 
 const USAGE: &str = "\
 fleet_emulator: a real coordinator fed by emulated nodes over real QUIC
@@ -350,12 +347,7 @@ async fn run_node(
     stats: Arc<FleetStats>,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let endpoint = fleetmap_net::client_endpoint(&cfg.ca_pem, cfg.addr)?;
-    let conn = endpoint.connect(cfg.addr, fleetmap_net::SERVER_NAME)?.await?;
-    let (send, recv) = conn.open_bi().await?;
-    let (tx, rx) = mpsc::unbounded_channel();
-    let writer = tokio::spawn(write_frames(send, rx, DEFAULT_MAX_FRAME));
-    let _ = tx.send(Message::Hello(Hello {
+    let hello = Hello {
         role: Role::Node {
             token: cfg.token.clone(),
             name: name.clone(),
@@ -367,16 +359,24 @@ async fn run_node(
             isolation: "emulated".into(),
         },
         software_version: SOFTWARE_VERSION.into(),
-    }));
-    let mut reader = FramedReader::new(recv, DEFAULT_MAX_FRAME);
-    match reader.recv::<Message>().await {
-        Ok(Some(Message::Welcome { .. })) => {}
-        Ok(Some(Message::Refused { reason })) => bail!("node {name} refused: {reason}"),
-        other => bail!(
-            "node {name}: expected Welcome, got {other:?} (connection: {:?})",
-            conn.close_reason()
-        ),
-    }
+    };
+    let session: Session<NodeToCoordinator, CoordinatorToNode> = fleetmap_net::dial(
+        &cfg.addr.to_string(),
+        &cfg.ca_pem,
+        &hello,
+        DEFAULT_MAX_FRAME,
+        Duration::from_secs(30),
+    )
+    .await
+    .with_context(|| format!("node {name} joining"))?;
+    let Session {
+        conn,
+        tx,
+        rx: mut reader,
+        writer,
+        endpoint,
+        ..
+    } = session;
     stats.welcomed.fetch_add(1, Ordering::Relaxed);
 
     // When each slot's emulated worker is free again: a slot runs its
@@ -402,24 +402,24 @@ async fn run_node(
                 let now = Instant::now();
                 while pending.peek().is_some_and(|p| p.due <= now) {
                     let p = pending.pop().expect("peeked above");
-                    let _ = tx.send(Message::ChunkDone { job: p.job, slot: p.slot, output: p.output });
+                    let _ = tx.send(NodeToCoordinator::ChunkDone { job: p.job, slot: p.slot, output: p.output });
                 }
             }
-            msg = reader.recv::<Message>() => {
+            msg = reader.recv() => {
                 let msg = match msg {
                     Ok(Some(msg)) => msg,
                     Ok(None) => break Ok(()),
                     Err(e) => break Err(anyhow!("node {name}: {e}")),
                 };
                 match msg {
-                    Message::StartSlots { job, slots, .. } => {
+                    CoordinatorToNode::StartSlots { job, slots, .. } => {
                         let now = Instant::now();
                         for &slot in &slots {
                             busy_until.insert((job, slot), now);
                         }
                         stats.started.lock().expect("stats lock").push((job, now, slots.len()));
                     }
-                    Message::RunChunk { job, slot, chunk } => {
+                    CoordinatorToNode::RunChunk { job, slot, chunk } => {
                         stats.chunks.fetch_add(1, Ordering::Relaxed);
                         stats.inputs.fetch_add(chunk.count as u64, Ordering::Relaxed);
                         let output = OutputChunk {
@@ -431,7 +431,7 @@ async fn run_node(
                             payload: chunk.payload,
                         };
                         if cfg.per_input.is_zero() {
-                            let _ = tx.send(Message::ChunkDone { job, slot, output });
+                            let _ = tx.send(NodeToCoordinator::ChunkDone { job, slot, output });
                         } else {
                             let now = Instant::now();
                             let free = busy_until.entry((job, slot)).or_insert(now);
@@ -441,7 +441,7 @@ async fn run_node(
                             seq += 1;
                         }
                     }
-                    Message::StopJob { job } => {
+                    CoordinatorToNode::StopJob { job } => {
                         busy_until.retain(|(j, _), _| *j != job);
                         pending.retain(|p| p.job != job);
                     }
@@ -452,7 +452,7 @@ async fn run_node(
             }
         }
     };
-    conn.close(0u32.into(), b"emulated node done");
+    CloseCode::Done.close(&conn, "emulated node done");
     drop(tx);
     writer.abort();
     // Let the close reach the coordinator before the endpoint goes.
@@ -512,8 +512,8 @@ async fn run_job(client: &Client, args: &Args, stats: &FleetStats) -> anyhow::Re
         while credit > 0 && sent < chunks {
             let first_input = sent * args.chunk as u64;
             job.send_chunk(InputChunk {
-                chunk: sent,
-                first_input,
+                chunk: ChunkId(sent),
+                first_input: InputIndex(first_input),
                 count: (args.inputs - first_input).min(args.chunk as u64) as u32,
                 payload: payload.clone(),
             });
@@ -536,13 +536,13 @@ async fn run_job(client: &Client, args: &Args, stats: &FleetStats) -> anyhow::Re
         match event {
             JobEvent::Output(o) => {
                 first_output.get_or_insert_with(|| submitted.elapsed());
-                let Some(mark) = seen.get_mut(o.chunk as usize) else {
+                let Some(mark) = seen.get_mut(o.chunk.0 as usize) else {
                     bail!("job {}: output for unknown chunk {}", job.id, o.chunk);
                 };
                 if std::mem::replace(mark, true) {
                     bail!("job {}: chunk {} came back twice", job.id, o.chunk);
                 }
-                if o.payload.len() != args.payload || o.first_input != o.chunk * args.chunk as u64 {
+                if o.payload.len() != args.payload || o.first_input != InputIndex(o.chunk.0 * args.chunk as u64) {
                     bail!("job {}: chunk {} came back altered", job.id, o.chunk);
                 }
                 outputs += o.count as u64;
