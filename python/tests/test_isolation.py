@@ -3,9 +3,11 @@ process limit, exactly its GPUs, and clean teardown. Through the real
 daemon (`fleetmap node` processes and the embedded cluster) and real Python
 workers, as root on cgroup v1 here (CI=true: a missing capability fails).
 
-This machine has no GPU: two fake NVIDIA devices made with mknod (char
-195:0 and 195:1) show that a slot can open its own GPU (ENXIO: no driver
-behind it, but the cgroup let it through) and gets EPERM on the other.
+Two fake NVIDIA devices made with mknod (char 195:0 and 195:1) show that a
+slot can open its own GPU and gets EPERM on the other. The open of its own
+fails with ENXIO where no driver is behind the node (a machine without a
+GPU, like this one) and succeeds where the NVIDIA driver is loaded: either
+way the cgroup let it through.
 """
 
 from __future__ import annotations
@@ -220,8 +222,10 @@ def test_a_gpu_call_opens_only_its_own_gpu(processes, gpu_devices):
         own = int(result["visible"])
         other = 1 - own
         assert result["nvidia"] == result["visible"]
-        # ENXIO: the cgroup let the open through to a device with no driver.
-        assert result[str(own)] == "ENXIO", result
+        # The cgroup let the open of its own GPU through: to a node with no
+        # driver behind it (ENXIO) or, on a host with the NVIDIA driver
+        # loaded, to the driver (opened). Only EPERM would be the cgroup.
+        assert result[str(own)] in ("ENXIO", "opened"), result
         assert result[str(other)] == "EPERM", result
         seen.add(own)
     assert seen == {0, 1}, "the two calls ran at once on different GPUs"

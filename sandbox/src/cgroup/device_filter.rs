@@ -21,7 +21,7 @@ use std::{
     path::Path,
 };
 
-use super::{CgroupError, DeviceRule};
+use super::{devices::DeviceRule, CgroupError};
 
 /// One eBPF instruction, laid out as the kernel's `struct bpf_insn`.
 #[repr(C)]
