@@ -53,7 +53,7 @@ impl CloseCode {
         while !reason.is_char_boundary(end) {
             end -= 1;
         }
-        conn.close(self.code(), reason[..end].as_bytes());
+        conn.close(self.code(), &reason.as_bytes()[..end]);
     }
 }
 

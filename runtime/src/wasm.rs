@@ -540,12 +540,8 @@ fn compile(bytes: &[u8], cache_dir: Option<&Path>) -> Result<Arc<Compiled>, Wasm
 mod disk_cache {
     use super::*;
 
-    // unsafe outside `sandbox`, allowed here: geteuid is a plain syscall
-    // wrapper that libc exposes only as `unsafe`.
-    #[allow(unsafe_code)]
     fn current_uid() -> u32 {
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        unsafe { libc::geteuid() }
+        nix::unistd::geteuid().as_raw()
     }
 
     /// A hash of everything that makes an artefact loadable by this
