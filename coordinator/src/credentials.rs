@@ -9,7 +9,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use rand::RngCore;
+use subtle::ConstantTimeEq;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose, SanType};
 
 /// Why credentials could not be made or read.
@@ -18,6 +18,8 @@ use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsage
 pub enum CredentialsError {
     #[error("could not generate a certificate: {0}")]
     Generate(#[from] rcgen::Error),
+    #[error("the operating system has no randomness to make secrets from: {0}")]
+    NoRandomness(String),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -65,11 +67,12 @@ impl CredentialPaths {
     }
 }
 
-fn secret(prefix: &str) -> String {
+fn secret(prefix: &str) -> Result<String, CredentialsError> {
     let mut bytes = [0u8; 24];
-    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    // The operating system's generator, and nothing weaker.
+    getrandom::fill(&mut bytes).map_err(|e| CredentialsError::NoRandomness(e.to_string()))?;
     let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    format!("{prefix}{hex}")
+    Ok(format!("{prefix}{hex}"))
 }
 
 impl Credentials {
@@ -97,8 +100,8 @@ impl Credentials {
             ca_pem: ca.pem(),
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
-            join_token: secret("fmjoin_"),
-            api_key: secret("fmkey_"),
+            join_token: secret("fmjoin_")?,
+            api_key: secret("fmkey_")?,
         })
     }
 
@@ -145,8 +148,9 @@ impl Credentials {
 
 /// Compares secrets in time independent of where they differ.
 pub fn secrets_match(given: &str, expected: &str) -> bool {
-    let (a, b) = (given.as_bytes(), expected.as_bytes());
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    // subtle compares in constant time for equal lengths; a key's length
+    // is not a secret (every key of a fleet has the same).
+    given.as_bytes().ct_eq(expected.as_bytes()).into()
 }
 
 #[cfg(test)]
