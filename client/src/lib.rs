@@ -14,7 +14,6 @@ pub mod local;
 
 use std::{
     collections::HashMap,
-    net::SocketAddr,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex,
@@ -22,10 +21,10 @@ use std::{
     time::Duration,
 };
 
-use fleetmap_net::{write_frames, FramedReader, NetError};
+use fleetmap_net::{Receiver, Session, SessionError};
 use fleetmap_protocol::{
-    Hello, InputChunk, JobId, JobSpec, LogLine, Message, NodeStatus, OutputChunk, Role, DEFAULT_MAX_FRAME,
-    SOFTWARE_VERSION,
+    ClientToCoordinator, CoordinatorToClient, Hello, InputChunk, JobId, JobSpec, LogLine, NodeStatus, OutputChunk,
+    RequestId, Role, DEFAULT_MAX_FRAME, SOFTWARE_VERSION,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -50,6 +49,18 @@ pub enum ClientError {
     Protocol(String),
 }
 
+impl From<SessionError> for ClientError {
+    fn from(e: SessionError) -> Self {
+        match e {
+            SessionError::Unreachable { addr, reason } => ClientError::Unreachable { addr, reason },
+            SessionError::Tls(t) => ClientError::Tls(t),
+            SessionError::Refused(reason) => ClientError::Refused(reason),
+            SessionError::Protocol(reason) => ClientError::Protocol(reason),
+            other => ClientError::Disconnected(other.to_string()),
+        }
+    }
+}
+
 /// Something that happened to a job.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JobEvent {
@@ -66,8 +77,8 @@ type Routes = Arc<Mutex<Routing>>;
 #[derive(Default)]
 struct Routing {
     jobs: HashMap<JobId, mpsc::UnboundedSender<JobEvent>>,
-    submits: HashMap<u64, oneshot::Sender<Result<Accepted, ClientError>>>,
-    statuses: HashMap<u64, oneshot::Sender<FleetStatus>>,
+    submits: HashMap<RequestId, oneshot::Sender<Result<Accepted, ClientError>>>,
+    statuses: HashMap<RequestId, oneshot::Sender<FleetStatus>>,
     /// Set once the connection is gone, with why.
     closed: Option<String>,
 }
@@ -91,7 +102,7 @@ pub struct FleetStatus {
 pub struct Client {
     conn: quinn::Connection,
     _endpoint: quinn::Endpoint,
-    tx: mpsc::UnboundedSender<Message>,
+    tx: mpsc::UnboundedSender<ClientToCoordinator>,
     routes: Routes,
     next_request: AtomicU64,
     pub coordinator: String,
@@ -103,71 +114,24 @@ impl Client {
     /// Connects to `addr` (`host:port`), trusting only `ca_pem`, and
     /// authenticates with `api_key`.
     pub async fn connect(addr: &str, ca_pem: &[u8], api_key: &str) -> Result<Client, ClientError> {
-        match tokio::time::timeout(CONNECT_TIMEOUT, Self::connect_inner(addr, ca_pem, api_key)).await {
-            Ok(r) => r,
-            Err(_) => Err(ClientError::Unreachable {
-                addr: addr.into(),
-                reason: format!("no answer within {CONNECT_TIMEOUT:?}"),
-            }),
-        }
-    }
-
-    async fn connect_inner(addr: &str, ca_pem: &[u8], api_key: &str) -> Result<Client, ClientError> {
-        let unreachable = |reason: String| ClientError::Unreachable {
-            addr: addr.into(),
-            reason,
-        };
-        let remote: SocketAddr = tokio::net::lookup_host(addr)
-            .await
-            .map_err(|e| unreachable(e.to_string()))?
-            .next()
-            .ok_or_else(|| unreachable("the name has no address".into()))?;
-        let endpoint = fleetmap_net::client_endpoint(ca_pem, remote).map_err(|e| match e {
-            NetError::Tls(t) => ClientError::Tls(t),
-            other => unreachable(other.to_string()),
-        })?;
-        let conn = endpoint
-            .connect(remote, fleetmap_net::SERVER_NAME)
-            .map_err(|e| unreachable(e.to_string()))?
-            .await
-            .map_err(|e| connection_error(addr, e))?;
-        let (send, recv) = conn.open_bi().await.map_err(|e| connection_error(addr, e))?;
-        let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(write_frames(send, rx, DEFAULT_MAX_FRAME));
-        let _ = tx.send(Message::Hello(Hello {
+        let hello = Hello {
             role: Role::Client {
                 api_key: api_key.into(),
             },
             software_version: SOFTWARE_VERSION.into(),
-        }));
-        let mut reader = FramedReader::new(recv, DEFAULT_MAX_FRAME);
-        let coordinator_version = match reader.recv::<Message>().await {
-            Ok(Some(Message::Welcome {
-                coordinator_version, ..
-            })) => coordinator_version,
-            Ok(Some(Message::Refused { reason })) => return Err(ClientError::Refused(reason)),
-            Ok(other) => return Err(ClientError::Protocol(format!("expected Welcome, got {other:?}"))),
-            Err(e) => {
-                // A refusal arrives as the connection's close reason.
-                if let Some(closed) = conn.close_reason() {
-                    return Err(connection_error(addr, closed));
-                }
-                conn.close(2u32.into(), b"bad handshake");
-                return Err(ClientError::Protocol(format!(
-                    "bad handshake from the coordinator: {e}"
-                )));
-            }
         };
+        let session: Session<ClientToCoordinator, CoordinatorToClient> =
+            fleetmap_net::dial(addr, ca_pem, &hello, DEFAULT_MAX_FRAME, CONNECT_TIMEOUT).await?;
         let routes: Routes = Default::default();
-        tokio::spawn(read_loop(reader, conn.clone(), routes.clone()));
+        tokio::spawn(read_loop(session.rx, routes.clone()));
         Ok(Client {
-            conn,
-            _endpoint: endpoint,
-            tx,
+            conn: session.conn,
+            _endpoint: session.endpoint,
+            tx: session.tx,
             routes,
             next_request: AtomicU64::new(0),
             coordinator: addr.into(),
-            coordinator_version,
+            coordinator_version: session.coordinator_version,
         })
     }
 
@@ -178,7 +142,7 @@ impl Client {
         let request = self.register(|routes, request| {
             routes.submits.insert(request, done);
         })?;
-        let _ = self.tx.send(Message::SubmitJob { request, spec });
+        let _ = self.tx.send(ClientToCoordinator::SubmitJob { request, spec });
         let accepted = accepted
             .await
             .map_err(|_| ClientError::Disconnected("the connection closed during submission".into()))??;
@@ -198,7 +162,7 @@ impl Client {
         let request = self.register(|routes, request| {
             routes.statuses.insert(request, done);
         })?;
-        let _ = self.tx.send(Message::StatusRequest { request });
+        let _ = self.tx.send(ClientToCoordinator::StatusRequest { request });
         status
             .await
             .map_err(|_| ClientError::Disconnected("the connection closed during a status request".into()))
@@ -206,8 +170,8 @@ impl Client {
 
     /// Takes a request number and records where its answer goes, unless the
     /// connection is already gone.
-    fn register(&self, route: impl FnOnce(&mut Routing, u64)) -> Result<u64, ClientError> {
-        let request = self.next_request.fetch_add(1, Ordering::Relaxed);
+    fn register(&self, route: impl FnOnce(&mut Routing, RequestId)) -> Result<RequestId, ClientError> {
+        let request = RequestId(self.next_request.fetch_add(1, Ordering::Relaxed));
         let mut routes = self.routes.lock().expect("routing lock poisoned");
         if let Some(reason) = &routes.closed {
             return Err(ClientError::Disconnected(reason.clone()));
@@ -218,7 +182,7 @@ impl Client {
 
     /// Closes the connection; running jobs are cancelled by the coordinator.
     pub fn close(&self) {
-        self.conn.close(0u32.into(), b"client closed");
+        fleetmap_net::CloseCode::Done.close(&self.conn, "client closed");
     }
 }
 
@@ -228,40 +192,16 @@ impl Drop for Client {
     }
 }
 
-fn connection_error(addr: &str, e: quinn::ConnectionError) -> ClientError {
-    match e {
-        quinn::ConnectionError::ApplicationClosed(close) if close.error_code == 1u32.into() => {
-            ClientError::Refused(String::from_utf8_lossy(&close.reason).into_owned())
-        }
-        quinn::ConnectionError::TransportError(t) if t.to_string().contains("certificate") => {
-            ClientError::Tls(t.to_string())
-        }
-        quinn::ConnectionError::TimedOut => ClientError::Unreachable {
-            addr: addr.into(),
-            reason: "timed out".into(),
-        },
-        other => ClientError::Unreachable {
-            addr: addr.into(),
-            reason: other.to_string(),
-        },
-    }
-}
-
-async fn read_loop(mut reader: FramedReader<quinn::RecvStream>, conn: quinn::Connection, routes: Routes) {
+async fn read_loop(mut rx: Receiver<CoordinatorToClient>, routes: Routes) {
     let reason = loop {
-        let msg = match reader.recv::<Message>().await {
+        let msg = match rx.recv().await {
             Ok(Some(msg)) => msg,
             Ok(None) => break "the coordinator closed the connection".to_string(),
-            Err(NetError::Decode(e)) => {
-                let reason = format!("malformed frame from the coordinator: {e}");
-                conn.close(2u32.into(), reason.as_bytes());
-                break reason;
-            }
-            Err(_) => break conn.closed().await.to_string(),
+            Err(e) => break e.to_string(),
         };
         let mut r = routes.lock().expect("routing lock poisoned");
         let (job, event) = match msg {
-            Message::JobAccepted {
+            CoordinatorToClient::JobAccepted {
                 request,
                 job,
                 slots,
@@ -281,28 +221,23 @@ async fn read_loop(mut reader: FramedReader<quinn::RecvStream>, conn: quinn::Con
                 }
                 continue;
             }
-            Message::JobRejected { request, reason } => {
+            CoordinatorToClient::JobRejected { request, reason } => {
                 if let Some(done) = r.submits.remove(&request) {
                     let _ = done.send(Err(ClientError::Rejected(reason)));
                 }
                 continue;
             }
-            Message::Status { request, nodes, jobs } => {
+            CoordinatorToClient::Status { request, nodes, jobs } => {
                 if let Some(done) = r.statuses.remove(&request) {
                     let _ = done.send(FleetStatus { nodes, jobs });
                 }
                 continue;
             }
-            Message::Output { job, output } => (job, JobEvent::Output(output)),
-            Message::Log(line) => (line.job, JobEvent::Log(line)),
-            Message::Credit { job, chunks } => (job, JobEvent::Credit(chunks)),
-            Message::JobFinished { job } => (job, JobEvent::Finished),
-            Message::JobFailed { job, reason } => (job, JobEvent::Failed(reason)),
-            other => {
-                let reason = format!("the coordinator sent a client {}", other.kind());
-                conn.close(2u32.into(), reason.as_bytes());
-                break reason;
-            }
+            CoordinatorToClient::Output { job, output } => (job, JobEvent::Output(output)),
+            CoordinatorToClient::Log(line) => (line.job, JobEvent::Log(line)),
+            CoordinatorToClient::Credit { job, chunks } => (job, JobEvent::Credit(chunks)),
+            CoordinatorToClient::JobFinished { job } => (job, JobEvent::Finished),
+            CoordinatorToClient::JobFailed { job, reason } => (job, JobEvent::Failed(reason)),
         };
         let last = matches!(event, JobEvent::Finished | JobEvent::Failed(_));
         if let Some(tx) = r.jobs.get(&job) {
@@ -334,24 +269,24 @@ pub struct Job {
     pub nodes: u32,
     /// Chunks the client may send before it gets more credit.
     pub initial_credit: u32,
-    tx: mpsc::UnboundedSender<Message>,
+    tx: mpsc::UnboundedSender<ClientToCoordinator>,
     events: mpsc::UnboundedReceiver<JobEvent>,
 }
 
 impl Job {
     /// Sends a chunk of inputs; the caller keeps within its credit.
     pub fn send_chunk(&self, chunk: InputChunk) {
-        let _ = self.tx.send(Message::Inputs { job: self.id, chunk });
+        let _ = self.tx.send(ClientToCoordinator::Inputs { job: self.id, chunk });
     }
 
     /// Says that all `chunks` chunks have been sent.
     pub fn inputs_done(&self, chunks: u64) {
-        let _ = self.tx.send(Message::InputsDone { job: self.id, chunks });
+        let _ = self.tx.send(ClientToCoordinator::InputsDone { job: self.id, chunks });
     }
 
     /// Stops the job: the coordinator kills its workers and frees its slots.
     pub fn cancel(&self) {
-        let _ = self.tx.send(Message::CancelJob { job: self.id });
+        let _ = self.tx.send(ClientToCoordinator::CancelJob { job: self.id });
     }
 
     /// The next event; `None` once the job's events are exhausted.

@@ -24,8 +24,8 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use fleetmap_protocol::{
-    CallRequest, ChunkId, InputChunk, JobId, JobSpec, LogLine, Message, NodeId, NodeStatus, OutputChunk, Resources,
-    SlotId,
+    CallRequest, ChunkId, ClientId, CoordinatorToClient, CoordinatorToNode, InputChunk, JobId, JobSpec, LogLine, NodeId,
+    NodeStatus, OutputChunk, RequestId, Resources, SlotId,
 };
 
 /// Chunks a slot may hold at once: one running and one waiting at the node,
@@ -39,14 +39,11 @@ pub const MAX_SLOTS: u32 = 4000;
 /// queued at the coordinator, so no slot waits on the client.
 const PER_SLOT_WINDOW: u32 = SLOT_DEPTH as u32 + 1;
 
-/// A connected client.
-pub type ClientId = u64;
-
 /// A message the scheduler wants delivered.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
-    ToNode { node: NodeId, msg: Message },
-    ToClient { client: ClientId, msg: Message },
+    ToNode { node: NodeId, msg: CoordinatorToNode },
+    ToClient { client: ClientId, msg: CoordinatorToClient },
 }
 
 /// A peer broke the protocol; the shell closes its connection with this reason.
@@ -276,13 +273,13 @@ impl Scheduler {
 
     /// A client submits a job. It is accepted (and gets the slots that are
     /// free) or rejected at once when no node could ever host one call.
-    pub fn handle_submit(&mut self, client: ClientId, request: u64, spec: JobSpec) {
+    pub fn handle_submit(&mut self, client: ClientId, request: RequestId, spec: JobSpec) {
         if let Err(reason) = self.check_placeable(&spec.call) {
-            self.send_to_client(client, Message::JobRejected { request, reason });
+            self.send_to_client(client, CoordinatorToClient::JobRejected { request, reason });
             return;
         }
         let id = self.next_job;
-        self.next_job += 1;
+        self.next_job = JobId(id.0 + 1);
         let mut target = spec.parallelism.unwrap_or(MAX_SLOTS).clamp(1, MAX_SLOTS);
         if let Some(total) = spec.total_inputs {
             target = target.min(total.max(1).min(MAX_SLOTS as u64) as u32);
@@ -298,7 +295,7 @@ impl Scheduler {
                 window: PER_SLOT_WINDOW,
                 credit_out: 0,
                 announced: false,
-                next_slot: 0,
+                next_slot: SlotId(0),
                 slots: BTreeMap::new(),
                 active_slots: 0,
                 ready: VecDeque::new(),
@@ -320,7 +317,7 @@ impl Scheduler {
             .map(|s| s.node)
             .collect::<std::collections::BTreeSet<_>>()
             .len() as u32;
-        let msg = Message::JobAccepted {
+        let msg = CoordinatorToClient::JobAccepted {
             request,
             job: id,
             slots: job.slots.len() as u32,
@@ -343,7 +340,7 @@ impl Scheduler {
         if j.total_chunks.is_some() {
             return Err(ProtocolViolation(format!("job {job}: inputs sent after InputsDone")));
         }
-        if chunk.chunk != j.received {
+        if chunk.chunk != ChunkId(j.received) {
             return Err(ProtocolViolation(format!(
                 "job {job}: chunk {} arrived where chunk {} was due; chunks are numbered from 0 without gaps",
                 chunk.chunk, j.received
@@ -420,9 +417,9 @@ impl Scheduler {
         j.finished += 1;
         let client = j.client;
         let credit = j.top_up();
-        self.send_to_client(client, Message::Output { job, output });
+        self.send_to_client(client, CoordinatorToClient::Output { job, output });
         if credit > 0 {
-            self.send_to_client(client, Message::Credit { job, chunks: credit });
+            self.send_to_client(client, CoordinatorToClient::Credit { job, chunks: credit });
         }
         self.dispatch(job);
         if release {
@@ -446,7 +443,7 @@ impl Scheduler {
     }
 
     /// A client asks what the fleet looks like.
-    pub fn handle_status(&mut self, client: ClientId, request: u64) {
+    pub fn handle_status(&mut self, client: ClientId, request: RequestId) {
         let nodes = self
             .nodes
             .values()
@@ -460,13 +457,13 @@ impl Scheduler {
             })
             .collect();
         let jobs = self.jobs.len() as u32;
-        self.send_to_client(client, Message::Status { request, nodes, jobs });
+        self.send_to_client(client, CoordinatorToClient::Status { request, nodes, jobs });
     }
 
     /// A line a call printed goes to the job's client.
     pub fn handle_log(&mut self, line: LogLine) {
         if let Some(client) = self.client_of(line.job) {
-            self.send_to_client(client, Message::Log(line));
+            self.send_to_client(client, CoordinatorToClient::Log(line));
         }
     }
 
@@ -565,7 +562,7 @@ impl Scheduler {
                 .expect("node id taken from the map")
                 .take(&job.spec.call);
             let slot = job.next_slot;
-            job.next_slot += 1;
+            job.next_slot = SlotId(slot.0 + 1);
             let new = Slot {
                 node,
                 chunks: Vec::new(),
@@ -600,7 +597,7 @@ impl Scheduler {
         job.window += new_slots.len() as u32 * PER_SLOT_WINDOW;
         let added = if job.announced { job.top_up() } else { 0 };
         if added > 0 {
-            let msg = Message::Credit { job: id, chunks: added };
+            let msg = CoordinatorToClient::Credit { job: id, chunks: added };
             self.out.push_back(Command::ToClient {
                 client: job.client,
                 msg,
@@ -610,7 +607,7 @@ impl Scheduler {
             job.ready.extend(new_slots.iter().copied());
         }
         for (node, slots) in per_node {
-            let msg = Message::StartSlots {
+            let msg = CoordinatorToNode::StartSlots {
                 job: id,
                 spec: job.spec.clone(),
                 slots,
@@ -699,7 +696,7 @@ impl Scheduler {
         }
         self.out.push_back(Command::ToNode {
             node: s.node,
-            msg: Message::StopSlot { job: id, slot },
+            msg: CoordinatorToNode::StopSlot { job: id, slot },
         });
     }
 
@@ -729,7 +726,7 @@ impl Scheduler {
             job.in_flight.insert(chunk.chunk, (slot, chunk.clone()));
             self.out.push_back(Command::ToNode {
                 node: s.node,
-                msg: Message::RunChunk { job: id, slot, chunk },
+                msg: CoordinatorToNode::RunChunk { job: id, slot, chunk },
             });
         }
     }
@@ -741,14 +738,14 @@ impl Scheduler {
         if job.total_chunks == Some(job.finished) {
             let client = job.client;
             self.stop_job(id);
-            self.send_to_client(client, Message::JobFinished { job: id });
+            self.send_to_client(client, CoordinatorToClient::JobFinished { job: id });
         }
     }
 
     fn fail_job(&mut self, id: JobId, reason: String) {
         if let Some(client) = self.client_of(id) {
             self.stop_job(id);
-            self.send_to_client(client, Message::JobFailed { job: id, reason });
+            self.send_to_client(client, CoordinatorToClient::JobFailed { job: id, reason });
         }
     }
 
@@ -774,12 +771,12 @@ impl Scheduler {
         for node in nodes {
             self.out.push_back(Command::ToNode {
                 node,
-                msg: Message::StopJob { job: id },
+                msg: CoordinatorToNode::StopJob { job: id },
             });
         }
     }
 
-    fn send_to_client(&mut self, client: ClientId, msg: Message) {
+    fn send_to_client(&mut self, client: ClientId, msg: CoordinatorToClient) {
         self.out.push_back(Command::ToClient { client, msg });
     }
 }

@@ -13,23 +13,21 @@ use std::{
     time::Duration,
 };
 
-use fleetmap_net::{write_frames, FramedReader, NetError};
-use fleetmap_protocol::{Hello, Message, NodeId, Role, DEFAULT_MAX_FRAME, SOFTWARE_VERSION};
+use fleetmap_net::{accept_hello, CloseCode, NetError, Receiver, SessionError};
+use fleetmap_protocol::{
+    ClientId, ClientToCoordinator, CoordinatorToClient, CoordinatorToNode, NodeId, NodeToCoordinator, Role,
+    DEFAULT_MAX_FRAME, SOFTWARE_VERSION,
+};
 use tokio::{sync::mpsc, task::JoinHandle};
 use tracing::{debug, info, warn};
 
 use crate::{
     credentials::{secrets_match, Credentials},
-    scheduler::{ClientId, Command, Scheduler},
+    scheduler::{Command, Scheduler},
 };
 
 /// How long a new connection has to open its stream and say `Hello`.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// QUIC application close codes.
-const CLOSE_OK: u32 = 0;
-const CLOSE_REFUSED: u32 = 1;
-const CLOSE_PROTOCOL: u32 = 2;
 
 /// How to run a coordinator.
 #[derive(Debug, Clone)]
@@ -49,29 +47,12 @@ impl CoordinatorConfig {
     }
 }
 
-/// Why a peer's connection ended badly.
-#[derive(Debug, thiserror::Error)]
-enum PeerError {
-    #[error(transparent)]
-    Net(#[from] NetError),
-    #[error("refused: {0}")]
-    Refused(String),
-    #[error("protocol violation: {0}")]
-    Protocol(String),
-    #[error("no Hello within {0:?}")]
-    Timeout(Duration),
-}
-
-impl From<quinn::ConnectionError> for PeerError {
-    fn from(e: quinn::ConnectionError) -> Self {
-        Self::Net(e.into())
-    }
-}
-
 struct Core {
     scheduler: Scheduler,
-    peers: HashMap<u64, mpsc::UnboundedSender<Message>>,
-    next_peer: u64,
+    nodes: HashMap<NodeId, mpsc::UnboundedSender<CoordinatorToNode>>,
+    clients: HashMap<ClientId, mpsc::UnboundedSender<CoordinatorToClient>>,
+    next_node: NodeId,
+    next_client: ClientId,
 }
 
 impl Core {
@@ -79,12 +60,17 @@ impl Core {
     /// skipped: its loss is an event of its own.
     fn route(&mut self) {
         while let Some(cmd) = self.scheduler.poll_command() {
-            let (peer, msg) = match cmd {
-                Command::ToNode { node, msg } => (node, msg),
-                Command::ToClient { client, msg } => (client, msg),
-            };
-            if let Some(tx) = self.peers.get(&peer) {
-                let _ = tx.send(msg);
+            match cmd {
+                Command::ToNode { node, msg } => {
+                    if let Some(tx) = self.nodes.get(&node) {
+                        let _ = tx.send(msg);
+                    }
+                }
+                Command::ToClient { client, msg } => {
+                    if let Some(tx) = self.clients.get(&client) {
+                        let _ = tx.send(msg);
+                    }
+                }
             }
         }
     }
@@ -99,25 +85,16 @@ struct Shared {
 impl Shared {
     /// Runs `f` on the scheduler and delivers what it produced.
     fn with<R>(&self, f: impl FnOnce(&mut Scheduler) -> R) -> R {
-        // A poisoned lock means a panic in the scheduler, a bug: stopping
-        // every connection task by propagating it is the only safe outcome.
-        let mut core = self.core.lock().expect("scheduler lock poisoned");
+        let mut core = self.lock();
         let r = f(&mut core.scheduler);
         core.route();
         r
     }
 
-    fn register(&self, tx: mpsc::UnboundedSender<Message>) -> u64 {
-        let mut core = self.core.lock().expect("scheduler lock poisoned");
-        core.next_peer += 1;
-        let id = core.next_peer;
-        core.peers.insert(id, tx);
-        id
-    }
-
-    fn unregister(&self, id: u64) {
-        let mut core = self.core.lock().expect("scheduler lock poisoned");
-        core.peers.remove(&id);
+    fn lock(&self) -> std::sync::MutexGuard<'_, Core> {
+        // A poisoned lock means a panic in the scheduler, a bug: stopping
+        // every connection task by propagating it is the only safe outcome.
+        self.core.lock().expect("scheduler lock poisoned")
     }
 }
 
@@ -152,7 +129,8 @@ impl RunningCoordinator {
 
     /// Closes every connection and stops accepting.
     pub async fn shutdown(self) {
-        self.endpoint.close(CLOSE_OK.into(), b"coordinator shutting down");
+        self.endpoint
+            .close(CloseCode::Done.code(), b"coordinator shutting down");
         self.accept.abort();
         // Give peers a moment to see the close; a dead peer never answers.
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
@@ -167,8 +145,10 @@ pub async fn serve(config: CoordinatorConfig) -> Result<RunningCoordinator, NetE
     let shared = Arc::new(Shared {
         core: Mutex::new(Core {
             scheduler: Scheduler::new(),
-            peers: HashMap::new(),
-            next_peer: 0,
+            nodes: HashMap::new(),
+            clients: HashMap::new(),
+            next_node: NodeId(0),
+            next_client: ClientId(0),
         }),
         credentials: config.credentials,
         max_frame: config.max_frame,
@@ -199,44 +179,21 @@ async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
         }
     };
     match serve_peer(&conn, &shared).await {
-        Ok(()) => conn.close(CLOSE_OK.into(), b""),
+        Ok(()) => CloseCode::Done.close(&conn, ""),
+        // The refusal was sent and the connection closed with it.
+        Err(SessionError::Refused(reason)) => warn!("{remote}: refused: {reason}"),
         Err(e) => {
-            let code = match e {
-                PeerError::Refused(_) => CLOSE_REFUSED,
-                _ => CLOSE_PROTOCOL,
-            };
             warn!("{remote}: {e}");
-            let mut reason = e.to_string();
-            reason.truncate(1000);
-            conn.close(code.into(), reason.as_bytes());
+            CloseCode::Protocol.close(&conn, &e.to_string());
         }
     }
 }
 
-async fn serve_peer(conn: &quinn::Connection, shared: &Shared) -> Result<(), PeerError> {
-    let (send, recv) = tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.accept_bi())
-        .await
-        .map_err(|_| PeerError::Timeout(HANDSHAKE_TIMEOUT))??;
-    let mut reader = FramedReader::new(recv, shared.max_frame);
-    let hello = match tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.recv::<Message>()).await {
-        Err(_) => return Err(PeerError::Timeout(HANDSHAKE_TIMEOUT)),
-        Ok(r) => r?,
+async fn serve_peer(conn: &quinn::Connection, shared: &Shared) -> Result<(), SessionError> {
+    let Some(handshake) = accept_hello(conn, HANDSHAKE_TIMEOUT).await? else {
+        return Ok(());
     };
-    let hello: Hello = match hello {
-        Some(Message::Hello(h)) => h,
-        Some(other) => return Err(PeerError::Protocol(format!("expected Hello, got {}", other.kind()))),
-        None => return Ok(()),
-    };
-    let (tx, rx) = mpsc::unbounded_channel();
-    let writer = tokio::spawn(write_frames(send, rx, shared.max_frame));
-    if hello.software_version != SOFTWARE_VERSION {
-        warn!(
-            "{} runs fleetmap {}, this coordinator runs {SOFTWARE_VERSION}",
-            conn.remote_address(),
-            hello.software_version
-        );
-    }
-    let refusal = match &hello.role {
+    let refusal = match &handshake.hello.role {
         Role::Node { token, name, .. } if !secrets_match(token, &shared.credentials.join_token) => Some(format!(
             "node {name:?} presented a join token the coordinator does not accept; \
              use the token from the coordinator's join-token file"
@@ -249,96 +206,113 @@ async fn serve_peer(conn: &quinn::Connection, shared: &Shared) -> Result<(), Pee
         _ => None,
     };
     if let Some(reason) = refusal {
-        let _ = tx.send(Message::Refused { reason: reason.clone() });
-        drop(tx);
-        // Let the refusal reach the peer before the close overtakes it.
-        let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
-        return Err(PeerError::Refused(reason));
+        handshake.refuse(&reason).await;
+        return Err(SessionError::Refused(reason));
     }
-    let peer = shared.register(tx.clone());
-    let result = match hello.role {
+    // Only an authenticated peer's version string is logged (and cut short).
+    let version = &handshake.hello.software_version;
+    if version != SOFTWARE_VERSION {
+        let version: String = version.chars().take(40).collect();
+        warn!(
+            "{} runs fleetmap {version:?}, this coordinator runs {SOFTWARE_VERSION}",
+            handshake.remote
+        );
+    }
+    let remote = handshake.remote;
+    match handshake.hello.role.clone() {
         Role::Node {
             name,
             resources,
             isolation,
             ..
         } => {
+            let (tx, mut rx, writer) = handshake.welcome(SOFTWARE_VERSION, shared.max_frame).await?;
+            let node = {
+                let mut core = shared.lock();
+                core.next_node = NodeId(core.next_node.0 + 1);
+                let id = core.next_node;
+                core.nodes.insert(id, tx);
+                id
+            };
             info!(
-                "node {name} joined from {}: {} cores, {} memory, {} GPUs",
-                conn.remote_address(),
+                "node {name} joined from {remote}: {} cores, {} memory, {} GPUs",
                 resources.cores,
                 crate::scheduler::gib(resources.memory_bytes),
                 resources.gpus.len()
             );
-            let _ = tx.send(Message::Welcome {
-                node_id: Some(peer),
-                coordinator_version: SOFTWARE_VERSION.into(),
-            });
-            shared.with(|s| s.handle_node_joined(peer, name.clone(), resources, isolation));
-            let r = node_loop(&mut reader, peer, shared).await;
+            shared.with(|s| s.handle_node_joined(node, name.clone(), resources, isolation));
+            let r = node_loop(&mut rx, node, shared).await;
             info!(
                 "node {name} left: {}",
                 r.as_ref().err().map_or("closed".into(), |e| e.to_string())
             );
-            shared.with(|s| s.handle_node_lost(peer));
+            shared.with(|s| s.handle_node_lost(node));
+            shared.lock().nodes.remove(&node);
+            writer.abort();
             r
         }
         Role::Client { .. } => {
-            let _ = tx.send(Message::Welcome {
-                node_id: None,
-                coordinator_version: SOFTWARE_VERSION.into(),
-            });
-            let r = client_loop(&mut reader, peer, shared).await;
-            shared.with(|s| s.handle_client_lost(peer));
+            let (tx, mut rx, writer) = handshake.welcome(SOFTWARE_VERSION, shared.max_frame).await?;
+            let client = {
+                let mut core = shared.lock();
+                core.next_client = ClientId(core.next_client.0 + 1);
+                let id = core.next_client;
+                core.clients.insert(id, tx);
+                id
+            };
+            let r = client_loop(&mut rx, client, shared).await;
+            shared.with(|s| s.handle_client_lost(client));
+            shared.lock().clients.remove(&client);
+            writer.abort();
             r
         }
-    };
-    shared.unregister(peer);
-    drop(tx);
-    writer.abort();
-    result
+    }
 }
 
 async fn node_loop(
-    reader: &mut FramedReader<quinn::RecvStream>,
+    rx: &mut Receiver<NodeToCoordinator>,
     node: NodeId,
     shared: &Shared,
-) -> Result<(), PeerError> {
-    while let Some(msg) = reader.recv::<Message>().await? {
+) -> Result<(), SessionError> {
+    while let Some(msg) = rx.recv().await? {
         match msg {
-            Message::ChunkDone { job, slot, output } => shared.with(|s| s.handle_chunk_done(node, job, slot, output)),
-            Message::SlotFailed { job, slot, reason } => shared.with(|s| s.handle_slot_failed(node, job, slot, reason)),
-            Message::Log(line) => shared.with(|s| s.handle_log(line)),
-            other => return Err(PeerError::Protocol(format!("a node may not send {}", other.kind()))),
+            NodeToCoordinator::ChunkDone { job, slot, output } => {
+                shared.with(|s| s.handle_chunk_done(node, job, slot, output))
+            }
+            NodeToCoordinator::SlotFailed { job, slot, reason } => {
+                shared.with(|s| s.handle_slot_failed(node, job, slot, reason))
+            }
+            NodeToCoordinator::Log(line) => shared.with(|s| s.handle_log(line)),
         }
     }
     Ok(())
 }
 
 async fn client_loop(
-    reader: &mut FramedReader<quinn::RecvStream>,
+    rx: &mut Receiver<ClientToCoordinator>,
     client: ClientId,
     shared: &Shared,
-) -> Result<(), PeerError> {
-    while let Some(msg) = reader.recv::<Message>().await? {
+) -> Result<(), SessionError> {
+    while let Some(msg) = rx.recv().await? {
         let result = match msg {
-            Message::SubmitJob { request, spec } => {
+            ClientToCoordinator::SubmitJob { request, spec } => {
                 shared.with(|s| s.handle_submit(client, request, spec));
                 Ok(())
             }
-            Message::Inputs { job, chunk } => shared.with(|s| s.handle_inputs(client, job, chunk)),
-            Message::InputsDone { job, chunks } => shared.with(|s| s.handle_inputs_done(client, job, chunks)),
-            Message::CancelJob { job } => {
+            ClientToCoordinator::Inputs { job, chunk } => shared.with(|s| s.handle_inputs(client, job, chunk)),
+            ClientToCoordinator::InputsDone { job, chunks } => {
+                shared.with(|s| s.handle_inputs_done(client, job, chunks))
+            }
+            ClientToCoordinator::CancelJob { job } => {
                 shared.with(|s| s.handle_cancel(client, job));
                 Ok(())
             }
-            Message::StatusRequest { request } => {
+            ClientToCoordinator::StatusRequest { request } => {
                 shared.with(|s| s.handle_status(client, request));
                 Ok(())
             }
-            other => return Err(PeerError::Protocol(format!("a client may not send {}", other.kind()))),
         };
-        result.map_err(|v| PeerError::Protocol(v.0))?;
+        result.map_err(|v| SessionError::Protocol(v.0))?;
     }
     Ok(())
 }

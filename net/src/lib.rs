@@ -3,8 +3,16 @@
 //! every connection uses, and framed reading and writing of protocol messages
 //! on any async byte stream (QUIC streams, a worker's Unix socket).
 //!
+//! [`session`] is the one way to open a connection to the coordinator (dial,
+//! `Hello`, `Welcome` or `Refused`) and to accept one, and [`CloseCode`] the
+//! one set of reasons a connection is closed with.
+//!
 //! This crate holds no protocol logic: which message goes where is decided by
 //! the crates above it. It must not depend on `sandbox`, `runtime` or pyo3.
+
+pub mod session;
+
+pub use session::{accept_hello, dial, CloseCode, Handshake, Receiver, Session, SessionError};
 
 use std::{
     net::{SocketAddr, UdpSocket},
@@ -53,8 +61,6 @@ pub enum NetError {
     Decode(#[from] DecodeError),
     #[error(transparent)]
     Encode(#[from] EncodeError),
-    #[error("peer closed the stream in the middle of a frame ({0} bytes left undecoded)")]
-    Truncated(usize),
 }
 
 /// Installs the process-wide rustls crypto provider (ring) once.
@@ -183,6 +189,11 @@ impl<R: AsyncRead + Unpin> FramedReader<R> {
         }
     }
 
+    /// Changes the frame limit (see [`FrameDecoder::set_max_frame`]).
+    pub fn set_max_frame(&mut self, max: usize) {
+        self.decoder.set_max_frame(max);
+    }
+
     /// The next message; `Ok(None)` when the peer finished the stream cleanly.
     pub async fn recv<T: DeserializeOwned>(&mut self) -> Result<Option<T>, NetError> {
         loop {
@@ -191,10 +202,8 @@ impl<R: AsyncRead + Unpin> FramedReader<R> {
             }
             let n = self.inner.read(&mut self.buf).await?;
             if n == 0 {
-                return match self.decoder.buffered() {
-                    0 => Ok(None),
-                    left => Err(NetError::Truncated(left)),
-                };
+                self.decoder.finish()?;
+                return Ok(None);
             }
             self.decoder.extend(&self.buf[..n]);
         }
@@ -232,7 +241,7 @@ where
 
 #[cfg(test)]
 mod tests {
-    use fleetmap_protocol::{Message, DEFAULT_MAX_FRAME};
+    use fleetmap_protocol::{ClientToCoordinator as Message, JobId, DEFAULT_MAX_FRAME};
 
     use super::*;
 
@@ -242,14 +251,14 @@ mod tests {
         let (tx, rx) = mpsc::unbounded_channel();
         let writer = tokio::spawn(write_frames(a, rx, DEFAULT_MAX_FRAME));
         for job in 0..100 {
-            tx.send(Message::CancelJob { job }).unwrap();
+            tx.send(Message::CancelJob { job: JobId(job) }).unwrap();
         }
         drop(tx);
         let mut reader = FramedReader::new(b, DEFAULT_MAX_FRAME);
         for job in 0..100 {
             assert_eq!(
                 reader.recv::<Message>().await.unwrap(),
-                Some(Message::CancelJob { job })
+                Some(Message::CancelJob { job: JobId(job) })
             );
         }
         assert!(reader.recv::<Message>().await.unwrap().is_none());
@@ -262,6 +271,6 @@ mod tests {
         a.write_all(&[10, 0, 0, 0, 1]).await.unwrap();
         drop(a);
         let mut reader = FramedReader::new(b, DEFAULT_MAX_FRAME);
-        assert!(matches!(reader.recv::<Message>().await, Err(NetError::Truncated(5))));
+        assert!(matches!(reader.recv::<Message>().await, Err(NetError::Decode(DecodeError::Truncated { left: 5 }))));
     }
 }

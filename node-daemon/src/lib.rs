@@ -17,9 +17,10 @@ mod slot;
 
 use std::{collections::HashMap, net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
-use fleetmap_net::{write_frames, FramedReader, NetError};
+use fleetmap_net::{CloseCode, NetError, Session, SessionError};
 use fleetmap_protocol::{
-    Gpu, Hello, InputChunk, JobId, Message, Resources, Role, SlotId, DEFAULT_MAX_FRAME, SOFTWARE_VERSION,
+    CoordinatorToNode, Gpu, Hello, InputChunk, JobId, NodeToCoordinator, Resources, Role, SlotId, DEFAULT_MAX_FRAME,
+    SOFTWARE_VERSION,
 };
 use fleetmap_sandbox::cgroup::CgroupTree;
 use inventory::Inventory;
@@ -121,20 +122,21 @@ pub enum NodeError {
     Resolve { addr: String, reason: String },
     #[error(transparent)]
     Net(#[from] NetError),
-    #[error("protocol violation by the coordinator: {0}")]
-    Protocol(String),
+    #[error(transparent)]
+    Session(SessionError),
 }
 
-impl From<quinn::ConnectionError> for NodeError {
-    fn from(e: quinn::ConnectionError) -> Self {
+impl From<SessionError> for NodeError {
+    fn from(e: SessionError) -> Self {
         match e {
-            quinn::ConnectionError::ApplicationClosed(ref close) if close.error_code == 1u32.into() => {
-                NodeError::Refused(String::from_utf8_lossy(&close.reason).into_owned())
-            }
-            other => NodeError::Net(other.into()),
+            SessionError::Refused(reason) => NodeError::Refused(reason),
+            other => NodeError::Session(other),
         }
     }
 }
+
+/// How long joining (connecting, TLS and the handshake) may take.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// This machine's host name.
 pub fn default_name() -> String {
@@ -330,16 +332,7 @@ async fn session(
     shutdown: &mut tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), NodeError> {
     let config = &node.config;
-    let addr = resolve(&config.coordinator).await?;
-    let endpoint = fleetmap_net::client_endpoint(&config.ca_pem, addr)?;
-    let conn = endpoint
-        .connect(addr, fleetmap_net::SERVER_NAME)
-        .map_err(NetError::from)?
-        .await?;
-    let (send, recv) = conn.open_bi().await?;
-    let (up, rx) = mpsc::unbounded_channel();
-    let writer = tokio::spawn(write_frames(send, rx, config.max_frame));
-    let _ = up.send(Message::Hello(Hello {
+    let hello = Hello {
         role: Role::Node {
             token: config.token.clone(),
             name: config.name.clone(),
@@ -347,46 +340,36 @@ async fn session(
             isolation: node.isolation.clone(),
         },
         software_version: SOFTWARE_VERSION.into(),
-    }));
-    let mut reader = FramedReader::new(recv, config.max_frame);
-    let first = reader.recv::<Message>().await;
-    match first {
-        Ok(Some(Message::Welcome { .. })) => {}
-        Ok(Some(Message::Refused { reason })) => return Err(NodeError::Refused(reason)),
-        Ok(other) => return Err(NodeError::Protocol(format!("expected Welcome, got {other:?}"))),
-        Err(e) => {
-            // A refusal arrives as the connection's close reason.
-            if let Some(closed) = conn.close_reason() {
-                return Err(closed.into());
-            }
-            let reason = format!("bad handshake from the coordinator: {e}");
-            conn.close(2u32.into(), reason.as_bytes());
-            return Err(NodeError::Protocol(reason));
-        }
-    }
+    };
+    let session: Session<NodeToCoordinator, CoordinatorToNode> =
+        fleetmap_net::dial(&config.coordinator, &config.ca_pem, &hello, config.max_frame, JOIN_TIMEOUT).await?;
+    let Session {
+        conn,
+        tx: up,
+        rx: mut reader,
+        remote: addr,
+        writer,
+        endpoint: _endpoint,
+        ..
+    } = session;
     info!("node {} joined the coordinator at {addr}", config.name);
     *backoff = Duration::from_millis(100);
     let mut jobs: HashMap<JobId, JobSlots> = HashMap::new();
     let result = loop {
         let received = tokio::select! {
-            received = reader.recv::<Message>() => received,
+            received = reader.recv() => received,
             _ = shutdown.changed() => {
-                conn.close(0u32.into(), b"node daemon stopping");
+                CloseCode::Done.close(&conn, "node daemon stopping");
                 break Ok(());
             }
         };
         let msg = match received {
             Ok(Some(msg)) => msg,
             Ok(None) => break Ok(()),
-            Err(NetError::Decode(e)) => {
-                let reason = format!("malformed frame from the coordinator: {e}");
-                conn.close(2u32.into(), reason.as_bytes());
-                break Err(NodeError::Protocol(reason));
-            }
             Err(e) => break Err(e.into()),
         };
         match msg {
-            Message::StartSlots { job, spec, slots } => {
+            CoordinatorToNode::StartSlots { job, spec, slots } => {
                 let spec = Arc::new(spec);
                 let entry = jobs.entry(job).or_default();
                 for slot in slots {
@@ -400,7 +383,7 @@ async fn session(
                             "node {} has no free cores or GPUs left for slot {slot} ({} cores, {} GPUs asked)",
                             config.name, spec.call.cores, spec.call.gpus
                         );
-                        let _ = up.send(Message::SlotFailed { job, slot, reason });
+                        let _ = up.send(NodeToCoordinator::SlotFailed { job, slot, reason });
                         continue;
                     };
                     let (tx, rx) = mpsc::unbounded_channel();
@@ -417,25 +400,20 @@ async fn session(
                     entry.tasks.insert(slot, tokio::spawn(run_slot(ctx, rx)));
                 }
             }
-            Message::RunChunk { job, slot, chunk } => {
+            CoordinatorToNode::RunChunk { job, slot, chunk } => {
                 if let Some(tx) = jobs.get(&job).and_then(|j| j.chunks.get(&slot)) {
                     let _ = tx.send(chunk);
                 }
             }
-            Message::StopJob { job } => {
+            CoordinatorToNode::StopJob { job } => {
                 if let Some(slots) = jobs.remove(&job) {
                     slots.stop().await;
                 }
             }
-            Message::StopSlot { job, slot } => {
+            CoordinatorToNode::StopSlot { job, slot } => {
                 if let Some(slots) = jobs.get_mut(&job) {
                     slots.stop_slot(slot).await;
                 }
-            }
-            other => {
-                let reason = format!("a coordinator may not send {}", other.kind());
-                conn.close(2u32.into(), reason.as_bytes());
-                break Err(NodeError::Protocol(reason));
             }
         }
     };

@@ -12,7 +12,7 @@ use std::{collections::VecDeque, os::fd::AsRawFd, path::Path, sync::Arc, time::D
 use fleetmap_net::{write_frames, FramedReader};
 use fleetmap_protocol::{
     worker::{CrashKind, CrashedInput, FromWorker, ToWorker},
-    InputChunk, JobId, JobSpec, LogLine, Message, OutputChunk, OutputStream, RuntimeSpec, SlotId,
+    InputChunk, InputIndex, JobId, JobSpec, LogLine, NodeToCoordinator, OutputChunk, OutputStream, RuntimeSpec, SlotId,
 };
 use fleetmap_sandbox::{
     cgroup::{CgroupTree, GpuAccess, SlotCgroup, SlotLimits},
@@ -38,12 +38,12 @@ pub(crate) struct SlotContext {
     pub config: Arc<NodeConfig>,
     pub cgroups: Option<Arc<CgroupTree>>,
     pub placement: Placement,
-    pub up: mpsc::UnboundedSender<Message>,
+    pub up: mpsc::UnboundedSender<NodeToCoordinator>,
 }
 
 pub(crate) async fn run_slot(ctx: SlotContext, chunks: mpsc::UnboundedReceiver<InputChunk>) {
     if let Err(reason) = drive_slot(&ctx, chunks).await {
-        let _ = ctx.up.send(Message::SlotFailed {
+        let _ = ctx.up.send(NodeToCoordinator::SlotFailed {
             job: ctx.job,
             slot: ctx.slot,
             reason,
@@ -56,7 +56,7 @@ struct Pending {
     chunk: InputChunk,
     isolated: bool,
     crashed: Vec<CrashedInput>,
-    started: Option<u64>,
+    started: Option<InputIndex>,
 }
 
 impl Pending {
@@ -116,7 +116,7 @@ async fn drive_slot(ctx: &SlotContext, mut chunks: mpsc::UnboundedReceiver<Input
                         node: ctx.config.name.clone(),
                         payload,
                     };
-                    let _ = ctx.up.send(Message::ChunkDone { job: ctx.job, slot: ctx.slot, output });
+                    let _ = ctx.up.send(NodeToCoordinator::ChunkDone { job: ctx.job, slot: ctx.slot, output });
                 }
                 Ok(Some(other)) => {
                     return Err(format!(
@@ -155,7 +155,7 @@ fn learn_from_death(front: &mut Pending, death: Death, ctx: &SlotContext) -> Res
                 ctx.slot,
                 death.what,
                 front.chunk.first_input,
-                front.chunk.first_input + front.chunk.count as u64 - 1
+                front.chunk.first_input.offset(front.chunk.count as u64 - 1)
             ));
         }
         (_, false, _) => None,
@@ -457,7 +457,7 @@ impl<R: AsyncRead + AsRawFd + Unpin> LineForwarder<R> {
     }
 
     fn send(&self, line: &[u8], ctx: &SlotContext) {
-        let _ = ctx.up.send(Message::Log(LogLine {
+        let _ = ctx.up.send(NodeToCoordinator::Log(LogLine {
             job: ctx.job,
             stream: self.stream,
             node: ctx.config.name.clone(),

@@ -1,6 +1,11 @@
-//! The frame codec: `u32 length | u16 version | bincode body`.
+//! The frame codec: `u32 length | u16 version | postcard body`.
+//!
+//! postcard (a maintained, stable format) decodes from the frame's bytes
+//! only: every length it reads must be backed by bytes in the frame, and
+//! serde preallocates at most about 1 MiB for a declared sequence, so what a
+//! frame can make the decoder allocate is bounded by the frame's size, not
+//! by the lengths it declares.
 
-use bincode::Options;
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::PROTOCOL_VERSION;
@@ -22,6 +27,8 @@ pub enum DecodeError {
     UnknownVersion { got: u16, supported: u16 },
     #[error("malformed message: {0}")]
     Malformed(String),
+    #[error("peer closed the stream in the middle of a frame ({left} bytes left undecoded)")]
+    Truncated { left: usize },
 }
 
 /// Why a message could not be turned into a frame.
@@ -34,35 +41,28 @@ pub enum EncodeError {
     Serialize(String),
 }
 
-fn options(limit: usize) -> impl Options {
-    bincode::DefaultOptions::new().with_limit(limit as u64)
-}
-
 /// Appends one frame holding `msg` to `out`; refuses frames above `max`.
 pub fn encode_frame<T: Serialize>(msg: &T, max: usize, out: &mut Vec<u8>) -> Result<(), EncodeError> {
     let start = out.len();
     out.extend_from_slice(&[0; HEADER]);
     out.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
-    let result = options(max).serialize_into(&mut *out, msg);
-    let len = out.len() - start - HEADER;
-    if let Err(e) = result {
+    if let Err(e) = postcard::to_io(msg, &mut *out) {
         out.truncate(start);
-        return Err(match *e {
-            bincode::ErrorKind::SizeLimit => EncodeError::TooLarge { len, max },
-            other => EncodeError::Serialize(other.to_string()),
-        });
+        return Err(EncodeError::Serialize(e.to_string()));
     }
-    if len > max {
+    let len = out.len() - start - HEADER;
+    if len > max || len > u32::MAX as usize {
         out.truncate(start);
         return Err(EncodeError::TooLarge { len, max });
     }
-    // The length fits in u32: `max` is a usize frame limit far below 4 GiB in
-    // every configuration, and `len <= max` was checked just above.
+    // `len` fits in u32: checked just above.
     out[start..start + HEADER].copy_from_slice(&(len as u32).to_le_bytes());
     Ok(())
 }
 
 /// An incremental decoder: feed it bytes as they arrive, take messages out.
+/// The async reader (`fleetmap_net`) and the blocking one (the worker's
+/// channel) share it, and with it every check on a peer's bytes.
 ///
 /// After an error the stream is out of sync; the caller closes the connection.
 #[derive(Debug)]
@@ -79,6 +79,12 @@ impl FrameDecoder {
             start: 0,
             max,
         }
+    }
+
+    /// Changes the frame limit, e.g. from the handshake's small limit to
+    /// the session's once the peer has authenticated.
+    pub fn set_max_frame(&mut self, max: usize) {
+        self.max = max;
     }
 
     /// Adds bytes received from the peer.
@@ -102,6 +108,14 @@ impl FrameDecoder {
     pub fn needed(&self) -> Option<usize> {
         let len = self.frame_len()?;
         Some((HEADER + len).saturating_sub(self.buffered()))
+    }
+
+    /// The peer ended its stream: fine between frames, an error inside one.
+    pub fn finish(&self) -> Result<(), DecodeError> {
+        match self.buffered() {
+            0 => Ok(()),
+            left => Err(DecodeError::Truncated { left }),
+        }
     }
 
     fn frame_len(&self) -> Option<usize> {
@@ -132,9 +146,14 @@ impl FrameDecoder {
                 supported: PROTOCOL_VERSION,
             });
         }
-        let msg = options(self.max)
-            .deserialize(&frame[VERSION..])
-            .map_err(|e| DecodeError::Malformed(e.to_string()))?;
+        let (msg, rest) =
+            postcard::take_from_bytes(&frame[VERSION..]).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+        if !rest.is_empty() {
+            return Err(DecodeError::Malformed(format!(
+                "{} bytes after the message inside its frame",
+                rest.len()
+            )));
+        }
         self.start += HEADER + len;
         if self.start == self.buf.len() {
             self.buf.clear();
@@ -149,14 +168,14 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     use super::*;
-    use crate::{InputChunk, Message, DEFAULT_MAX_FRAME};
+    use crate::{ChunkId, ClientToCoordinator as Message, InputChunk, InputIndex, JobId, DEFAULT_MAX_FRAME};
 
     fn sample() -> Message {
         Message::Inputs {
-            job: 7,
+            job: JobId(7),
             chunk: InputChunk {
-                chunk: 3,
-                first_input: 300,
+                chunk: ChunkId(3),
+                first_input: InputIndex(300),
                 count: 100,
                 payload: (0..=255).collect(),
             },
@@ -172,7 +191,7 @@ mod tests {
     #[test]
     fn round_trips_messages_split_at_every_byte() {
         let mut bytes = frame(&sample());
-        bytes.extend(frame(&Message::CancelJob { job: 9 }));
+        bytes.extend(frame(&Message::CancelJob { job: JobId(9) }));
         for split in 0..bytes.len() {
             let mut dec = FrameDecoder::new(DEFAULT_MAX_FRAME);
             let mut got = Vec::new();
@@ -182,7 +201,7 @@ mod tests {
                     got.push(m);
                 }
             }
-            assert_eq!(got, vec![sample(), Message::CancelJob { job: 9 }], "split at {split}");
+            assert_eq!(got, vec![sample(), Message::CancelJob { job: JobId(9) }], "split at {split}");
             assert_eq!(dec.buffered(), 0);
         }
     }
@@ -255,7 +274,7 @@ mod tests {
 
     #[test]
     fn trailing_bytes_inside_a_frame_are_malformed() {
-        let mut bytes = frame(&Message::CancelJob { job: 1 });
+        let mut bytes = frame(&Message::CancelJob { job: JobId(1) });
         bytes.push(0);
         let len = (bytes.len() - HEADER) as u32;
         bytes[..HEADER].copy_from_slice(&len.to_le_bytes());
@@ -267,12 +286,17 @@ mod tests {
     #[test]
     fn huge_declared_vector_length_does_not_allocate() {
         // A body that claims a payload of 2^60 bytes inside a small frame must
-        // fail on the size limit rather than try to allocate.
+        // fail for want of bytes rather than try to allocate.
         let mut body = PROTOCOL_VERSION.to_le_bytes().to_vec();
-        body.push(4); // Message::Inputs
+        body.push(1); // ClientToCoordinator::Inputs
         body.extend(&[1, 1, 1, 1]); // job, chunk, first_input, count
-        body.push(253); // varint marker: a u64 length follows
-        body.extend(&(1u64 << 60).to_le_bytes());
+        // A varint payload length of 2^60.
+        let mut n = 1u64 << 60;
+        while n >= 0x80 {
+            body.push((n as u8) | 0x80);
+            n >>= 7;
+        }
+        body.push(n as u8);
         let mut bytes = (body.len() as u32).to_le_bytes().to_vec();
         bytes.extend(body);
         let mut dec = FrameDecoder::new(4096);
@@ -296,5 +320,36 @@ mod tests {
             dec.extend(&bytes);
             while let Ok(Some(_)) = dec.decode::<Message>() {}
         }
+    }
+}
+
+#[cfg(test)]
+mod stream_end {
+    use super::*;
+
+    #[test]
+    fn the_end_of_a_stream_is_fine_between_frames_only() {
+        let mut dec = FrameDecoder::new(1024);
+        assert_eq!(dec.finish(), Ok(()));
+        dec.extend(&[10, 0, 0, 0, 2]);
+        assert_eq!(dec.finish(), Err(DecodeError::Truncated { left: 5 }));
+    }
+
+    #[test]
+    fn a_declared_list_of_a_million_gpus_needs_the_bytes_to_back_it() {
+        // Resources { cores, memory_bytes, gpus: Vec<Gpu> } declaring 10^6
+        // GPUs in a 16-byte body: refused for want of bytes.
+        let mut body = PROTOCOL_VERSION.to_le_bytes().to_vec();
+        body.extend(&[2, 2]); // cores, memory_bytes
+        body.extend(&[0xc0, 0x84, 0x3d]); // 1,000,000 as a varint
+        body.extend(&[0; 8]);
+        let mut bytes = (body.len() as u32).to_le_bytes().to_vec();
+        bytes.extend(body);
+        let mut dec = FrameDecoder::new(1024);
+        dec.extend(&bytes);
+        assert!(matches!(
+            dec.decode::<crate::Resources>(),
+            Err(DecodeError::Malformed(_))
+        ));
     }
 }

@@ -6,7 +6,14 @@
 //! bytes into messages, nothing else. The shells (coordinator, node daemon,
 //! client, worker) move the bytes.
 //!
-//! A frame is `u32 length (LE) | u16 protocol version (LE) | bincode body`,
+//! Each direction of each connection has its own message type
+//! ([`ClientToCoordinator`], [`CoordinatorToClient`], [`NodeToCoordinator`],
+//! [`CoordinatorToNode`], and [`worker::ToWorker`]/[`worker::FromWorker`]),
+//! so a peer cannot even express a message that is not its to send. Every
+//! connection to the coordinator opens with a [`Hello`] answered by a
+//! [`HelloReply`].
+//!
+//! A frame is `u32 length (LE) | u16 protocol version (LE) | postcard body`,
 //! where `length` counts the version and the body. Everything that arrives
 //! from a peer "could represent an attacker": a frame that is too large, too
 //! short, of an unknown version or that does not decode is a [`DecodeError`]
@@ -14,30 +21,29 @@
 //! buffers the body, so an oversized frame is refused after four bytes.
 
 mod codec;
+mod ids;
 pub mod worker;
 
 pub use codec::{encode_frame, DecodeError, EncodeError, FrameDecoder};
+pub use ids::{ChunkId, ClientId, InputIndex, JobId, NodeId, RequestId, SlotId};
 use serde::{Deserialize, Serialize};
 
 /// The protocol version this build speaks. A peer that sends another version
 /// gets [`DecodeError::UnknownVersion`], which names both.
-pub const PROTOCOL_VERSION: u16 = 1;
+///
+/// Version 2: messages split per direction, postcard encoding.
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// The largest frame accepted by default (64 MiB): a chunk of inputs or
 /// outputs, or a pickled function, must fit in one frame.
 pub const DEFAULT_MAX_FRAME: usize = 64 << 20;
 
+/// The largest frame accepted before a peer has authenticated: a `Hello`
+/// holds a name, a secret and a node's inventory, never megabytes.
+pub const HANDSHAKE_MAX_FRAME: usize = 64 << 10;
+
 /// The software version, sent in the handshake so that mismatches are named.
 pub const SOFTWARE_VERSION: &str = env!("CARGO_PKG_VERSION");
-
-/// A job, unique for the life of a coordinator.
-pub type JobId = u64;
-/// A node, unique for the life of a coordinator.
-pub type NodeId = u64;
-/// A slot within a job: slot ids of one job are unique across nodes.
-pub type SlotId = u32;
-/// The sequence number of a chunk of inputs within its job.
-pub type ChunkId = u64;
 
 /// What a node offers to run calls.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -123,7 +129,7 @@ pub struct Hello {
 pub struct InputChunk {
     pub chunk: ChunkId,
     /// The index (in the caller's `inputs`) of the chunk's first input.
-    pub first_input: u64,
+    pub first_input: InputIndex,
     pub count: u32,
     #[serde(with = "serde_bytes")]
     pub payload: Vec<u8>,
@@ -133,7 +139,7 @@ pub struct InputChunk {
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct OutputChunk {
     pub chunk: ChunkId,
-    pub first_input: u64,
+    pub first_input: InputIndex,
     pub count: u32,
     /// How many of the chunk's inputs failed.
     pub failed: u32,
@@ -170,54 +176,41 @@ pub struct LogLine {
     pub text: String,
 }
 
-/// Every message between clients, the coordinator and node daemons.
+/// The coordinator's answer to a [`Hello`].
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
-pub enum Message {
-    // Handshake, on every connection.
-    Hello(Hello),
-    Welcome {
-        node_id: Option<NodeId>,
-        coordinator_version: String,
-    },
-    Refused {
-        reason: String,
-    },
+pub enum HelloReply {
+    Welcome { coordinator_version: String },
+    Refused { reason: String },
+}
 
-    // Client to coordinator.
-    SubmitJob {
-        request: u64,
-        spec: JobSpec,
-    },
-    Inputs {
-        job: JobId,
-        chunk: InputChunk,
-    },
-    InputsDone {
-        job: JobId,
-        chunks: u64,
-    },
-    CancelJob {
-        job: JobId,
-    },
-    StatusRequest {
-        request: u64,
-    },
+/// What a client sends the coordinator after the handshake.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum ClientToCoordinator {
+    SubmitJob { request: RequestId, spec: JobSpec },
+    Inputs { job: JobId, chunk: InputChunk },
+    /// All `chunks` chunks of the job's inputs have been sent.
+    InputsDone { job: JobId, chunks: u64 },
+    CancelJob { job: JobId },
+    StatusRequest { request: RequestId },
+}
 
-    // Coordinator to client.
+/// What the coordinator sends a client after the handshake.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum CoordinatorToClient {
     Status {
-        request: u64,
+        request: RequestId,
         nodes: Vec<NodeStatus>,
         jobs: u32,
     },
     JobAccepted {
-        request: u64,
+        request: RequestId,
         job: JobId,
         slots: u32,
         nodes: u32,
         credit: u32,
     },
     JobRejected {
-        request: u64,
+        request: RequestId,
         reason: String,
     },
     /// The client may send this many more chunks of inputs.
@@ -237,8 +230,11 @@ pub enum Message {
         job: JobId,
         reason: String,
     },
+}
 
-    // Coordinator to node.
+/// What the coordinator sends a node daemon after the handshake.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum CoordinatorToNode {
     StartSlots {
         job: JobId,
         spec: JobSpec,
@@ -258,8 +254,11 @@ pub enum Message {
         job: JobId,
         slot: SlotId,
     },
+}
 
-    // Node to coordinator.
+/// What a node daemon sends the coordinator after the handshake.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum NodeToCoordinator {
     ChunkDone {
         job: JobId,
         slot: SlotId,
@@ -270,34 +269,5 @@ pub enum Message {
         slot: SlotId,
         reason: String,
     },
-}
-
-impl Message {
-    /// A short name for logs and errors ("unexpected Inputs from a node").
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Message::Hello(_) => "Hello",
-            Message::Welcome { .. } => "Welcome",
-            Message::Refused { .. } => "Refused",
-            Message::SubmitJob { .. } => "SubmitJob",
-            Message::Inputs { .. } => "Inputs",
-            Message::InputsDone { .. } => "InputsDone",
-            Message::CancelJob { .. } => "CancelJob",
-            Message::StatusRequest { .. } => "StatusRequest",
-            Message::Status { .. } => "Status",
-            Message::JobAccepted { .. } => "JobAccepted",
-            Message::JobRejected { .. } => "JobRejected",
-            Message::Credit { .. } => "Credit",
-            Message::Output { .. } => "Output",
-            Message::Log(_) => "Log",
-            Message::JobFinished { .. } => "JobFinished",
-            Message::JobFailed { .. } => "JobFailed",
-            Message::StartSlots { .. } => "StartSlots",
-            Message::RunChunk { .. } => "RunChunk",
-            Message::StopJob { .. } => "StopJob",
-            Message::StopSlot { .. } => "StopSlot",
-            Message::ChunkDone { .. } => "ChunkDone",
-            Message::SlotFailed { .. } => "SlotFailed",
-        }
-    }
+    Log(LogLine),
 }

@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{ChunkId, InputChunk};
+use crate::{ChunkId, InputChunk, InputIndex};
 
 /// Node daemon to worker.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -30,7 +30,7 @@ pub enum ToWorker {
 /// An input whose call killed its worker.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct CrashedInput {
-    pub input: u64,
+    pub input: InputIndex,
     pub kind: CrashKind,
     /// What happened, for the user: the limit, the peak, the node, the signal.
     pub message: String,
@@ -56,7 +56,7 @@ pub enum FromWorker {
     },
     /// In an isolated run: the call on `input` starts now.
     Started {
-        input: u64,
+        input: InputIndex,
     },
     Done {
         chunk: ChunkId,

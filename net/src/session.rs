@@ -1,0 +1,342 @@
+//! The session layer: the one way a client or node daemon opens a
+//! connection to the coordinator ([`dial`]) and the one way the coordinator
+//! accepts it ([`accept_hello`]), with the handshake both sides share, the
+//! close codes ([`CloseCode`]) and the one mapping from how a connection
+//! ended to what went wrong ([`SessionError`]).
+//!
+//! A connection carries one bidirectional stream, opened by the dialler.
+//! The dialler writes a [`Hello`]; the coordinator answers with a
+//! [`HelloReply`]. Until then frames are limited to
+//! [`HANDSHAKE_MAX_FRAME`]: an unauthenticated peer cannot make the
+//! coordinator buffer megabytes. After the handshake each side sends its
+//! direction's message type (`Up`) and reads the other's (`Down`).
+
+use std::{marker::PhantomData, net::SocketAddr, time::Duration};
+
+use fleetmap_protocol::{encode_frame, Hello, HelloReply, HANDSHAKE_MAX_FRAME};
+use serde::{de::DeserializeOwned, Serialize};
+use tokio::{sync::mpsc, task::JoinHandle};
+
+use crate::{write_frames, FramedReader, NetError};
+
+/// Why fleetmap closes a connection: the QUIC application close code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum CloseCode {
+    /// A normal end: the peer is done, or the server shuts down.
+    Done = 0,
+    /// The peer's credentials were refused; retrying cannot help.
+    Refused = 1,
+    /// The peer broke the protocol (a malformed frame, a message out of turn).
+    Protocol = 2,
+}
+
+impl CloseCode {
+    /// The longest close reason sent: QUIC packets are small, and a reason
+    /// is for a human, not a transcript.
+    const MAX_REASON: usize = 1000;
+
+    pub fn code(self) -> quinn::VarInt {
+        quinn::VarInt::from_u32(self as u32)
+    }
+
+    /// The code a peer closed with, if it is one of fleetmap's.
+    pub fn of(code: quinn::VarInt) -> Option<CloseCode> {
+        [CloseCode::Done, CloseCode::Refused, CloseCode::Protocol]
+            .into_iter()
+            .find(|c| c.code() == code)
+    }
+
+    /// Closes `conn` with this code and `reason`, cut to a sane length.
+    pub fn close(self, conn: &quinn::Connection, reason: &str) {
+        let mut end = reason.len().min(Self::MAX_REASON);
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        conn.close(self.code(), reason[..end].as_bytes());
+    }
+}
+
+/// What went wrong opening or holding a session.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum SessionError {
+    #[error("cannot reach the fleetmap coordinator at {addr}: {reason}")]
+    Unreachable { addr: String, reason: String },
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("{0}")]
+    Refused(String),
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    #[error("no Hello within {0:?}")]
+    HandshakeTimeout(Duration),
+    #[error("{0}")]
+    Lost(String),
+}
+
+impl SessionError {
+    /// How a connection ended, as an error: the one mapping from QUIC close
+    /// reasons to fleetmap's. `addr` names the peer for errors before the
+    /// connection was established.
+    pub fn from_connection(addr: &str, e: &quinn::ConnectionError) -> SessionError {
+        use quinn::ConnectionError as E;
+        let reason_text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+        match e {
+            E::ApplicationClosed(close) => {
+                let reason = reason_text(&close.reason);
+                match CloseCode::of(close.error_code) {
+                    Some(CloseCode::Refused) => SessionError::Refused(reason),
+                    Some(CloseCode::Protocol) => {
+                        SessionError::Protocol(format!("the peer closed the connection: {reason}"))
+                    }
+                    _ if reason.is_empty() => SessionError::Lost("the peer closed the connection".into()),
+                    _ => SessionError::Lost(format!("the peer closed the connection: {reason}")),
+                }
+            }
+            // TLS alerts travel as QUIC's CRYPTO_ERROR codes 0x100-0x1ff,
+            // whichever side raised them (RFC 9001, section 4.8).
+            E::TransportError(t) if is_crypto_error(t.code) => SessionError::Tls(t.to_string()),
+            E::ConnectionClosed(c) if is_crypto_error(c.error_code) => SessionError::Tls(c.to_string()),
+            E::TimedOut => SessionError::Unreachable {
+                addr: addr.into(),
+                reason: "timed out".into(),
+            },
+            E::LocallyClosed => SessionError::Lost("closed by this side".into()),
+            other => SessionError::Unreachable {
+                addr: addr.into(),
+                reason: other.to_string(),
+            },
+        }
+    }
+}
+
+fn is_crypto_error(code: quinn::TransportErrorCode) -> bool {
+    (0x100..0x200).contains(&u64::from(code))
+}
+
+/// The receiving half of a session: typed frames from the peer.
+pub struct Receiver<Down> {
+    reader: FramedReader<quinn::RecvStream>,
+    conn: quinn::Connection,
+    peer: String,
+    _down: PhantomData<fn() -> Down>,
+}
+
+impl<Down: DeserializeOwned> Receiver<Down> {
+    /// The next message; `Ok(None)` when the peer finished its stream.
+    /// A malformed frame closes the connection with [`CloseCode::Protocol`].
+    pub async fn recv(&mut self) -> Result<Option<Down>, SessionError> {
+        match self.reader.recv::<Down>().await {
+            Ok(msg) => Ok(msg),
+            Err(NetError::Decode(e)) => {
+                let reason = format!("malformed frame from {}: {e}", self.peer);
+                CloseCode::Protocol.close(&self.conn, &reason);
+                Err(SessionError::Protocol(reason))
+            }
+            Err(e) => Err(match self.conn.close_reason() {
+                Some(closed) => SessionError::from_connection(&self.peer, &closed),
+                None => SessionError::Lost(e.to_string()),
+            }),
+        }
+    }
+}
+
+/// An open, authenticated connection to the coordinator.
+pub struct Session<Up, Down> {
+    pub conn: quinn::Connection,
+    /// Messages to the coordinator; a writer task frames and sends them.
+    pub tx: mpsc::UnboundedSender<Up>,
+    pub rx: Receiver<Down>,
+    pub remote: SocketAddr,
+    /// The fleetmap version the coordinator runs.
+    pub coordinator_version: String,
+    pub writer: JoinHandle<Result<(), NetError>>,
+    /// The endpoint must live as long as the connection.
+    pub endpoint: quinn::Endpoint,
+}
+
+/// Connects to the coordinator at `addr` (`host:port`), trusting only
+/// `ca_pem`, says `hello` and waits for the answer, all within `timeout`.
+pub async fn dial<Up, Down>(
+    addr: &str,
+    ca_pem: &[u8],
+    hello: &Hello,
+    max_frame: usize,
+    timeout: Duration,
+) -> Result<Session<Up, Down>, SessionError>
+where
+    Up: Serialize + Send + 'static,
+    Down: DeserializeOwned,
+{
+    match tokio::time::timeout(timeout, dial_inner(addr, ca_pem, hello, max_frame)).await {
+        Ok(r) => r,
+        Err(_) => Err(SessionError::Unreachable {
+            addr: addr.into(),
+            reason: format!("no answer within {timeout:?}"),
+        }),
+    }
+}
+
+async fn dial_inner<Up, Down>(
+    addr: &str,
+    ca_pem: &[u8],
+    hello: &Hello,
+    max_frame: usize,
+) -> Result<Session<Up, Down>, SessionError>
+where
+    Up: Serialize + Send + 'static,
+    Down: DeserializeOwned,
+{
+    let unreachable = |reason: String| SessionError::Unreachable {
+        addr: addr.into(),
+        reason,
+    };
+    let remote: SocketAddr = tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| unreachable(e.to_string()))?
+        .next()
+        .ok_or_else(|| unreachable("the name has no address".into()))?;
+    let endpoint = crate::client_endpoint(ca_pem, remote).map_err(|e| match e {
+        NetError::Tls(t) => SessionError::Tls(t),
+        other => unreachable(other.to_string()),
+    })?;
+    let conn = endpoint
+        .connect(remote, crate::SERVER_NAME)
+        .map_err(|e| unreachable(e.to_string()))?
+        .await
+        .map_err(|e| SessionError::from_connection(addr, &e))?;
+    let (mut send, recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| SessionError::from_connection(addr, &e))?;
+    let mut frame = Vec::new();
+    encode_frame(hello, HANDSHAKE_MAX_FRAME, &mut frame)
+        .map_err(|e| SessionError::Protocol(format!("cannot say Hello: {e}")))?;
+    let lost = |conn: &quinn::Connection, e: String| match conn.close_reason() {
+        Some(closed) => SessionError::from_connection(addr, &closed),
+        None => unreachable(e),
+    };
+    send.write_all(&frame).await.map_err(|e| lost(&conn, e.to_string()))?;
+    let mut reader = FramedReader::new(recv, HANDSHAKE_MAX_FRAME);
+    let coordinator_version = match reader.recv::<HelloReply>().await {
+        Ok(Some(HelloReply::Welcome { coordinator_version })) => coordinator_version,
+        Ok(Some(HelloReply::Refused { reason })) => return Err(SessionError::Refused(reason)),
+        Ok(None) => return Err(lost(&conn, "the coordinator ended the stream before answering".into())),
+        Err(NetError::Decode(e)) => {
+            let reason = format!("bad handshake from the coordinator: {e}");
+            CloseCode::Protocol.close(&conn, &reason);
+            return Err(SessionError::Protocol(reason));
+        }
+        // A refusal may arrive as the connection's close reason instead.
+        Err(e) => return Err(lost(&conn, e.to_string())),
+    };
+    reader.set_max_frame(max_frame);
+    let (tx, rx) = mpsc::unbounded_channel();
+    let writer = tokio::spawn(write_frames(send, rx, max_frame));
+    Ok(Session {
+        rx: Receiver {
+            reader,
+            conn: conn.clone(),
+            peer: format!("the coordinator at {addr}"),
+            _down: PhantomData,
+        },
+        conn,
+        tx,
+        remote,
+        coordinator_version,
+        writer,
+        endpoint,
+    })
+}
+
+/// A connection whose peer has said `Hello` and waits for the answer.
+pub struct Handshake {
+    pub hello: Hello,
+    pub remote: SocketAddr,
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    reader: FramedReader<quinn::RecvStream>,
+}
+
+/// Waits up to `timeout` for the peer on `conn` to open its stream and say
+/// `Hello`; `Ok(None)` if it closed its stream without a word. Nothing the
+/// peer sends before its `Hello` can exceed [`HANDSHAKE_MAX_FRAME`].
+pub async fn accept_hello(conn: &quinn::Connection, timeout: Duration) -> Result<Option<Handshake>, SessionError> {
+    let remote = conn.remote_address();
+    let peer = remote.to_string();
+    let first = async {
+        let (send, recv) = conn
+            .accept_bi()
+            .await
+            .map_err(|e| SessionError::from_connection(&peer, &e))?;
+        let mut reader = FramedReader::new(recv, HANDSHAKE_MAX_FRAME);
+        let hello = reader.recv::<Hello>().await.map_err(|e| match e {
+            NetError::Decode(e) => SessionError::Protocol(format!("bad Hello: {e}")),
+            other => SessionError::Lost(other.to_string()),
+        })?;
+        Ok::<_, SessionError>(hello.map(|hello| Handshake {
+            hello,
+            remote,
+            conn: conn.clone(),
+            send,
+            reader,
+        }))
+    };
+    tokio::time::timeout(timeout, first)
+        .await
+        .map_err(|_| SessionError::HandshakeTimeout(timeout))?
+}
+
+impl Handshake {
+    /// Refuses the peer: the reason reaches it as a `Refused` answer and as
+    /// the connection's close reason, whichever it reads first.
+    pub async fn refuse(mut self, reason: &str) {
+        let mut frame = Vec::new();
+        let refused = HelloReply::Refused { reason: reason.into() };
+        if encode_frame(&refused, HANDSHAKE_MAX_FRAME, &mut frame).is_ok() {
+            // Let the answer reach the peer before the close overtakes it; a
+            // peer that does not read gets only the close.
+            let send = async {
+                let _ = self.send.write_all(&frame).await;
+                let _ = self.send.finish();
+                let _ = self.send.stopped().await;
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(1), send).await;
+        }
+        CloseCode::Refused.close(&self.conn, reason);
+    }
+
+    /// Welcomes the peer and opens its session: messages of type `Up` to it,
+    /// of type `Down` from it, frames up to `max_frame`.
+    pub async fn welcome<Up, Down>(
+        mut self,
+        coordinator_version: &str,
+        max_frame: usize,
+    ) -> Result<(mpsc::UnboundedSender<Up>, Receiver<Down>, JoinHandle<Result<(), NetError>>), SessionError>
+    where
+        Up: Serialize + Send + 'static,
+        Down: DeserializeOwned,
+    {
+        let mut frame = Vec::new();
+        let welcome = HelloReply::Welcome {
+            coordinator_version: coordinator_version.into(),
+        };
+        encode_frame(&welcome, HANDSHAKE_MAX_FRAME, &mut frame)
+            .map_err(|e| SessionError::Protocol(format!("cannot say Welcome: {e}")))?;
+        self.send
+            .write_all(&frame)
+            .await
+            .map_err(|e| SessionError::Lost(e.to_string()))?;
+        self.reader.set_max_frame(max_frame);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let writer = tokio::spawn(write_frames(self.send, rx, max_frame));
+        let receiver = Receiver {
+            reader: self.reader,
+            conn: self.conn,
+            peer: self.remote.to_string(),
+            _down: PhantomData,
+        };
+        Ok((tx, receiver, writer))
+    }
+}
