@@ -24,8 +24,8 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use fleetmap_protocol::{
-    CallRequest, ChunkId, ClientId, CoordinatorToClient, CoordinatorToNode, InputChunk, JobId, JobSpec, LogLine, NodeId,
-    NodeStatus, OutputChunk, RequestId, Resources, SlotId,
+    CallRequest, ChunkId, ClientId, CoordinatorToClient, CoordinatorToNode, InputChunk, JobId, JobSpec, LogLine,
+    NodeId, NodeStatus, OutputChunk, RequestId, Resources, SlotId,
 };
 
 /// Chunks a slot may hold at once: one running and one waiting at the node,

@@ -269,11 +269,7 @@ async fn serve_peer(conn: &quinn::Connection, shared: &Shared) -> Result<(), Ses
     }
 }
 
-async fn node_loop(
-    rx: &mut Receiver<NodeToCoordinator>,
-    node: NodeId,
-    shared: &Shared,
-) -> Result<(), SessionError> {
+async fn node_loop(rx: &mut Receiver<NodeToCoordinator>, node: NodeId, shared: &Shared) -> Result<(), SessionError> {
     while let Some(msg) = rx.recv().await? {
         match msg {
             NodeToCoordinator::ChunkDone { job, slot, output } => {
