@@ -30,7 +30,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use fleetmap_protocol::{ClientToCoordinator, InputIndex, NodeToCoordinator, RuntimeSpec};
+use fleetmap_protocol::{CallRequest, ClientToCoordinator, InputIndex, NodeToCoordinator, RuntimeSpec};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 

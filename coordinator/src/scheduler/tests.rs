@@ -1,5 +1,7 @@
+use super::fairness::{plan_reclaims, Reclaim};
+use super::placement::Node;
 use super::*;
-use fleetmap_protocol::{InputIndex, RuntimeSpec};
+use fleetmap_protocol::{CallRequest, InputIndex, RuntimeSpec};
 
 const GIB: u64 = 1 << 30;
 
@@ -410,4 +412,71 @@ fn chunks_out_of_sequence_are_a_violation() {
     s.handle_inputs(ClientId(9), job, chunk(0)).unwrap();
     let err = s.handle_inputs(ClientId(9), job, chunk(0)).unwrap_err();
     assert!(err.0.contains("chunk 0 arrived where chunk 1 was due"), "{}", err.0);
+}
+
+/// A state built by hand, without events, for the fair-share plan: nodes as
+/// (id, cores), each with 64 GiB, and jobs (ids from 0) as (cores per call,
+/// slots as (node, whether the slot holds a chunk)). Every job wants more
+/// slots.
+fn hand_built(nodes: &[(u64, u32)], jobs: &[(u32, &[(u64, bool)])]) -> Scheduler {
+    let mut s = Scheduler::new();
+    for &(id, cores) in nodes {
+        let node = Node::new(format!("n{id}"), resources(cores, 64), String::new());
+        s.nodes.insert(NodeId(id), node);
+    }
+    for (i, &(cores, slots)) in jobs.iter().enumerate() {
+        let id = JobId(i as u64);
+        s.jobs.insert(id, Job::new(ClientId(9), spec(cores, 1, None, 1000)));
+        for &(node, busy) in slots {
+            let slot = s.place_slot(id, NodeId(node));
+            if busy {
+                let job = s.jobs.get_mut(&id).expect("inserted above");
+                job.slots.get_mut(&slot).expect("placed above").chunks.push(ChunkId(0));
+            }
+        }
+    }
+    s
+}
+
+fn reclaim(for_job: u64, node: u64, drain: &[(u64, u32)]) -> Reclaim {
+    Reclaim {
+        for_job: JobId(for_job),
+        node: NodeId(node),
+        drain: drain.iter().map(|&(job, slot)| (JobId(job), SlotId(slot))).collect(),
+    }
+}
+
+#[test]
+fn the_fair_share_plan_makes_room_for_each_job_below_its_share() {
+    // Job 0 fills both 4-core nodes (slots 0-3 on node 1, 4-7 on node 2);
+    // jobs 1 and 2 have nothing. A share is 8 / 3 = 2 cores, so each of them
+    // gets one core's room on node 1, where job 0's first slots are.
+    let job_0 =
+        |busy: &[u32]| -> Vec<(u64, bool)> { (0..8).map(|slot| (1 + slot as u64 / 4, busy.contains(&slot))).collect() };
+    let s = hand_built(&[(1, 4), (2, 4)], &[(1, &job_0(&[0, 1])), (1, &[]), (1, &[])]);
+    assert_eq!(
+        plan_reclaims(&s.jobs, &s.nodes),
+        [reclaim(1, 1, &[(0, 0)]), reclaim(2, 1, &[(0, 1)])],
+        "slot 0 is busy, so it frees no room yet and job 2 drains slot 1 rather than count on it again"
+    );
+
+    // The same with job 0's slot 0 idle: it stops at once, and that free
+    // core is what job 2 finds, so nothing more is drained for it (the
+    // growth that follows gives the core to job 1, the older of the two).
+    let s = hand_built(&[(1, 4), (2, 4)], &[(1, &job_0(&[1])), (1, &[]), (1, &[])]);
+    assert_eq!(plan_reclaims(&s.jobs, &s.nodes), [reclaim(1, 1, &[(0, 0)])]);
+}
+
+#[test]
+fn the_fair_share_plan_drains_no_job_below_its_share() {
+    // Six cores, three jobs: a share is 2 cores. Jobs 0 and 1 hold 3 each;
+    // job 2 wants a 2-core call. Job 0 can give one core on node 1 and stay
+    // at its share, not two, so job 1 gives the other.
+    let three: &[(u64, bool)] = &[(1, true), (1, true), (2, true)];
+    let s = hand_built(&[(1, 4), (2, 2)], &[(1, three), (1, three), (2, &[])]);
+    assert_eq!(plan_reclaims(&s.jobs, &s.nodes), [reclaim(2, 1, &[(0, 0), (1, 0)])]);
+
+    // With a single job there is no one to share with.
+    let s = hand_built(&[(1, 2)], &[(1, &[(1, true), (1, true)])]);
+    assert_eq!(plan_reclaims(&s.jobs, &s.nodes), []);
 }
