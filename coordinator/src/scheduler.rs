@@ -2,42 +2,46 @@
 //!
 //! It is fed events (`handle_*`) and drained of the messages it wants sent
 //! (`poll_command`). It does no I/O, reads no clock and spawns nothing, so it
-//! can be driven deterministically by tests and simulations.
+//! can be driven deterministically by tests and simulations (`tests.rs`,
+//! `sim.rs`).
 //!
-//! Policies:
-//! - **Placement: spread.** A job's slots go one at a time to the node that
-//!   can host the most further calls, so a job spans as many nodes as it can
-//!   (more memory bandwidth, and a lost node costs the job the least).
-//! - **Jobs share the fleet fairly.** Free resources go one slot at a time
-//!   to the job holding the fewest cores (max-min fairness), up to each
-//!   job's target. Every running job is entitled to an equal part of the
-//!   fleet's cores: a job below that share that finds no free room gets
-//!   room from jobs above it, whose slots are drained (they finish the
-//!   chunks they hold, take no more, and stop).
-//! - **Dispatch: pull with a window.** Each slot holds at most
-//!   [`SLOT_DEPTH`] chunks (one running, the next already at the node), and a
-//!   chunk is sent to a slot only when it has room. The client may have at
-//!   most `window` chunks in the coordinator at once; it gets one credit back
-//!   per finished chunk, so the coordinator's memory is bounded by the
-//!   window, not by the number of inputs.
+//! This file holds the state (nodes, jobs, their slots and queued inputs)
+//! and the events. The policies the events apply each live in a file of
+//! their own:
+//! - **Placement: spread** (`placement.rs`). A job's slots go one at a time
+//!   to the node that can host the most further calls, so a job spans as many
+//!   nodes as it can. A job that no node could ever host is rejected at once.
+//! - **Jobs share the fleet fairly** (`fairness.rs`). Free resources go one
+//!   slot at a time to the job holding the fewest cores (max-min fairness),
+//!   and a job below an equal share of the fleet's cores that finds no free
+//!   room gets room from jobs above it, whose slots are drained. Who gives
+//!   what is planned by a pure function of the jobs and nodes, then applied.
+//! - **Dispatch: pull with a window** (`dispatch.rs`). Each slot holds at
+//!   most [`SLOT_DEPTH`] chunks, and a client may have at most a window of
+//!   chunks in the coordinator, credited back one per finished chunk.
+//! - **Recovery** (`recovery.rs`). The chunks of a lost node run again
+//!   elsewhere, a job that no remaining node can host fails, and whatever an
+//!   ended job or a given-back slot held goes back to its node.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+mod dispatch;
+mod fairness;
+mod placement;
+mod recovery;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use fleetmap_protocol::{
-    CallRequest, ChunkId, ClientId, CoordinatorToClient, CoordinatorToNode, InputChunk, JobId, JobSpec, LogLine,
-    NodeId, NodeStatus, OutputChunk, RequestId, Resources, SlotId,
+    ChunkId, ClientId, CoordinatorToClient, CoordinatorToNode, InputChunk, JobId, JobSpec, LogLine, NodeId, NodeStatus,
+    OutputChunk, RequestId, Resources, SlotId,
 };
 
-/// Chunks a slot may hold at once: one running and one waiting at the node,
-/// so a worker never idles for a round trip between chunks.
-pub const SLOT_DEPTH: usize = 2;
+use dispatch::PER_SLOT_WINDOW;
+pub use dispatch::SLOT_DEPTH;
+pub use placement::gib;
+use placement::Node;
 
 /// The most slots one job may have.
 pub const MAX_SLOTS: u32 = 4000;
-
-/// Chunks of window each slot adds: a full pipeline in the slot plus one
-/// queued at the coordinator, so no slot waits on the client.
-const PER_SLOT_WINDOW: u32 = SLOT_DEPTH as u32 + 1;
 
 /// A message the scheduler wants delivered.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,45 +54,6 @@ pub enum Command {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("{0}")]
 pub struct ProtocolViolation(pub String);
-
-#[derive(Debug)]
-struct Node {
-    name: String,
-    isolation: String,
-    total: Resources,
-    free_cores: u32,
-    free_memory: u64,
-    free_gpus: u32,
-}
-
-impl Node {
-    /// How many more calls of this shape the node can host now.
-    fn room_for(&self, call: &CallRequest) -> u32 {
-        let by_cores = self.free_cores / call.cores.max(1);
-        let by_memory = (self.free_memory / call.memory_bytes.max(1)).min(u32::MAX as u64) as u32;
-        // A call without GPUs is not limited by them.
-        let by_gpus = self.free_gpus.checked_div(call.gpus).unwrap_or(u32::MAX);
-        by_cores.min(by_memory).min(by_gpus)
-    }
-
-    fn can_ever_host(&self, call: &CallRequest) -> bool {
-        self.total.cores >= call.cores
-            && self.total.memory_bytes >= call.memory_bytes
-            && self.total.gpus.len() as u32 >= call.gpus
-    }
-
-    fn take(&mut self, call: &CallRequest) {
-        self.free_cores -= call.cores;
-        self.free_memory -= call.memory_bytes;
-        self.free_gpus -= call.gpus;
-    }
-
-    fn give_back(&mut self, call: &CallRequest) {
-        self.free_cores += call.cores;
-        self.free_memory += call.memory_bytes;
-        self.free_gpus += call.gpus;
-    }
-}
 
 #[derive(Debug)]
 struct Slot {
@@ -130,29 +95,34 @@ struct Job {
     total_chunks: Option<u64>,
 }
 
-/// Whether a call fits in `(cores, memory, gpus)` of room.
-fn fits(room: (u32, u64, u32), call: &CallRequest) -> bool {
-    room.0 >= call.cores && room.1 >= call.memory_bytes && room.2 >= call.gpus
-}
-
 impl Job {
-    /// Cores held by slots that are not being given back.
-    fn held_cores(&self) -> u64 {
-        self.active_slots as u64 * self.spec.call.cores as u64
-    }
-
-    /// Whether more slots would help: below its target and with inputs left
-    /// to run (or still arriving).
-    fn wants_slots(&self) -> bool {
-        let all_dispatched = self.total_chunks.is_some() && self.queue.is_empty();
-        self.active_slots < self.target_slots && !all_dispatched
-    }
-
-    /// Grants the client what fits in the window: returns the new credit.
-    fn top_up(&mut self) -> u32 {
-        let room = self.window.saturating_sub(self.in_system + self.credit_out);
-        self.credit_out += room;
-        room
+    /// A job just submitted: no slots yet, and a target of as many slots as
+    /// its parallelism and its number of inputs allow.
+    fn new(client: ClientId, spec: JobSpec) -> Job {
+        let mut target = spec.parallelism.unwrap_or(MAX_SLOTS).clamp(1, MAX_SLOTS);
+        if let Some(total) = spec.total_inputs {
+            target = target.min(total.max(1).min(MAX_SLOTS as u64) as u32);
+        }
+        Job {
+            client,
+            spec,
+            target_slots: target,
+            // Room to queue a few chunks while the job waits for slots;
+            // every slot placed adds its share (see `Scheduler::open_slots`).
+            window: PER_SLOT_WINDOW,
+            credit_out: 0,
+            announced: false,
+            next_slot: SlotId(0),
+            slots: BTreeMap::new(),
+            active_slots: 0,
+            ready: VecDeque::new(),
+            queue: VecDeque::new(),
+            in_flight: HashMap::new(),
+            in_system: 0,
+            received: 0,
+            finished: 0,
+            total_chunks: None,
+        }
     }
 }
 
@@ -200,15 +170,7 @@ impl Scheduler {
     }
 
     pub fn handle_node_joined(&mut self, node: NodeId, name: String, resources: Resources, isolation: String) {
-        let n = Node {
-            name,
-            isolation,
-            free_cores: resources.cores,
-            free_memory: resources.memory_bytes,
-            free_gpus: resources.gpus.len() as u32,
-            total: resources,
-        };
-        self.nodes.insert(node, n);
+        self.nodes.insert(node, Node::new(name, resources, isolation));
         self.grow_jobs();
     }
 
@@ -218,55 +180,8 @@ impl Scheduler {
         let Some(lost) = self.nodes.remove(&node) else {
             return;
         };
-        let job_ids: Vec<JobId> = self.jobs.keys().copied().collect();
-        for id in job_ids {
-            let job = self.jobs.get_mut(&id).expect("id taken from the map above");
-            let gone: Vec<SlotId> = job
-                .slots
-                .iter()
-                .filter(|(_, s)| s.node == node)
-                .map(|(&k, _)| k)
-                .collect();
-            if gone.is_empty() {
-                continue;
-            }
-            let mut requeue = Vec::new();
-            job.window = job
-                .window
-                .saturating_sub(gone.len() as u32 * PER_SLOT_WINDOW)
-                .max(PER_SLOT_WINDOW);
-            for slot in gone {
-                let s = job.slots.remove(&slot).expect("slot id listed above");
-                if !s.draining {
-                    job.active_slots -= 1;
-                }
-                for chunk in s.chunks {
-                    if let Some((_, c)) = job.in_flight.remove(&chunk) {
-                        requeue.push(c);
-                    }
-                }
-            }
-            requeue.sort_by_key(|c| c.chunk);
-            for c in requeue.into_iter().rev() {
-                job.queue.push_front(c);
-            }
-        }
-        // A job without slots that no remaining node can host would wait
-        // forever, whether it lost its slots here or was waiting for room.
-        let stranded: Vec<JobId> = self
-            .jobs
-            .iter()
-            .filter(|(_, j)| j.slots.is_empty() && !self.nodes.values().any(|n| n.can_ever_host(&j.spec.call)))
-            .map(|(&k, _)| k)
-            .collect();
-        for id in stranded {
-            let reason = format!(
-                "node {} was lost and no remaining node can host a call of this job; \
-                 its unfinished inputs were not run. Add a node and run the job again",
-                lost.name
-            );
-            self.fail_job(id, reason);
-        }
+        self.requeue_chunks_of_lost_node(node);
+        self.fail_stranded_jobs(&lost.name);
         self.grow_jobs();
         self.dispatch_all();
     }
@@ -280,43 +195,12 @@ impl Scheduler {
         }
         let id = self.next_job;
         self.next_job = JobId(id.0 + 1);
-        let mut target = spec.parallelism.unwrap_or(MAX_SLOTS).clamp(1, MAX_SLOTS);
-        if let Some(total) = spec.total_inputs {
-            target = target.min(total.max(1).min(MAX_SLOTS as u64) as u32);
-        }
-        self.jobs.insert(
-            id,
-            Job {
-                client,
-                spec,
-                target_slots: target,
-                // Room to queue a few chunks while the job waits for slots;
-                // every slot placed adds its share (see `grow_job`).
-                window: PER_SLOT_WINDOW,
-                credit_out: 0,
-                announced: false,
-                next_slot: SlotId(0),
-                slots: BTreeMap::new(),
-                active_slots: 0,
-                ready: VecDeque::new(),
-                queue: VecDeque::new(),
-                in_flight: HashMap::new(),
-                in_system: 0,
-                received: 0,
-                finished: 0,
-                total_chunks: None,
-            },
-        );
+        self.jobs.insert(id, Job::new(client, spec));
         self.grow_jobs();
         let job = self.jobs.get_mut(&id).expect("job inserted above");
         job.announced = true;
         let credit = job.top_up();
-        let nodes = job
-            .slots
-            .values()
-            .map(|s| s.node)
-            .collect::<std::collections::BTreeSet<_>>()
-            .len() as u32;
+        let nodes = job.slots.values().map(|s| s.node).collect::<BTreeSet<_>>().len() as u32;
         let msg = CoordinatorToClient::JobAccepted {
             request,
             job: id,
@@ -450,9 +334,9 @@ impl Scheduler {
             .map(|n| NodeStatus {
                 name: n.name.clone(),
                 resources: n.total.clone(),
-                free_cores: n.free_cores,
-                free_memory_bytes: n.free_memory,
-                free_gpus: n.free_gpus,
+                free_cores: n.free.cores,
+                free_memory_bytes: n.free.memory,
+                free_gpus: n.free.gpus,
                 isolation: n.isolation.clone(),
             })
             .collect();
@@ -474,263 +358,7 @@ impl Scheduler {
         self.jobs.get_mut(&job).filter(|j| j.client == client)
     }
 
-    fn check_placeable(&self, call: &CallRequest) -> Result<(), String> {
-        if call.cores == 0 || call.memory_bytes == 0 {
-            return Err("func_cpu and func_ram must be at least 1".into());
-        }
-        if self.nodes.is_empty() {
-            return Err("the fleet has no nodes: start one with `fleetmap node --coordinator HOST:PORT --token TOKEN --ca CA.pem`".into());
-        }
-        if self.nodes.values().any(|n| n.can_ever_host(call)) {
-            return Ok(());
-        }
-        let largest_by = |f: fn(&Node) -> u64| {
-            self.nodes
-                .values()
-                .max_by_key(|n| f(n))
-                .map(|n| (f(n), n.name.clone()))
-                .expect("the fleet has at least one node, checked above")
-        };
-        let (cores, cores_node) = largest_by(|n| n.total.cores as u64);
-        let (memory, memory_node) = largest_by(|n| n.total.memory_bytes);
-        let (gpus, gpus_node) = largest_by(|n| n.total.gpus.len() as u64);
-        let mut short = Vec::new();
-        if call.cores as u64 > cores {
-            short.push(format!(
-                "func_cpu={} but the largest node offers {cores} cores ({cores_node})",
-                call.cores
-            ));
-        }
-        if call.memory_bytes > memory {
-            short.push(format!(
-                "func_ram={} but the largest node offers {} ({memory_node})",
-                gib(call.memory_bytes),
-                gib(memory)
-            ));
-        }
-        if call.gpus as u64 > gpus {
-            short.push(format!(
-                "func_gpu={} but the largest node offers {gpus} GPUs ({gpus_node})",
-                call.gpus
-            ));
-        }
-        if short.is_empty() {
-            short.push(format!(
-                "no single node offers func_cpu={}, func_ram={} and func_gpu={} together",
-                call.cores,
-                gib(call.memory_bytes),
-                call.gpus
-            ));
-        }
-        Err(format!(
-            "no node can host one call: {}. Lower the request or add a larger node",
-            short.join("; ")
-        ))
-    }
-
-    /// Hands out free resources and, where jobs are below their fair share,
-    /// reclaims some from jobs above it.
-    fn grow_jobs(&mut self) {
-        self.grow_pass();
-        if self.rebalance() {
-            self.grow_pass();
-        }
-    }
-
-    /// Gives free resources away one slot at a time, always to the job that
-    /// holds the fewest cores (the oldest among equals): max-min fairness
-    /// over the jobs that want more slots.
-    fn grow_pass(&mut self) {
-        let mut placed: BTreeMap<JobId, BTreeMap<NodeId, Vec<SlotId>>> = BTreeMap::new();
-        loop {
-            let mut order: Vec<(u64, JobId)> = self
-                .jobs
-                .iter()
-                .filter(|(_, j)| j.wants_slots())
-                .map(|(&id, j)| (j.held_cores(), id))
-                .collect();
-            order.sort_unstable();
-            let Some((node, id)) = order
-                .iter()
-                .find_map(|&(_, id)| self.best_node(id).map(|node| (node, id)))
-            else {
-                break;
-            };
-            let job = self.jobs.get_mut(&id).expect("id taken from the map");
-            self.nodes
-                .get_mut(&node)
-                .expect("node id taken from the map")
-                .take(&job.spec.call);
-            let slot = job.next_slot;
-            job.next_slot = SlotId(slot.0 + 1);
-            let new = Slot {
-                node,
-                chunks: Vec::new(),
-                draining: false,
-            };
-            job.slots.insert(slot, new);
-            job.active_slots += 1;
-            placed.entry(id).or_default().entry(node).or_default().push(slot);
-        }
-        for (id, per_node) in placed {
-            self.announce_slots(id, per_node);
-        }
-    }
-
-    /// The node with the most room for another call of job `id`.
-    fn best_node(&self, id: JobId) -> Option<NodeId> {
-        let call = self.jobs[&id].spec.call;
-        self.nodes
-            .iter()
-            .map(|(&node, n)| (n.room_for(&call), node))
-            .filter(|&(room, _)| room > 0)
-            .max_by_key(|&(room, node)| (room, std::cmp::Reverse(node)))
-            .map(|(_, node)| node)
-    }
-
-    /// Tells the nodes to start new slots, widens the job's window and lets
-    /// the slots take their first chunks.
-    fn announce_slots(&mut self, id: JobId, per_node: BTreeMap<NodeId, Vec<SlotId>>) {
-        let job = self.jobs.get_mut(&id).expect("slots were just placed for this job");
-        // Every new slot gets its first chunk before any gets its second.
-        let new_slots: Vec<SlotId> = per_node.values().flatten().copied().collect();
-        job.window += new_slots.len() as u32 * PER_SLOT_WINDOW;
-        let added = if job.announced { job.top_up() } else { 0 };
-        if added > 0 {
-            let msg = CoordinatorToClient::Credit { job: id, chunks: added };
-            self.out.push_back(Command::ToClient {
-                client: job.client,
-                msg,
-            });
-        }
-        for _ in 0..SLOT_DEPTH {
-            job.ready.extend(new_slots.iter().copied());
-        }
-        for (node, slots) in per_node {
-            let msg = CoordinatorToNode::StartSlots {
-                job: id,
-                spec: job.spec.clone(),
-                slots,
-            };
-            self.out.push_back(Command::ToNode { node, msg });
-        }
-        self.dispatch(id);
-    }
-
-    /// Fair share: every running job is entitled to an equal part of the
-    /// fleet's cores. A job that wants more slots, is below its share by at
-    /// least one call and finds no free room gets room on one node by
-    /// draining slots of jobs that stay at or above their share without
-    /// them. Draining slots finish the chunks they hold, then stop; idle
-    /// ones stop at once. Returns whether resources were freed at once.
-    fn rebalance(&mut self) -> bool {
-        if self.jobs.len() < 2 {
-            return false;
-        }
-        let fleet_cores: u64 = self.nodes.values().map(|n| n.total.cores as u64).sum();
-        let share = fleet_cores / self.jobs.len() as u64;
-        let mut freed = false;
-        let needy: Vec<JobId> = self
-            .jobs
-            .iter()
-            .filter(|(_, j)| j.wants_slots() && j.held_cores() + j.spec.call.cores as u64 <= share)
-            .map(|(&id, _)| id)
-            .collect();
-        for id in needy {
-            if self.best_node(id).is_some() {
-                continue; // Free room exists: the next grow pass serves it.
-            }
-            let call = self.jobs[&id].spec.call;
-            let mut held: BTreeMap<JobId, u64> = self.jobs.iter().map(|(&k, j)| (k, j.held_cores())).collect();
-            let mut plan = None;
-            for (&node, n) in &self.nodes {
-                let mut room = (n.free_cores, n.free_memory, n.free_gpus);
-                let mut chosen = Vec::new();
-                for (&donor, j) in self.jobs.iter().filter(|(&k, _)| k != id) {
-                    for (&slot, _) in j.slots.iter().filter(|(_, s)| s.node == node && !s.draining) {
-                        if fits(room, &call) {
-                            break;
-                        }
-                        let cores = j.spec.call.cores as u64;
-                        if held[&donor] < share + cores {
-                            break; // The donor would fall below its share.
-                        }
-                        held.insert(donor, held[&donor] - cores);
-                        room.0 += j.spec.call.cores;
-                        room.1 += j.spec.call.memory_bytes;
-                        room.2 += j.spec.call.gpus;
-                        chosen.push((donor, slot));
-                    }
-                }
-                if fits(room, &call) && !chosen.is_empty() {
-                    plan = Some(chosen);
-                    break;
-                }
-                held = self.jobs.iter().map(|(&k, j)| (k, j.held_cores())).collect();
-            }
-            for (donor, slot) in plan.unwrap_or_default() {
-                let j = self.jobs.get_mut(&donor).expect("donor taken from the map");
-                let s = j.slots.get_mut(&slot).expect("slot taken from the map");
-                s.draining = true;
-                j.active_slots -= 1;
-                if s.chunks.is_empty() {
-                    self.release_slot(donor, slot);
-                    freed = true;
-                }
-            }
-        }
-        freed
-    }
-
-    /// Stops a drained slot and gives its resources back to its node.
-    fn release_slot(&mut self, id: JobId, slot: SlotId) {
-        let Some(job) = self.jobs.get_mut(&id) else {
-            return;
-        };
-        let Some(s) = job.slots.remove(&slot) else {
-            return;
-        };
-        job.window = job.window.saturating_sub(PER_SLOT_WINDOW).max(PER_SLOT_WINDOW);
-        if let Some(n) = self.nodes.get_mut(&s.node) {
-            n.give_back(&job.spec.call);
-        }
-        self.out.push_back(Command::ToNode {
-            node: s.node,
-            msg: CoordinatorToNode::StopSlot { job: id, slot },
-        });
-    }
-
-    fn dispatch_all(&mut self) {
-        let ids: Vec<JobId> = self.jobs.keys().copied().collect();
-        for id in ids {
-            self.dispatch(id);
-        }
-    }
-
-    fn dispatch(&mut self, id: JobId) {
-        let Some(job) = self.jobs.get_mut(&id) else {
-            return;
-        };
-        while !job.queue.is_empty() {
-            let Some(slot) = job.ready.pop_front() else {
-                break;
-            };
-            let Some(s) = job.slots.get_mut(&slot) else {
-                continue; // A slot of a lost node, or one given back.
-            };
-            if s.chunks.len() >= SLOT_DEPTH || s.draining {
-                continue;
-            }
-            let chunk = job.queue.pop_front().expect("queue checked non-empty");
-            s.chunks.push(chunk.chunk);
-            job.in_flight.insert(chunk.chunk, (slot, chunk.clone()));
-            self.out.push_back(Command::ToNode {
-                node: s.node,
-                msg: CoordinatorToNode::RunChunk { job: id, slot, chunk },
-            });
-        }
-    }
-
+    /// Ends a job whose inputs have all been sent and have all finished.
     fn finish_if_done(&mut self, id: JobId) {
         let Some(job) = self.jobs.get(&id) else {
             return;
@@ -742,52 +370,8 @@ impl Scheduler {
         }
     }
 
-    fn fail_job(&mut self, id: JobId, reason: String) {
-        if let Some(client) = self.client_of(id) {
-            self.stop_job(id);
-            self.send_to_client(client, CoordinatorToClient::JobFailed { job: id, reason });
-        }
-    }
-
-    /// Ends a job: its nodes stop its workers and its resources go to
-    /// waiting jobs.
-    fn stop_job(&mut self, id: JobId) {
-        self.end_job(id);
-        self.grow_jobs();
-    }
-
-    /// Ends a job without handing its resources to other jobs yet.
-    fn end_job(&mut self, id: JobId) {
-        let Some(job) = self.jobs.remove(&id) else {
-            return;
-        };
-        let mut nodes = std::collections::BTreeSet::new();
-        for slot in job.slots.values() {
-            if let Some(n) = self.nodes.get_mut(&slot.node) {
-                n.give_back(&job.spec.call);
-            }
-            nodes.insert(slot.node);
-        }
-        for node in nodes {
-            self.out.push_back(Command::ToNode {
-                node,
-                msg: CoordinatorToNode::StopJob { job: id },
-            });
-        }
-    }
-
     fn send_to_client(&mut self, client: ClientId, msg: CoordinatorToClient) {
         self.out.push_back(Command::ToClient { client, msg });
-    }
-}
-
-/// Formats bytes as GiB for messages ("1 GiB", "23.4 GiB").
-pub fn gib(bytes: u64) -> String {
-    let g = bytes as f64 / (1u64 << 30) as f64;
-    if (g - g.round()).abs() < 0.05 {
-        format!("{} GiB", g.round())
-    } else {
-        format!("{g:.1} GiB")
     }
 }
 

@@ -4,9 +4,11 @@
 //! a simulated network, and checks the scheduler's promises after every step:
 //!
 //! - **Network.** One queue per connection and direction (scheduler to a
-//!   peer, a peer to the scheduler). A queue is FIFO, as a QUIC stream is, but
-//!   which queue moves next is random (weighted by a per-peer speed), so
-//!   messages of different nodes and clients interleave arbitrarily.
+//!   peer, a peer to the scheduler), typed by that direction as the wire is:
+//!   a node's queue can only hold a node's messages. A queue is FIFO, as a
+//!   QUIC stream is, but which queue moves next is random (weighted by a
+//!   per-peer speed), so messages of different nodes and clients interleave
+//!   arbitrarily.
 //! - **Nodes** (1-6 at the start, 1-8 cores, 0.5-12 GiB) start and stop
 //!   slots as told, hold the chunks sent to each slot and answer `ChunkDone`
 //!   for the oldest chunk of a random slot at random times.
@@ -28,7 +30,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use fleetmap_protocol::RuntimeSpec;
+use fleetmap_protocol::{CallRequest, ClientToCoordinator, InputIndex, NodeToCoordinator, RuntimeSpec};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -123,7 +125,7 @@ pub(super) fn run_seed(seed: u64) -> Stats {
 }
 
 /// The other end of a connection to the scheduler.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Peer {
     Node(NodeId),
     Client(ClientId),
@@ -232,31 +234,107 @@ struct SimClient {
 fn input(client: ClientId, request: usize, chunk: ChunkId, per: u32) -> InputChunk {
     InputChunk {
         chunk,
-        first_input: chunk * per as u64,
+        first_input: InputIndex(chunk.0 * per as u64),
         count: per,
-        payload: vec![client as u8, request as u8, chunk as u8, (chunk >> 8) as u8],
+        payload: vec![client.0 as u8, request as u8, chunk.0 as u8, (chunk.0 >> 8) as u8],
     }
 }
 
-fn job_of(msg: &Message) -> Option<JobId> {
-    match msg {
-        Message::JobAccepted { job, .. }
-        | Message::Credit { job, .. }
-        | Message::Output { job, .. }
-        | Message::JobFinished { job }
-        | Message::JobFailed { job, .. }
-        | Message::StartSlots { job, .. }
-        | Message::RunChunk { job, .. }
-        | Message::StopJob { job }
-        | Message::StopSlot { job, .. }
-        | Message::ChunkDone { job, .. }
-        | Message::SlotFailed { job, .. }
-        | Message::Inputs { job, .. }
-        | Message::InputsDone { job, .. }
-        | Message::CancelJob { job } => Some(*job),
-        Message::Log(line) => Some(line.job),
-        _ => None,
+/// A message's name, whatever its direction, for failures and the
+/// fingerprint.
+trait Kind {
+    /// The variant's name. Its length goes into the fingerprint, so the
+    /// names are those the protocol's single `Message` enum had, and seeds
+    /// replay as they did before the protocol was split per direction.
+    fn kind(&self) -> &'static str;
+}
+
+/// The job a message of the scheduler's is about.
+trait AboutJob {
+    fn job(&self) -> Option<JobId>;
+}
+
+impl Kind for CoordinatorToNode {
+    fn kind(&self) -> &'static str {
+        match self {
+            CoordinatorToNode::StartSlots { .. } => "StartSlots",
+            CoordinatorToNode::RunChunk { .. } => "RunChunk",
+            CoordinatorToNode::StopJob { .. } => "StopJob",
+            CoordinatorToNode::StopSlot { .. } => "StopSlot",
+        }
     }
+}
+
+impl AboutJob for CoordinatorToNode {
+    fn job(&self) -> Option<JobId> {
+        match self {
+            CoordinatorToNode::StartSlots { job, .. }
+            | CoordinatorToNode::RunChunk { job, .. }
+            | CoordinatorToNode::StopJob { job }
+            | CoordinatorToNode::StopSlot { job, .. } => Some(*job),
+        }
+    }
+}
+
+impl Kind for CoordinatorToClient {
+    fn kind(&self) -> &'static str {
+        match self {
+            CoordinatorToClient::Status { .. } => "Status",
+            CoordinatorToClient::JobAccepted { .. } => "JobAccepted",
+            CoordinatorToClient::JobRejected { .. } => "JobRejected",
+            CoordinatorToClient::Credit { .. } => "Credit",
+            CoordinatorToClient::Output { .. } => "Output",
+            CoordinatorToClient::Log(_) => "Log",
+            CoordinatorToClient::JobFinished { .. } => "JobFinished",
+            CoordinatorToClient::JobFailed { .. } => "JobFailed",
+        }
+    }
+}
+
+impl AboutJob for CoordinatorToClient {
+    fn job(&self) -> Option<JobId> {
+        match self {
+            CoordinatorToClient::JobAccepted { job, .. }
+            | CoordinatorToClient::Credit { job, .. }
+            | CoordinatorToClient::Output { job, .. }
+            | CoordinatorToClient::JobFinished { job }
+            | CoordinatorToClient::JobFailed { job, .. } => Some(*job),
+            CoordinatorToClient::Log(line) => Some(line.job),
+            CoordinatorToClient::Status { .. } | CoordinatorToClient::JobRejected { .. } => None,
+        }
+    }
+}
+
+impl Kind for NodeToCoordinator {
+    fn kind(&self) -> &'static str {
+        match self {
+            NodeToCoordinator::ChunkDone { .. } => "ChunkDone",
+            NodeToCoordinator::SlotFailed { .. } => "SlotFailed",
+            NodeToCoordinator::Log(_) => "Log",
+        }
+    }
+}
+
+impl Kind for ClientToCoordinator {
+    fn kind(&self) -> &'static str {
+        match self {
+            ClientToCoordinator::SubmitJob { .. } => "SubmitJob",
+            ClientToCoordinator::Inputs { .. } => "Inputs",
+            ClientToCoordinator::InputsDone { .. } => "InputsDone",
+            ClientToCoordinator::CancelJob { .. } => "CancelJob",
+            ClientToCoordinator::StatusRequest { .. } => "StatusRequest",
+        }
+    }
+}
+
+/// The simulated network: one FIFO queue per connection and direction, each
+/// typed by its direction.
+#[derive(Debug, Default)]
+struct Network {
+    node_to_sched: BTreeMap<NodeId, VecDeque<NodeToCoordinator>>,
+    client_to_sched: BTreeMap<ClientId, VecDeque<ClientToCoordinator>>,
+    sched_to_node: BTreeMap<NodeId, VecDeque<CoordinatorToNode>>,
+    sched_to_client: BTreeMap<ClientId, VecDeque<CoordinatorToClient>>,
 }
 
 struct World {
@@ -270,8 +348,7 @@ struct World {
     nodes: BTreeMap<NodeId, SimNode>,
     next_node: NodeId,
     clients: BTreeMap<ClientId, SimClient>,
-    to_sched: BTreeMap<Peer, VecDeque<Message>>,
-    from_sched: BTreeMap<Peer, VecDeque<Message>>,
+    net: Network,
     /// Failures to inject, by time.
     events: VecDeque<(u64, Event)>,
     /// The client of every job the scheduler accepted.
@@ -291,10 +368,9 @@ impl World {
             now: 0,
             sched: Scheduler::new(),
             nodes: BTreeMap::new(),
-            next_node: 1,
+            next_node: NodeId(1),
             clients: BTreeMap::new(),
-            to_sched: BTreeMap::new(),
-            from_sched: BTreeMap::new(),
+            net: Network::default(),
             events: VecDeque::new(),
             owner: BTreeMap::new(),
             ended: BTreeSet::new(),
@@ -308,7 +384,7 @@ impl World {
         }
         let mut total_chunks = 0;
         for c in 0..w.rng.gen_range(1..=3u64) {
-            let client = 100 + c;
+            let client = ClientId(100 + c);
             let jobs = (0..w.rng.gen_range(1..=2))
                 .map(|_| {
                     let chunks = w.rng.gen_range(1..=60);
@@ -423,18 +499,26 @@ impl World {
     /// Takes one random action; false when nothing can move.
     fn act(&mut self) -> bool {
         let mut actions: Vec<(Action, u32)> = Vec::new();
-        let speed = |w: &World, p: Peer| match p {
-            Peer::Node(n) => w.nodes[&n].speed,
-            Peer::Client(c) => w.clients[&c].speed,
-        };
-        for (&p, q) in &self.to_sched {
+        // Nodes before clients, the order of queues keyed by `Peer` before
+        // the queues were typed, so that a seed replays as it did then.
+        for (&n, q) in &self.net.node_to_sched {
             if !q.is_empty() {
-                actions.push((Action::ToScheduler(p), speed(self, p)));
+                actions.push((Action::ToScheduler(Peer::Node(n)), self.nodes[&n].speed));
             }
         }
-        for (&p, q) in &self.from_sched {
+        for (&c, q) in &self.net.client_to_sched {
             if !q.is_empty() {
-                actions.push((Action::FromScheduler(p), speed(self, p)));
+                actions.push((Action::ToScheduler(Peer::Client(c)), self.clients[&c].speed));
+            }
+        }
+        for (&n, q) in &self.net.sched_to_node {
+            if !q.is_empty() {
+                actions.push((Action::FromScheduler(Peer::Node(n)), self.nodes[&n].speed));
+            }
+        }
+        for (&c, q) in &self.net.sched_to_client {
+            if !q.is_empty() {
+                actions.push((Action::FromScheduler(Peer::Client(c)), self.clients[&c].speed));
             }
         }
         for (&id, n) in &self.nodes {
@@ -462,29 +546,39 @@ impl World {
             .expect("pick is below the total weight");
         self.stats.steps += 1;
         let (kind, id) = match action {
-            Action::ToScheduler(Peer::Node(n)) => (0, n),
-            Action::ToScheduler(Peer::Client(c)) => (1, c),
-            Action::FromScheduler(Peer::Node(n)) => (2, n),
-            Action::FromScheduler(Peer::Client(c)) => (3, c),
-            Action::NodeWork(n) => (4, n),
-            Action::ClientSend(c) => (5, c),
+            Action::ToScheduler(Peer::Node(n)) => (0, n.0),
+            Action::ToScheduler(Peer::Client(c)) => (1, c.0),
+            Action::FromScheduler(Peer::Node(n)) => (2, n.0),
+            Action::FromScheduler(Peer::Client(c)) => (3, c.0),
+            Action::NodeWork(n) => (4, n.0),
+            Action::ClientSend(c) => (5, c.0),
         };
         self.stats.mix(&[kind, id]);
         match action {
             Action::ToScheduler(p) => self.deliver_to_scheduler(p),
-            Action::FromScheduler(p) => {
+            Action::FromScheduler(Peer::Node(n)) => {
                 let msg = self
-                    .from_sched
-                    .get_mut(&p)
+                    .net
+                    .sched_to_node
+                    .get_mut(&n)
                     .and_then(|q| q.pop_front())
                     .expect("queue checked non-empty");
                 if self.trace {
-                    eprintln!("{:>6} scheduler -> {p:?}: {msg:?}", self.now);
+                    eprintln!("{:>6} scheduler -> {:?}: {msg:?}", self.now, Peer::Node(n));
                 }
-                match p {
-                    Peer::Node(n) => self.node_receive(n, msg),
-                    Peer::Client(c) => self.client_receive(c, msg),
+                self.node_receive(n, msg);
+            }
+            Action::FromScheduler(Peer::Client(c)) => {
+                let msg = self
+                    .net
+                    .sched_to_client
+                    .get_mut(&c)
+                    .and_then(|q| q.pop_front())
+                    .expect("queue checked non-empty");
+                if self.trace {
+                    eprintln!("{:>6} scheduler -> {:?}: {msg:?}", self.now, Peer::Client(c));
                 }
+                self.client_receive(c, msg);
             }
             Action::NodeWork(n) => self.node_work(n),
             Action::ClientSend(c) => self.client_send(c),
@@ -533,7 +627,7 @@ impl World {
                     .failed
                     .insert((job, slot));
                 let reason = format!("worker of slot {slot} died");
-                self.send_to_scheduler(Peer::Node(node), Message::SlotFailed { job, slot, reason });
+                self.send_from_node(node, NodeToCoordinator::SlotFailed { job, slot, reason });
                 self.stats.slot_failures += 1;
             }
         }
@@ -541,7 +635,7 @@ impl World {
 
     fn join_node(&mut self, big: bool) {
         let id = self.next_node;
-        self.next_node += 1;
+        self.next_node = NodeId(id.0 + 1);
         let (cores, memory) = if big {
             (self.rng.gen_range(2..=8), self.rng.gen_range(4..=24) * GIB / 2)
         } else {
@@ -584,8 +678,8 @@ impl World {
         node.alive = false;
         node.jobs.clear();
         node.held.clear();
-        self.from_sched.remove(&Peer::Node(id));
-        if let Some(q) = self.to_sched.get_mut(&Peer::Node(id)) {
+        self.net.sched_to_node.remove(&id);
+        if let Some(q) = self.net.node_to_sched.get_mut(&id) {
             let keep = if self.rng.gen_bool(0.6) {
                 self.rng.gen_range(0..=q.len())
             } else {
@@ -607,8 +701,8 @@ impl World {
         for job in &mut client.jobs {
             job.outcome.get_or_insert(Outcome::Cancelled);
         }
-        self.to_sched.remove(&Peer::Client(c));
-        self.from_sched.remove(&Peer::Client(c));
+        self.net.client_to_sched.remove(&c);
+        self.net.sched_to_client.remove(&c);
         self.stats.clients_lost += 1;
         self.sched.handle_client_lost(c);
         self.drain();
@@ -623,25 +717,34 @@ impl World {
         }
     }
 
-    fn send_to_scheduler(&mut self, from: Peer, msg: Message) {
-        self.to_sched.entry(from).or_default().push_back(msg);
+    fn send_from_node(&mut self, node: NodeId, msg: NodeToCoordinator) {
+        self.net.node_to_sched.entry(node).or_default().push_back(msg);
+    }
+
+    fn send_from_client(&mut self, client: ClientId, msg: ClientToCoordinator) {
+        self.net.client_to_sched.entry(client).or_default().push_back(msg);
     }
 
     fn deliver_to_scheduler(&mut self, from: Peer) {
-        let msg = self
-            .to_sched
-            .get_mut(&from)
-            .and_then(|q| q.pop_front())
-            .expect("queue checked non-empty");
-        if self.trace {
-            eprintln!("{:>6} {from:?} -> scheduler: {msg:?}", self.now);
-        }
         match from {
             Peer::Node(node) => {
+                let msg = self
+                    .net
+                    .node_to_sched
+                    .get_mut(&node)
+                    .and_then(|q| q.pop_front())
+                    .expect("queue checked non-empty");
+                if self.trace {
+                    eprintln!("{:>6} {from:?} -> scheduler: {msg:?}", self.now);
+                }
                 let late = !self.nodes[&node].alive;
                 match msg {
-                    Message::ChunkDone { job, slot, output } => self.sched.handle_chunk_done(node, job, slot, output),
-                    Message::SlotFailed { job, slot, reason } => self.sched.handle_slot_failed(node, job, slot, reason),
+                    NodeToCoordinator::ChunkDone { job, slot, output } => {
+                        self.sched.handle_chunk_done(node, job, slot, output)
+                    }
+                    NodeToCoordinator::SlotFailed { job, slot, reason } => {
+                        self.sched.handle_slot_failed(node, job, slot, reason)
+                    }
                     other => fail!(self, "the simulated node sent {}", other.kind()),
                 }
                 let outputs = self.drain();
@@ -655,13 +758,24 @@ impl World {
                 }
             }
             Peer::Client(client) => {
+                let msg = self
+                    .net
+                    .client_to_sched
+                    .get_mut(&client)
+                    .and_then(|q| q.pop_front())
+                    .expect("queue checked non-empty");
+                if self.trace {
+                    eprintln!("{:>6} {from:?} -> scheduler: {msg:?}", self.now);
+                }
                 let result = match msg {
-                    Message::SubmitJob { request, spec } => {
+                    ClientToCoordinator::SubmitJob { request, spec } => {
                         self.sched.handle_submit(client, request, spec);
                         Ok(())
                     }
-                    Message::Inputs { job, chunk } => self.sched.handle_inputs(client, job, chunk),
-                    Message::InputsDone { job, chunks } => self.sched.handle_inputs_done(client, job, chunks),
+                    ClientToCoordinator::Inputs { job, chunk } => self.sched.handle_inputs(client, job, chunk),
+                    ClientToCoordinator::InputsDone { job, chunks } => {
+                        self.sched.handle_inputs_done(client, job, chunks)
+                    }
                     other => fail!(self, "the simulated client sent {}", other.kind()),
                 };
                 if let Err(e) = result {
@@ -673,96 +787,86 @@ impl World {
     }
 
     /// Routes the scheduler's commands, checking each; returns how many
-    /// `Output`s there were.
+    /// `Output`s there were. That a node gets only messages for nodes, and
+    /// a client only messages for clients, the types of `Command` ensure.
     fn drain(&mut self) -> usize {
         let mut outputs = 0;
         while let Some(cmd) = self.sched.poll_command() {
             if self.trace {
                 eprintln!("{:>6}   emit {cmd:?}", self.now);
             }
-            let (peer, msg) = match cmd {
-                Command::ToNode { node, msg } => (Peer::Node(node), msg),
-                Command::ToClient { client, msg } => (Peer::Client(client), msg),
+            let (peer, kind, job) = match &cmd {
+                Command::ToNode { node, msg } => (Peer::Node(*node), msg.kind(), msg.job()),
+                Command::ToClient { client, msg } => (Peer::Client(*client), msg.kind(), msg.job()),
             };
-            let job = job_of(&msg);
-            let (kind, id) = match peer {
-                Peer::Node(n) => (10, n),
-                Peer::Client(c) => (11, c),
+            let (code, id) = match peer {
+                Peer::Node(n) => (10, n.0),
+                Peer::Client(c) => (11, c.0),
             };
             self.stats
-                .mix(&[kind, id, job.unwrap_or(u64::MAX), msg.kind().len() as u64]);
+                .mix(&[code, id, job.map_or(u64::MAX, |j| j.0), kind.len() as u64]);
             if let Some(job) = job {
                 check!(
                     self,
                     !self.ended.contains(&job),
-                    "{} for job {job} sent to {peer:?} after the job ended",
-                    msg.kind()
+                    "{kind} for job {job} sent to {peer:?} after the job ended"
                 );
             }
-            match peer {
-                Peer::Node(node) => {
-                    check!(
-                        self,
-                        matches!(
-                            msg,
-                            Message::StartSlots { .. }
-                                | Message::RunChunk { .. }
-                                | Message::StopJob { .. }
-                                | Message::StopSlot { .. }
-                        ),
-                        "{} sent to node {node}",
-                        msg.kind()
-                    );
+            match cmd {
+                Command::ToNode { node, msg } => {
                     check!(
                         self,
                         self.nodes.get(&node).is_some_and(|n| n.alive),
-                        "{} sent to node {node}, which is unknown or was lost",
-                        msg.kind()
+                        "{kind} sent to node {node}, which is unknown or was lost"
                     );
+                    self.net.sched_to_node.entry(node).or_default().push_back(msg);
                 }
-                Peer::Client(client) => {
+                Command::ToClient { client, msg } => {
                     check!(
                         self,
                         self.clients.get(&client).is_some_and(|c| c.alive),
-                        "{} sent to client {client}, which had disconnected",
-                        msg.kind()
+                        "{kind} sent to client {client}, which had disconnected"
                     );
                     match &msg {
-                        Message::JobAccepted { job, .. } => {
+                        CoordinatorToClient::JobAccepted { job, .. } => {
                             check!(self, !self.owner.contains_key(job), "job id {job} accepted twice");
                             self.owner.insert(*job, client);
                         }
-                        Message::JobRejected { .. } => {}
-                        Message::Credit { job, .. }
-                        | Message::Output { job, .. }
-                        | Message::JobFinished { job }
-                        | Message::JobFailed { job, .. } => {
+                        CoordinatorToClient::JobRejected { .. } => {}
+                        CoordinatorToClient::Credit { job, .. }
+                        | CoordinatorToClient::Output { job, .. }
+                        | CoordinatorToClient::JobFinished { job }
+                        | CoordinatorToClient::JobFailed { job, .. } => {
                             check!(
                                 self,
                                 self.owner.get(job) == Some(&client),
-                                "{} for job {job} sent to client {client}, which does not own it",
-                                msg.kind()
+                                "{kind} for job {job} sent to client {client}, which does not own it"
                             );
-                            if matches!(msg, Message::Output { .. }) {
+                            if matches!(msg, CoordinatorToClient::Output { .. }) {
                                 outputs += 1;
                             }
-                            if matches!(msg, Message::JobFinished { .. } | Message::JobFailed { .. }) {
+                            if matches!(
+                                msg,
+                                CoordinatorToClient::JobFinished { .. } | CoordinatorToClient::JobFailed { .. }
+                            ) {
                                 self.ended.insert(*job);
                             }
                         }
-                        other => fail!(self, "{} sent to client {client}", other.kind()),
+                        CoordinatorToClient::Status { .. } | CoordinatorToClient::Log(_) => {
+                            fail!(self, "{kind} sent to client {client}")
+                        }
                     }
+                    self.net.sched_to_client.entry(client).or_default().push_back(msg);
                 }
             }
-            self.from_sched.entry(peer).or_default().push_back(msg);
         }
         outputs
     }
 
-    fn node_receive(&mut self, id: NodeId, msg: Message) {
+    fn node_receive(&mut self, id: NodeId, msg: CoordinatorToNode) {
         let node = self.nodes.get_mut(&id).expect("a node of the world");
         match msg {
-            Message::StartSlots { job, spec, slots } => {
+            CoordinatorToNode::StartSlots { job, spec, slots } => {
                 let (call, started) = node.jobs.entry(job).or_insert_with(|| (spec.call, BTreeSet::new()));
                 check!(self, *call == spec.call, "job {job} changed its call on node {id}");
                 for slot in slots {
@@ -788,7 +892,7 @@ impl World {
                     node.jobs
                 );
             }
-            Message::RunChunk { job, slot, chunk } => {
+            CoordinatorToNode::RunChunk { job, slot, chunk } => {
                 check!(
                     self,
                     node.jobs.get(&job).is_some_and(|(_, s)| s.contains(&slot)),
@@ -805,7 +909,7 @@ impl World {
                     held.iter().map(|c| c.chunk).collect::<Vec<_>>()
                 );
             }
-            Message::StopSlot { job, slot } => {
+            CoordinatorToNode::StopSlot { job, slot } => {
                 check!(
                     self,
                     node.jobs
@@ -825,7 +929,7 @@ impl World {
                 );
                 self.stats.stopped_slots += 1;
             }
-            Message::StopJob { job } => {
+            CoordinatorToNode::StopJob { job } => {
                 check!(
                     self,
                     node.jobs.remove(&job).is_some(),
@@ -834,7 +938,6 @@ impl World {
                 node.held.retain(|&(j, _), _| j != job);
                 node.failed.retain(|&(j, _)| j != job);
             }
-            other => fail!(self, "node {id} got {}", other.kind()),
         }
     }
 
@@ -855,7 +958,7 @@ impl World {
             node: node.name.clone(),
             payload: chunk.payload,
         };
-        self.send_to_scheduler(Peer::Node(id), Message::ChunkDone { job, slot, output });
+        self.send_from_node(id, NodeToCoordinator::ChunkDone { job, slot, output });
     }
 
     fn client_send(&mut self, c: ClientId) {
@@ -868,8 +971,8 @@ impl World {
         let j = &mut client.jobs[request];
         let msg = if !j.submitted {
             j.submitted = true;
-            Message::SubmitJob {
-                request: request as u64,
+            ClientToCoordinator::SubmitJob {
+                request: RequestId(request as u64),
                 spec: j.spec.clone(),
             }
         } else {
@@ -877,26 +980,26 @@ impl World {
             if j.next < j.chunks {
                 j.credit -= 1;
                 j.next += 1;
-                Message::Inputs {
+                ClientToCoordinator::Inputs {
                     job,
-                    chunk: input(c, request, j.next - 1, j.inputs_per_chunk),
+                    chunk: input(c, request, ChunkId(j.next - 1), j.inputs_per_chunk),
                 }
             } else {
                 j.done_sent = true;
-                Message::InputsDone { job, chunks: j.chunks }
+                ClientToCoordinator::InputsDone { job, chunks: j.chunks }
             }
         };
-        self.send_to_scheduler(Peer::Client(c), msg);
+        self.send_from_client(c, msg);
     }
 
-    fn client_receive(&mut self, c: ClientId, msg: Message) {
+    fn client_receive(&mut self, c: ClientId, msg: CoordinatorToClient) {
         let client = self.clients.get_mut(&c).expect("a client of the world");
         let kind = msg.kind();
         match msg {
-            Message::JobAccepted {
+            CoordinatorToClient::JobAccepted {
                 request, job, credit, ..
             } => {
-                let Some(j) = client.jobs.get_mut(request as usize) else {
+                let Some(j) = client.jobs.get_mut(request.0 as usize) else {
                     fail!(
                         self,
                         "client {c} got JobAccepted for request {request}, which it never sent"
@@ -910,8 +1013,8 @@ impl World {
                 j.job = Some(job);
                 j.credit += credit as u64;
             }
-            Message::JobRejected { request, .. } => {
-                let Some(j) = client.jobs.get_mut(request as usize) else {
+            CoordinatorToClient::JobRejected { request, .. } => {
+                let Some(j) = client.jobs.get_mut(request.0 as usize) else {
                     fail!(
                         self,
                         "client {c} got JobRejected for request {request}, which it never sent"
@@ -924,10 +1027,10 @@ impl World {
                 );
                 j.outcome = Some(Outcome::Rejected);
             }
-            Message::Credit { job, .. }
-            | Message::Output { job, .. }
-            | Message::JobFinished { job }
-            | Message::JobFailed { job, .. } => {
+            CoordinatorToClient::Credit { job, .. }
+            | CoordinatorToClient::Output { job, .. }
+            | CoordinatorToClient::JobFinished { job }
+            | CoordinatorToClient::JobFailed { job, .. } => {
                 let Some(request) = client.jobs.iter().position(|j| j.job == Some(job)) else {
                     fail!(self, "client {c} got {kind} for job {job} before it was accepted");
                 };
@@ -938,12 +1041,12 @@ impl World {
                     "client {c} got {kind} for job {job} after it ended"
                 );
                 match msg {
-                    Message::Credit { chunks, .. } => j.credit += chunks as u64,
-                    Message::Output { output, .. } => {
+                    CoordinatorToClient::Credit { chunks, .. } => j.credit += chunks as u64,
+                    CoordinatorToClient::Output { output, .. } => {
                         let sent = input(c, request, output.chunk, j.inputs_per_chunk);
                         check!(
                             self,
-                            output.chunk < j.next
+                            output.chunk.0 < j.next
                                 && (output.first_input, output.count, &output.payload)
                                     == (sent.first_input, sent.count, &sent.payload),
                             "job {job} got an output that matches no chunk it sent: {output:?}"
@@ -956,7 +1059,7 @@ impl World {
                         );
                         self.stats.outputs += 1;
                     }
-                    Message::JobFinished { .. } => {
+                    CoordinatorToClient::JobFinished { .. } => {
                         check!(
                             self,
                             j.done_sent && j.outputs.len() as u64 == j.chunks,
@@ -967,7 +1070,7 @@ impl World {
                         );
                         j.outcome = Some(Outcome::Finished);
                     }
-                    Message::JobFailed { .. } => j.outcome = Some(Outcome::Failed),
+                    CoordinatorToClient::JobFailed { .. } => j.outcome = Some(Outcome::Failed),
                     _ => unreachable!("matched above"),
                 }
             }
@@ -1051,9 +1154,9 @@ impl World {
             self.sched.node_count(),
             alive.len()
         );
-        self.sched.handle_status(u64::MAX, 0);
+        self.sched.handle_status(ClientId(u64::MAX), RequestId(0));
         let Some(Command::ToClient {
-            msg: Message::Status { nodes, .. },
+            msg: CoordinatorToClient::Status { nodes, .. },
             ..
         }) = self.sched.poll_command()
         else {
@@ -1151,7 +1254,7 @@ fn the_simulation_catches_a_duplicated_output() {
         node: "n1".into(),
         payload: sent.payload,
     };
-    w.client_receive(c, Message::Output { job, output });
+    w.client_receive(c, CoordinatorToClient::Output { job, output });
 }
 
 fn resources(cores: u32, memory_gib: u64) -> Resources {
@@ -1186,21 +1289,21 @@ fn two_core_job() -> JobSpec {
 #[test]
 fn a_disconnected_clients_waiting_job_gets_no_slots_before_it_is_stopped() {
     let mut s = Scheduler::new();
-    s.handle_node_joined(1, "a".into(), resources(2, 8), String::new());
-    s.handle_submit(7, 0, two_core_job());
-    s.handle_submit(7, 1, two_core_job());
-    let (first, second) = (0, 1);
+    s.handle_node_joined(NodeId(1), "a".into(), resources(2, 8), String::new());
+    s.handle_submit(ClientId(7), RequestId(0), two_core_job());
+    s.handle_submit(ClientId(7), RequestId(1), two_core_job());
+    let (first, second) = (JobId(0), JobId(1));
     assert_eq!(s.slots_of(first).len(), 1);
     assert!(s.slots_of(second).is_empty(), "the second job waits for room");
     std::iter::from_fn(|| s.poll_command()).for_each(drop);
 
-    s.handle_client_lost(7);
+    s.handle_client_lost(ClientId(7));
     let cmds: Vec<Command> = std::iter::from_fn(|| s.poll_command()).collect();
     assert_eq!(
         cmds,
         [Command::ToNode {
-            node: 1,
-            msg: Message::StopJob { job: first }
+            node: NodeId(1),
+            msg: CoordinatorToNode::StopJob { job: first }
         }]
     );
     assert_eq!(s.job_count(), 0);
@@ -1212,31 +1315,39 @@ fn a_disconnected_clients_waiting_job_gets_no_slots_before_it_is_stopped() {
 fn a_waiting_job_fails_when_the_last_node_that_could_host_it_is_lost() {
     let spec = two_core_job();
     let mut s = Scheduler::new();
-    s.handle_node_joined(1, "big".into(), resources(2, 8), String::new());
-    s.handle_node_joined(2, "small".into(), resources(1, 8), String::new());
-    s.handle_submit(7, 0, spec.clone());
-    s.handle_submit(8, 0, spec);
+    s.handle_node_joined(NodeId(1), "big".into(), resources(2, 8), String::new());
+    s.handle_node_joined(NodeId(2), "small".into(), resources(1, 8), String::new());
+    s.handle_submit(ClientId(7), RequestId(0), spec.clone());
+    s.handle_submit(ClientId(8), RequestId(0), spec);
     let accepted: Vec<(ClientId, u32)> = std::iter::from_fn(|| s.poll_command())
         .filter_map(|c| match c {
             Command::ToClient {
                 client,
-                msg: Message::JobAccepted { slots, .. },
+                msg: CoordinatorToClient::JobAccepted { slots, .. },
             } => Some((client, slots)),
             _ => None,
         })
         .collect();
-    assert_eq!(accepted, [(7, 1), (8, 0)], "the second job waits for the big node");
+    assert_eq!(
+        accepted,
+        [(ClientId(7), 1), (ClientId(8), 0)],
+        "the second job waits for the big node"
+    );
 
-    s.handle_node_lost(1);
+    s.handle_node_lost(NodeId(1));
     let failed: Vec<ClientId> = std::iter::from_fn(|| s.poll_command())
         .filter_map(|c| match c {
             Command::ToClient {
                 client,
-                msg: Message::JobFailed { .. },
+                msg: CoordinatorToClient::JobFailed { .. },
             } => Some(client),
             _ => None,
         })
         .collect();
-    assert_eq!(failed, [7, 8], "both jobs fail: no node left can host a call");
+    assert_eq!(
+        failed,
+        [ClientId(7), ClientId(8)],
+        "both jobs fail: no node left can host a call"
+    );
     assert_eq!(s.job_count(), 0);
 }

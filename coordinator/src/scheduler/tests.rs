@@ -1,5 +1,7 @@
+use super::fairness::{plan_reclaims, Reclaim};
+use super::placement::Node;
 use super::*;
-use fleetmap_protocol::RuntimeSpec;
+use fleetmap_protocol::{CallRequest, InputIndex, RuntimeSpec};
 
 const GIB: u64 = 1 << 30;
 
@@ -30,8 +32,8 @@ fn spec(cores: u32, memory_gib: u64, parallelism: Option<u32>, total: u64) -> Jo
 
 fn chunk(id: u64) -> InputChunk {
     InputChunk {
-        chunk: id,
-        first_input: id * 10,
+        chunk: ChunkId(id),
+        first_input: InputIndex(id * 10),
         count: 10,
         payload: vec![id as u8],
     }
@@ -58,7 +60,7 @@ fn runs(cmds: &[Command]) -> Vec<(NodeId, SlotId, InputChunk)> {
         .filter_map(|c| match c {
             Command::ToNode {
                 node,
-                msg: Message::RunChunk { slot, chunk, .. },
+                msg: CoordinatorToNode::RunChunk { slot, chunk, .. },
             } => Some((*node, *slot, chunk.clone())),
             _ => None,
         })
@@ -69,7 +71,7 @@ fn accepted(cmds: &[Command]) -> (JobId, u32, u32) {
     cmds.iter()
         .find_map(|c| match c {
             Command::ToClient {
-                msg: Message::JobAccepted { job, slots, credit, .. },
+                msg: CoordinatorToClient::JobAccepted { job, slots, credit, .. },
                 ..
             } => Some((*job, *slots, *credit)),
             _ => None,
@@ -80,9 +82,9 @@ fn accepted(cmds: &[Command]) -> (JobId, u32, u32) {
 #[test]
 fn slots_spread_over_nodes_within_their_resources() {
     let mut s = Scheduler::new();
-    s.handle_node_joined(1, "a".into(), resources(4, 64), String::new());
-    s.handle_node_joined(2, "b".into(), resources(2, 64), String::new());
-    s.handle_submit(9, 0, spec(1, 1, None, 1000));
+    s.handle_node_joined(NodeId(1), "a".into(), resources(4, 64), String::new());
+    s.handle_node_joined(NodeId(2), "b".into(), resources(2, 64), String::new());
+    s.handle_submit(ClientId(9), RequestId(0), spec(1, 1, None, 1000));
     let cmds = drain(&mut s);
     let (job, slots, _) = accepted(&cmds);
     assert_eq!(slots, 6);
@@ -92,31 +94,34 @@ fn slots_spread_over_nodes_within_their_resources() {
 #[test]
 fn parallelism_and_input_count_cap_the_slots() {
     let mut s = Scheduler::new();
-    s.handle_node_joined(1, "a".into(), resources(64, 64), String::new());
-    s.handle_submit(9, 0, spec(1, 1, Some(5), 1000));
+    s.handle_node_joined(NodeId(1), "a".into(), resources(64, 64), String::new());
+    s.handle_submit(ClientId(9), RequestId(0), spec(1, 1, Some(5), 1000));
     assert_eq!(accepted(&drain(&mut s)).1, 5);
-    s.handle_submit(9, 1, spec(1, 1, None, 3));
+    s.handle_submit(ClientId(9), RequestId(1), spec(1, 1, None, 3));
     assert_eq!(accepted(&drain(&mut s)).1, 3);
 }
 
 #[test]
 fn memory_limits_slots_per_node() {
     let mut s = Scheduler::new();
-    s.handle_node_joined(1, "a".into(), resources(16, 8), String::new());
-    s.handle_submit(9, 0, spec(1, 3, None, 100));
+    s.handle_node_joined(NodeId(1), "a".into(), resources(16, 8), String::new());
+    s.handle_submit(ClientId(9), RequestId(0), spec(1, 3, None, 100));
     assert_eq!(accepted(&drain(&mut s)).1, 2);
 }
 
 #[test]
 fn a_job_no_node_can_host_is_rejected_naming_the_short_resource() {
     let mut s = Scheduler::new();
-    s.handle_node_joined(1, "small".into(), resources(2, 4), String::new());
-    s.handle_node_joined(2, "big".into(), resources(8, 2), String::new());
-    s.handle_submit(9, 5, spec(16, 1, None, 10));
+    s.handle_node_joined(NodeId(1), "small".into(), resources(2, 4), String::new());
+    s.handle_node_joined(NodeId(2), "big".into(), resources(8, 2), String::new());
+    s.handle_submit(ClientId(9), RequestId(5), spec(16, 1, None, 10));
     let cmds = drain(&mut s);
     let Some(Command::ToClient {
-        client: 9,
-        msg: Message::JobRejected { request: 5, reason },
+        client: ClientId(9),
+        msg: CoordinatorToClient::JobRejected {
+            request: RequestId(5),
+            reason,
+        },
     }) = cmds.first()
     else {
         panic!("expected a rejection, got {cmds:?}");
@@ -127,7 +132,7 @@ fn a_job_no_node_can_host_is_rejected_naming_the_short_resource() {
     );
     assert_eq!(s.job_count(), 0);
 
-    s.handle_submit(9, 6, spec(4, 4, None, 10));
+    s.handle_submit(ClientId(9), RequestId(6), spec(4, 4, None, 10));
     let reason = format!("{:?}", drain(&mut s));
     assert!(reason.contains("no single node offers"), "{reason}");
 }
@@ -135,7 +140,7 @@ fn a_job_no_node_can_host_is_rejected_naming_the_short_resource() {
 #[test]
 fn an_empty_fleet_rejects_with_what_to_do() {
     let mut s = Scheduler::new();
-    s.handle_submit(9, 0, spec(1, 1, None, 10));
+    s.handle_submit(ClientId(9), RequestId(0), spec(1, 1, None, 10));
     let text = format!("{:?}", drain(&mut s));
     assert!(
         text.contains("the fleet has no nodes") && text.contains("fleetmap node"),
@@ -146,8 +151,8 @@ fn an_empty_fleet_rejects_with_what_to_do() {
 #[test]
 fn every_chunk_runs_once_and_the_job_finishes() {
     let mut s = Scheduler::new();
-    s.handle_node_joined(1, "a".into(), resources(2, 64), String::new());
-    s.handle_submit(9, 0, spec(1, 1, None, 100));
+    s.handle_node_joined(NodeId(1), "a".into(), resources(2, 64), String::new());
+    s.handle_submit(ClientId(9), RequestId(0), spec(1, 1, None, 100));
     let (job, slots, credit) = accepted(&drain(&mut s));
     assert_eq!((slots, credit), (2, 9));
     let mut outputs = Vec::new();
@@ -156,22 +161,22 @@ fn every_chunk_runs_once_and_the_job_finishes() {
     let mut pending = Vec::new();
     while outputs.len() < 10 {
         while credit > 0 && next < 10 {
-            s.handle_inputs(9, job, chunk(next)).unwrap();
+            s.handle_inputs(ClientId(9), job, chunk(next)).unwrap();
             next += 1;
             credit -= 1;
         }
         if next == 10 {
-            s.handle_inputs_done(9, job, 10).unwrap();
+            s.handle_inputs_done(ClientId(9), job, 10).unwrap();
         }
         let cmds = drain(&mut s);
         for c in &cmds {
             match c {
                 Command::ToClient {
-                    msg: Message::Output { output, .. },
+                    msg: CoordinatorToClient::Output { output, .. },
                     ..
                 } => outputs.push(output.chunk),
                 Command::ToClient {
-                    msg: Message::Credit { chunks, .. },
+                    msg: CoordinatorToClient::Credit { chunks, .. },
                     ..
                 } => credit += chunks,
                 _ => {}
@@ -179,7 +184,7 @@ fn every_chunk_runs_once_and_the_job_finishes() {
         }
         pending.extend(runs(&cmds));
         // No slot ever holds more than SLOT_DEPTH chunks.
-        for slot in 0..2 {
+        for slot in [SlotId(0), SlotId(1)] {
             assert!(pending.iter().filter(|p| p.1 == slot).count() <= SLOT_DEPTH);
         }
         if let Some((node, slot, c)) = (!pending.is_empty()).then(|| pending.remove(0)) {
@@ -187,91 +192,91 @@ fn every_chunk_runs_once_and_the_job_finishes() {
         }
     }
     outputs.sort();
-    assert_eq!(outputs, (0..10).collect::<Vec<_>>());
+    assert_eq!(outputs, (0..10).map(ChunkId).collect::<Vec<_>>());
     assert_eq!(s.job_count(), 0, "the job ended");
 }
 
 #[test]
 fn chunks_of_a_lost_node_run_again_elsewhere_and_its_late_results_are_dropped() {
     let mut s = Scheduler::new();
-    s.handle_node_joined(1, "a".into(), resources(1, 64), String::new());
-    s.handle_node_joined(2, "b".into(), resources(1, 64), String::new());
-    s.handle_submit(9, 0, spec(1, 1, None, 40));
+    s.handle_node_joined(NodeId(1), "a".into(), resources(1, 64), String::new());
+    s.handle_node_joined(NodeId(2), "b".into(), resources(1, 64), String::new());
+    s.handle_submit(ClientId(9), RequestId(0), spec(1, 1, None, 40));
     let (job, _, _) = accepted(&drain(&mut s));
     for i in 0..4 {
-        s.handle_inputs(9, job, chunk(i)).unwrap();
+        s.handle_inputs(ClientId(9), job, chunk(i)).unwrap();
     }
-    s.handle_inputs_done(9, job, 4).unwrap();
+    s.handle_inputs_done(ClientId(9), job, 4).unwrap();
     let first = runs(&drain(&mut s));
     assert_eq!(first.len(), 4);
-    let on_a: Vec<_> = first.iter().filter(|r| r.0 == 1).cloned().collect();
+    let on_a: Vec<_> = first.iter().filter(|r| r.0 == NodeId(1)).cloned().collect();
     assert_eq!(on_a.len(), 2);
 
-    s.handle_node_lost(1);
+    s.handle_node_lost(NodeId(1));
     // A result from the lost node that arrives late must not count.
-    s.handle_chunk_done(1, job, on_a[0].1, output(&on_a[0].2));
+    s.handle_chunk_done(NodeId(1), job, on_a[0].1, output(&on_a[0].2));
     let cmds = drain(&mut s);
     assert!(!cmds.iter().any(|c| matches!(
         c,
         Command::ToClient {
-            msg: Message::Output { .. },
+            msg: CoordinatorToClient::Output { .. },
             ..
         }
     )));
 
     let mut done = Vec::new();
-    let mut pending: Vec<_> = first.iter().filter(|r| r.0 == 2).cloned().collect();
+    let mut pending: Vec<_> = first.iter().filter(|r| r.0 == NodeId(2)).cloned().collect();
     while let Some((node, slot, c)) = pending.pop() {
-        assert_eq!(node, 2);
+        assert_eq!(node, NodeId(2));
         s.handle_chunk_done(node, job, slot, output(&c));
         for cmd in drain(&mut s) {
             match cmd {
                 Command::ToClient {
-                    msg: Message::Output { output, .. },
+                    msg: CoordinatorToClient::Output { output, .. },
                     ..
                 } => done.push(output.chunk),
                 Command::ToNode {
                     node,
-                    msg: Message::RunChunk { slot, chunk, .. },
+                    msg: CoordinatorToNode::RunChunk { slot, chunk, .. },
                 } => pending.push((node, slot, chunk)),
                 _ => {}
             }
         }
     }
     done.sort();
-    assert_eq!(done, vec![0, 1, 2, 3], "every chunk exactly once");
+    assert_eq!(done, [0, 1, 2, 3].map(ChunkId), "every chunk exactly once");
     assert_eq!(s.job_count(), 0);
 }
 
 #[test]
 fn inputs_beyond_the_credit_are_a_violation() {
     let mut s = Scheduler::new();
-    s.handle_node_joined(1, "a".into(), resources(1, 64), String::new());
-    s.handle_submit(9, 0, spec(1, 1, None, 100));
+    s.handle_node_joined(NodeId(1), "a".into(), resources(1, 64), String::new());
+    s.handle_submit(ClientId(9), RequestId(0), spec(1, 1, None, 100));
     let (job, _, credit) = accepted(&drain(&mut s));
     for i in 0..credit as u64 {
-        s.handle_inputs(9, job, chunk(i)).unwrap();
+        s.handle_inputs(ClientId(9), job, chunk(i)).unwrap();
     }
-    assert!(s.handle_inputs(9, job, chunk(99)).is_err());
+    assert!(s.handle_inputs(ClientId(9), job, chunk(99)).is_err());
     // Another client cannot feed or cancel the job.
-    assert!(s.handle_inputs(8, job, chunk(100)).is_ok());
-    s.handle_cancel(8, job);
+    assert!(s.handle_inputs(ClientId(8), job, chunk(100)).is_ok());
+    s.handle_cancel(ClientId(8), job);
     assert_eq!(s.job_count(), 1);
 }
 
 #[test]
 fn a_second_job_gets_its_fair_share_and_the_rest_when_the_first_ends() {
     let mut s = Scheduler::new();
-    s.handle_node_joined(1, "a".into(), resources(4, 64), String::new());
-    s.handle_submit(9, 0, spec(1, 1, None, 100));
+    s.handle_node_joined(NodeId(1), "a".into(), resources(4, 64), String::new());
+    s.handle_submit(ClientId(9), RequestId(0), spec(1, 1, None, 100));
     let (first, slots, credit) = accepted(&drain(&mut s));
     assert_eq!(slots, 4);
     // The first job is busy: every slot holds chunks.
     for i in 0..credit as u64 {
-        s.handle_inputs(9, first, chunk(i)).unwrap();
+        s.handle_inputs(ClientId(9), first, chunk(i)).unwrap();
     }
     let running = runs(&drain(&mut s));
-    s.handle_submit(8, 0, spec(1, 1, None, 100));
+    s.handle_submit(ClientId(8), RequestId(0), spec(1, 1, None, 100));
     let (second, slots, _) = accepted(&drain(&mut s));
     assert_eq!(slots, 0, "no free core yet: two of the first job's slots drain");
     // Draining slots finish what they hold, then stop and go to the second job.
@@ -283,7 +288,7 @@ fn a_second_job_gets_its_fair_share_and_the_rest_when_the_first_ends() {
         for cmd in drain(&mut s) {
             match cmd {
                 Command::ToNode {
-                    msg: Message::StopSlot { job, .. },
+                    msg: CoordinatorToNode::StopSlot { job, .. },
                     ..
                 } => {
                     assert_eq!(job, first);
@@ -291,7 +296,7 @@ fn a_second_job_gets_its_fair_share_and_the_rest_when_the_first_ends() {
                 }
                 Command::ToNode {
                     node,
-                    msg: Message::RunChunk { job, slot, chunk },
+                    msg: CoordinatorToNode::RunChunk { job, slot, chunk },
                 } if job == first => pending.push_back((node, slot, chunk)),
                 _ => {}
             }
@@ -299,11 +304,11 @@ fn a_second_job_gets_its_fair_share_and_the_rest_when_the_first_ends() {
     }
     assert_eq!(s.slots_of(first).get("a"), Some(&2), "the first job keeps its share");
     assert_eq!(s.slots_of(second).get("a"), Some(&2), "the second job has its share");
-    s.handle_client_lost(9);
+    s.handle_client_lost(ClientId(9));
     let cmds = drain(&mut s);
     assert!(cmds.contains(&Command::ToNode {
-        node: 1,
-        msg: Message::StopJob { job: first }
+        node: NodeId(1),
+        msg: CoordinatorToNode::StopJob { job: first }
     }));
     assert_eq!(
         s.slots_of(second).get("a"),
@@ -315,16 +320,16 @@ fn a_second_job_gets_its_fair_share_and_the_rest_when_the_first_ends() {
 #[test]
 fn a_failed_slot_fails_the_job_with_its_reason() {
     let mut s = Scheduler::new();
-    s.handle_node_joined(1, "a".into(), resources(1, 64), String::new());
-    s.handle_submit(9, 0, spec(1, 1, None, 10));
+    s.handle_node_joined(NodeId(1), "a".into(), resources(1, 64), String::new());
+    s.handle_submit(ClientId(9), RequestId(0), spec(1, 1, None, 10));
     let (job, _, _) = accepted(&drain(&mut s));
-    s.handle_slot_failed(2, job, 0, "not this node".into());
+    s.handle_slot_failed(NodeId(2), job, SlotId(0), "not this node".into());
     assert_eq!(s.job_count(), 1, "a node cannot fail another node's slot");
-    s.handle_slot_failed(1, job, 0, "worker died".into());
+    s.handle_slot_failed(NodeId(1), job, SlotId(0), "worker died".into());
     let cmds = drain(&mut s);
     assert!(cmds.contains(&Command::ToClient {
-        client: 9,
-        msg: Message::JobFailed {
+        client: ClientId(9),
+        msg: CoordinatorToClient::JobFailed {
             job,
             reason: "worker died".into()
         }
@@ -335,18 +340,19 @@ fn a_failed_slot_fails_the_job_with_its_reason() {
 #[test]
 fn status_shows_each_node_with_its_free_resources_and_isolation() {
     let mut s = Scheduler::new();
-    s.handle_node_joined(1, "a".into(), resources(4, 64), "cgroup v1".into());
-    s.handle_submit(9, 0, spec(1, 1, Some(3), 100));
+    s.handle_node_joined(NodeId(1), "a".into(), resources(4, 64), "cgroup v1".into());
+    s.handle_submit(ClientId(9), RequestId(0), spec(1, 1, Some(3), 100));
     drain(&mut s);
-    s.handle_status(8, 5);
+    s.handle_status(ClientId(8), RequestId(5));
     let cmds = drain(&mut s);
     let Some(Command::ToClient {
-        client: 8,
-        msg: Message::Status {
-            request: 5,
-            nodes,
-            jobs: 1,
-        },
+        client: ClientId(8),
+        msg:
+            CoordinatorToClient::Status {
+                request: RequestId(5),
+                nodes,
+                jobs: 1,
+            },
     }) = cmds.first()
     else {
         panic!("expected a status, got {cmds:?}");
@@ -359,33 +365,33 @@ fn status_shows_each_node_with_its_free_resources_and_isolation() {
 #[test]
 fn the_credit_window_shrinks_with_lost_slots() {
     let mut s = Scheduler::new();
-    s.handle_node_joined(1, "a".into(), resources(1, 64), String::new());
-    s.handle_node_joined(2, "b".into(), resources(1, 64), String::new());
-    s.handle_submit(9, 0, spec(1, 1, None, 100));
+    s.handle_node_joined(NodeId(1), "a".into(), resources(1, 64), String::new());
+    s.handle_node_joined(NodeId(2), "b".into(), resources(1, 64), String::new());
+    s.handle_submit(ClientId(9), RequestId(0), spec(1, 1, None, 100));
     let (job, slots, credit) = accepted(&drain(&mut s));
     assert_eq!((slots, credit), (2, 9));
     for i in 0..9 {
-        s.handle_inputs(9, job, chunk(i)).unwrap();
+        s.handle_inputs(ClientId(9), job, chunk(i)).unwrap();
     }
     let first = runs(&drain(&mut s));
-    s.handle_node_lost(1);
+    s.handle_node_lost(NodeId(1));
     drain(&mut s);
     // 9 chunks in the coordinator, a window of 6 now: the next three
     // completions are not credited back.
     let mut credited = 0;
-    let mut pending: Vec<_> = first.into_iter().filter(|r| r.0 == 2).collect();
+    let mut pending: Vec<_> = first.into_iter().filter(|r| r.0 == NodeId(2)).collect();
     for _ in 0..5 {
         let (node, slot, c) = pending.remove(0);
         s.handle_chunk_done(node, job, slot, output(&c));
         for cmd in drain(&mut s) {
             match cmd {
                 Command::ToClient {
-                    msg: Message::Credit { chunks, .. },
+                    msg: CoordinatorToClient::Credit { chunks, .. },
                     ..
                 } => credited += chunks,
                 Command::ToNode {
                     node,
-                    msg: Message::RunChunk { slot, chunk, .. },
+                    msg: CoordinatorToNode::RunChunk { slot, chunk, .. },
                 } => pending.push((node, slot, chunk)),
                 _ => {}
             }
@@ -400,10 +406,77 @@ fn the_credit_window_shrinks_with_lost_slots() {
 #[test]
 fn chunks_out_of_sequence_are_a_violation() {
     let mut s = Scheduler::new();
-    s.handle_node_joined(1, "a".into(), resources(1, 64), String::new());
-    s.handle_submit(9, 0, spec(1, 1, None, 100));
+    s.handle_node_joined(NodeId(1), "a".into(), resources(1, 64), String::new());
+    s.handle_submit(ClientId(9), RequestId(0), spec(1, 1, None, 100));
     let (job, _, _) = accepted(&drain(&mut s));
-    s.handle_inputs(9, job, chunk(0)).unwrap();
-    let err = s.handle_inputs(9, job, chunk(0)).unwrap_err();
+    s.handle_inputs(ClientId(9), job, chunk(0)).unwrap();
+    let err = s.handle_inputs(ClientId(9), job, chunk(0)).unwrap_err();
     assert!(err.0.contains("chunk 0 arrived where chunk 1 was due"), "{}", err.0);
+}
+
+/// A state built by hand, without events, for the fair-share plan: nodes as
+/// (id, cores), each with 64 GiB, and jobs (ids from 0) as (cores per call,
+/// slots as (node, whether the slot holds a chunk)). Every job wants more
+/// slots.
+fn hand_built(nodes: &[(u64, u32)], jobs: &[(u32, &[(u64, bool)])]) -> Scheduler {
+    let mut s = Scheduler::new();
+    for &(id, cores) in nodes {
+        let node = Node::new(format!("n{id}"), resources(cores, 64), String::new());
+        s.nodes.insert(NodeId(id), node);
+    }
+    for (i, &(cores, slots)) in jobs.iter().enumerate() {
+        let id = JobId(i as u64);
+        s.jobs.insert(id, Job::new(ClientId(9), spec(cores, 1, None, 1000)));
+        for &(node, busy) in slots {
+            let slot = s.place_slot(id, NodeId(node));
+            if busy {
+                let job = s.jobs.get_mut(&id).expect("inserted above");
+                job.slots.get_mut(&slot).expect("placed above").chunks.push(ChunkId(0));
+            }
+        }
+    }
+    s
+}
+
+fn reclaim(for_job: u64, node: u64, drain: &[(u64, u32)]) -> Reclaim {
+    Reclaim {
+        for_job: JobId(for_job),
+        node: NodeId(node),
+        drain: drain.iter().map(|&(job, slot)| (JobId(job), SlotId(slot))).collect(),
+    }
+}
+
+#[test]
+fn the_fair_share_plan_makes_room_for_each_job_below_its_share() {
+    // Job 0 fills both 4-core nodes (slots 0-3 on node 1, 4-7 on node 2);
+    // jobs 1 and 2 have nothing. A share is 8 / 3 = 2 cores, so each of them
+    // gets one core's room on node 1, where job 0's first slots are.
+    let job_0 =
+        |busy: &[u32]| -> Vec<(u64, bool)> { (0..8).map(|slot| (1 + slot as u64 / 4, busy.contains(&slot))).collect() };
+    let s = hand_built(&[(1, 4), (2, 4)], &[(1, &job_0(&[0, 1])), (1, &[]), (1, &[])]);
+    assert_eq!(
+        plan_reclaims(&s.jobs, &s.nodes),
+        [reclaim(1, 1, &[(0, 0)]), reclaim(2, 1, &[(0, 1)])],
+        "slot 0 is busy, so it frees no room yet and job 2 drains slot 1 rather than count on it again"
+    );
+
+    // The same with job 0's slot 0 idle: it stops at once, and that free
+    // core is what job 2 finds, so nothing more is drained for it (the
+    // growth that follows gives the core to job 1, the older of the two).
+    let s = hand_built(&[(1, 4), (2, 4)], &[(1, &job_0(&[1])), (1, &[]), (1, &[])]);
+    assert_eq!(plan_reclaims(&s.jobs, &s.nodes), [reclaim(1, 1, &[(0, 0)])]);
+}
+
+#[test]
+fn the_fair_share_plan_drains_no_job_below_its_share() {
+    // Six cores, three jobs: a share is 2 cores. Jobs 0 and 1 hold 3 each;
+    // job 2 wants a 2-core call. Job 0 can give one core on node 1 and stay
+    // at its share, not two, so job 1 gives the other.
+    let three: &[(u64, bool)] = &[(1, true), (1, true), (2, true)];
+    let s = hand_built(&[(1, 4), (2, 2)], &[(1, three), (1, three), (2, &[])]);
+    assert_eq!(plan_reclaims(&s.jobs, &s.nodes), [reclaim(2, 1, &[(0, 0), (1, 0)])]);
+
+    // With a single job there is no one to share with.
+    let s = hand_built(&[(1, 2)], &[(1, &[(1, true), (1, true)])]);
+    assert_eq!(plan_reclaims(&s.jobs, &s.nodes), []);
 }

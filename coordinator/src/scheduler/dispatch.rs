@@ -1,0 +1,93 @@
+//! Dispatch: chunks of inputs to slots, and credit to clients.
+//!
+//! **Pull with a window.** Each slot holds at most [`SLOT_DEPTH`] chunks (one
+//! running, the next already at the node), and a chunk is sent to a slot
+//! only when it has room. The client may have at most `window` chunks in the
+//! coordinator at once; it gets one credit back per finished chunk, so the
+//! coordinator's memory is bounded by the window, not by the number of
+//! inputs. The window grows by [`PER_SLOT_WINDOW`] with every slot placed
+//! and shrinks with every slot lost or given back, never below one slot's
+//! worth.
+
+use fleetmap_protocol::{CoordinatorToClient, CoordinatorToNode, JobId, SlotId};
+
+use super::{Command, Job, Scheduler};
+
+/// Chunks a slot may hold at once: one running and one waiting at the node,
+/// so a worker never idles for a round trip between chunks.
+pub const SLOT_DEPTH: usize = 2;
+
+/// Chunks of window each slot adds: a full pipeline in the slot plus one
+/// queued at the coordinator, so no slot waits on the client.
+pub(super) const PER_SLOT_WINDOW: u32 = SLOT_DEPTH as u32 + 1;
+
+impl Job {
+    /// Grants the client what fits in the window: returns the new credit.
+    pub(super) fn top_up(&mut self) -> u32 {
+        let room = self.window.saturating_sub(self.in_system + self.credit_out);
+        self.credit_out += room;
+        room
+    }
+
+    /// Takes the window's share of `slots` slots that are gone. Credit
+    /// already granted stays valid; completions are not credited back until
+    /// the client is inside the window again.
+    pub(super) fn shrink_window(&mut self, slots: u32) {
+        self.window = self.window.saturating_sub(slots * PER_SLOT_WINDOW).max(PER_SLOT_WINDOW);
+    }
+}
+
+impl Scheduler {
+    /// Opens job `id`'s pipeline to slots just placed: widens its window,
+    /// credits the client what now fits (once it knows of the job) and
+    /// offers each slot [`SLOT_DEPTH`] places, every new slot getting its
+    /// first chunk before any gets its second.
+    pub(super) fn open_slots(&mut self, id: JobId, slots: &[SlotId]) {
+        let job = self.jobs.get_mut(&id).expect("slots were just placed for this job");
+        job.window += slots.len() as u32 * PER_SLOT_WINDOW;
+        let added = if job.announced { job.top_up() } else { 0 };
+        if added > 0 {
+            let msg = CoordinatorToClient::Credit { job: id, chunks: added };
+            self.out.push_back(Command::ToClient {
+                client: job.client,
+                msg,
+            });
+        }
+        for _ in 0..SLOT_DEPTH {
+            job.ready.extend(slots.iter().copied());
+        }
+    }
+
+    pub(super) fn dispatch_all(&mut self) {
+        let ids: Vec<JobId> = self.jobs.keys().copied().collect();
+        for id in ids {
+            self.dispatch(id);
+        }
+    }
+
+    /// Sends job `id`'s queued chunks to its slots with room, in the order
+    /// the slots freed up.
+    pub(super) fn dispatch(&mut self, id: JobId) {
+        let Some(job) = self.jobs.get_mut(&id) else {
+            return;
+        };
+        while !job.queue.is_empty() {
+            let Some(slot) = job.ready.pop_front() else {
+                break;
+            };
+            let Some(s) = job.slots.get_mut(&slot) else {
+                continue; // A slot of a lost node, or one given back.
+            };
+            if s.chunks.len() >= SLOT_DEPTH || s.draining {
+                continue;
+            }
+            let chunk = job.queue.pop_front().expect("queue checked non-empty");
+            s.chunks.push(chunk.chunk);
+            job.in_flight.insert(chunk.chunk, (slot, chunk.clone()));
+            self.out.push_back(Command::ToNode {
+                node: s.node,
+                msg: CoordinatorToNode::RunChunk { job: id, slot, chunk },
+            });
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! Recovery: what the scheduler does when a node, a slot or a job goes away,
+//! so that no input is lost or run twice and no resource stays booked.
+//!
+//! - A lost node's slots are gone: the chunks they held go back to the front
+//!   of their job's queue, in chunk order, to run elsewhere, and the job's
+//!   window shrinks with the slots. A result the node sent before it was lost
+//!   no longer matches a slot of that node and is dropped
+//!   (`Scheduler::handle_chunk_done`).
+//! - A job without slots that no remaining node can host fails, naming the
+//!   lost node, rather than wait forever.
+//! - A job that ends (finished, failed, cancelled, or its client gone) has
+//!   its workers stopped on every node it ran on and its resources returned
+//!   to them. A slot given back for fair share returns its room once the
+//!   chunks it holds are done.
+
+use std::collections::BTreeSet;
+
+use fleetmap_protocol::{CoordinatorToClient, CoordinatorToNode, JobId, NodeId, SlotId};
+
+use super::{Command, Scheduler};
+
+impl Scheduler {
+    /// Removes every slot on `node`, which is gone, and puts the chunks they
+    /// held back at the front of their job's queue, in chunk order.
+    pub(super) fn requeue_chunks_of_lost_node(&mut self, node: NodeId) {
+        for job in self.jobs.values_mut() {
+            let gone: Vec<SlotId> = job
+                .slots
+                .iter()
+                .filter(|(_, s)| s.node == node)
+                .map(|(&k, _)| k)
+                .collect();
+            if gone.is_empty() {
+                continue;
+            }
+            let mut requeue = Vec::new();
+            job.shrink_window(gone.len() as u32);
+            for slot in gone {
+                let s = job.slots.remove(&slot).expect("slot id listed above");
+                if !s.draining {
+                    job.active_slots -= 1;
+                }
+                for chunk in s.chunks {
+                    if let Some((_, c)) = job.in_flight.remove(&chunk) {
+                        requeue.push(c);
+                    }
+                }
+            }
+            requeue.sort_by_key(|c| c.chunk);
+            for c in requeue.into_iter().rev() {
+                job.queue.push_front(c);
+            }
+        }
+    }
+
+    /// Fails the jobs without slots that no remaining node can host: they
+    /// would wait forever, whether they lost their slots with node `lost` or
+    /// were waiting for room.
+    pub(super) fn fail_stranded_jobs(&mut self, lost: &str) {
+        let stranded: Vec<JobId> = self
+            .jobs
+            .iter()
+            .filter(|(_, j)| j.slots.is_empty() && !self.nodes.values().any(|n| n.can_ever_host(&j.spec.call)))
+            .map(|(&k, _)| k)
+            .collect();
+        for id in stranded {
+            let reason = format!(
+                "node {lost} was lost and no remaining node can host a call of this job; \
+                 its unfinished inputs were not run. Add a node and run the job again"
+            );
+            self.fail_job(id, reason);
+        }
+    }
+
+    pub(super) fn fail_job(&mut self, id: JobId, reason: String) {
+        if let Some(client) = self.client_of(id) {
+            self.stop_job(id);
+            self.send_to_client(client, CoordinatorToClient::JobFailed { job: id, reason });
+        }
+    }
+
+    /// Ends a job: its nodes stop its workers and its resources go to
+    /// waiting jobs.
+    pub(super) fn stop_job(&mut self, id: JobId) {
+        self.end_job(id);
+        self.grow_jobs();
+    }
+
+    /// Ends a job without handing its resources to other jobs yet.
+    pub(super) fn end_job(&mut self, id: JobId) {
+        let Some(job) = self.jobs.remove(&id) else {
+            return;
+        };
+        let mut nodes = BTreeSet::new();
+        for slot in job.slots.values() {
+            if let Some(n) = self.nodes.get_mut(&slot.node) {
+                n.free.give_back(&job.spec.call);
+            }
+            nodes.insert(slot.node);
+        }
+        for node in nodes {
+            self.out.push_back(Command::ToNode {
+                node,
+                msg: CoordinatorToNode::StopJob { job: id },
+            });
+        }
+    }
+
+    /// Stops a drained slot and gives its resources back to its node.
+    pub(super) fn release_slot(&mut self, id: JobId, slot: SlotId) {
+        let Some(job) = self.jobs.get_mut(&id) else {
+            return;
+        };
+        let Some(s) = job.slots.remove(&slot) else {
+            return;
+        };
+        job.shrink_window(1);
+        if let Some(n) = self.nodes.get_mut(&s.node) {
+            n.free.give_back(&job.spec.call);
+        }
+        self.out.push_back(Command::ToNode {
+            node: s.node,
+            msg: CoordinatorToNode::StopSlot { job: id, slot },
+        });
+    }
+}
