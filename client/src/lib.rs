@@ -24,7 +24,7 @@ use std::{
 use fleetmap_net::{Receiver, Session, SessionError};
 use fleetmap_protocol::{
     ClientToCoordinator, CoordinatorToClient, Hello, InputChunk, JobId, JobSpec, LogLine, NodeStatus, OutputChunk,
-    RequestId, Role, DEFAULT_MAX_FRAME, SOFTWARE_VERSION,
+    RequestId, Role, DEFAULT_MAX_MESSAGE, SOFTWARE_VERSION,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -121,7 +121,7 @@ impl Client {
             software_version: SOFTWARE_VERSION.into(),
         };
         let session: Session<ClientToCoordinator, CoordinatorToClient> =
-            fleetmap_net::dial(addr, ca_pem, &hello, DEFAULT_MAX_FRAME, CONNECT_TIMEOUT).await?;
+            fleetmap_net::dial(addr, ca_pem, &hello, DEFAULT_MAX_MESSAGE, CONNECT_TIMEOUT).await?;
         let routes: Routes = Default::default();
         tokio::spawn(read_loop(session.rx, routes.clone()));
         Ok(Client {

@@ -9,8 +9,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use subtle::ConstantTimeEq;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose, SanType};
+use subtle::ConstantTimeEq;
 
 /// Why credentials could not be made or read.
 #[derive(Debug, thiserror::Error)]

@@ -16,7 +16,7 @@ use std::{
 use fleetmap_net::{accept_hello, CloseCode, NetError, Receiver, SessionError};
 use fleetmap_protocol::{
     ClientId, ClientToCoordinator, CoordinatorToClient, CoordinatorToNode, NodeId, NodeToCoordinator, Role,
-    DEFAULT_MAX_FRAME, SOFTWARE_VERSION,
+    DEFAULT_MAX_MESSAGE, SOFTWARE_VERSION,
 };
 use tokio::{sync::mpsc, task::JoinHandle};
 use tracing::{debug, info, warn};
@@ -34,7 +34,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct CoordinatorConfig {
     pub listen: SocketAddr,
     pub credentials: Credentials,
-    pub max_frame: usize,
+    pub max_message: usize,
 }
 
 impl CoordinatorConfig {
@@ -42,7 +42,7 @@ impl CoordinatorConfig {
         Self {
             listen,
             credentials,
-            max_frame: DEFAULT_MAX_FRAME,
+            max_message: DEFAULT_MAX_MESSAGE,
         }
     }
 }
@@ -79,7 +79,7 @@ impl Core {
 struct Shared {
     core: Mutex<Core>,
     credentials: Credentials,
-    max_frame: usize,
+    max_message: usize,
 }
 
 impl Shared {
@@ -151,7 +151,7 @@ pub async fn serve(config: CoordinatorConfig) -> Result<RunningCoordinator, NetE
             next_client: ClientId(0),
         }),
         credentials: config.credentials,
-        max_frame: config.max_frame,
+        max_message: config.max_message,
     });
     let accept = tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
     info!("coordinator listening on {local_addr}");
@@ -226,7 +226,7 @@ async fn serve_peer(conn: &quinn::Connection, shared: &Shared) -> Result<(), Ses
             isolation,
             ..
         } => {
-            let (tx, mut rx, writer) = handshake.welcome(SOFTWARE_VERSION, shared.max_frame).await?;
+            let (tx, mut rx, writer) = handshake.welcome(SOFTWARE_VERSION, shared.max_message).await?;
             let node = {
                 let mut core = shared.lock();
                 core.next_node = NodeId(core.next_node.0 + 1);
@@ -252,7 +252,7 @@ async fn serve_peer(conn: &quinn::Connection, shared: &Shared) -> Result<(), Ses
             r
         }
         Role::Client { .. } => {
-            let (tx, mut rx, writer) = handshake.welcome(SOFTWARE_VERSION, shared.max_frame).await?;
+            let (tx, mut rx, writer) = handshake.welcome(SOFTWARE_VERSION, shared.max_message).await?;
             let client = {
                 let mut core = shared.lock();
                 core.next_client = ClientId(core.next_client.0 + 1);

@@ -181,17 +181,17 @@ pub struct FramedReader<R> {
 }
 
 impl<R: AsyncRead + Unpin> FramedReader<R> {
-    pub fn new(inner: R, max_frame: usize) -> Self {
+    pub fn new(inner: R, max_message: usize) -> Self {
         Self {
             inner,
-            decoder: FrameDecoder::new(max_frame),
+            decoder: FrameDecoder::new(max_message),
             buf: vec![0; 256 << 10].into_boxed_slice(),
         }
     }
 
-    /// Changes the frame limit (see [`FrameDecoder::set_max_frame`]).
-    pub fn set_max_frame(&mut self, max: usize) {
-        self.decoder.set_max_frame(max);
+    /// Changes the frame limit (see [`FrameDecoder::set_max_message`]).
+    pub fn set_max_message(&mut self, max: usize) {
+        self.decoder.set_max_message(max);
     }
 
     /// The next message; `Ok(None)` when the peer finished the stream cleanly.
@@ -216,7 +216,7 @@ impl<R: AsyncRead + Unpin> FramedReader<R> {
 pub async fn write_frames<W, T>(
     mut out: W,
     mut rx: mpsc::UnboundedReceiver<T>,
-    max_frame: usize,
+    max_message: usize,
 ) -> Result<(), NetError>
 where
     W: AsyncWrite + Unpin,
@@ -226,10 +226,10 @@ where
     let mut buf = Vec::with_capacity(64 << 10);
     while let Some(msg) = rx.recv().await {
         buf.clear();
-        encode_frame(&msg, max_frame, &mut buf)?;
+        encode_frame(&msg, max_message, &mut buf)?;
         while buf.len() < COALESCE {
             match rx.try_recv() {
-                Ok(msg) => encode_frame(&msg, max_frame, &mut buf)?,
+                Ok(msg) => encode_frame(&msg, max_message, &mut buf)?,
                 Err(_) => break,
             }
         }
@@ -241,7 +241,7 @@ where
 
 #[cfg(test)]
 mod tests {
-    use fleetmap_protocol::{ClientToCoordinator as Message, JobId, DEFAULT_MAX_FRAME};
+    use fleetmap_protocol::{ClientToCoordinator as Message, JobId, DEFAULT_MAX_MESSAGE};
 
     use super::*;
 
@@ -249,12 +249,12 @@ mod tests {
     async fn frames_cross_a_byte_stream() {
         let (a, b) = tokio::io::duplex(64);
         let (tx, rx) = mpsc::unbounded_channel();
-        let writer = tokio::spawn(write_frames(a, rx, DEFAULT_MAX_FRAME));
+        let writer = tokio::spawn(write_frames(a, rx, DEFAULT_MAX_MESSAGE));
         for job in 0..100 {
             tx.send(Message::CancelJob { job: JobId(job) }).unwrap();
         }
         drop(tx);
-        let mut reader = FramedReader::new(b, DEFAULT_MAX_FRAME);
+        let mut reader = FramedReader::new(b, DEFAULT_MAX_MESSAGE);
         for job in 0..100 {
             assert_eq!(
                 reader.recv::<Message>().await.unwrap(),
@@ -270,7 +270,7 @@ mod tests {
         let (mut a, b) = tokio::io::duplex(64);
         a.write_all(&[10, 0, 0, 0, 1]).await.unwrap();
         drop(a);
-        let mut reader = FramedReader::new(b, DEFAULT_MAX_FRAME);
+        let mut reader = FramedReader::new(b, DEFAULT_MAX_MESSAGE);
         assert!(matches!(
             reader.recv::<Message>().await,
             Err(NetError::Decode(DecodeError::Truncated { left: 5 }))

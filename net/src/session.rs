@@ -7,13 +7,13 @@
 //! A connection carries one bidirectional stream, opened by the dialler.
 //! The dialler writes a [`Hello`]; the coordinator answers with a
 //! [`HelloReply`]. Until then frames are limited to
-//! [`HANDSHAKE_MAX_FRAME`]: an unauthenticated peer cannot make the
+//! [`HANDSHAKE_MAX_MESSAGE`]: an unauthenticated peer cannot make the
 //! coordinator buffer megabytes. After the handshake each side sends its
 //! direction's message type (`Up`) and reads the other's (`Down`).
 
 use std::{marker::PhantomData, net::SocketAddr, time::Duration};
 
-use fleetmap_protocol::{encode_frame, Hello, HelloReply, HANDSHAKE_MAX_FRAME};
+use fleetmap_protocol::{encode_frame, Hello, HelloReply, HANDSHAKE_MAX_MESSAGE};
 use serde::{de::DeserializeOwned, Serialize};
 use tokio::{sync::mpsc, task::JoinHandle};
 
@@ -162,14 +162,14 @@ pub async fn dial<Up, Down>(
     addr: &str,
     ca_pem: &[u8],
     hello: &Hello,
-    max_frame: usize,
+    max_message: usize,
     timeout: Duration,
 ) -> Result<Session<Up, Down>, SessionError>
 where
     Up: Serialize + Send + 'static,
     Down: DeserializeOwned,
 {
-    match tokio::time::timeout(timeout, dial_inner(addr, ca_pem, hello, max_frame)).await {
+    match tokio::time::timeout(timeout, dial_inner(addr, ca_pem, hello, max_message)).await {
         Ok(r) => r,
         Err(_) => Err(SessionError::Unreachable {
             addr: addr.into(),
@@ -182,7 +182,7 @@ async fn dial_inner<Up, Down>(
     addr: &str,
     ca_pem: &[u8],
     hello: &Hello,
-    max_frame: usize,
+    max_message: usize,
 ) -> Result<Session<Up, Down>, SessionError>
 where
     Up: Serialize + Send + 'static,
@@ -211,14 +211,14 @@ where
         .await
         .map_err(|e| SessionError::from_connection(addr, &e))?;
     let mut frame = Vec::new();
-    encode_frame(hello, HANDSHAKE_MAX_FRAME, &mut frame)
+    encode_frame(hello, HANDSHAKE_MAX_MESSAGE, &mut frame)
         .map_err(|e| SessionError::Protocol(format!("cannot say Hello: {e}")))?;
     let lost = |conn: &quinn::Connection, e: String| match conn.close_reason() {
         Some(closed) => SessionError::from_connection(addr, &closed),
         None => unreachable(e),
     };
     send.write_all(&frame).await.map_err(|e| lost(&conn, e.to_string()))?;
-    let mut reader = FramedReader::new(recv, HANDSHAKE_MAX_FRAME);
+    let mut reader = FramedReader::new(recv, HANDSHAKE_MAX_MESSAGE);
     let coordinator_version = match reader.recv::<HelloReply>().await {
         Ok(Some(HelloReply::Welcome { coordinator_version })) => coordinator_version,
         Ok(Some(HelloReply::Refused { reason })) => return Err(SessionError::Refused(reason)),
@@ -231,9 +231,9 @@ where
         // A refusal may arrive as the connection's close reason instead.
         Err(e) => return Err(lost(&conn, e.to_string())),
     };
-    reader.set_max_frame(max_frame);
+    reader.set_max_message(max_message);
     let (tx, rx) = mpsc::unbounded_channel();
-    let writer = tokio::spawn(write_frames(send, rx, max_frame));
+    let writer = tokio::spawn(write_frames(send, rx, max_message));
     Ok(Session {
         rx: Receiver {
             reader,
@@ -261,7 +261,7 @@ pub struct Handshake {
 
 /// Waits up to `timeout` for the peer on `conn` to open its stream and say
 /// `Hello`; `Ok(None)` if it closed its stream without a word. Nothing the
-/// peer sends before its `Hello` can exceed [`HANDSHAKE_MAX_FRAME`].
+/// peer sends before its `Hello` can exceed [`HANDSHAKE_MAX_MESSAGE`].
 pub async fn accept_hello(conn: &quinn::Connection, timeout: Duration) -> Result<Option<Handshake>, SessionError> {
     let remote = conn.remote_address();
     let peer = remote.to_string();
@@ -270,7 +270,7 @@ pub async fn accept_hello(conn: &quinn::Connection, timeout: Duration) -> Result
             .accept_bi()
             .await
             .map_err(|e| SessionError::from_connection(&peer, &e))?;
-        let mut reader = FramedReader::new(recv, HANDSHAKE_MAX_FRAME);
+        let mut reader = FramedReader::new(recv, HANDSHAKE_MAX_MESSAGE);
         let hello = reader.recv::<Hello>().await.map_err(|e| match e {
             NetError::Decode(e) => SessionError::Protocol(format!("bad Hello: {e}")),
             other => SessionError::Lost(other.to_string()),
@@ -294,7 +294,7 @@ impl Handshake {
     pub async fn refuse(mut self, reason: &str) {
         let mut frame = Vec::new();
         let refused = HelloReply::Refused { reason: reason.into() };
-        if encode_frame(&refused, HANDSHAKE_MAX_FRAME, &mut frame).is_ok() {
+        if encode_frame(&refused, HANDSHAKE_MAX_MESSAGE, &mut frame).is_ok() {
             // Let the answer reach the peer before the close overtakes it; a
             // peer that does not read gets only the close.
             let send = async {
@@ -308,11 +308,11 @@ impl Handshake {
     }
 
     /// Welcomes the peer and opens its session: messages of type `Up` to it,
-    /// of type `Down` from it, frames up to `max_frame`.
+    /// of type `Down` from it, frames up to `max_message`.
     pub async fn welcome<Up, Down>(
         mut self,
         coordinator_version: &str,
-        max_frame: usize,
+        max_message: usize,
     ) -> Result<
         (
             mpsc::UnboundedSender<Up>,
@@ -329,15 +329,15 @@ impl Handshake {
         let welcome = HelloReply::Welcome {
             coordinator_version: coordinator_version.into(),
         };
-        encode_frame(&welcome, HANDSHAKE_MAX_FRAME, &mut frame)
+        encode_frame(&welcome, HANDSHAKE_MAX_MESSAGE, &mut frame)
             .map_err(|e| SessionError::Protocol(format!("cannot say Welcome: {e}")))?;
         self.send
             .write_all(&frame)
             .await
             .map_err(|e| SessionError::Lost(e.to_string()))?;
-        self.reader.set_max_frame(max_frame);
+        self.reader.set_max_message(max_message);
         let (tx, rx) = mpsc::unbounded_channel();
-        let writer = tokio::spawn(write_frames(self.send, rx, max_frame));
+        let writer = tokio::spawn(write_frames(self.send, rx, max_message));
         let receiver = Receiver {
             reader: self.reader,
             conn: self.conn,

@@ -19,7 +19,7 @@ use std::{collections::HashMap, net::SocketAddr, path::Path, sync::Arc, time::Du
 
 use fleetmap_net::{CloseCode, NetError, Session, SessionError};
 use fleetmap_protocol::{
-    CoordinatorToNode, Gpu, Hello, InputChunk, JobId, NodeToCoordinator, Resources, Role, SlotId, DEFAULT_MAX_FRAME,
+    CoordinatorToNode, Gpu, Hello, InputChunk, JobId, NodeToCoordinator, Resources, Role, SlotId, DEFAULT_MAX_MESSAGE,
     SOFTWARE_VERSION,
 };
 use fleetmap_sandbox::cgroup::CgroupTree;
@@ -42,7 +42,7 @@ pub struct NodeConfig {
     /// The Python interpreter for jobs whose caller's interpreter does not
     /// exist on this node.
     pub python: String,
-    pub max_frame: usize,
+    pub max_message: usize,
     pub isolation: Isolation,
     /// The most processes a slot may have (`pids.max`).
     pub pids_per_slot: u64,
@@ -77,7 +77,7 @@ impl NodeConfig {
             name: default_name(),
             resources: detect_resources(),
             python: "python3".into(),
-            max_frame: DEFAULT_MAX_FRAME,
+            max_message: DEFAULT_MAX_MESSAGE,
             isolation: Isolation::Cgroups {
                 mount: "/sys/fs/cgroup".into(),
                 subtree: None,
@@ -345,7 +345,7 @@ async fn session(
         &config.coordinator,
         &config.ca_pem,
         &hello,
-        config.max_frame,
+        config.max_message,
         JOIN_TIMEOUT,
     )
     .await?;

@@ -228,8 +228,8 @@ impl WorkerProcess {
         let (to_worker, rx) = mpsc::unbounded_channel();
         let mut worker = WorkerProcess {
             pid: process.pid,
-            reader: FramedReader::new(rd, ctx.config.max_frame),
-            writer: tokio::spawn(write_frames(wr, rx, ctx.config.max_frame)),
+            reader: FramedReader::new(rd, ctx.config.max_message),
+            writer: tokio::spawn(write_frames(wr, rx, ctx.config.max_message)),
             to_worker,
             stdout,
             stderr,
@@ -244,7 +244,7 @@ impl WorkerProcess {
                 caller_python: version.clone(),
                 memory_limit_bytes: ctx.spec.call.memory_bytes,
                 // Room for the envelope around the pickled outputs.
-                max_output_bytes: ctx.config.max_frame.saturating_sub(64 << 10) as u64,
+                max_output_bytes: ctx.config.max_message.saturating_sub(64 << 10) as u64,
             },
         });
         loop {

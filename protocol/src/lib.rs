@@ -13,8 +13,9 @@
 //! connection to the coordinator opens with a [`Hello`] answered by a
 //! [`HelloReply`].
 //!
-//! A frame is `u32 length (LE) | u16 protocol version (LE) | postcard body`,
-//! where `length` counts the version and the body. Everything that arrives
+//! A message is postcard-encoded and travels in one or more frames of
+//! `u32 length (LE) | u16 protocol version (LE) | u8 flags | piece`,
+//! where `length` counts what follows it. Everything that arrives
 //! from a peer "could represent an attacker": a frame that is too large, too
 //! short, of an unknown version or that does not decode is a [`DecodeError`]
 //! with a message, never a panic. The decoder checks the length before it
@@ -24,7 +25,7 @@ mod codec;
 mod ids;
 pub mod worker;
 
-pub use codec::{encode_frame, DecodeError, EncodeError, FrameDecoder};
+pub use codec::{encode_frame, DecodeError, EncodeError, FrameDecoder, FRAGMENT_BYTES};
 pub use ids::{ChunkId, ClientId, InputIndex, JobId, NodeId, RequestId, SlotId};
 use serde::{Deserialize, Serialize};
 
@@ -34,13 +35,14 @@ use serde::{Deserialize, Serialize};
 /// Version 2: messages split per direction, postcard encoding.
 pub const PROTOCOL_VERSION: u16 = 2;
 
-/// The largest frame accepted by default (64 MiB): a chunk of inputs or
-/// outputs, or a pickled function, must fit in one frame.
-pub const DEFAULT_MAX_FRAME: usize = 64 << 20;
+/// The largest message accepted by default (1 GiB): a chunk of inputs or
+/// outputs, or a pickled function, must fit in one message. Messages larger
+/// than a frame travel in pieces (see [`FRAGMENT_BYTES`]).
+pub const DEFAULT_MAX_MESSAGE: usize = 1 << 30;
 
-/// The largest frame accepted before a peer has authenticated: a `Hello`
+/// The largest message accepted before a peer has authenticated: a `Hello`
 /// holds a name, a secret and a node's inventory, never megabytes.
-pub const HANDSHAKE_MAX_FRAME: usize = 64 << 10;
+pub const HANDSHAKE_MAX_MESSAGE: usize = 64 << 10;
 
 /// The software version, sent in the handshake so that mismatches are named.
 pub const SOFTWARE_VERSION: &str = env!("CARGO_PKG_VERSION");

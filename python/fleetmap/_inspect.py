@@ -10,7 +10,7 @@ first object that fails on its own, by its path.
 from __future__ import annotations
 
 import types
-from typing import Any, Iterator, Optional, Tuple
+from typing import Any, Iterator, List, Optional, Tuple
 
 _MAX_DEPTH = 8
 _MAX_CHILDREN = 10_000
@@ -93,3 +93,37 @@ def describe_unpicklable(obj: Any, path: str) -> str:
         return f"{path} could not be pickled"
     where, culprit, error = found
     return f"{where} is a {type(culprit).__name__}, which cannot be pickled ({error}); {hint(culprit)}"
+
+
+def largest_parts(obj: Any, path: str, top: int = 3) -> List[Tuple[str, int]]:
+    """The ``top`` largest direct parts of ``obj`` (a function's closure
+    variables, globals and defaults; a container's items) by pickled size,
+    largest first, as ``(path, bytes)``."""
+    import cloudpickle
+
+    sizes: List[Tuple[str, int]] = []
+    for i, (child_path, child) in enumerate(_children(obj, path)):
+        if i >= _MAX_CHILDREN:
+            break
+        try:
+            sizes.append((child_path, len(cloudpickle.dumps(child))))
+        except Exception:  # noqa: BLE001 - an unpicklable part is reported elsewhere
+            continue
+    sizes.sort(key=lambda s: -s[1])
+    return sizes[:top]
+
+
+def describe_size(obj: Any, path: str, size: int, limit: int) -> str:
+    """A sentence saying ``obj`` pickles to ``size`` bytes, over ``limit``,
+    naming its largest parts and what to do."""
+    parts = largest_parts(obj, path)
+    named = "; ".join(f"{where}: {_mib(n)}" for where, n in parts)
+    biggest = f" Its largest parts: {named}." if named else ""
+    return (
+        f"{path} pickles to {_mib(size)}, over the limit of {_mib(limit)} per value.{biggest} "
+        "Load large data inside the function (from a file or a URL) instead of capturing it"
+    )
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"

@@ -17,13 +17,14 @@ from typing import Any, Callable, Generator, Iterable, Iterator, List, Optional,
 
 from . import _fleet, _native
 from ._errors import CoordinatorUnreachable, InputError, JobFailed, UnsupportedOption
-from ._inspect import describe_unpicklable
+from ._inspect import describe_size, describe_unpicklable
 from ._progress import Progress
 
 #: Largest pickled chunk of inputs the client aims for; chunks shrink to fit.
 _TARGET_CHUNK_BYTES = 1 << 20
-#: Largest pickled input or function (the frame limit less headroom).
-MAX_PAYLOAD_BYTES = (64 << 20) - (64 << 10)
+#: Largest pickled input or function (the protocol's message limit, 1 GiB,
+#: less headroom for the envelope).
+MAX_PAYLOAD_BYTES = (1 << 30) - (64 << 10)
 
 _MAX_CPU, _MAX_RAM, _MAX_GPU, _MAX_SLOTS = 96, 624, 4, 4000
 
@@ -222,9 +223,10 @@ def _pickle_function(function_: Callable[[Any], Any]) -> bytes:
             + describe_unpicklable(function_, "function_")
         ) from exc
     if len(blob) > MAX_PAYLOAD_BYTES:
+        name = getattr(function_, "__qualname__", repr(function_))
         raise InputError(
-            f"function_ pickles to {len(blob)} bytes, over the limit of {MAX_PAYLOAD_BYTES} bytes; "
-            "load large data inside the function instead of capturing it"
+            f"function_ {name!r} is too large to send: "
+            + describe_size(function_, "function_", len(blob), MAX_PAYLOAD_BYTES)
         )
     return blob
 

@@ -270,3 +270,24 @@ def test_error_classes_form_one_hierarchy():
         fleetmap.RemoteError,
     ):
         assert issubclass(cls, fleetmap.FleetmapError)
+
+
+def test_a_function_too_large_to_send_names_what_it_captures(monkeypatch):
+    import fleetmap._map
+
+    # The real limit is 1 GiB; a smaller one keeps the test quick and
+    # exercises the same check.
+    monkeypatch.setattr(fleetmap._map, "MAX_PAYLOAD_BYTES", 1 << 20)
+    table = bytes(3 << 20)
+    small = list(range(10))
+
+    def lookup(i):
+        return table[i] + small[0]
+
+    with pytest.raises(fleetmap.InputError) as info:
+        remote_parallel_map(lookup, [1, 2], verbose=False)
+    message = str(info.value)
+    assert "'test_a_function_too_large_to_send_names_what_it_captures.<locals>.lookup'" in message, message
+    assert "closure variable 'table': 3.0 MiB" in message, message
+    assert message.index("'table'") < message.index("'small'"), "largest first"
+    assert "over the limit of 1.0 MiB" in message, message

@@ -221,3 +221,28 @@ def test_local_module_imported_from_another_directory(tmp_path):
 
 def test_version_is_exposed():
     assert isinstance(fleetmap.__version__, str) and fleetmap.__version__
+
+
+def _digest_and_echo_tail(blob):
+    import hashlib
+
+    return hashlib.sha256(blob).hexdigest(), len(blob)
+
+
+def _make_blob(n):
+    return bytes(range(256)) * (n // 256)
+
+
+def test_values_larger_than_a_frame_travel_in_pieces():
+    # 200 MB in and 96 MB out: far above one frame (4 MiB) and above the
+    # 64 MiB that once was the limit for one value.
+    import hashlib
+
+    big = bytes(range(256)) * ((200 << 20) // 256)
+    out = remote_parallel_map(_digest_and_echo_tail, [big, b"small"], verbose=False)
+    assert out == [
+        (hashlib.sha256(big).hexdigest(), len(big)),
+        (hashlib.sha256(b"small").hexdigest(), 5),
+    ]
+    blobs = remote_parallel_map(_make_blob, [96 << 20], verbose=False)
+    assert len(blobs[0]) == 96 << 20 and blobs[0][:256] == bytes(range(256))

@@ -42,17 +42,17 @@ pub struct WorkerChannel<S> {
     decoder: FrameDecoder,
     buf: Vec<u8>,
     out: Vec<u8>,
-    max_frame: usize,
+    max_message: usize,
 }
 
 impl<S: Read + Write> WorkerChannel<S> {
-    pub fn new(stream: S, max_frame: usize) -> Self {
+    pub fn new(stream: S, max_message: usize) -> Self {
         Self {
             stream,
-            decoder: FrameDecoder::new(max_frame),
+            decoder: FrameDecoder::new(max_message),
             buf: vec![0; 256 << 10],
             out: Vec::new(),
-            max_frame,
+            max_message,
         }
     }
 
@@ -73,7 +73,7 @@ impl<S: Read + Write> WorkerChannel<S> {
 
     pub fn send(&mut self, msg: &FromWorker) -> Result<(), ChannelError> {
         self.out.clear();
-        encode_frame(msg, self.max_frame, &mut self.out)?;
+        encode_frame(msg, self.max_message, &mut self.out)?;
         self.stream.write_all(&self.out)?;
         Ok(())
     }
@@ -83,14 +83,14 @@ impl<S: Read + Write> WorkerChannel<S> {
 mod tests {
     use std::os::unix::net::UnixStream;
 
-    use fleetmap_protocol::{ChunkId, InputChunk, InputIndex, DEFAULT_MAX_FRAME};
+    use fleetmap_protocol::{ChunkId, InputChunk, InputIndex, DEFAULT_MAX_MESSAGE};
 
     use super::*;
 
     #[test]
     fn requests_and_replies_cross_the_channel() {
         let (daemon, worker) = UnixStream::pair().unwrap();
-        let mut worker = WorkerChannel::new(worker, DEFAULT_MAX_FRAME);
+        let mut worker = WorkerChannel::new(worker, DEFAULT_MAX_MESSAGE);
         let run = ToWorker::Run {
             chunk: InputChunk {
                 chunk: ChunkId(1),
@@ -102,11 +102,11 @@ mod tests {
             crashed: vec![],
         };
         let mut frame = Vec::new();
-        encode_frame(&run, DEFAULT_MAX_FRAME, &mut frame).unwrap();
+        encode_frame(&run, DEFAULT_MAX_MESSAGE, &mut frame).unwrap();
         (&daemon).write_all(&frame).unwrap();
         assert_eq!(worker.recv().unwrap(), Some(run));
         worker.send(&FromWorker::Ready { pid: 5 }).unwrap();
-        let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME);
+        let mut decoder = FrameDecoder::new(DEFAULT_MAX_MESSAGE);
         let mut buf = [0u8; 64];
         let n = (&daemon).read(&mut buf).unwrap();
         decoder.extend(&buf[..n]);

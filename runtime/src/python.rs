@@ -11,7 +11,7 @@ use std::{io::Write, os::unix::net::UnixStream, sync::Mutex};
 use fleetmap_protocol::{
     encode_frame,
     worker::{CrashKind, CrashedInput, FromWorker, ToWorker},
-    InputIndex, DEFAULT_MAX_FRAME,
+    InputIndex, DEFAULT_MAX_MESSAGE,
 };
 use pyo3::{
     exceptions::PyRuntimeError,
@@ -29,7 +29,7 @@ fn runtime_error(e: impl std::fmt::Display) -> PyErr {
 pub fn worker_main(py: Python<'_>, fd: i32) -> PyResult<()> {
     let stream = fleetmap_sandbox::inherited_channel(fd).map_err(runtime_error)?;
     let started = started_callback(py, stream.try_clone().map_err(runtime_error)?)?;
-    let mut channel = WorkerChannel::new(stream, DEFAULT_MAX_FRAME);
+    let mut channel = WorkerChannel::new(stream, DEFAULT_MAX_MESSAGE);
     let helpers = py.import("fleetmap._worker")?;
     let load = helpers.getattr("load_function")?;
     let run = helpers.getattr("run_chunk")?;
@@ -110,7 +110,7 @@ fn started_callback(py: Python<'_>, stream: UnixStream) -> PyResult<PyObject> {
                 &FromWorker::Started {
                     input: InputIndex(input),
                 },
-                DEFAULT_MAX_FRAME,
+                DEFAULT_MAX_MESSAGE,
                 buf,
             )
             .map_err(runtime_error)?;

@@ -9,7 +9,7 @@ use fleetmap_coordinator::{Credentials, RunningCoordinator};
 use fleetmap_net::{CloseCode, FramedReader};
 use fleetmap_node_daemon::{NodeConfig, NodeError};
 use fleetmap_protocol::{
-    ClientToCoordinator, CoordinatorToClient, Hello, JobId, NodeToCoordinator, Role, SlotId, HANDSHAKE_MAX_FRAME,
+    ClientToCoordinator, CoordinatorToClient, Hello, JobId, NodeToCoordinator, Role, SlotId, HANDSHAKE_MAX_MESSAGE,
     PROTOCOL_VERSION,
 };
 use rand::{Rng, SeedableRng};
@@ -95,10 +95,10 @@ async fn oversized_and_unknown_version_frames_are_refused_with_a_reason() {
 #[tokio::test]
 async fn a_handshake_larger_than_the_handshake_limit_is_refused_before_it_is_buffered() {
     let (coordinator, creds) = start_coordinator().await;
-    let announced = (HANDSHAKE_MAX_FRAME as u32 + 1).to_le_bytes();
+    let announced = (HANDSHAKE_MAX_MESSAGE as u32 + 1).to_le_bytes();
     let reason = close_reason_after(&coordinator, &creds, &announced).await;
     assert!(reason.contains("exceeds the limit"), "{reason}");
-    assert!(reason.contains(&HANDSHAKE_MAX_FRAME.to_string()), "{reason}");
+    assert!(reason.contains(&HANDSHAKE_MAX_MESSAGE.to_string()), "{reason}");
     still_serves(&coordinator, &creds).await;
     coordinator.shutdown().await;
 }

@@ -13,7 +13,7 @@ use fleetmap_coordinator::{serve, CoordinatorConfig, Credentials, RunningCoordin
 use fleetmap_net::{Receiver, Session};
 use fleetmap_protocol::{
     ClientToCoordinator, CoordinatorToClient, CoordinatorToNode, Hello, NodeToCoordinator, Resources, Role,
-    DEFAULT_MAX_FRAME, SOFTWARE_VERSION,
+    DEFAULT_MAX_MESSAGE, SOFTWARE_VERSION,
 };
 use serde::{de::DeserializeOwned, Serialize};
 use tokio::sync::mpsc;
@@ -75,7 +75,7 @@ impl<Up: Serialize + Send + 'static, Down: DeserializeOwned> Peer<Up, Down> {
             &addr.to_string(),
             creds.ca_pem.as_bytes(),
             &hello,
-            DEFAULT_MAX_FRAME,
+            DEFAULT_MAX_MESSAGE,
             Duration::from_secs(15),
         )
         .await

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use fleetmap_protocol::{
     encode_frame, ChunkId, ClientToCoordinator as Message, FrameDecoder, InputChunk, InputIndex, JobId,
-    DEFAULT_MAX_FRAME,
+    DEFAULT_MAX_MESSAGE,
 };
 
 fn main() {
@@ -28,10 +28,10 @@ fn main() {
         let start = Instant::now();
         for _ in 0..iterations {
             buf.clear();
-            encode_frame(&msg, DEFAULT_MAX_FRAME, &mut buf).expect("frame within the limit");
+            encode_frame(&msg, DEFAULT_MAX_MESSAGE, &mut buf).expect("frame within the limit");
         }
         let encode = iterations as f64 / start.elapsed().as_secs_f64();
-        let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME);
+        let mut decoder = FrameDecoder::new(DEFAULT_MAX_MESSAGE);
         let start = Instant::now();
         for _ in 0..iterations {
             decoder.extend(&buf);

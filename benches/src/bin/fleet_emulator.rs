@@ -37,7 +37,7 @@ use fleetmap_coordinator::{serve, CoordinatorConfig, Credentials, RunningCoordin
 use fleetmap_net::{CloseCode, Session};
 use fleetmap_protocol::{
     CallRequest, ChunkId, CoordinatorToNode, Hello, InputChunk, InputIndex, JobId, JobSpec, NodeToCoordinator,
-    OutputChunk, Resources, Role, RuntimeSpec, SlotId, DEFAULT_MAX_FRAME, SOFTWARE_VERSION,
+    OutputChunk, Resources, Role, RuntimeSpec, SlotId, DEFAULT_MAX_MESSAGE, SOFTWARE_VERSION,
 };
 use tokio::{sync::watch, time::Instant};
 
@@ -364,7 +364,7 @@ async fn run_node(
         &cfg.addr.to_string(),
         &cfg.ca_pem,
         &hello,
-        DEFAULT_MAX_FRAME,
+        DEFAULT_MAX_MESSAGE,
         Duration::from_secs(30),
     )
     .await
