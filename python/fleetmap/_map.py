@@ -110,7 +110,10 @@ def _each_outcome(chunks: Iterator[Tuple[int, List[Any]]]) -> Iterator[Tuple[int
 
 
 def _installed_dirs() -> List[str]:
-    """The directories of the standard library and of installed packages."""
+    """The directories of the standard library and of installed packages:
+    the interpreter's own, and every ``sys.path`` entry that holds installed
+    distributions (``.dist-info`` or ``.egg-info``), such as a second
+    virtualenv's site-packages added by a ``.pth`` file or ``PYTHONPATH``."""
     dirs = set()
     for scheme_path in ("stdlib", "platstdlib", "purelib", "platlib"):
         path = sysconfig.get_paths().get(scheme_path)
@@ -123,15 +126,31 @@ def _installed_dirs() -> List[str]:
     user_site = getattr(site, "getusersitepackages", lambda: None)()
     if user_site:
         dirs.add(user_site)
+    for entry in sys.path:
+        if entry and entry not in dirs and _holds_distributions(entry):
+            dirs.add(entry)
     return [os.path.join(os.path.realpath(d), "") for d in dirs]
 
 
+def _holds_distributions(directory: str) -> bool:
+    """Whether ``directory`` holds installed distributions' metadata."""
+    try:
+        with os.scandir(directory) as entries:
+            return any(e.name.endswith((".dist-info", ".egg-info")) for e in entries)
+    except OSError:
+        return False
+
+
+#: The installed directories, and the ``sys.path`` they were computed for.
 _INSTALLED_DIRS: Optional[List[str]] = None
+_INSTALLED_FOR: Tuple[str, ...] = ()
 
 
 def _is_local_module(name: str, module: Any) -> bool:
     """Whether ``module`` is one of the caller's own files: neither the
-    standard library, nor an installed package, nor fleetmap itself. The
+    standard library, nor an installed package (anything in a directory of
+    installed distributions, wherever it is on ``sys.path``), nor fleetmap
+    itself. The
     nodes cannot import such a module (another machine, another working
     directory, pytest's test modules), so what it defines travels by value."""
     if not isinstance(module, types.ModuleType) or name in ("__main__", "__mp_main__"):
@@ -149,10 +168,12 @@ def _is_local_module(name: str, module: Any) -> bool:
 def _local_modules_by_value() -> Iterator[None]:
     """While a job is sent, cloudpickle pickles the functions and classes of
     the caller's local modules by value rather than by reference."""
-    global _INSTALLED_DIRS
+    global _INSTALLED_DIRS, _INSTALLED_FOR
     import cloudpickle
 
-    if _INSTALLED_DIRS is None:
+    # Scanned once per process, and again only when sys.path changes.
+    if _INSTALLED_DIRS is None or _INSTALLED_FOR != tuple(sys.path):
+        _INSTALLED_FOR = tuple(sys.path)
         _INSTALLED_DIRS = _installed_dirs()
     already = cloudpickle.list_registry_pickle_by_value()
     registered = []

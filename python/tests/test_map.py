@@ -246,3 +246,32 @@ def test_values_larger_than_a_frame_travel_in_pieces():
     ]
     blobs = remote_parallel_map(_make_blob, [96 << 20], verbose=False)
     assert len(blobs[0]) == 96 << 20 and blobs[0][:256] == bytes(range(256))
+
+
+def test_packages_on_a_second_environment_travel_by_reference(tmp_path):
+    # A package installed in another environment whose site-packages is on
+    # sys.path through PYTHONPATH (as a .pth file or a shared software tree
+    # would put it). It holds a lock at module level, as torch and many
+    # native libraries do: pickled by value it could not be sent at all.
+    site = tmp_path / "other-env" / "site-packages"
+    (site / "heavylib").mkdir(parents=True)
+    (site / "heavylib" / "__init__.py").write_text(
+        "import threading\n_LOCK = threading.Lock()\n\ndef triple(x):\n    with _LOCK:\n        return 3 * x\n"
+    )
+    (site / "heavylib-1.0.dist-info").mkdir()
+    (site / "heavylib-1.0.dist-info" / "METADATA").write_text("Name: heavylib\nVersion: 1.0\n")
+    env = dict(os.environ, PYTHONPATH=str(site))
+    out = run_client(
+        """
+        import cloudpickle, heavylib
+        from fleetmap import remote_parallel_map
+        from fleetmap._map import _local_modules_by_value
+        with _local_modules_by_value():
+            by_value = sorted(cloudpickle.list_registry_pickle_by_value())
+        RESULT = {"outputs": remote_parallel_map(heavylib.triple, [1, 2, 3], verbose=False), "by_value": by_value}
+        """,
+        env=env,
+    )
+    assert out["returncode"] == 0, out["stderr"]
+    assert out["result"]["outputs"] == [3, 6, 9]
+    assert "heavylib" not in out["result"]["by_value"]
