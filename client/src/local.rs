@@ -7,7 +7,12 @@ use std::{net::SocketAddr, time::Duration};
 
 use fleetmap_coordinator::{serve, CoordinatorConfig, Credentials, RunningCoordinator};
 use fleetmap_node_daemon::{Isolation, NodeConfig};
-use tokio::task::JoinHandle;
+use tokio::{sync::watch, task::JoinHandle};
+
+/// The prefix of an embedded cluster's cgroup subtree, followed by its
+/// process id.
+const SUBTREE_PREFIX: &str = "fleetmap-local-";
+const CGROUP_MOUNT: &str = "/sys/fs/cgroup";
 
 /// A running embedded cluster.
 pub struct LocalCluster {
@@ -16,6 +21,7 @@ pub struct LocalCluster {
     pub credentials: Credentials,
     coordinator: Option<RunningCoordinator>,
     node: JoinHandle<()>,
+    stop_node: watch::Sender<bool>,
 }
 
 /// Why the embedded cluster could not start.
@@ -45,12 +51,31 @@ impl LocalCluster {
         config.private_tmp = false;
         // Every process's embedded cluster owns its own cgroup subtree, so
         // that one never cleans up another's slots.
-        config.isolation = Isolation::Cgroups {
-            mount: "/sys/fs/cgroup".into(),
-            subtree: Some(format!("fleetmap-local-{}", std::process::id())),
+        config.isolation = match fleetmap_node_daemon::enclosing_slot() {
+            // A call that runs remote_parallel_map itself: its workers stay
+            // in the call's own slot (they inherit its cgroup), within its
+            // cores, memory and devices, and die with it. A subtree of their
+            // own would put them outside the slot's limits and beyond its
+            // teardown.
+            Some(slot) => {
+                tracing::info!("inside the slot {slot}: the nested cluster's workers share it");
+                Isolation::None
+            }
+            None => {
+                // Subtrees of embedded clusters whose process was killed
+                // before it could remove its own.
+                for stale in fleetmap_node_daemon::remove_stale_subtrees(CGROUP_MOUNT.as_ref(), SUBTREE_PREFIX) {
+                    tracing::info!("removed the cgroup subtree {stale} of a process that is gone");
+                }
+                Isolation::Cgroups {
+                    mount: CGROUP_MOUNT.into(),
+                    subtree: Some(format!("{SUBTREE_PREFIX}{}", std::process::id())),
+                }
+            }
         };
+        let (stop_node, stopped) = watch::channel(false);
         let node = tokio::spawn(async move {
-            if let Err(e) = fleetmap_node_daemon::run(config).await {
+            if let Err(e) = fleetmap_node_daemon::run_until(config, stopped).await {
                 tracing::error!("local node daemon stopped: {e}");
             }
         });
@@ -65,12 +90,21 @@ impl LocalCluster {
             credentials,
             coordinator: Some(coordinator),
             node,
+            stop_node,
         })
     }
 
-    /// Stops the node (killing its workers) and the coordinator.
+    /// Stops the node (killing its workers and removing its cgroups) and
+    /// the coordinator.
     pub async fn stop(mut self) {
-        self.node.abort();
+        let _ = self.stop_node.send(true);
+        if tokio::time::timeout(Duration::from_secs(10), &mut self.node)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the local node daemon did not stop within 10 s; its workers are killed");
+            self.node.abort();
+        }
         if let Some(c) = self.coordinator.take() {
             c.shutdown().await;
         }

@@ -189,6 +189,24 @@ pub fn gpus_from_minors(minors: &[u32]) -> Vec<Gpu> {
         .collect()
 }
 
+/// The cgroup of this process, if it runs inside a fleetmap slot (a
+/// component of its cgroup path is one of fleetmap's subtrees), as read
+/// from `/proc/self/cgroup`.
+pub fn enclosing_slot() -> Option<String> {
+    let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    text.lines()
+        .filter_map(|line| line.splitn(3, ':').nth(2))
+        .find(|path| path.split('/').any(|part| part.starts_with("fleetmap-")))
+        .map(str::to_string)
+}
+
+/// Removes the cgroup subtrees under `mount` named `prefix` + a process id
+/// whose process is gone (an embedded cluster's, after its process was
+/// killed); returns their names.
+pub fn remove_stale_subtrees(mount: &Path, prefix: &str) -> Vec<String> {
+    CgroupTree::remove_stale(mount, prefix)
+}
+
 /// Resolves `host:port`.
 pub async fn resolve(addr: &str) -> Result<SocketAddr, NodeError> {
     let err = |reason: String| NodeError::Resolve {
@@ -257,6 +275,13 @@ pub async fn run_until(
         }
         let ended = session(&node, &mut backoff, &mut shutdown).await;
         if *shutdown.borrow() {
+            // Every slot was torn down when the session ended; the subtree
+            // goes too, so a clean stop leaves no cgroup behind.
+            if let Some(tree) = &node.cgroups {
+                if let Err(e) = tree.remove() {
+                    warn!("node {}: could not remove its cgroup subtree: {e}", node.config.name);
+                }
+            }
             info!("node {}: stopped; every slot was torn down", node.config.name);
             return Ok(());
         }

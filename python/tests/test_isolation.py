@@ -341,3 +341,106 @@ def test_status_shows_a_pinned_node(processes):
     else:
         assert listing == ["written-by-a-call"], listing
         assert not Path("/tmp/written-by-a-call").exists()
+
+
+def _local_subtrees() -> List[str]:
+    """Every ``fleetmap-local-*`` cgroup subtree, in any controller."""
+    found = set()
+    roots = [CGROUP_ROOT] + [p for p in CGROUP_ROOT.iterdir() if p.is_dir()]
+    for root in roots:
+        try:
+            for entry in root.iterdir():
+                if entry.is_dir() and entry.name.startswith("fleetmap-local-"):
+                    found.add(f"{root.name}/{entry.name}")
+        except OSError:
+            continue
+    return sorted(found)
+
+
+def test_embedded_clusters_leave_no_cgroup_subtree_behind():
+    require_cgroups()
+    before = set(_local_subtrees())
+    code = """
+        from fleetmap import remote_parallel_map
+        RESULT = remote_parallel_map(abs, [-1, -2], verbose=False)
+    """
+    for i in range(100):
+        out = run_client(code)
+        assert out["returncode"] == 0 and out["result"] == [1, 2], (i, out["stderr"])
+    left = set(_local_subtrees()) - before
+    assert not left, f"left behind after 100 embedded clusters: {sorted(left)}"
+
+
+def test_a_killed_embedded_cluster_is_cleaned_up_by_the_next_one():
+    require_cgroups()
+    killed = subprocess.Popen(
+        [sys.executable, "-c", "from fleetmap import remote_parallel_map\n"
+         "import time\nremote_parallel_map(abs, [-1], verbose=False)\nprint('ready', flush=True)\ntime.sleep(600)"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert killed.stdout is not None and killed.stdout.readline().strip() == "ready"
+        mine = f"fleetmap-local-{killed.pid}"
+        assert any(s.endswith("/" + mine) for s in _local_subtrees()), _local_subtrees()
+    finally:
+        killed.kill()
+        killed.wait()
+    assert any(s.endswith("/" + mine) for s in _local_subtrees()), "SIGKILL left it, as expected"
+    out = run_client("from fleetmap import remote_parallel_map\nRESULT = remote_parallel_map(abs, [-3], verbose=False)")
+    assert out["returncode"] == 0 and out["result"] == [3], out["stderr"]
+    assert not any(s.endswith("/" + mine) for s in _local_subtrees()), _local_subtrees()
+
+
+def _nested_outer(x):
+    from fleetmap import remote_parallel_map as inner_map
+
+    def where(_):
+        with open("/proc/self/cgroup") as f:
+            return f.read()
+
+    here = where(None)
+    inner = inner_map(where, [0, 1], verbose=False)
+    return here, inner
+
+
+def _stray_workers() -> List[str]:
+    """Worker processes that are frozen (state D) or orphaned (parent 1)."""
+    stray = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        state, ppid = fields[0], int(fields[1])
+        if "fleetmap._worker" in cmdline and state != "Z" and (state == "D" or ppid == 1):
+            stray.append(f"{entry.name} state {state} parent {ppid}: {cmdline}")
+    return stray
+
+
+def test_nested_calls_run_inside_the_outer_slot_and_leave_nothing_behind():
+    require_cgroups()
+    before_subtrees = set(_local_subtrees())
+    before_stray = set(_stray_workers())
+    code = """
+        import sys
+        sys.path.insert(0, %r)
+        from test_isolation import _nested_outer
+        from fleetmap import remote_parallel_map
+        RESULT = remote_parallel_map(_nested_outer, [1, 2], verbose=False)
+    """ % str(Path(__file__).parent)
+    for _ in range(5):
+        out = run_client(code)
+        assert out["returncode"] == 0, out["stderr"]
+        for outer_cgroups, inner in out["result"]:
+            outer_slot = [l for l in outer_cgroups.splitlines() if "fleetmap-local-" in l]
+            assert outer_slot, outer_cgroups
+            for inner_cgroups in inner:
+                # The inner calls run in the outer call's own slot cgroup.
+                assert set(outer_slot) <= set(inner_cgroups.splitlines()), (outer_slot, inner_cgroups)
+    time.sleep(0.5)
+    assert set(_stray_workers()) - before_stray == set()
+    assert set(_local_subtrees()) - before_subtrees == set()

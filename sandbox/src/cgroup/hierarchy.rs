@@ -93,3 +93,21 @@ pub(super) fn init(mount: &Path, name: &str, backing: Backing) -> Result<Arc<dyn
         Ok(Arc::new(V1::init(mount, name, backing)?))
     }
 }
+
+/// The subtree `name` under `mount` as it is, creating nothing.
+pub(super) fn open(mount: &Path, name: &str, backing: Backing) -> Arc<dyn Hierarchy> {
+    if mount.join("cgroup.controllers").exists() {
+        Arc::new(V2::existing(mount.join(name), backing))
+    } else {
+        Arc::new(V1::open(mount, name, backing))
+    }
+}
+
+/// The names of the subtrees under `mount`.
+pub(super) fn subtree_names(mount: &Path) -> Vec<String> {
+    if mount.join("cgroup.controllers").exists() {
+        V2::subtree_names(mount)
+    } else {
+        V1::subtree_names(mount)
+    }
+}

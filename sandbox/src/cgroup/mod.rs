@@ -129,9 +129,9 @@ pub enum CgroupError {
     },
 }
 
-/// The daemon's own cgroup in its subtree: the v2 leaf the daemon moves
-/// itself into (a v2 cgroup that hands controllers to its children may hold
-/// no processes itself). No slot may take the name, on either version.
+/// The v2 leaf that earlier versions moved the daemon into. It is no
+/// longer made, but one left behind by such a version may still hold a
+/// process, so no slot may take the name and leftovers keep it.
 const DAEMON_LEAF: &str = "daemon";
 
 /// How long [`SlotCgroup::kill_all`] waits for killed processes to leave.
@@ -205,6 +205,51 @@ impl CgroupTree {
 
     pub fn version(&self) -> CgroupVersion {
         self.hierarchy.version()
+    }
+
+    /// Removes the whole subtree: every slot's processes are killed and its
+    /// cgroup removed, then the subtree's own directories. A daemon that
+    /// stops cleanly leaves nothing behind.
+    pub fn remove(&self) -> Result<(), CgroupError> {
+        for name in self.slot_names() {
+            self.slot_handle(&name, 0).remove()?;
+        }
+        for dir in self.hierarchy.subtree_dirs() {
+            self.hierarchy.backing().remove_cgroup_dir(&dir)?;
+        }
+        Ok(())
+    }
+
+    /// Removes the subtrees under `mount` named `prefix` + a process id whose
+    /// process is gone (an embedded cluster's `fleetmap-local-PID` after its
+    /// process was killed), with whatever is left in them. Returns the names
+    /// removed. A subtree whose process id is in use again is kept: a live
+    /// process may own it.
+    pub fn remove_stale(mount: &Path, prefix: &str) -> Vec<String> {
+        Self::remove_stale_with(mount, prefix, Backing::Kernel)
+    }
+
+    fn remove_stale_with(mount: &Path, prefix: &str, backing: Backing) -> Vec<String> {
+        let mut names = hierarchy::subtree_names(mount);
+        names.sort();
+        names.dedup();
+        let mut removed = Vec::new();
+        for name in names {
+            let Some(pid) = name.strip_prefix(prefix).and_then(|p| p.parse::<u32>().ok()) else {
+                continue;
+            };
+            if pid == std::process::id() || Path::new("/proc").join(pid.to_string()).exists() {
+                continue;
+            }
+            let tree = CgroupTree {
+                hierarchy: hierarchy::open(mount, &name, backing),
+                proc_devices: "/proc/devices".into(),
+            };
+            if tree.remove().is_ok() {
+                removed.push(name);
+            }
+        }
+        removed
     }
 
     /// The CPUs the subtree may use, for the daemon's core inventory.

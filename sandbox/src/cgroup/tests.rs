@@ -178,7 +178,7 @@ fn limits(cpus: Vec<u32>, memory_bytes: u64, pids_max: u64, gpus: Option<Vec<u32
 }
 
 #[test]
-fn v2_init_enables_controllers_and_moves_the_daemon_into_a_leaf() {
+fn v2_init_enables_controllers_and_leaves_the_daemon_where_it_is() {
     let root = fake_v2("cpuset cpu io memory hugetlb pids rdma misc\n", "");
     let tree = init_plain(root.path(), "fleetmap").unwrap();
     assert_eq!(tree.version(), CgroupVersion::V2);
@@ -187,12 +187,13 @@ fn v2_init_enables_controllers_and_moves_the_daemon_into_a_leaf() {
         contents(&root.path().join("cgroup.subtree_control")),
         "+cpuset\n+memory\n+pids\n"
     );
-    // The daemon moved into its leaf before the subtree enabled controllers
-    // (a plain directory records the write; no process moved).
+    // The subtree holds no process, so it may enable controllers without
+    // moving the daemon (an embedded cluster's caller) anywhere.
     let subtree = root.path().join("fleetmap");
-    assert_eq!(
-        contents(&subtree.join("daemon/cgroup.procs")),
-        format!("{}\n", std::process::id())
+    assert!(!subtree.join("daemon").exists());
+    assert!(
+        !subtree.join("cgroup.procs").exists(),
+        "nothing was written to move a process"
     );
     assert_eq!(
         contents(&subtree.join("cgroup.subtree_control")),
@@ -278,7 +279,25 @@ fn v2_slots_get_exact_limits_and_go_away() {
     drop(other);
     assert!(!other_dir.exists(), "dropping a slot removes it");
     assert!(tree.slot_names().is_empty());
-    assert!(subtree.join("daemon").exists());
+    tree.remove().unwrap();
+    assert!(!subtree.exists(), "a clean stop leaves nothing behind");
+}
+
+#[test]
+fn stale_subtrees_of_processes_that_are_gone_are_removed() {
+    let root = fake_v2("cpuset memory pids\n", "");
+    let own = format!("fleetmap-local-{}", std::process::id());
+    // Process ids above the kernel's pid_max (4194304 at most) never exist.
+    let gone = "fleetmap-local-4999999";
+    let other = "fleetmap-other-4999999";
+    for name in [own.as_str(), gone, other] {
+        put(&root.path().join(name).join("job1-slot0/cgroup.procs"), "");
+    }
+    let removed = CgroupTree::remove_stale_with(root.path(), "fleetmap-local-", Backing::PlainDirectory);
+    assert_eq!(removed, vec![gone.to_string()]);
+    assert!(!root.path().join(gone).exists());
+    assert!(root.path().join(&own).exists(), "a live process's subtree stays");
+    assert!(root.path().join(other).exists(), "other prefixes are not touched");
 }
 
 #[test]
@@ -386,6 +405,35 @@ fn a_mount_that_is_neither_version_is_unavailable() {
 
 const MOUNT: &str = "/sys/fs/cgroup";
 
+#[tokio::test]
+async fn v1_remove_and_remove_stale_leave_no_directory_in_any_controller() {
+    let Some(t) = RealTree::new("v1_remove_and_remove_stale_leave_no_directory_in_any_controller") else {
+        return;
+    };
+    let slot = t
+        .tree
+        .create_slot("slot", &limits(vec![0], 64 * MIB, 16, None))
+        .unwrap();
+    std::mem::forget(slot);
+    t.tree.remove().unwrap();
+    for controller in ["cpuset", "memory", "pids", "devices", "freezer"] {
+        assert!(
+            !Path::new(MOUNT).join(controller).join(&t.name).exists(),
+            "{controller}"
+        );
+    }
+    // A subtree named for a process that is gone, with a slot in it.
+    let stale = format!("fleetmap-test-stale-{}", 4_999_999);
+    let tree = CgroupTree::init(Path::new(MOUNT), &stale).unwrap();
+    std::mem::forget(tree.create_slot("left", &limits(vec![0], 64 * MIB, 16, None)).unwrap());
+    drop(tree);
+    let removed = CgroupTree::remove_stale(Path::new(MOUNT), "fleetmap-test-stale-");
+    assert_eq!(removed, vec![stale.clone()]);
+    for controller in ["cpuset", "memory", "pids", "devices", "freezer"] {
+        assert!(!Path::new(MOUNT).join(controller).join(&stale).exists(), "{controller}");
+    }
+}
+
 /// A real v1 tree for one test, removed (slots and subtree) on drop.
 struct RealTree {
     tree: CgroupTree,
@@ -442,12 +490,7 @@ impl RealTree {
 
 impl Drop for RealTree {
     fn drop(&mut self) {
-        for name in self.tree.slot_names() {
-            let _ = self.tree.slot_handle(&name, 0).remove();
-        }
-        for dir in self.tree.hierarchy.subtree_dirs() {
-            let _ = Backing::Kernel.remove_cgroup_dir(&dir);
-        }
+        let _ = self.tree.remove();
     }
 }
 

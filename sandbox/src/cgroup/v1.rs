@@ -10,7 +10,7 @@ use std::{
 };
 
 use super::{
-    cgroupfs::{self, create_dir_if_missing, read, unavailable_if_denied, Backing},
+    cgroupfs::{self, child_dirs, create_dir_if_missing, read, unavailable_if_denied, Backing},
     hierarchy::{limit, Hierarchy, SlotSettings},
     procs::sigkill_listed,
     CgroupError, CgroupVersion,
@@ -94,6 +94,25 @@ impl V1 {
                 .map_err(unavailable_if_denied)?;
         }
         Ok(v1)
+    }
+
+    /// The subtree `name` as it is, creating nothing: for removing a subtree
+    /// left behind by a process that is gone.
+    pub(super) fn open(mount: &Path, name: &str, backing: Backing) -> V1 {
+        V1 {
+            mount: mount.into(),
+            subtree: name.into(),
+            backing,
+        }
+    }
+
+    /// The names of the subtrees under `mount`, in any controller.
+    pub(super) fn subtree_names(mount: &Path) -> Vec<String> {
+        CONTROLLERS
+            .iter()
+            .flat_map(|c| child_dirs(&mount.join(c.name())))
+            .filter_map(|d| d.file_name().and_then(|n| n.to_str()).map(str::to_string))
+            .collect()
     }
 
     /// The subtree's directory in `controller`'s hierarchy.
@@ -191,6 +210,15 @@ impl Hierarchy for V1 {
             }
         }
         sigkill_listed(&self.slot_dirs(slot));
+        // Thaw the slot and every cgroup below it: a process frozen by a
+        // nested freezer whose owner died mid-teardown (an embedded cluster
+        // inside a call, killed with it) would otherwise stay frozen, in
+        // state D with its SIGKILL pending, for good.
+        let mut below = child_dirs(&self.dir(Controller::Freezer).join(slot));
+        while let Some(dir) = below.pop() {
+            below.extend(child_dirs(&dir));
+            let _ = self.backing.write(&dir.join("freezer.state"), "THAWED");
+        }
         if frozen {
             self.backing.write(&state, "THAWED")?;
         }

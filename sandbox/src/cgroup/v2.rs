@@ -1,8 +1,11 @@
 //! cgroup v2: one unified hierarchy mounted at `<mount>`. The daemon's
 //! subtree is `<mount>/<name>` with cpuset, memory and pids enabled for its
-//! children, the daemon itself in the leaf `<mount>/<name>/daemon`, and each
-//! slot one directory beside it; devices are limited by a BPF program
-//! (`device_filter`), and `cgroup.kill` kills a slot at once.
+//! children, each slot one directory in it; devices are limited by a BPF
+//! program (`device_filter`), and `cgroup.kill` kills a slot at once. The
+//! daemon's own process stays where it was started: the subtree is a child
+//! of the root, which may hold processes, and the subtree itself holds
+//! none, so the no-internal-process rule holds without moving anyone (an
+//! embedded cluster never moves its caller's process).
 //!
 //! Where the subtree lives: directly under the mount
 //! (`/sys/fs/cgroup/fleetmap`), not next to the cgroup the daemon was
@@ -18,7 +21,7 @@ use super::{
     device_filter,
     hierarchy::{limit, Hierarchy, SlotSettings},
     procs::sigkill_listed,
-    CgroupError, CgroupVersion, DAEMON_LEAF,
+    CgroupError, CgroupVersion,
 };
 
 /// What the daemon enables for its slots; devices are a BPF program and
@@ -34,9 +37,8 @@ pub(super) struct V2 {
 
 impl V2 {
     /// Enables cpuset, memory and pids in the root's and the subtree's
-    /// `cgroup.subtree_control`, and moves the calling process into the
-    /// subtree's leaf `daemon` first: a v2 cgroup that hands controllers to
-    /// its children may hold no processes itself.
+    /// `cgroup.subtree_control`. The subtree holds no process, as a v2
+    /// cgroup that hands controllers to its children must not.
     pub(super) fn init(mount: &Path, name: &str, backing: Backing) -> Result<V2, CgroupError> {
         let dir = mount.join(name);
         let available = read(&mount.join("cgroup.controllers"))?;
@@ -58,11 +60,6 @@ impl V2 {
                 .map_err(unavailable_if_denied)?;
         }
         create_dir_if_missing(&dir).map_err(unavailable_if_denied)?;
-        let leaf = dir.join(DAEMON_LEAF);
-        create_dir_if_missing(&leaf).map_err(unavailable_if_denied)?;
-        backing
-            .write(&leaf.join("cgroup.procs"), &std::process::id().to_string())
-            .map_err(unavailable_if_denied)?;
         let plus: Vec<String> = CONTROLLERS.iter().map(|c| format!("+{c}")).collect();
         backing
             .write(&dir.join("cgroup.subtree_control"), &plus.join(" "))
@@ -70,12 +67,19 @@ impl V2 {
         Ok(V2 { subtree: dir, backing })
     }
 
-    /// A subtree at `dir` as it is, without enabling controllers or moving
-    /// the calling process: for the kernel tests on a v2 mount whose
-    /// controllers are bound to v1.
-    #[cfg(test)]
+    /// A subtree at `dir` as it is, creating nothing and enabling nothing:
+    /// for removing a subtree left behind by a process that is gone, and for
+    /// the kernel tests on a v2 mount whose controllers are bound to v1.
     pub(super) fn existing(dir: PathBuf, backing: Backing) -> V2 {
         V2 { subtree: dir, backing }
+    }
+
+    /// The names of the subtrees under `mount`.
+    pub(super) fn subtree_names(mount: &Path) -> Vec<String> {
+        cgroupfs::child_dirs(mount)
+            .iter()
+            .filter_map(|d| d.file_name().and_then(|n| n.to_str()).map(str::to_string))
+            .collect()
     }
 
     fn slot_file(&self, slot: &str, file: &str) -> PathBuf {
