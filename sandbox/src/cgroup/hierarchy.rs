@@ -40,13 +40,18 @@ pub(super) trait Hierarchy: fmt::Debug + Send + Sync {
     /// The file listing the memory nodes the subtree may use.
     fn effective_mems_file(&self) -> PathBuf;
 
-    /// Writes the limits of the slot `slot`, whose directories were just
-    /// created. On an error the caller removes the slot.
+    /// Writes the limits of the slot `slot`: one whose directories were just
+    /// created (on an error the caller removes it), or a warm worker's slot
+    /// taken by a new job (`devices` is then `None`: the worker keeps the
+    /// same devices).
     fn set_limits(&self, slot: &str, settings: &SlotSettings) -> Result<(), CgroupError>;
 
     /// How many processes the OOM killer has killed in the slot; 0 when the
     /// count cannot be read.
     fn oom_kills(&self, slot: &str) -> u64;
+
+    /// The memory the slot uses now, in bytes.
+    fn memory_current(&self, slot: &str) -> Option<u64>;
 
     /// The most memory the slot has used, in bytes, where the kernel keeps it.
     fn peak_memory(&self, slot: &str) -> Option<u64>;

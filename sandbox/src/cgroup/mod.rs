@@ -280,21 +280,7 @@ impl CgroupTree {
             return Err(invalid("no CPUs: a cpuset without CPUs cannot hold a process"));
         }
         // Read before anything is created, so that a failure leaves nothing.
-        let mems = match &limits.mems {
-            Some(mems) => mems.clone(),
-            None => read(&self.hierarchy.effective_mems_file())?.trim().to_string(),
-        };
-        let devices = match &limits.gpus {
-            Some(gpus) => Some(device_rules(gpus, &read(&self.proc_devices)?)),
-            None => None,
-        };
-        let settings = SlotSettings {
-            cpus: format_cpu_list(&limits.cpus),
-            mems,
-            memory_bytes: limits.memory_bytes,
-            pids_max: limits.pids_max,
-            devices,
-        };
+        let settings = self.settings(limits, true)?;
 
         let slot = self.slot_handle(name, limits.memory_bytes);
         let backing = self.hierarchy.backing();
@@ -317,6 +303,42 @@ impl CgroupTree {
         // On an error here `slot` is dropped, which removes it.
         self.hierarchy.set_limits(name, &settings)?;
         Ok(slot)
+    }
+
+    /// The settings `limits` come to, read before anything is written.
+    fn settings(&self, limits: &SlotLimits, with_devices: bool) -> Result<SlotSettings, CgroupError> {
+        let mems = match &limits.mems {
+            Some(mems) => mems.clone(),
+            None => read(&self.hierarchy.effective_mems_file())?.trim().to_string(),
+        };
+        let devices = match (&limits.gpus, with_devices) {
+            (Some(gpus), true) => Some(device_rules(gpus, &read(&self.proc_devices)?)),
+            _ => None,
+        };
+        Ok(SlotSettings {
+            cpus: format_cpu_list(&limits.cpus),
+            mems,
+            memory_bytes: limits.memory_bytes,
+            pids_max: limits.pids_max,
+            devices,
+        })
+    }
+
+    /// Gives a warm worker's slot to a new job: its cores, memory limit and
+    /// process limit become `limits`' (the kernel moves the worker's threads
+    /// to the new cores), and its peak memory starts again. Its device rules
+    /// stay: a warm worker serves only jobs with the same GPUs.
+    pub fn reassign_slot(&self, slot: &mut SlotCgroup, limits: &SlotLimits) -> Result<(), CgroupError> {
+        if limits.cpus.is_empty() {
+            return Err(CgroupError::InvalidLimits {
+                name: slot.name.clone(),
+                reason: "no CPUs: a cpuset without CPUs cannot hold a process",
+            });
+        }
+        let settings = self.settings(limits, false)?;
+        self.hierarchy.set_limits(&slot.name, &settings)?;
+        slot.memory_limit = limits.memory_bytes;
+        Ok(())
     }
 
     /// Names of the slot cgroups present now (the daemon's own leaf excluded).
@@ -376,7 +398,12 @@ impl SlotCgroup {
         self.hierarchy.peak_memory(&self.name)
     }
 
-    /// The memory limit given at creation, in bytes.
+    /// The memory the slot's processes use now, in bytes.
+    pub fn memory_current(&self) -> Option<u64> {
+        self.hierarchy.memory_current(&self.name)
+    }
+
+    /// The memory limit in force, in bytes.
     pub fn memory_limit(&self) -> u64 {
         self.memory_limit
     }

@@ -151,14 +151,18 @@ impl Hierarchy for V1 {
         let set = |controller, file, value: &str| self.backing.write(&self.slot_file(controller, slot, file), value);
         set(Controller::Cpuset, "cpuset.cpus", &settings.cpus)?;
         set(Controller::Cpuset, "cpuset.mems", &settings.mems)?;
-        // memsw (memory + swap) must stay >= the memory limit, so the memory
-        // limit goes first; equal values mean no swap at all.
+        // memsw (memory + swap) must stay >= the memory limit at every
+        // write: lift memsw, set the memory limit, then bring memsw down to
+        // it (equal values mean no swap at all). The same order serves a new
+        // slot and a warm worker's slot given a higher or a lower limit.
         let memory = limit(settings.memory_bytes, "-1");
+        let memsw = self.slot_file(Controller::Memory, slot, "memory.memsw.limit_in_bytes");
+        self.backing.write_if_present(&memsw, "-1")?;
         set(Controller::Memory, "memory.limit_in_bytes", &memory)?;
-        self.backing.write_if_present(
-            &self.slot_file(Controller::Memory, slot, "memory.memsw.limit_in_bytes"),
-            &memory,
-        )?;
+        self.backing.write_if_present(&memsw, &memory)?;
+        // The peak belongs to the job that runs now.
+        self.backing
+            .write_if_present(&self.slot_file(Controller::Memory, slot, "memory.max_usage_in_bytes"), "0")?;
         set(Controller::Pids, "pids.max", &limit(settings.pids_max, "max"))?;
         if let Some(rules) = &settings.devices {
             // Deny everything, then allow the list. A v1 devices cgroup
@@ -183,6 +187,10 @@ impl Hierarchy for V1 {
             "oom_kill",
         )
         .unwrap_or(0)
+    }
+
+    fn memory_current(&self, slot: &str) -> Option<u64> {
+        cgroupfs::read_number(&self.slot_file(Controller::Memory, slot, "memory.usage_in_bytes"))
     }
 
     fn peak_memory(&self, slot: &str) -> Option<u64> {

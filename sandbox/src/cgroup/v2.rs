@@ -130,6 +130,10 @@ impl Hierarchy for V2 {
         cgroupfs::read_keyed(&self.slot_file(slot, "memory.events"), "oom_kill").unwrap_or(0)
     }
 
+    fn memory_current(&self, slot: &str) -> Option<u64> {
+        cgroupfs::read_number(&self.slot_file(slot, "memory.current"))
+    }
+
     /// `None` before Linux 5.19, which has no `memory.peak`.
     fn peak_memory(&self, slot: &str) -> Option<u64> {
         cgroupfs::read_number(&self.slot_file(slot, "memory.peak"))
