@@ -5,6 +5,11 @@
 //!   against `multiprocessing.Pool.map` in the same run.
 //! - `codec` (`cargo run --release -p fleetmap-benches --bin codec`): frames
 //!   per second and bytes per second through the wire codec.
+//! - `fleet_emulator` (`cargo run --release -p fleetmap-benches --bin
+//!   fleet_emulator -- --help`): a real coordinator fed by N emulated nodes
+//!   (`fleetmap_testkit::EchoNode`) of M slots over real QUIC: placement
+//!   time, dispatch throughput, coordinator CPU per input, memory; `--json`
+//!   prints one object per job.
 //!
 //! Benchmarks report ratios against baselines measured in the same run;
 //! nothing here is a pass/fail test.

@@ -12,15 +12,15 @@ use fleetmap_protocol::{
     ClientToCoordinator, CoordinatorToClient, Hello, JobId, NodeToCoordinator, Role, SlotId, HANDSHAKE_MAX_MESSAGE,
     PROTOCOL_VERSION,
 };
+use fleetmap_testkit::{connect_client, open_raw, start_coordinator, CoordinatorAccess, Peer};
 use rand::{Rng, SeedableRng};
 
-use crate::{open_raw, protocol_peers, start_coordinator, Peer};
+use crate::protocol_peers;
 
 /// The coordinator still runs a whole job after whatever came before.
-async fn still_serves(coordinator: &RunningCoordinator, creds: &Credentials) {
-    let addr = coordinator.local_addr;
-    let node = protocol_peers::echo_node(addr, creds.clone(), "after", None);
-    let client = crate::connect_client(coordinator, creds).await;
+async fn still_serves(coordinator: &RunningCoordinator, access: &CoordinatorAccess) {
+    let node = protocol_peers::echo_node(access, "after", None);
+    let client = connect_client(access).await.unwrap();
     assert!(coordinator.wait_for_nodes(1, Duration::from_secs(10)).await);
     let outputs = protocol_peers::run_echo_job(&client, 20).await;
     assert_eq!(outputs.len(), 20);
@@ -29,8 +29,8 @@ async fn still_serves(coordinator: &RunningCoordinator, creds: &Credentials) {
 
 /// Opens a stream and writes `bytes` on it; returns the reason the
 /// coordinator gave when it closed the connection.
-async fn close_reason_after(coordinator: &RunningCoordinator, creds: &Credentials, bytes: &[u8]) -> String {
-    let (conn, mut send, _recv, _endpoint) = open_raw(coordinator.local_addr, creds).await;
+async fn close_reason_after(access: &CoordinatorAccess, bytes: &[u8]) -> String {
+    let (conn, mut send, _recv, _endpoint) = open_raw(access).await.unwrap();
     send.write_all(bytes).await.unwrap();
     let closed = tokio::time::timeout(Duration::from_secs(15), conn.closed())
         .await
@@ -50,7 +50,7 @@ async fn close_reason_after(coordinator: &RunningCoordinator, creds: &Credential
 
 #[tokio::test]
 async fn the_coordinator_survives_garbage_udp_datagrams() {
-    let (coordinator, creds) = start_coordinator().await;
+    let (coordinator, access) = start_coordinator().await.unwrap();
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
     for _ in 0..2000 {
@@ -58,60 +58,60 @@ async fn the_coordinator_survives_garbage_udp_datagrams() {
         let datagram: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
         socket.send_to(&datagram, coordinator.local_addr).unwrap();
     }
-    still_serves(&coordinator, &creds).await;
+    still_serves(&coordinator, &access).await;
     coordinator.shutdown().await;
 }
 
 #[tokio::test]
 async fn the_coordinator_closes_streams_of_random_bytes_and_carries_on() {
-    let (coordinator, creds) = start_coordinator().await;
+    let (coordinator, access) = start_coordinator().await.unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(2);
     for _ in 0..10 {
         let bytes: Vec<u8> = (0..rng.gen_range(8..4096)).map(|_| rng.gen()).collect();
-        let reason = close_reason_after(&coordinator, &creds, &bytes).await;
+        let reason = close_reason_after(&access, &bytes).await;
         assert!(!reason.is_empty());
     }
-    still_serves(&coordinator, &creds).await;
+    still_serves(&coordinator, &access).await;
     coordinator.shutdown().await;
 }
 
 #[tokio::test]
 async fn oversized_and_unknown_version_frames_are_refused_with_a_reason() {
-    let (coordinator, creds) = start_coordinator().await;
-    let reason = close_reason_after(&coordinator, &creds, &u32::MAX.to_le_bytes()).await;
+    let (coordinator, access) = start_coordinator().await.unwrap();
+    let reason = close_reason_after(&access, &u32::MAX.to_le_bytes()).await;
     assert!(reason.contains("exceeds the limit"), "{reason}");
     let mut frame = 10u32.to_le_bytes().to_vec();
     frame.extend((PROTOCOL_VERSION + 7).to_le_bytes());
     frame.extend([0; 8]);
-    let reason = close_reason_after(&coordinator, &creds, &frame).await;
+    let reason = close_reason_after(&access, &frame).await;
     assert!(
         reason.contains(&format!("version {}", PROTOCOL_VERSION + 7)),
         "{reason}"
     );
-    still_serves(&coordinator, &creds).await;
+    still_serves(&coordinator, &access).await;
     coordinator.shutdown().await;
 }
 
 #[tokio::test]
 async fn a_handshake_larger_than_the_handshake_limit_is_refused_before_it_is_buffered() {
-    let (coordinator, creds) = start_coordinator().await;
+    let (coordinator, access) = start_coordinator().await.unwrap();
     let announced = (HANDSHAKE_MAX_MESSAGE as u32 + 1).to_le_bytes();
-    let reason = close_reason_after(&coordinator, &creds, &announced).await;
+    let reason = close_reason_after(&access, &announced).await;
     assert!(reason.contains("exceeds the limit"), "{reason}");
     assert!(reason.contains(&HANDSHAKE_MAX_MESSAGE.to_string()), "{reason}");
-    still_serves(&coordinator, &creds).await;
+    still_serves(&coordinator, &access).await;
     coordinator.shutdown().await;
 }
 
 #[tokio::test]
 async fn a_client_that_speaks_the_node_protocol_is_disconnected() {
-    let (coordinator, creds) = start_coordinator().await;
+    let (coordinator, access) = start_coordinator().await.unwrap();
     // Typed sessions make this impossible by mistake; a hostile client
     // can still send a node's bytes, and gets closed for it.
     let role = Role::Client {
-        api_key: creds.api_key.clone(),
+        api_key: access.api_key.clone(),
     };
-    let peer: Peer<NodeToCoordinator, CoordinatorToClient> = Peer::join(coordinator.local_addr, &creds, role).await;
+    let peer: Peer<NodeToCoordinator, CoordinatorToClient> = Peer::join(&access, role).await.unwrap();
     peer.tx
         .send(NodeToCoordinator::SlotFailed {
             job: JobId(1),
@@ -128,21 +128,17 @@ async fn a_client_that_speaks_the_node_protocol_is_disconnected() {
         }
         other => panic!("unexpected close: {other}"),
     }
-    still_serves(&coordinator, &creds).await;
+    still_serves(&coordinator, &access).await;
     coordinator.shutdown().await;
 }
 
 #[tokio::test]
 async fn a_wrong_api_key_is_refused_with_what_to_do() {
-    let (coordinator, creds) = start_coordinator().await;
-    let err = Client::connect(
-        &coordinator.local_addr.to_string(),
-        creds.ca_pem.as_bytes(),
-        "fmkey_wrong",
-    )
-    .await
-    .err()
-    .expect("a wrong key is refused");
+    let (coordinator, access) = start_coordinator().await.unwrap();
+    let err = Client::connect(&access.addr.to_string(), &access.ca_pem, "fmkey_wrong")
+        .await
+        .err()
+        .expect("a wrong key is refused");
     assert!(matches!(err, ClientError::Refused(_)), "{err:?}");
     assert!(err.to_string().contains("FLEETMAP_API_KEY"), "{err}");
     coordinator.shutdown().await;
@@ -150,12 +146,8 @@ async fn a_wrong_api_key_is_refused_with_what_to_do() {
 
 #[tokio::test]
 async fn a_node_with_a_wrong_token_is_refused_and_stops() {
-    let (coordinator, creds) = start_coordinator().await;
-    let config = NodeConfig::new(
-        coordinator.local_addr.to_string(),
-        creds.ca_pem.clone().into_bytes(),
-        "fmjoin_wrong".into(),
-    );
+    let (coordinator, access) = start_coordinator().await.unwrap();
+    let config = NodeConfig::new(access.addr.to_string(), access.ca_pem.clone(), "fmjoin_wrong".into());
     let result = tokio::time::timeout(Duration::from_secs(20), fleetmap_node_daemon::run(config))
         .await
         .expect("a refused node stops instead of retrying");
@@ -169,16 +161,12 @@ async fn a_node_with_a_wrong_token_is_refused_and_stops() {
 
 #[tokio::test]
 async fn a_client_that_does_not_trust_the_coordinator_fails_tls() {
-    let (coordinator, creds) = start_coordinator().await;
+    let (coordinator, access) = start_coordinator().await.unwrap();
     let other = Credentials::generate().unwrap();
-    let err = Client::connect(
-        &coordinator.local_addr.to_string(),
-        other.ca_pem.as_bytes(),
-        &creds.api_key,
-    )
-    .await
-    .err()
-    .expect("a certificate from another CA is not trusted");
+    let err = Client::connect(&access.addr.to_string(), other.ca_pem.as_bytes(), &access.api_key)
+        .await
+        .err()
+        .expect("a certificate from another CA is not trusted");
     assert!(
         matches!(err, ClientError::Tls(_)),
         "TLS fails before any key is sent, and says so: {err:?}"

@@ -2,76 +2,36 @@
 //! protocol and echo their inputs: the whole dispatch path, node loss
 //! included, without Python.
 
-use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use fleetmap_client::{Client, JobEvent};
-use fleetmap_coordinator::Credentials;
-use fleetmap_protocol::{
-    CallRequest, ChunkId, CoordinatorToNode, InputChunk, InputIndex, JobSpec, NodeToCoordinator, OutputChunk,
-    RuntimeSpec,
+use fleetmap_net::SessionError;
+use fleetmap_protocol::{ChunkId, CoordinatorToNode, InputChunk, InputIndex};
+use fleetmap_testkit::{
+    connect_client, job_spec, node_role, start_coordinator, CoordinatorAccess, EchoNode, NodePeer, ONE_CORE,
 };
 use tokio::task::JoinHandle;
 
-use crate::{node_role, start_coordinator, NodePeer};
-
-/// A node that answers every chunk with its own payload. With `die_after`,
-/// it drops its connection instead of answering that many-th chunk.
+/// An echo node of two slots, slow enough (2 ms for a chunk of 10 inputs)
+/// that chunks are in flight when a node dies. With `die_after`, it drops
+/// its connection instead of taking that many-th chunk. Yields the chunks
+/// it took.
 pub fn echo_node(
-    addr: SocketAddr,
-    creds: Credentials,
+    access: &CoordinatorAccess,
     name: &'static str,
-    die_after: Option<usize>,
-) -> JoinHandle<usize> {
-    tokio::spawn(async move {
-        let mut peer = NodePeer::join(addr, &creds, node_role(&creds.join_token, name, 2)).await;
-        let mut answered = 0;
-        loop {
-            let Ok(Ok(Some(msg))) = tokio::time::timeout(Duration::from_secs(30), peer.rx.recv()).await else {
-                return answered;
-            };
-            if let CoordinatorToNode::RunChunk { job, slot, chunk } = msg {
-                if Some(answered) == die_after {
-                    fleetmap_net::CloseCode::Done.close(&peer.conn, "node dies");
-                    return answered;
-                }
-                answered += 1;
-                let output = OutputChunk {
-                    chunk: chunk.chunk,
-                    first_input: chunk.first_input,
-                    count: chunk.count,
-                    failed: 0,
-                    node: name.into(),
-                    payload: chunk.payload,
-                };
-                // Slow enough that chunks are in flight when a node dies.
-                tokio::time::sleep(Duration::from_millis(2)).await;
-                let _ = peer.tx.send(NodeToCoordinator::ChunkDone { job, slot, output });
-            }
-        }
-    })
-}
-
-pub fn spec(total: u64) -> JobSpec {
-    JobSpec {
-        call: CallRequest {
-            cores: 1,
-            memory_bytes: 1 << 30,
-            gpus: 0,
-        },
-        parallelism: None,
-        total_inputs: Some(total),
-        runtime: RuntimeSpec::Python {
-            executable: "python3".into(),
-            version: "3.11".into(),
-            function: vec![0; 16],
-        },
+    die_after: Option<u64>,
+) -> JoinHandle<Result<u64, SessionError>> {
+    let mut node = EchoNode::new(name, 2).per_input(Duration::from_micros(200));
+    if let Some(chunks) = die_after {
+        node = node.die_after(chunks);
     }
+    tokio::spawn(node.run(access.clone(), Arc::default(), std::future::pending()))
 }
 
 /// Runs a job of `chunks` chunks through `client`; returns, per chunk, the
 /// payloads that came back and which node ran it.
 pub async fn run_echo_job(client: &Client, chunks: u64) -> BTreeMap<u64, Vec<(Vec<u8>, String)>> {
-    let mut job = client.submit(spec(chunks * 10)).await.unwrap();
+    let mut job = client.submit(job_spec(chunks * 10, ONE_CORE)).await.unwrap();
     let mut credit = job.initial_credit;
     let mut sent = 0;
     let mut outputs: BTreeMap<u64, Vec<(Vec<u8>, String)>> = BTreeMap::new();
@@ -108,12 +68,11 @@ pub async fn run_echo_job(client: &Client, chunks: u64) -> BTreeMap<u64, Vec<(Ve
 
 #[tokio::test]
 async fn a_job_runs_every_chunk_exactly_once_across_nodes() {
-    let (coordinator, creds) = start_coordinator().await;
-    let addr = coordinator.local_addr;
-    let a = echo_node(addr, creds.clone(), "a", None);
-    let b = echo_node(addr, creds.clone(), "b", None);
+    let (coordinator, access) = start_coordinator().await.unwrap();
+    let a = echo_node(&access, "a", None);
+    let b = echo_node(&access, "b", None);
     assert!(coordinator.wait_for_nodes(2, Duration::from_secs(10)).await);
-    let client = crate::connect_client(&coordinator, &creds).await;
+    let client = connect_client(&access).await.unwrap();
     let outputs = run_echo_job(&client, 500).await;
     assert_eq!(outputs.len(), 500);
     for (chunk, outs) in &outputs {
@@ -130,18 +89,21 @@ async fn a_job_runs_every_chunk_exactly_once_across_nodes() {
 
 #[tokio::test]
 async fn chunks_of_a_node_that_dies_mid_job_run_elsewhere_exactly_once() {
-    let (coordinator, creds) = start_coordinator().await;
-    let addr = coordinator.local_addr;
-    let dying = echo_node(addr, creds.clone(), "dying", Some(20));
-    let healthy = echo_node(addr, creds.clone(), "healthy", None);
+    let (coordinator, access) = start_coordinator().await.unwrap();
+    let dying = echo_node(&access, "dying", Some(20));
+    let healthy = echo_node(&access, "healthy", None);
     assert!(coordinator.wait_for_nodes(2, Duration::from_secs(10)).await);
-    let client = crate::connect_client(&coordinator, &creds).await;
+    let client = connect_client(&access).await.unwrap();
     let outputs = run_echo_job(&client, 300).await;
     assert_eq!(outputs.len(), 300);
     assert!(outputs.values().all(|o| o.len() == 1), "no chunk yields two outcomes");
-    assert_eq!(dying.await.unwrap(), 20, "the dying node answered 20 chunks, then died");
-    // Its answers still in flight when it closed are lost with it; those
-    // chunks ran again on the healthy node.
+    assert_eq!(
+        dying.await.unwrap().unwrap(),
+        20,
+        "the dying node took 20 chunks, then died"
+    );
+    // The chunks it took but had not answered when it closed are lost with
+    // it; they ran again on the healthy node.
     assert!(outputs.values().filter(|o| o[0].1 == "dying").count() <= 20);
     healthy.abort();
     coordinator.shutdown().await;
@@ -149,11 +111,12 @@ async fn chunks_of_a_node_that_dies_mid_job_run_elsewhere_exactly_once() {
 
 #[tokio::test]
 async fn a_client_that_disconnects_cancels_its_job() {
-    let (coordinator, creds) = start_coordinator().await;
-    let addr = coordinator.local_addr;
-    let mut node = NodePeer::join(addr, &creds, node_role(&creds.join_token, "n", 2)).await;
-    let client = crate::connect_client(&coordinator, &creds).await;
-    let job = client.submit(spec(100)).await.unwrap();
+    let (coordinator, access) = start_coordinator().await.unwrap();
+    let mut node = NodePeer::join(&access, node_role(&access.join_token, "n", 2))
+        .await
+        .unwrap();
+    let client = connect_client(&access).await.unwrap();
+    let job = client.submit(job_spec(100, ONE_CORE)).await.unwrap();
     assert!(matches!(node.next().await, CoordinatorToNode::StartSlots { .. }));
     drop(job);
     drop(client);
