@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from ._wasm import wasm
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> object:
     # Worker processes import this package too (for fleetmap._worker); the
     # client side is loaded on first use so that worker start-up stays lean.
     if name == "remote_parallel_map":

@@ -1,8 +1,17 @@
-"""The exceptions fleetmap raises. Every one subclasses :class:`FleetmapError`."""
+"""The exceptions fleetmap raises. Every one subclasses :class:`FleetmapError`.
+
+This is their only definition. The compiled core, ``fleetmap._native``,
+looks the classes up here when it is imported and raises them itself
+(``python/src/errors.rs`` says which Rust error becomes which class), so
+this module must not import ``fleetmap._native``. They are Python classes
+because several have a built-in second base (``OutOfMemory`` is a
+``MemoryError``), and because an exception raised in a worker is pickled by
+reference to its class here and rebuilt in the caller.
+"""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple, Type
 
 
 class FleetmapError(Exception):
@@ -76,9 +85,11 @@ class RemoteTraceback(Exception):
 
 class WasmError(FleetmapError):
     """A WebAssembly call failed: it trapped, exited non-zero, ran out of
-    time or memory, or the module is invalid. ``kind`` says which,
-    ``stderr`` holds what the module wrote to stderr, ``exit_code`` its
-    exit status where it exited."""
+    time or memory, or the module is invalid. ``kind`` says which:
+    ``"invalid"``, ``"no_start"`` (not a WASI command), ``"trap"``,
+    ``"exit"``, ``"timeout"``, ``"memory"`` or ``"output_too_large"``.
+    ``stderr`` holds the tail of what the module wrote to stderr,
+    ``exit_code`` its exit status where it exited (else ``None``)."""
 
     def __init__(self, message: str, kind: str = "trap", stderr: str = "", exit_code: Optional[int] = None) -> None:
         super().__init__(message)
@@ -86,7 +97,9 @@ class WasmError(FleetmapError):
         self.stderr = stderr
         self.exit_code = exit_code
 
-    def __reduce__(self):
+    def __reduce__(self) -> Tuple[Type[WasmError], Tuple[str, str, str, Optional[int]]]:
+        # Rebuilt from the same four arguments on the other side of a
+        # pickle (a worker's exception travels to the caller).
         return (type(self), (str(self), self.kind, self.stderr, self.exit_code))
 
 

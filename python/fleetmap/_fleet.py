@@ -28,14 +28,7 @@ from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 from . import _native
-from ._errors import (
-    AuthenticationError,
-    VersionMismatch,
-    ConfigurationError,
-    CoordinatorUnreachable,
-    FleetmapError,
-    JobRejected,
-)
+from ._errors import ConfigurationError, VersionMismatch
 
 
 @dataclass(frozen=True)
@@ -101,10 +94,7 @@ def local_cluster() -> "_native.LocalHandle":
     global _local
     with _lock:
         if _local is None:
-            try:
-                _local = _native.start_local_cluster("127.0.0.1:0", sys.executable)
-            except _native.NativeError as exc:
-                raise translate(exc) from None
+            _local = _native.start_local_cluster("127.0.0.1:0", sys.executable)
             atexit.register(_stop_local)
         return _local
 
@@ -133,10 +123,7 @@ def connection(fleet: FleetAddress, fresh: bool = False) -> "_native.Connection"
         conn = _connections.get(key)
         if conn is not None and not fresh:
             return conn
-        try:
-            conn = _native.connect(fleet.coordinator, fleet.ca_pem, fleet.api_key)
-        except _native.NativeError as exc:
-            raise translate(exc) from None
+        conn = _native.connect(fleet.coordinator, fleet.ca_pem, fleet.api_key)
         if conn.coordinator_version != _native.VERSION:
             warnings.warn(
                 f"the coordinator at {fleet.coordinator} runs fleetmap {conn.coordinator_version} and this "
@@ -163,20 +150,3 @@ atexit.register(_close_connections)
 def forget(fleet: FleetAddress) -> None:
     with _lock:
         _connections.pop((fleet.coordinator, fleet.api_key), None)
-
-
-_KINDS = {
-    "unreachable": CoordinatorUnreachable,
-    "disconnected": CoordinatorUnreachable,
-    "auth": AuthenticationError,
-    "tls": AuthenticationError,
-    "rejected": JobRejected,
-    "config": ConfigurationError,
-    "local": FleetmapError,
-}
-
-
-def translate(exc: "_native.NativeError") -> FleetmapError:
-    """The fleetmap exception for an error from the native core."""
-    kind, message = exc.args if len(exc.args) == 2 else ("", str(exc))
-    return _KINDS.get(kind, FleetmapError)(message)

@@ -13,7 +13,7 @@ import site
 import sys
 import sysconfig
 import types
-from typing import Any, Callable, Generator, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, ContextManager, Generator, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from . import _fleet, _native
 from ._errors import CoordinatorUnreachable, InputError, JobFailed, UnsupportedOption
@@ -195,7 +195,10 @@ def _local_modules_by_value() -> Iterator[None]:
                 pass
 
 
-def _check_arguments(function_, parallelism, func_cpu, func_ram, func_gpu, image, packages) -> None:
+def _check_arguments(
+    function_: Any, parallelism: Any, func_cpu: Any, func_ram: Any, func_gpu: Any, image: Any, packages: Any
+) -> None:
+    # Typed Any: these are the caller's arguments as given, checked here.
     if image is not None:
         raise UnsupportedOption(
             "image= is not supported yet: calls run in the caller's Python environment; leave image=None"
@@ -237,7 +240,7 @@ def _pickle_function(function_: Callable[[Any], Any]) -> bytes:
     import cloudpickle
 
     try:
-        blob = cloudpickle.dumps(function_, protocol=pickle.HIGHEST_PROTOCOL)
+        blob: bytes = cloudpickle.dumps(function_, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:
         raise InputError(
             f"function_ {getattr(function_, '__qualname__', function_)!r} cannot be sent: "
@@ -257,7 +260,15 @@ def _python_version() -> str:
     return f"{sys.version_info.major}.{sys.version_info.minor}"
 
 
-def _submit(fleet, function_blob, n, parallelism, func_cpu, func_ram, func_gpu):
+def _submit(
+    fleet: _fleet.FleetAddress,
+    function_blob: bytes,
+    n: Optional[int],
+    parallelism: int,
+    func_cpu: int,
+    func_ram: float,
+    func_gpu: int,
+) -> _native.Job:
     version = _python_version()
     args = (
         function_blob,
@@ -273,13 +284,11 @@ def _submit(fleet, function_blob, n, parallelism, func_cpu, func_ram, func_gpu):
         conn = _fleet.connection(fleet, fresh=attempt > 0)
         try:
             return conn.submit(*args)
-        except _native.NativeError as exc:
-            error = _fleet.translate(exc)
-            if isinstance(error, CoordinatorUnreachable) and attempt == 0:
-                # The shared connection may have died since the last call.
-                _fleet.forget(fleet)
-                continue
-            raise error from None
+        except CoordinatorUnreachable:
+            if attempt > 0:
+                raise
+            # The shared connection may have died since the last call.
+            _fleet.forget(fleet)
     raise AssertionError("unreachable: the loop returns or raises")
 
 
@@ -353,7 +362,8 @@ def _pickle_chunk(chunk: List[Any], first: int) -> bytes:
     import cloudpickle
 
     try:
-        return cloudpickle.dumps(chunk, protocol=pickle.HIGHEST_PROTOCOL)
+        blob: bytes = cloudpickle.dumps(chunk, protocol=pickle.HIGHEST_PROTOCOL)
+        return blob
     except Exception:
         for i, item in enumerate(chunk):
             try:
@@ -368,7 +378,11 @@ def _pickle_chunk(chunk: List[Any], first: int) -> bytes:
 
 
 def _chunk_outcomes(
-    job, source: _InputSource, progress: Progress, return_exceptions: bool, scope
+    job: _native.Job,
+    source: _InputSource,
+    progress: Progress,
+    return_exceptions: bool,
+    scope: ContextManager[None],
 ) -> Generator[Tuple[int, List[Any]], None, None]:
     """Feeds the job its inputs within credit and yields ``(first index,
     outputs)`` per finished chunk. Whatever ends it early (a failure,
@@ -386,7 +400,7 @@ def _chunk_outcomes(
 
 
 def _run(
-    job, source: _InputSource, progress: Progress, return_exceptions: bool
+    job: _native.Job, source: _InputSource, progress: Progress, return_exceptions: bool
 ) -> Generator[Tuple[int, List[Any]], None, None]:
     total = source.total
     slots = max(job.slots, 1)

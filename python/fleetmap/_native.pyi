@@ -1,9 +1,10 @@
-"""Type stub of ``fleetmap._native``, the compiled core (``python/src/lib.rs``).
+"""Type stub of ``fleetmap._native``, the compiled core (``python/src/``).
 
 The module converts types between Python and the Rust crates and holds the
-process's tokio runtime. Every blocking call releases the GIL. Errors cross
-as :class:`NativeError`; ``fleetmap._fleet.translate`` turns them into
-``fleetmap`` exception classes.
+process's tokio runtime. Every blocking call releases the GIL. Failures
+raise the ``fleetmap`` exception classes themselves (defined in
+``fleetmap/_errors.py``, looked up by the extension when it is imported;
+``python/src/errors.rs`` says which Rust error becomes which class).
 
 Keep this file in step with the ``#[pymodule]`` in ``python/src/lib.rs``.
 """
@@ -11,11 +12,10 @@ Keep this file in step with the ``#[pymodule]`` in ``python/src/lib.rs``.
 import os
 from typing import Any, Optional, Sequence, Tuple, TypedDict, Union, final, type_check_only
 
-#: Bytes as the core accepts them (``bytes`` or ``bytearray``, without a copy).
+#: Bytes as the core accepts them: ``bytes`` (read in place) or ``bytearray`` (copied).
 _Bytes = Union[bytes, bytearray]
 
 __all__ = [
-    "NativeError",
     "VERSION",
     "init_logging",
     "start_local_cluster",
@@ -28,35 +28,12 @@ __all__ = [
     "NodeHandle",
     "Connection",
     "Job",
-    "WasmError",
     "WasmModule",
     "validate_wasm",
 ]
 
 #: fleetmap's software version (the Rust crates' ``CARGO_PKG_VERSION``).
 VERSION: str
-
-class NativeError(Exception):
-    """An error from fleetmap's native core: ``args`` are ``(kind, message)``.
-
-    ``kind`` is one of ``"unreachable"``, ``"disconnected"``, ``"auth"``,
-    ``"tls"``, ``"rejected"``, ``"protocol"``, ``"config"`` or ``"local"``.
-    """
-
-    args: Tuple[str, str]
-
-class WasmError(Exception):
-    """A WebAssembly module failed to load or run: ``args`` are
-    ``(kind, message, stderr, exit_code)``.
-
-    ``kind`` is one of ``"invalid"``, ``"no_start"``, ``"trap"``,
-    ``"exit"``, ``"timeout"``, ``"memory"`` or ``"output_too_large"``;
-    ``stderr`` is the tail of what the module wrote there; ``exit_code`` is
-    ``None`` unless ``kind`` is ``"exit"``. ``fleetmap._wasm`` turns it into
-    ``fleetmap.WasmError`` and its subclasses.
-    """
-
-    args: Tuple[str, str, str, Optional[int]]
 
 def init_logging(level: str) -> None:
     """Turns on logging to stderr at ``level`` (``FLEETMAP_LOG`` overrides it);
@@ -67,15 +44,15 @@ def start_local_cluster(listen: str, python: str) -> LocalHandle:
     credentials) in this process on ``listen`` (``"127.0.0.1:0"`` for any
     port), with ``python`` as the workers' default interpreter.
 
-    Raises :class:`NativeError` ``("config", ...)`` for a bad address and
-    ``("local", ...)`` when the cluster cannot start."""
+    Raises :class:`fleetmap.ConfigurationError` for a bad address and
+    :class:`fleetmap.FleetmapError` when the cluster cannot start."""
 
 def start_coordinator(listen: str, state_dir: Union[str, "os.PathLike[str]"]) -> CoordinatorHandle:
     """Starts a coordinator serving QUIC on ``listen``, with its CA, join token
     and API key loaded from (or created in) ``state_dir``.
 
-    Raises :class:`NativeError` ``("config", ...)`` when the address is bad,
-    the credentials cannot be read or written, or the address is taken."""
+    Raises :class:`fleetmap.ConfigurationError` when the address is bad, the
+    credentials cannot be read or written, or the address is taken."""
 
 def start_node(
     coordinator: str,
@@ -104,15 +81,17 @@ def start_node(
     workers share the node's ``/tmp``.
 
     The daemon runs in the background: :meth:`NodeHandle.wait` reports why it
-    stopped. Raises :class:`NativeError` ``("config", ...)`` when ``run_as``
+    stopped. Raises :class:`fleetmap.ConfigurationError` when ``run_as``
     names no user."""
 
 def connect(addr: str, ca_pem: bytes, api_key: str) -> Connection:
     """Connects to the coordinator at ``addr`` (``host:port``), verifying its
     certificate against ``ca_pem`` and presenting ``api_key``.
 
-    Raises :class:`NativeError` with kind ``"unreachable"``, ``"auth"``,
-    ``"tls"`` or ``"protocol"``."""
+    Raises :class:`fleetmap.CoordinatorUnreachable` when the coordinator
+    cannot be reached, :class:`fleetmap.AuthenticationError` when it refuses
+    the key or its certificate does not verify, and
+    :class:`fleetmap.FleetmapError` for a protocol error."""
 
 def worker_main(fd: int) -> None:
     """Runs a slot's worker loop on the inherited channel ``fd`` until the
@@ -210,15 +189,16 @@ class Connection:
         ``executable`` (Python ``version``, ``"3.11"``).
 
         Returns once the coordinator has placed the job's slots; raises
-        :class:`NativeError` ``("rejected", reason)`` when no node can host
-        one call, or ``"disconnected"`` when the connection is gone."""
+        :class:`fleetmap.JobRejected` when no node can host one call, or
+        :class:`fleetmap.CoordinatorUnreachable` when the connection is gone."""
     @property
     def coordinator_version(self) -> str:
         """The fleetmap version the coordinator runs (from its ``Welcome``)."""
     def close(self) -> None:
         """Closes the connection; its running jobs are cancelled."""
     def status(self) -> Tuple[list[NodeStatus], int]:
-        """The fleet's nodes and the number of running jobs."""
+        """The fleet's nodes and the number of running jobs; raises like
+        :meth:`submit` when the connection is gone."""
 
 #: What :meth:`Job.events` returns, one tuple per event. The first item says
 #: which:
@@ -267,7 +247,8 @@ class Job:
 
 def validate_wasm(module: _Bytes) -> None:
     """Checks that ``module`` (binary or WAT text) compiles to a WASI command
-    module; raises :class:`WasmError` (``"invalid"`` or ``"no_start"``) if not."""
+    module; raises :class:`fleetmap.WasmError` (``kind`` ``"invalid"`` or
+    ``"no_start"``) if not."""
 
 @final
 class WasmModule:
@@ -290,10 +271,15 @@ class WasmModule:
         ``time_limit_s`` seconds (``None``: no limit; otherwise above 0, else
         ``ValueError``), the WASI ``args`` and ``env``, the ``mounts`` as
         ``(host directory, guest path)`` pairs, and may write at most
-        ``max_output_bytes`` to stdout. Raises :class:`WasmError` when the
-        module does not compile."""
+        ``max_output_bytes`` to stdout. Raises :class:`fleetmap.WasmError`
+        when the module does not compile."""
     def run(self, stdin: _Bytes) -> bytes:
         """Runs the module in a fresh instance on ``stdin`` and returns its
-        stdout (GIL released); raises :class:`WasmError` when it fails."""
+        stdout (GIL released).
+
+        Raises :class:`fleetmap.WasmTimeout` past the time limit,
+        :class:`fleetmap.WasmMemoryLimit` when a memory growth is refused,
+        and :class:`fleetmap.WasmError` for a trap, a non-zero exit or too
+        much output; its ``kind``, ``stderr`` and ``exit_code`` say more."""
     def run_with_stderr(self, stdin: _Bytes) -> Tuple[bytes, str]:
         """Like :meth:`run`, returning ``(stdout, stderr)``."""

@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 import pickle
 import traceback
-from typing import Optional
+from typing import Optional, Tuple
+
+#: What ``RemoteFailure`` pickles to: its five slots, in order.
+_State = Tuple[int, str, str, str, Optional[bytes]]
 
 from ._errors import RemoteError, RemoteTraceback
 
@@ -22,10 +25,10 @@ class RemoteFailure:
         self.traceback = tb
         self.exception = exception
 
-    def __getstate__(self):
+    def __getstate__(self) -> _State:
         return (self.index, self.type_name, self.message, self.traceback, self.exception)
 
-    def __setstate__(self, state):
+    def __setstate__(self, state: _State) -> None:
         self.index, self.type_name, self.message, self.traceback, self.exception = state
 
     @classmethod

@@ -16,20 +16,13 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Dict, Mapping, Optional, Sequence, Union
 
-from ._errors import WasmError, WasmMemoryLimit, WasmTimeout
+if TYPE_CHECKING:
+    from . import _native
 
 #: Default most bytes a call may write to stdout.
 DEFAULT_MAX_OUTPUT = 16 << 20
-
-_ERRORS = {"timeout": WasmTimeout, "memory": WasmMemoryLimit}
-
-
-def _error(native_error: BaseException) -> WasmError:
-    kind, message, stderr, exit_code = (tuple(native_error.args) + ("", "", "", None))[:4]
-    cls = _ERRORS.get(kind, WasmError)
-    return cls(message, kind=kind, stderr=stderr or "", exit_code=exit_code)
 
 
 class WasmFunction:
@@ -69,15 +62,10 @@ class WasmFunction:
             data = bytes(input)
         else:
             raise TypeError(f"a WebAssembly function takes bytes or str inputs, got {type(input).__name__}")
-        from . import _native
-
-        try:
-            output = self._instance().run(data)
-        except _native.WasmError as exc:
-            raise _error(exc) from None
+        output = self._instance().run(data)
         return output.decode("utf-8", errors="replace") if self.text else output
 
-    def _instance(self):
+    def _instance(self) -> _native.WasmModule:
         """The module compiled in this process (once; the worker reuses it
         for every input of the job)."""
         native = self.__dict__.get("_native")
@@ -86,24 +74,21 @@ class WasmFunction:
 
             # Inside a slot, the job's func_ram; elsewhere (a local test), 1 GiB.
             limit = int(_worker.setting("memory_limit_bytes", 1 << 30))
-            try:
-                native = _native.WasmModule(
-                    self.module,
-                    limit,
-                    self.time_limit,
-                    self.args,
-                    sorted(self.env.items()),
-                    sorted(self.mounts.items()),
-                    self.max_output,
-                )
-            except _native.WasmError as exc:
-                raise _error(exc) from None
+            native = _native.WasmModule(
+                self.module,
+                limit,
+                self.time_limit,
+                self.args,
+                sorted(self.env.items()),
+                sorted(self.mounts.items()),
+                self.max_output,
+            )
             self.__dict__["_native"] = native
         return native
 
 
 def wasm(
-    module: Union[str, os.PathLike, bytes],
+    module: Union[str, "os.PathLike[str]", bytes],
     *,
     env: Optional[Mapping[str, str]] = None,
     args: Optional[Sequence[str]] = None,
@@ -135,8 +120,5 @@ def wasm(
             raise ValueError(f"mount {host!r} is not a directory on this machine")
     from . import _native
 
-    try:
-        _native.validate_wasm(data)
-    except _native.WasmError as exc:
-        raise _error(exc) from None
+    _native.validate_wasm(data)
     return WasmFunction(data, env or {}, args or [], time_limit, text, mounts or {}, max_output, name)

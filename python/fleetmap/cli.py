@@ -8,7 +8,8 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
+from types import FrameType
+from typing import Callable, List, NoReturn, Optional
 
 from . import _native
 from ._errors import FleetmapError
@@ -23,13 +24,13 @@ def _stop_on_sigterm() -> None:
     """SIGTERM (systemd, kill) stops the daemon like Ctrl-C: cleanly, with
     every slot torn down."""
 
-    def interrupt(signum, frame):
+    def interrupt(signum: int, frame: Optional[FrameType]) -> NoReturn:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)
 
 
-def _wait_forever(stop) -> int:
+def _wait_forever(stop: Callable[[], None]) -> int:
     _stop_on_sigterm()
     try:
         while True:
@@ -126,10 +127,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    try:
-        nodes, jobs = _fleet.connection(fleet).status()
-    except _native.NativeError as exc:
-        raise _fleet.translate(exc) from None
+    nodes, jobs = _fleet.connection(fleet).status()
     gib = float(1 << 30)
     print(f"fleet at {fleet.coordinator}: {len(nodes)} node(s), {jobs} running job(s)")
     print(f"{'node':<24} {'cores free/all':>14} {'memory free/all GiB':>20} {'GPUs free/all':>14}  isolation")
@@ -180,14 +178,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.set_defaults(run=cmd_status)
 
     args = parser.parse_args(argv)
+    run: Callable[[argparse.Namespace], int] = args.run
     try:
-        return args.run(args)
+        return run(args)
     except FleetmapError as exc:
         print(f"fleetmap {args.command}: {exc}", file=sys.stderr)
-        return 1
-    except _native.NativeError as exc:
-        kind, message = exc.args if len(exc.args) == 2 else ("error", str(exc))
-        print(f"fleetmap {args.command}: {message}", file=sys.stderr)
         return 1
 
 

@@ -4,6 +4,7 @@ dead workers, requests no node can host."""
 from __future__ import annotations
 
 import os
+import pickle
 import threading
 import time
 
@@ -291,3 +292,19 @@ def test_a_function_too_large_to_send_names_what_it_captures(monkeypatch):
     assert "closure variable 'table': 3.0 MiB" in message, message
     assert message.index("'table'") < message.index("'small'"), "largest first"
     assert "over the limit of 1.0 MiB" in message, message
+
+
+def test_the_native_core_raises_fleetmap_classes_that_pickle(tmp_path):
+    from fleetmap import _native
+
+    with pytest.raises(fleetmap.ConfigurationError, match="bad listen address") as config:
+        _native.start_coordinator("no address", tmp_path)
+    with pytest.raises(fleetmap.WasmError) as wasm:
+        _native.validate_wasm(b"not a module")
+    assert wasm.value.kind == "invalid" and wasm.value.exit_code is None
+    for exc in (config.value, wasm.value):
+        # Raised as the class itself, not translated from another exception.
+        assert exc.__context__ is None and exc.__cause__ is None
+        again = pickle.loads(pickle.dumps(exc))
+        assert type(again) is type(exc) and str(again) == str(exc)
+    assert again.kind == "invalid"

@@ -1,6 +1,6 @@
 """``fleetmap/_native.pyi`` describes every name the compiled module exports.
 
-The stub is written by hand next to ``python/src/lib.rs``; this fails when
+The stub is written by hand next to ``python/src/``; this fails when
 the two drift apart (a function, class, method or attribute added to or
 removed from one side only). ``mypy.stubtest fleetmap._native`` checks the
 signatures too, where mypy is installed.

@@ -33,9 +33,9 @@ pub fn worker_main(py: Python<'_>, fd: i32) -> PyResult<()> {
     let helpers = py.import("fleetmap._worker")?;
     let load = helpers.getattr("load_function")?;
     let run = helpers.getattr("run_chunk")?;
-    let mut function: Option<PyObject> = None;
+    let mut function: Option<Py<PyAny>> = None;
     loop {
-        let Some(request) = py.allow_threads(|| channel.recv()).map_err(runtime_error)? else {
+        let Some(request) = py.detach(|| channel.recv()).map_err(runtime_error)? else {
             return Ok(());
         };
         let reply = match request {
@@ -49,7 +49,7 @@ pub fn worker_main(py: Python<'_>, fd: i32) -> PyResult<()> {
                 settings_dict.set_item("memory_limit_bytes", settings.memory_limit_bytes)?;
                 settings_dict.set_item("max_output_bytes", settings.max_output_bytes)?;
                 let loaded = load.call1((PyBytes::new(py, &pickled), settings_dict))?;
-                let loaded = loaded.downcast::<PyTuple>()?;
+                let loaded = loaded.cast::<PyTuple>()?;
                 let error: Option<String> = loaded.get_item(1)?.extract()?;
                 match error {
                     Some(error) => FromWorker::LoadFailed { error },
@@ -85,7 +85,7 @@ pub fn worker_main(py: Python<'_>, fd: i32) -> PyResult<()> {
                 }
             }
         };
-        py.allow_threads(|| channel.send(&reply)).map_err(runtime_error)?;
+        py.detach(|| channel.send(&reply)).map_err(runtime_error)?;
     }
 }
 
@@ -93,7 +93,7 @@ pub fn worker_main(py: Python<'_>, fd: i32) -> PyResult<()> {
 /// run, which input's call starts now. It writes on its own handle of the
 /// channel; calls happen on the worker's one thread between the main loop's
 /// reads and writes, so frames never interleave.
-fn started_callback(py: Python<'_>, stream: UnixStream) -> PyResult<PyObject> {
+fn started_callback(py: Python<'_>, stream: UnixStream) -> PyResult<Py<PyAny>> {
     let stream = Mutex::new((stream, Vec::new()));
     let callback = PyCFunction::new_closure(
         py,

@@ -1,0 +1,211 @@
+//! The client binding: a connection to a coordinator, and the jobs
+//! submitted on it. Requests block with the GIL released; replies and
+//! events become plain Python values.
+
+use std::sync::Arc;
+
+use fleetmap_client::{Client, Job, JobEvent};
+use fleetmap_protocol::{CallRequest, ChunkId, InputChunk, InputIndex, JobSpec, OutputStream, RuntimeSpec};
+use pyo3::{
+    prelude::*,
+    types::{PyBytes, PyDict},
+};
+
+use crate::{
+    errors::client_error,
+    process::{runtime, seconds},
+};
+
+/// The most events one `Job.events` call returns, so that a flood of
+/// outputs still lets the caller show progress between batches.
+const MAX_EVENTS_PER_CALL: usize = 4096;
+
+/// Connects to the coordinator at `addr`.
+#[pyfunction]
+pub(crate) fn connect(py: Python<'_>, addr: String, ca_pem: Vec<u8>, api_key: String) -> PyResult<Connection> {
+    let client = py
+        .detach(|| runtime().block_on(Client::connect(&addr, &ca_pem, &api_key)))
+        .map_err(client_error)?;
+    Ok(Connection {
+        client: Arc::new(client),
+    })
+}
+
+/// A connection to a coordinator.
+#[pyclass(module = "fleetmap._native", frozen)]
+pub(crate) struct Connection {
+    client: Arc<Client>,
+}
+
+#[pymethods]
+impl Connection {
+    /// Submits a job of a pickled Python function.
+    #[pyo3(signature = (function, cores, memory_bytes, gpus, parallelism, total_inputs, executable, version))]
+    #[allow(clippy::too_many_arguments)]
+    fn submit(
+        &self,
+        py: Python<'_>,
+        function: Vec<u8>,
+        cores: u32,
+        memory_bytes: u64,
+        gpus: u32,
+        parallelism: Option<u32>,
+        total_inputs: Option<u64>,
+        executable: String,
+        version: String,
+    ) -> PyResult<PyJob> {
+        let spec = JobSpec {
+            call: CallRequest {
+                cores,
+                memory_bytes,
+                gpus,
+            },
+            parallelism,
+            total_inputs,
+            runtime: RuntimeSpec::Python {
+                executable,
+                version,
+                function,
+            },
+        };
+        let client = self.client.clone();
+        let job = py
+            .detach(|| runtime().block_on(client.submit(spec)))
+            .map_err(client_error)?;
+        Ok(PyJob { job })
+    }
+
+    fn close(&self) {
+        self.client.close();
+    }
+
+    /// The fleetmap version the coordinator runs.
+    #[getter]
+    fn coordinator_version(&self) -> String {
+        self.client.coordinator_version.clone()
+    }
+
+    /// The fleet's nodes as dicts: name, cores, memory_bytes, gpus,
+    /// free_cores, free_memory_bytes, free_gpus, isolation; and the number
+    /// of running jobs.
+    fn status<'py>(&self, py: Python<'py>) -> PyResult<(Vec<Bound<'py, PyDict>>, u32)> {
+        let client = self.client.clone();
+        let status = py
+            .detach(|| runtime().block_on(client.status()))
+            .map_err(client_error)?;
+        let mut nodes = Vec::new();
+        for n in status.nodes {
+            let d = PyDict::new(py);
+            d.set_item("name", n.name)?;
+            d.set_item("cores", n.resources.cores)?;
+            d.set_item("memory_bytes", n.resources.memory_bytes)?;
+            d.set_item("gpus", n.resources.gpus.iter().map(|g| g.minor).collect::<Vec<_>>())?;
+            d.set_item("free_cores", n.free_cores)?;
+            d.set_item("free_memory_bytes", n.free_memory_bytes)?;
+            d.set_item("free_gpus", n.free_gpus)?;
+            d.set_item("isolation", n.isolation)?;
+            nodes.push(d);
+        }
+        Ok((nodes, status.jobs))
+    }
+}
+
+/// A running job.
+#[pyclass(name = "Job", module = "fleetmap._native")]
+pub(crate) struct PyJob {
+    job: Job,
+}
+
+#[pymethods]
+impl PyJob {
+    #[getter]
+    fn id(&self) -> u64 {
+        self.job.id.0
+    }
+
+    #[getter]
+    fn slots(&self) -> u32 {
+        self.job.slots
+    }
+
+    #[getter]
+    fn nodes(&self) -> u32 {
+        self.job.nodes
+    }
+
+    #[getter]
+    fn credit(&self) -> u32 {
+        self.job.initial_credit
+    }
+
+    fn send_chunk(&self, chunk: u64, first_input: u64, count: u32, payload: Vec<u8>) {
+        self.job.send_chunk(InputChunk {
+            chunk: ChunkId(chunk),
+            first_input: InputIndex(first_input),
+            count,
+            payload,
+        });
+    }
+
+    fn inputs_done(&self, chunks: u64) {
+        self.job.inputs_done(chunks);
+    }
+
+    fn cancel(&self) {
+        self.job.cancel();
+    }
+
+    /// The events that arrive within `timeout` seconds (at least one unless
+    /// the time runs out), as tuples:
+    /// `("output", first_input, count, failed, node, payload)`,
+    /// `("log", stream, node, text)`, `("credit", n)`, `("finished",)`,
+    /// `("failed", reason)`.
+    fn events(&mut self, py: Python<'_>, timeout: f64) -> PyResult<Vec<Py<PyAny>>> {
+        let job = &mut self.job;
+        let wait = seconds(timeout);
+        let first = py.detach(|| runtime().block_on(async { tokio::time::timeout(wait, job.next_event()).await }));
+        let mut events = Vec::new();
+        match first {
+            Err(_) => return Ok(events),
+            Ok(None) => {
+                let reason = "lost the connection to the coordinator";
+                events.push(("failed", reason).into_pyobject(py)?.into_any().unbind());
+                return Ok(events);
+            }
+            Ok(Some(e)) => events.push(event_to_py(py, e)?),
+        }
+        while events.len() < MAX_EVENTS_PER_CALL {
+            match self.job.try_next_event() {
+                Some(e) => events.push(event_to_py(py, e)?),
+                None => break,
+            }
+        }
+        Ok(events)
+    }
+}
+
+fn event_to_py(py: Python<'_>, event: JobEvent) -> PyResult<Py<PyAny>> {
+    let obj = match event {
+        JobEvent::Output(o) => (
+            "output",
+            o.first_input.0,
+            o.count,
+            o.failed,
+            o.node,
+            PyBytes::new(py, &o.payload),
+        )
+            .into_pyobject(py)?
+            .into_any(),
+        JobEvent::Log(line) => {
+            let stream = match line.stream {
+                OutputStream::Stdout => "stdout",
+                OutputStream::Stderr => "stderr",
+            };
+            ("log", stream, line.node, line.text).into_pyobject(py)?.into_any()
+        }
+        JobEvent::Credit(n) => ("credit", n).into_pyobject(py)?.into_any(),
+        JobEvent::Finished => ("finished",).into_pyobject(py)?.into_any(),
+        JobEvent::Failed(reason) => ("failed", reason).into_pyobject(py)?.into_any(),
+    };
+    Ok(obj.unbind())
+}

@@ -1,0 +1,227 @@
+//! Servers embedded in the Python process: the local cluster that
+//! `remote_parallel_map` starts when no fleet is configured, and the
+//! coordinator and node daemon that `fleetmap coordinator`/`fleetmap node`
+//! run. Each is a handle whose `stop` waits for the shutdown with the GIL
+//! released.
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Mutex, MutexGuard},
+    time::Duration,
+};
+
+use fleetmap_client::local::LocalCluster;
+use fleetmap_coordinator::{credentials::CredentialPaths, CoordinatorConfig, Credentials, RunningCoordinator};
+use fleetmap_node_daemon::{Isolation, NodeConfig, NodeError};
+use pyo3::prelude::*;
+use tokio::task::JoinHandle;
+
+use crate::{
+    errors::{configuration_error, local_cluster_error},
+    process::{runtime, seconds},
+};
+
+/// Locks a handle's state. A poisoned lock only means that an earlier call
+/// panicked while holding it; the state (a server, or its absence once
+/// stopped) is still whole, so it is used as it is.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn parse_addr(addr: &str) -> PyResult<SocketAddr> {
+    addr.parse()
+        .map_err(|e| configuration_error(format!("bad listen address {addr:?}: {e}")))
+}
+
+/// A coordinator, a node and their credentials running in this process.
+#[pyclass(module = "fleetmap._native", frozen)]
+pub(crate) struct LocalHandle {
+    cluster: Mutex<Option<LocalCluster>>,
+    #[pyo3(get)]
+    addr: String,
+    #[pyo3(get)]
+    ca_pem: String,
+    #[pyo3(get)]
+    api_key: String,
+    #[pyo3(get)]
+    join_token: String,
+}
+
+#[pymethods]
+impl LocalHandle {
+    fn stop(&self, py: Python<'_>) {
+        let cluster = lock(&self.cluster).take();
+        if let Some(c) = cluster {
+            py.detach(|| runtime().block_on(c.stop()));
+        }
+    }
+}
+
+/// Starts the embedded cluster on `listen` with `python` as the workers'
+/// default interpreter.
+#[pyfunction]
+pub(crate) fn start_local_cluster(py: Python<'_>, listen: &str, python: String) -> PyResult<LocalHandle> {
+    let listen = parse_addr(listen)?;
+    let cluster = py
+        .detach(|| runtime().block_on(LocalCluster::start(listen, python)))
+        .map_err(local_cluster_error)?;
+    Ok(LocalHandle {
+        addr: cluster.addr.clone(),
+        ca_pem: cluster.credentials.ca_pem.clone(),
+        api_key: cluster.credentials.api_key.clone(),
+        join_token: cluster.credentials.join_token.clone(),
+        cluster: Mutex::new(Some(cluster)),
+    })
+}
+
+/// A coordinator serving in this process.
+#[pyclass(module = "fleetmap._native", frozen)]
+pub(crate) struct CoordinatorHandle {
+    running: Mutex<Option<RunningCoordinator>>,
+    #[pyo3(get)]
+    addr: String,
+    #[pyo3(get)]
+    ca_path: String,
+    #[pyo3(get)]
+    join_token_path: String,
+    #[pyo3(get)]
+    api_key_path: String,
+}
+
+#[pymethods]
+impl CoordinatorHandle {
+    fn node_count(&self) -> usize {
+        lock(&self.running).as_ref().map_or(0, |c| c.node_count())
+    }
+
+    fn stop(&self, py: Python<'_>) {
+        let running = lock(&self.running).take();
+        if let Some(c) = running {
+            py.detach(|| runtime().block_on(c.shutdown()));
+        }
+    }
+}
+
+/// Starts a coordinator on `listen`, keeping its credentials in `state_dir`.
+#[pyfunction]
+pub(crate) fn start_coordinator(py: Python<'_>, listen: &str, state_dir: PathBuf) -> PyResult<CoordinatorHandle> {
+    let listen = parse_addr(listen)?;
+    let credentials = Credentials::load_or_create(&state_dir).map_err(configuration_error)?;
+    let paths = CredentialPaths::in_dir(&state_dir);
+    let running = py
+        .detach(|| {
+            runtime().block_on(async { fleetmap_coordinator::serve(CoordinatorConfig::new(listen, credentials)).await })
+        })
+        .map_err(|e| configuration_error(format!("cannot listen on {listen}: {e}")))?;
+    Ok(CoordinatorHandle {
+        addr: running.local_addr.to_string(),
+        running: Mutex::new(Some(running)),
+        ca_path: paths.ca.display().to_string(),
+        join_token_path: paths.join_token.display().to_string(),
+        api_key_path: paths.api_key.display().to_string(),
+    })
+}
+
+/// A node daemon serving in this process.
+#[pyclass(module = "fleetmap._native", frozen)]
+pub(crate) struct NodeHandle {
+    task: Mutex<Option<JoinHandle<Result<(), NodeError>>>>,
+    shutdown: tokio::sync::watch::Sender<bool>,
+    #[pyo3(get)]
+    name: String,
+}
+
+#[pymethods]
+impl NodeHandle {
+    /// Waits up to `timeout` seconds; returns None while the daemon runs,
+    /// else why it stopped.
+    fn wait(&self, py: Python<'_>, timeout: f64) -> Option<String> {
+        let mut guard = lock(&self.task);
+        let task = guard.as_mut()?;
+        let wait = seconds(timeout);
+        let done = py.detach(|| runtime().block_on(async { tokio::time::timeout(wait, task).await.ok() }));
+        let result = done?;
+        *guard = None;
+        Some(match result {
+            Ok(Ok(())) => "stopped".to_string(),
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => format!("node daemon task failed: {e}"),
+        })
+    }
+
+    /// Stops the daemon: every slot is torn down (workers killed, cgroups
+    /// removed) before this returns, or after 10 s at most.
+    fn stop(&self, py: Python<'_>) {
+        let _ = self.shutdown.send(true);
+        let task = lock(&self.task).take();
+        if let Some(task) = task {
+            py.detach(|| {
+                runtime().block_on(async {
+                    let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+                })
+            });
+        }
+    }
+}
+
+/// Starts a node daemon that joins `coordinator`.
+#[pyfunction]
+#[pyo3(signature = (coordinator, token, ca_pem, name=None, cores=None, memory_bytes=None, python=None, gpus=None, cgroups=true, cgroup_subtree=None, cgroup_mount=None, pids_per_slot=None, run_as=None, private_tmp=true))]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn start_node(
+    coordinator: String,
+    token: String,
+    ca_pem: Vec<u8>,
+    name: Option<String>,
+    cores: Option<u32>,
+    memory_bytes: Option<u64>,
+    python: Option<String>,
+    gpus: Option<Vec<u32>>,
+    cgroups: bool,
+    cgroup_subtree: Option<String>,
+    cgroup_mount: Option<PathBuf>,
+    pids_per_slot: Option<u64>,
+    run_as: Option<String>,
+    private_tmp: bool,
+) -> PyResult<NodeHandle> {
+    let mut config = NodeConfig::new(coordinator, ca_pem, token);
+    if let Some(name) = name {
+        config.name = name;
+    }
+    if let Some(cores) = cores {
+        config.resources.cores = cores;
+    }
+    if let Some(memory) = memory_bytes {
+        config.resources.memory_bytes = memory;
+    }
+    if let Some(python) = python {
+        config.python = python;
+    }
+    if let Some(minors) = gpus {
+        config.resources.gpus = fleetmap_node_daemon::gpus_from_minors(&minors);
+    }
+    config.isolation = if cgroups {
+        Isolation::Cgroups {
+            mount: cgroup_mount.unwrap_or_else(|| "/sys/fs/cgroup".into()),
+            subtree: cgroup_subtree,
+        }
+    } else {
+        Isolation::None
+    };
+    if let Some(pids) = pids_per_slot {
+        config.pids_per_slot = pids;
+    }
+    if let Some(user) = run_as {
+        config.run_as = Some(fleetmap_sandbox::lookup_user(&user).map_err(configuration_error)?);
+    }
+    config.private_tmp = private_tmp;
+    let name = config.name.clone();
+    let (shutdown, stop) = tokio::sync::watch::channel(false);
+    let task = runtime().spawn(fleetmap_node_daemon::run_until(config, stop));
+    Ok(NodeHandle {
+        task: Mutex::new(Some(task)),
+        shutdown,
+        name,
+    })
+}
