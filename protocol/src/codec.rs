@@ -248,7 +248,7 @@ fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, DecodeError> {
 
 #[cfg(test)]
 mod tests {
-    use rand::{Rng, SeedableRng};
+    use rand::{RngExt, SeedableRng};
 
     use super::*;
     use crate::{ChunkId, ClientToCoordinator as Message, InputChunk, InputIndex, JobId, DEFAULT_MAX_MESSAGE};
@@ -397,14 +397,14 @@ mod tests {
     fn random_bytes_never_panic() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(0xf1ee7);
         for _ in 0..20_000 {
-            let len = rng.gen_range(0..64);
-            let mut bytes: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
-            if rng.gen_bool(0.5) && bytes.len() > 6 {
+            let len = rng.random_range(0..64);
+            let mut bytes: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+            if rng.random_bool(0.5) && bytes.len() > 6 {
                 // Make the header plausible so the body decoder gets exercised.
                 let body = (bytes.len() - HEADER) as u32;
                 bytes[..HEADER].copy_from_slice(&body.to_le_bytes());
                 bytes[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
-                if rng.gen_bool(0.5) {
+                if rng.random_bool(0.5) {
                     bytes[6] &= MORE;
                 }
             }

@@ -13,7 +13,7 @@ use fleetmap_protocol::{
     PROTOCOL_VERSION,
 };
 use fleetmap_testkit::{connect_client, open_raw, start_coordinator, CoordinatorAccess, Peer};
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 
 use crate::protocol_peers;
 
@@ -54,8 +54,8 @@ async fn the_coordinator_survives_garbage_udp_datagrams() {
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
     for _ in 0..2000 {
-        let len = rng.gen_range(1..1400);
-        let datagram: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+        let len = rng.random_range(1..1400);
+        let datagram: Vec<u8> = (0..len).map(|_| rng.random()).collect();
         socket.send_to(&datagram, coordinator.local_addr).unwrap();
     }
     still_serves(&coordinator, &access).await;
@@ -67,7 +67,7 @@ async fn the_coordinator_closes_streams_of_random_bytes_and_carries_on() {
     let (coordinator, access) = start_coordinator().await.unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(2);
     for _ in 0..10 {
-        let bytes: Vec<u8> = (0..rng.gen_range(8..4096)).map(|_| rng.gen()).collect();
+        let bytes: Vec<u8> = (0..rng.random_range(8..4096)).map(|_| rng.random()).collect();
         let reason = close_reason_after(&access, &bytes).await;
         assert!(!reason.is_empty());
     }
@@ -202,7 +202,7 @@ async fn a_node_daemon_survives_a_coordinator_that_sends_garbage() {
         let (mut send, recv) = conn.accept_bi().await.unwrap();
         let mut reader = FramedReader::new(recv, 1 << 20);
         assert!(reader.recv::<Hello>().await.unwrap().is_some());
-        let garbage: Vec<u8> = (0..rng.gen_range(8..2048)).map(|_| rng.gen()).collect();
+        let garbage: Vec<u8> = (0..rng.random_range(8..2048)).map(|_| rng.random()).collect();
         send.write_all(&garbage).await.unwrap();
         // Random bytes may announce a frame that never completes; ending the
         // stream turns that into a truncated frame.

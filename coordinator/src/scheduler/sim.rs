@@ -32,7 +32,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use fleetmap_protocol::{CallRequest, ClientToCoordinator, InputIndex, NodeToCoordinator, RuntimeSpec};
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 
 use super::*;
 
@@ -377,27 +377,27 @@ impl World {
             stats: Stats::default(),
         };
         // Most worlds have one node that can host any call of the jobs below.
-        let nodes = w.rng.gen_range(1..=6);
+        let nodes = w.rng.random_range(1..=6);
         for i in 0..nodes {
-            let big = i == 0 && w.rng.gen_bool(0.9);
+            let big = i == 0 && w.rng.random_bool(0.9);
             w.join_node(big);
         }
         let mut total_chunks = 0;
-        for c in 0..w.rng.gen_range(1..=3u64) {
+        for c in 0..w.rng.random_range(1..=3u64) {
             let client = ClientId(100 + c);
-            let jobs = (0..w.rng.gen_range(1..=2))
+            let jobs = (0..w.rng.random_range(1..=2))
                 .map(|_| {
-                    let chunks = w.rng.gen_range(1..=60);
+                    let chunks = w.rng.random_range(1..=60);
                     total_chunks += chunks;
-                    let inputs_per_chunk = w.rng.gen_range(1..=8);
+                    let inputs_per_chunk = w.rng.random_range(1..=8);
                     let spec = JobSpec {
                         call: CallRequest {
-                            cores: w.rng.gen_range(1..=2),
-                            memory_bytes: w.rng.gen_range(1..=2) * GIB,
+                            cores: w.rng.random_range(1..=2),
+                            memory_bytes: w.rng.random_range(1..=2) * GIB,
                             gpus: 0,
                         },
-                        parallelism: w.rng.gen_bool(0.5).then(|| w.rng.gen_range(1..=5)),
-                        total_inputs: w.rng.gen_bool(0.5).then_some(chunks * inputs_per_chunk as u64),
+                        parallelism: w.rng.random_bool(0.5).then(|| w.rng.random_range(1..=5)),
+                        total_inputs: w.rng.random_bool(0.5).then_some(chunks * inputs_per_chunk as u64),
                         runtime: RuntimeSpec::Python {
                             executable: "python3".into(),
                             version: "3.11".into(),
@@ -408,10 +408,10 @@ impl World {
                         spec,
                         chunks,
                         inputs_per_chunk,
-                        submit_at: if w.rng.gen_bool(0.5) {
+                        submit_at: if w.rng.random_bool(0.5) {
                             0
                         } else {
-                            w.rng.gen_range(0..1000)
+                            w.rng.random_range(0..1000)
                         },
                         submitted: false,
                         job: None,
@@ -423,7 +423,7 @@ impl World {
                     }
                 })
                 .collect();
-            let speed = w.rng.gen_range(1..=4);
+            let speed = w.rng.random_range(1..=4);
             w.clients.insert(
                 client,
                 SimClient {
@@ -436,20 +436,20 @@ impl World {
         // Failures fall within the time the jobs roughly take.
         let horizon = total_chunks * 6 + 50;
         let mut events = Vec::new();
-        for _ in 0..w.rng.gen_range(0..=2) {
-            events.push((w.rng.gen_range(0..horizon), Event::KillNode));
+        for _ in 0..w.rng.random_range(0..=2) {
+            events.push((w.rng.random_range(0..horizon), Event::KillNode));
         }
-        for _ in 0..w.rng.gen_range(0..=2) {
-            events.push((w.rng.gen_range(0..horizon), Event::JoinNode));
+        for _ in 0..w.rng.random_range(0..=2) {
+            events.push((w.rng.random_range(0..horizon), Event::JoinNode));
         }
         let clients: Vec<ClientId> = w.clients.keys().copied().collect();
         for c in clients {
-            if w.rng.gen_bool(0.15) {
-                events.push((w.rng.gen_range(0..horizon), Event::DisconnectClient(c)));
+            if w.rng.random_bool(0.15) {
+                events.push((w.rng.random_range(0..horizon), Event::DisconnectClient(c)));
             }
         }
-        if w.rng.gen_bool(0.15) {
-            events.push((w.rng.gen_range(0..horizon), Event::FailSlot));
+        if w.rng.random_bool(0.15) {
+            events.push((w.rng.random_range(0..horizon), Event::FailSlot));
         }
         events.sort_by_key(|e| e.0);
         w.events = events.into();
@@ -535,7 +535,7 @@ impl World {
         if total == 0 {
             return false;
         }
-        let mut pick = self.rng.gen_range(0..total);
+        let mut pick = self.rng.random_range(0..total);
         let (action, _) = *actions
             .iter()
             .find(|&&(_, weight)| {
@@ -594,10 +594,10 @@ impl World {
             Event::KillNode => {
                 let alive: Vec<NodeId> = self.nodes.iter().filter(|(_, n)| n.alive).map(|(&k, _)| k).collect();
                 // Keep a node most of the time; losing the last one is rarer.
-                if alive.is_empty() || (alive.len() == 1 && self.rng.gen_bool(0.8)) {
+                if alive.is_empty() || (alive.len() == 1 && self.rng.random_bool(0.8)) {
                     return;
                 }
-                let id = alive[self.rng.gen_range(0..alive.len())];
+                let id = alive[self.rng.random_range(0..alive.len())];
                 self.kill_node(id);
             }
             Event::JoinNode => {
@@ -620,7 +620,7 @@ impl World {
                 if started.is_empty() {
                     return;
                 }
-                let (node, job, slot) = started[self.rng.gen_range(0..started.len())];
+                let (node, job, slot) = started[self.rng.random_range(0..started.len())];
                 self.nodes
                     .get_mut(&node)
                     .expect("alive node")
@@ -637,9 +637,9 @@ impl World {
         let id = self.next_node;
         self.next_node = NodeId(id.0 + 1);
         let (cores, memory) = if big {
-            (self.rng.gen_range(2..=8), self.rng.gen_range(4..=24) * GIB / 2)
+            (self.rng.random_range(2..=8), self.rng.random_range(4..=24) * GIB / 2)
         } else {
-            (self.rng.gen_range(1..=8), self.rng.gen_range(1..=24) * GIB / 2)
+            (self.rng.random_range(1..=8), self.rng.random_range(1..=24) * GIB / 2)
         };
         let name = format!("n{id}");
         self.nodes.insert(
@@ -649,7 +649,7 @@ impl World {
                 cores,
                 memory,
                 alive: true,
-                speed: self.rng.gen_range(1..=4),
+                speed: self.rng.random_range(1..=4),
                 jobs: BTreeMap::new(),
                 held: BTreeMap::new(),
                 failed: BTreeSet::new(),
@@ -668,8 +668,8 @@ impl World {
     /// it had sent, a prefix may still arrive after the loss.
     fn kill_node(&mut self, id: NodeId) {
         // Often it had just finished some chunks, whose results are on the wire.
-        if self.rng.gen_bool(0.5) {
-            let finished = self.rng.gen_range(0..=self.nodes[&id].runnable().count());
+        if self.rng.random_bool(0.5) {
+            let finished = self.rng.random_range(0..=self.nodes[&id].runnable().count());
             for _ in 0..finished {
                 self.node_work(id);
             }
@@ -680,8 +680,8 @@ impl World {
         node.held.clear();
         self.net.sched_to_node.remove(&id);
         if let Some(q) = self.net.node_to_sched.get_mut(&id) {
-            let keep = if self.rng.gen_bool(0.6) {
-                self.rng.gen_range(0..=q.len())
+            let keep = if self.rng.random_bool(0.6) {
+                self.rng.random_range(0..=q.len())
             } else {
                 0
             };
@@ -944,7 +944,7 @@ impl World {
     fn node_work(&mut self, id: NodeId) {
         let node = self.nodes.get_mut(&id).expect("a node of the world");
         let runnable: Vec<(JobId, SlotId)> = node.runnable().collect();
-        let (job, slot) = runnable[self.rng.gen_range(0..runnable.len())];
+        let (job, slot) = runnable[self.rng.random_range(0..runnable.len())];
         let chunk = node
             .held
             .get_mut(&(job, slot))
@@ -967,7 +967,7 @@ impl World {
         let ready: Vec<usize> = (0..client.jobs.len())
             .filter(|&i| client.jobs[i].can_send(now))
             .collect();
-        let request = ready[self.rng.gen_range(0..ready.len())];
+        let request = ready[self.rng.random_range(0..ready.len())];
         let j = &mut client.jobs[request];
         let msg = if !j.submitted {
             j.submitted = true;
