@@ -255,7 +255,7 @@ impl Scheduler {
 
     pub fn handle_cancel(&mut self, client: ClientId, job: JobId) {
         if self.client_of(job) == Some(client) {
-            self.stop_job(job);
+            self.stop_job(job, false);
         }
     }
 
@@ -270,7 +270,7 @@ impl Scheduler {
         // of them could otherwise get slots (started on nodes, credit sent
         // to the gone client) just before it is stopped too.
         for job in jobs {
-            self.end_job(job);
+            self.end_job(job, false);
         }
         self.grow_jobs();
     }
@@ -365,7 +365,7 @@ impl Scheduler {
         };
         if job.total_chunks == Some(job.finished) {
             let client = job.client;
-            self.stop_job(id);
+            self.stop_job(id, true);
             self.send_to_client(client, CoordinatorToClient::JobFinished { job: id });
         }
     }

@@ -251,7 +251,8 @@ async fn serve_peer(conn: &quinn::Connection, shared: &Shared) -> Result<(), Ses
             writer.abort();
             r
         }
-        Role::Client { .. } => {
+        Role::Client { api_key } => {
+            let principal = principal_of(&api_key);
             let (tx, mut rx, writer) = handshake.welcome(SOFTWARE_VERSION, shared.max_message).await?;
             let client = {
                 let mut core = shared.lock();
@@ -260,7 +261,7 @@ async fn serve_peer(conn: &quinn::Connection, shared: &Shared) -> Result<(), Ses
                 core.clients.insert(id, tx);
                 id
             };
-            let r = client_loop(&mut rx, client, shared).await;
+            let r = client_loop(&mut rx, client, &principal, shared).await;
             shared.with(|s| s.handle_client_lost(client));
             shared.lock().clients.remove(&client);
             writer.abort();
@@ -284,14 +285,26 @@ async fn node_loop(rx: &mut Receiver<NodeToCoordinator>, node: NodeId, shared: &
     Ok(())
 }
 
+/// Who a client is, from the key it authenticated with: a name that never
+/// reveals the key (a warm worker serves only its principal's jobs).
+fn principal_of(api_key: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(api_key.as_bytes());
+    let hex: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    format!("key-{hex}")
+}
+
 async fn client_loop(
     rx: &mut Receiver<ClientToCoordinator>,
     client: ClientId,
+    principal: &str,
     shared: &Shared,
 ) -> Result<(), SessionError> {
     while let Some(msg) = rx.recv().await? {
         let result = match msg {
-            ClientToCoordinator::SubmitJob { request, spec } => {
+            ClientToCoordinator::SubmitJob { request, mut spec } => {
+                // The coordinator's record, never the client's word.
+                spec.principal = principal.to_string();
                 shared.with(|s| s.handle_submit(client, request, spec));
                 Ok(())
             }

@@ -13,7 +13,10 @@
 //! user code in its own process.
 
 pub mod inventory;
+mod pool;
 mod slot;
+
+pub use pool::WarmPolicy;
 
 use std::{collections::HashMap, net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
@@ -24,7 +27,7 @@ use fleetmap_protocol::{
 };
 use fleetmap_sandbox::cgroup::CgroupTree;
 use inventory::Inventory;
-use slot::{run_slot, SlotContext};
+use slot::{run_slot, Pool, SlotContext};
 use tokio::{sync::mpsc, task::JoinHandle};
 use tracing::{info, warn};
 
@@ -51,6 +54,8 @@ pub struct NodeConfig {
     /// Give each worker an empty /tmp of its own (where slots are pinned,
     /// which needs root anyway).
     pub private_tmp: bool,
+    /// How workers stay warm between jobs of the same principal.
+    pub warm: WarmPolicy,
 }
 
 /// How slots are isolated.
@@ -85,6 +90,7 @@ impl NodeConfig {
             pids_per_slot: 4096,
             run_as: None,
             private_tmp: true,
+            warm: WarmPolicy::default(),
         }
     }
 
@@ -263,6 +269,7 @@ pub async fn run_until(
     cpus.truncate(config.resources.cores as usize);
     config.resources.cores = cpus.len() as u32;
     let node = Node {
+        pool: Arc::new(Pool::new(config.warm)),
         inventory: Inventory::new(cpus, config.resources.gpus.clone()),
         cgroups,
         isolation,
@@ -275,8 +282,10 @@ pub async fn run_until(
         }
         let ended = session(&node, &mut backoff, &mut shutdown).await;
         if *shutdown.borrow() {
-            // Every slot was torn down when the session ended; the subtree
-            // goes too, so a clean stop leaves no cgroup behind.
+            // Every slot was torn down when the session ended; the warm
+            // workers and the subtree go too, so a clean stop leaves no
+            // process and no cgroup behind.
+            drop(node.pool.clear());
             if let Some(tree) = &node.cgroups {
                 if let Err(e) = tree.remove() {
                     warn!("node {}: could not remove its cgroup subtree: {e}", node.config.name);
@@ -308,6 +317,8 @@ struct Node {
     cgroups: Option<Arc<CgroupTree>>,
     /// How slots are isolated, as `fleetmap status` shows it.
     isolation: String,
+    /// Workers whose jobs finished, warm for the next job of their key.
+    pool: Arc<Pool>,
 }
 
 /// The slots of one job on this node.
@@ -328,6 +339,20 @@ impl JobSlots {
         }
         for task in tasks {
             let _ = task.await;
+        }
+    }
+
+    /// Ends a finished job's slots: each slot's chunk channel closes, and
+    /// its idle worker goes back to the pool, warm. A slot that does not end
+    /// within a few seconds is stopped like a cancelled one.
+    async fn finish(mut self) {
+        self.chunks.clear();
+        let tasks: Vec<_> = self.tasks.drain().map(|(_, t)| t).collect();
+        for mut task in tasks {
+            if tokio::time::timeout(Duration::from_secs(5), &mut task).await.is_err() {
+                task.abort();
+                let _ = task.await;
+            }
         }
     }
 
@@ -427,6 +452,7 @@ async fn session(
                         cgroups: node.cgroups.clone(),
                         placement,
                         up: up.clone(),
+                        pool: node.pool.clone(),
                     };
                     entry.tasks.insert(slot, tokio::spawn(run_slot(ctx, rx)));
                 }
@@ -436,9 +462,13 @@ async fn session(
                     let _ = tx.send(chunk);
                 }
             }
-            CoordinatorToNode::StopJob { job } => {
+            CoordinatorToNode::StopJob { job, finished } => {
                 if let Some(slots) = jobs.remove(&job) {
-                    slots.stop().await;
+                    if finished {
+                        slots.finish().await;
+                    } else {
+                        slots.stop().await;
+                    }
                 }
             }
             CoordinatorToNode::StopSlot { job, slot } => {

@@ -7,7 +7,16 @@
 //! peak, signal, node) and the rest of the chunk runs on, so every input
 //! still yields exactly one outcome and the job decides whether to stop.
 
-use std::{collections::VecDeque, os::fd::AsRawFd, path::Path, sync::Arc, time::Duration};
+use std::{
+    collections::VecDeque,
+    os::fd::AsRawFd,
+    path::Path,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
 
 use fleetmap_net::{write_frames, FramedReader};
 use fleetmap_protocol::{
@@ -25,7 +34,14 @@ use tokio::{
     task::JoinHandle,
 };
 
-use crate::{inventory::Placement, NodeConfig};
+use crate::{
+    inventory::Placement,
+    pool::{Warm, WorkerKey, WorkerPool},
+    NodeConfig,
+};
+
+/// The node's warm workers.
+pub(crate) type Pool = WorkerPool<WorkerProcess>;
 
 /// The longest line of a call's output forwarded as one line; longer lines
 /// are split.
@@ -39,15 +55,38 @@ pub(crate) struct SlotContext {
     pub cgroups: Option<Arc<CgroupTree>>,
     pub placement: Placement,
     pub up: mpsc::UnboundedSender<NodeToCoordinator>,
+    pub pool: Arc<Pool>,
 }
 
+/// Runs a slot until its chunk channel closes. A channel closed with no
+/// chunk in the slot means the job finished (a cancelled job's slot task is
+/// aborted instead): its healthy worker goes back to the pool, warm.
 pub(crate) async fn run_slot(ctx: SlotContext, chunks: mpsc::UnboundedReceiver<InputChunk>) {
-    if let Err(reason) = drive_slot(&ctx, chunks).await {
-        let _ = ctx.up.send(NodeToCoordinator::SlotFailed {
-            job: ctx.job,
-            slot: ctx.slot,
-            reason,
-        });
+    match drive_slot(&ctx, chunks).await {
+        Ok(Some(mut warm)) => {
+            if warm.worker.healthy() {
+                ctx.pool.give_back(warm, Instant::now());
+            }
+        }
+        Ok(None) => {}
+        Err(reason) => {
+            let _ = ctx.up.send(NodeToCoordinator::SlotFailed {
+                job: ctx.job,
+                slot: ctx.slot,
+                reason,
+            });
+        }
+    }
+}
+
+/// The key of the workers that may serve this slot's job.
+fn worker_key(ctx: &SlotContext) -> WorkerKey {
+    let RuntimeSpec::Python { version, .. } = &ctx.spec.runtime;
+    WorkerKey {
+        principal: ctx.spec.principal.clone(),
+        program: worker_program(ctx),
+        caller_python: version.clone(),
+        gpus: ctx.placement.gpus.iter().map(|g| g.minor).collect(),
     }
 }
 
@@ -77,14 +116,21 @@ struct Death {
     what: String,
 }
 
-async fn drive_slot(ctx: &SlotContext, mut chunks: mpsc::UnboundedReceiver<InputChunk>) -> Result<(), String> {
+async fn drive_slot(
+    ctx: &SlotContext,
+    mut chunks: mpsc::UnboundedReceiver<InputChunk>,
+) -> Result<Option<Warm<WorkerProcess>>, String> {
     let mut pending: VecDeque<Pending> = VecDeque::new();
-    let mut worker = WorkerProcess::start(ctx).await?;
+    let mut warm = WorkerProcess::acquire(ctx).await?;
+    let mut worker = &mut warm.worker;
     loop {
         tokio::select! {
             chunk = chunks.recv() => {
-                // None: the job stopped; dropping the worker kills it.
-                let Some(chunk) = chunk else { return Ok(()) };
+                // None: the job ended. An idle worker may stay warm; one
+                // holding chunks is dropped, which kills it.
+                let Some(chunk) = chunk else {
+                    return Ok(pending.is_empty().then_some(warm));
+                };
                 let p = Pending { chunk, isolated: false, crashed: vec![], started: None };
                 worker.send(p.request());
                 pending.push_back(p);
@@ -126,11 +172,15 @@ async fn drive_slot(ctx: &SlotContext, mut chunks: mpsc::UnboundedReceiver<Input
                 }
                 Ok(None) | Err(_) => {
                     let death = worker.death(ctx).await;
-                    drop(worker);
                     if let Some(front) = pending.front_mut() {
                         learn_from_death(front, death, ctx)?;
                     }
-                    worker = WorkerProcess::start(ctx).await?;
+                    // The dead worker is replaced (the assignment drops and
+                    // kills what is left of it); never one from the pool:
+                    // a warm worker that died in the pool says nothing of
+                    // this job, but the next one should start clean too.
+                    warm = WorkerProcess::start_fresh(ctx).await?;
+                    worker = &mut warm.worker;
                     for p in &pending {
                         worker.send(p.request());
                     }
@@ -176,7 +226,7 @@ fn learn_from_death(front: &mut Pending, death: Death, ctx: &SlotContext) -> Res
 }
 
 /// A running worker: the process, its cgroup, its channel and its pipes.
-struct WorkerProcess {
+pub(crate) struct WorkerProcess {
     pid: u32,
     reader: FramedReader<OwnedReadHalf>,
     to_worker: mpsc::UnboundedSender<ToWorker>,
@@ -196,13 +246,83 @@ impl Drop for WorkerProcess {
 }
 
 impl WorkerProcess {
+    /// A worker for the slot, its job's function loaded: a warm one from
+    /// the pool if one has the job's key and fits its limits, else a fresh
+    /// one.
+    async fn acquire(ctx: &SlotContext) -> Result<Warm<Self>, String> {
+        let key = worker_key(ctx);
+        while let Some(mut warm) = ctx.pool.take(&key, Instant::now()) {
+            // A worker that cannot be given the job's limits, or that died
+            // while it waited, is dropped (killed) and the next one tried.
+            if warm.worker.reassign(ctx).is_err() {
+                continue;
+            }
+            if warm.worker.load(ctx).await.is_ok() {
+                warm.jobs_served += 1;
+                return Ok(warm);
+            }
+        }
+        Self::start_fresh(ctx).await
+    }
+
     /// Starts a worker in a fresh cgroup and loads the job's function.
-    async fn start(ctx: &SlotContext) -> Result<Self, String> {
+    async fn start_fresh(ctx: &SlotContext) -> Result<Warm<Self>, String> {
+        let mut worker = Self::spawn(ctx)?;
+        worker.load(ctx).await?;
+        Ok(Warm {
+            key: worker_key(ctx),
+            born: Instant::now(),
+            jobs_served: 1,
+            worker,
+        })
+    }
+
+    /// Gives a warm worker the slot's cores and memory limit before any of
+    /// the job's code runs: its cgroup is rewritten, and every thread is
+    /// pinned to the slot's cores.
+    fn reassign(&mut self, ctx: &SlotContext) -> Result<(), String> {
+        if let (Some(tree), Some(cg)) = (&ctx.cgroups, &mut self.cgroup) {
+            if cg.memory_current().unwrap_or(0) > ctx.spec.call.memory_bytes {
+                return Err("uses more memory than the job's limit".into());
+            }
+            tree.reassign_slot(cg, &slot_limits(ctx)).map_err(|e| e.to_string())?;
+        }
+        // The cpuset first, then the threads: the kernel keeps the affinity
+        // a worker was started with (intersected with its cpuset), so a
+        // worker moved to more or other cores must be pinned again.
+        if ctx.placement.cpus.is_empty() {
+            return Ok(());
+        }
+        fleetmap_sandbox::pin_process(self.pid, &ctx.placement.cpus).map_err(|e| e.to_string())
+    }
+
+    /// Whether the worker may serve another job: alive, never touched by
+    /// the OOM killer, and alone: a process the job started and left
+    /// running (in its cgroup, or in its process group where there are no
+    /// cgroups) would otherwise live on into the next job.
+    fn healthy(&mut self) -> bool {
+        if !matches!(self.process.child.try_wait(), Ok(None)) {
+            return false;
+        }
+        match &self.cgroup {
+            Some(cg) => cg.oom_kills() == 0 && cg.pids() == [self.pid],
+            None => fleetmap_sandbox::process_group_members(self.pid) == [self.pid],
+        }
+    }
+
+    /// Starts a worker process in a fresh cgroup.
+    fn spawn(ctx: &SlotContext) -> Result<Self, String> {
+        // Worker cgroups are named by a node-wide counter: a warm worker
+        // keeps its cgroup from job to job.
+        static NEXT_WORKER: AtomicU64 = AtomicU64::new(0);
         let node = &ctx.config.name;
         let cgroup = match &ctx.cgroups {
             Some(tree) => Some(
-                tree.create_slot(&format!("job{}-slot{}", ctx.job, ctx.slot), &slot_limits(ctx))
-                    .map_err(|e| format!("could not create the cgroup of slot {} on node {node}: {e}", ctx.slot))?,
+                tree.create_slot(
+                    &format!("worker{}", NEXT_WORKER.fetch_add(1, Ordering::Relaxed)),
+                    &slot_limits(ctx),
+                )
+                .map_err(|e| format!("could not create the cgroup of slot {} on node {node}: {e}", ctx.slot))?,
             ),
             None => None,
         };
@@ -226,7 +346,7 @@ impl WorkerProcess {
         let (rd, wr): (OwnedReadHalf, OwnedWriteHalf) =
             process.channel.take().expect("channel of a new worker").into_split();
         let (to_worker, rx) = mpsc::unbounded_channel();
-        let mut worker = WorkerProcess {
+        let worker = WorkerProcess {
             pid: process.pid,
             reader: FramedReader::new(rd, ctx.config.max_message),
             writer: tokio::spawn(write_frames(wr, rx, ctx.config.max_message)),
@@ -236,8 +356,15 @@ impl WorkerProcess {
             process,
             cgroup,
         };
+        Ok(worker)
+    }
+
+    /// Sends the job's function and settings and waits until the worker has
+    /// loaded it.
+    async fn load(&mut self, ctx: &SlotContext) -> Result<(), String> {
+        let node = &ctx.config.name;
         let RuntimeSpec::Python { function, version, .. } = &ctx.spec.runtime;
-        worker.send(ToWorker::Load {
+        self.send(ToWorker::Load {
             function: function.clone(),
             settings: WorkerSettings {
                 node: ctx.config.name.clone(),
@@ -245,19 +372,20 @@ impl WorkerProcess {
                 memory_limit_bytes: ctx.spec.call.memory_bytes,
                 // Room for the envelope around the pickled outputs.
                 max_output_bytes: ctx.config.max_message.saturating_sub(64 << 10) as u64,
+                environment: job_environment(ctx),
             },
         });
         loop {
             tokio::select! {
-                read = worker.stdout.read_some(), if worker.stdout.open => worker.stdout.forward(read, ctx),
-                read = worker.stderr.read_some(), if worker.stderr.open => worker.stderr.forward(read, ctx),
-                reply = worker.reader.recv::<FromWorker>() => return match reply {
-                    Ok(Some(FromWorker::Ready { .. })) => Ok(worker),
+                read = self.stdout.read_some(), if self.stdout.open => self.stdout.forward(read, ctx),
+                read = self.stderr.read_some(), if self.stderr.open => self.stderr.forward(read, ctx),
+                reply = self.reader.recv::<FromWorker>() => return match reply {
+                    Ok(Some(FromWorker::Ready { .. })) => Ok(()),
                     Ok(Some(FromWorker::LoadFailed { error })) => {
                         Err(format!("the function could not be loaded on node {node}: {error}"))
                     }
                     other => {
-                        let death = worker.death(ctx).await;
+                        let death = self.death(ctx).await;
                         let detail = match other {
                             Err(e) => format!(" ({e})"),
                             _ => String::new(),
@@ -326,15 +454,21 @@ fn slot_limits(ctx: &SlotContext) -> SlotLimits {
     }
 }
 
-fn worker_command(ctx: &SlotContext) -> WorkerCommand {
+/// The interpreter the slot's worker runs: the caller's own when this node
+/// has it (the embedded cluster, a shared file system), else the node's.
+fn worker_program(ctx: &SlotContext) -> String {
     let RuntimeSpec::Python { executable, .. } = &ctx.spec.runtime;
-    // The caller's own interpreter when this node has it (the embedded
-    // cluster, a shared file system), else the node's.
-    let program = if Path::new(executable).is_file() {
+    if Path::new(executable).is_file() {
         executable.clone()
     } else {
         ctx.config.python.clone()
-    };
+    }
+}
+
+/// The environment variables that depend on the slot's job: its GPUs and
+/// its cores. A fresh worker starts with them; a warm one gets them with
+/// the job's function, before any of the job's code runs.
+fn job_environment(ctx: &SlotContext) -> Vec<(String, String)> {
     // CUDA numbers devices in its own order; UUIDs (or PCI order) name
     // exactly the slot's GPUs.
     let visible = ctx
@@ -350,21 +484,28 @@ fn worker_command(ctx: &SlotContext) -> WorkerCommand {
         })
         .collect::<Vec<_>>()
         .join(",");
+    let mut env = vec![
+        ("CUDA_DEVICE_ORDER".to_string(), "PCI_BUS_ID".to_string()),
+        ("CUDA_VISIBLE_DEVICES".to_string(), visible.clone()),
+        ("NVIDIA_VISIBLE_DEVICES".to_string(), visible),
+    ];
+    if !ctx.placement.cpus.is_empty() {
+        // Thread pools (OpenMP, BLAS) size themselves to the slot's cores.
+        env.push(("OMP_NUM_THREADS".to_string(), ctx.placement.cpus.len().to_string()));
+    }
+    env
+}
+
+fn worker_command(ctx: &SlotContext) -> WorkerCommand {
+    let program = worker_program(ctx);
     let mut env: Vec<(std::ffi::OsString, std::ffi::OsString)> = vec![
         ("PYTHONUNBUFFERED".into(), "1".into()),
         // For the user's code and operators' tools (as Slurm's
         // SLURMD_NODENAME); the worker itself reads no settings from its
         // environment: they come in its first message.
         ("FLEETMAP_NODE".into(), ctx.config.name.clone().into()),
-        ("CUDA_DEVICE_ORDER".into(), "PCI_BUS_ID".into()),
-        ("CUDA_VISIBLE_DEVICES".into(), visible.clone().into()),
-        ("NVIDIA_VISIBLE_DEVICES".into(), visible.into()),
     ];
-    if !ctx.placement.cpus.is_empty() {
-        let cpus = ctx.placement.cpus.len().to_string();
-        // Thread pools (OpenMP, BLAS) size themselves to the slot's cores.
-        env.push(("OMP_NUM_THREADS".into(), cpus.into()));
-    }
+    env.extend(job_environment(ctx).into_iter().map(|(k, v)| (k.into(), v.into())));
     WorkerCommand {
         program: program.clone().into(),
         // The worker's settings come in its first message; its channel is

@@ -95,6 +95,11 @@ pub enum RuntimeSpec {
 /// A job as the client submits it.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct JobSpec {
+    /// Whose job it is: set by the coordinator from the credentials the
+    /// client authenticated with (whatever a client puts here is replaced).
+    /// A warm worker serves only jobs of the principal it served before.
+    #[serde(default)]
+    pub principal: String,
     pub call: CallRequest,
     /// The most calls that may run at once; `None` means as many as fit.
     pub parallelism: Option<u32>,
@@ -260,15 +265,13 @@ pub enum CoordinatorToNode {
         slot: SlotId,
         chunk: InputChunk,
     },
-    StopJob {
-        job: JobId,
-    },
+    /// The job ended. `finished`: every input has its outcome, so its
+    /// workers are idle and may stay warm for the same principal's next
+    /// job; otherwise (cancelled, failed, its client gone) they are killed.
+    StopJob { job: JobId, finished: bool },
     /// Stop one slot of a job (given back for another job's fair share);
     /// it holds no chunk.
-    StopSlot {
-        job: JobId,
-        slot: SlotId,
-    },
+    StopSlot { job: JobId, slot: SlotId },
 }
 
 /// What a node daemon sends the coordinator after the handshake.

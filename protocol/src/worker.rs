@@ -41,9 +41,13 @@ pub struct WorkerSettings {
     pub caller_python: String,
     /// The job's `func_ram` in bytes (WebAssembly calls cap their memory at it).
     pub memory_limit_bytes: u64,
-    /// The most bytes of pickled outputs one chunk may return (the frame
+    /// The most bytes of pickled outputs one chunk may return (the message
     /// limit less room for the envelope).
     pub max_output_bytes: u64,
+    /// Environment variables the job's calls see, set before its function
+    /// is unpickled (`CUDA_VISIBLE_DEVICES`, `OMP_NUM_THREADS`): a warm
+    /// worker started for no job in particular gets its job's here.
+    pub environment: Vec<(String, String)>,
 }
 
 /// An input whose call killed its worker.

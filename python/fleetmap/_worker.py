@@ -9,6 +9,7 @@ environment variables.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import sys
@@ -26,6 +27,10 @@ _CHANNEL_FD = 3
 
 # The settings of the job this worker serves, set by load_function.
 _settings: Dict[str, Any] = {}
+
+# Functions this worker has loaded, by the SHA-256 of their pickle, oldest first.
+_functions: Dict[bytes, Callable[[Any], Any]] = {}
+_MAX_FUNCTIONS = 16
 
 
 def main() -> None:
@@ -47,6 +52,10 @@ def load_function(
     ``(function, None)`` or ``(None, error text)``."""
     _settings.clear()
     _settings.update(settings)
+    # The job's GPUs and cores: a warm worker was started for another job,
+    # or for none, and CUDA and thread pools read these when they start.
+    for name, value in settings.get("environment", ()):
+        os.environ[name] = value
     caller = settings.get("caller_python")
     here = f"{sys.version_info.major}.{sys.version_info.minor}"
     if caller and caller != here:
@@ -55,12 +64,22 @@ def load_function(
             "functions and values travel with cloudpickle, which needs the same minor version on both ends: "
             f"install Python {caller} on the node and give it to `fleetmap node --python`"
         )
+    digest = hashlib.sha256(blob).digest()
+    cached = _functions.get(digest)
+    if cached is not None:
+        return cached, None
     try:
         import cloudpickle
 
-        return cloudpickle.loads(blob), None
+        function = cloudpickle.loads(blob)
     except BaseException as exc:  # noqa: BLE001 - anything unpickling raises is reported
         return None, "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    # A warm worker serves its principal's jobs one after another; the same
+    # function again (a loop of remote_parallel_map calls) is unpickled once.
+    if len(_functions) >= _MAX_FUNCTIONS:
+        _functions.pop(next(iter(_functions)))
+    _functions[digest] = function
+    return function, None
 
 
 def run_chunk(

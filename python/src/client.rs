@@ -55,6 +55,7 @@ impl Connection {
         version: String,
     ) -> PyResult<PyJob> {
         let spec = JobSpec {
+            principal: String::new(),
             call: CallRequest {
                 cores,
                 memory_bytes,

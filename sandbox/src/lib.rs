@@ -68,6 +68,8 @@ pub enum SandboxError {
         #[source]
         source: io::Error,
     },
+    #[error("could not pin a worker to its cores: {0}")]
+    Affinity(String),
     #[error("descriptor {fd} is not a socket inherited from the node daemon: {reason}")]
     NotAChannel { fd: i32, reason: String },
 }
@@ -337,6 +339,51 @@ pub fn inherited_channel(fd: i32) -> Result<UnixStream, SandboxError> {
     // it, so taking ownership cannot double-close.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
     Ok(UnixStream::from(owned))
+}
+
+/// The processes in the process group `pgid` (a worker leads its own), as
+/// `/proc` lists them now.
+pub fn process_group_members(pgid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return vec![];
+    };
+    let mut members: Vec<u32> = entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+        .filter(|pid| {
+            // The fields after the command name: state, ppid, pgrp, ...
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|stat| stat.rsplit_once(')').map(|(_, rest)| rest.to_string()))
+                .and_then(|rest| rest.split_whitespace().nth(2).and_then(|g| g.parse::<u32>().ok()))
+                == Some(pgid)
+        })
+        .collect();
+    members.sort_unstable();
+    members
+}
+
+/// Pins every thread of the running process `pid` to `cpus`: a warm worker
+/// taken by a job on other cores, where no cpuset cgroup moves it. Threads
+/// that start after this inherit the mask of the thread that starts them.
+pub fn pin_process(pid: u32, cpus: &[u32]) -> Result<(), SandboxError> {
+    let mut set = CpuSet::new();
+    for &cpu in cpus {
+        set.set(cpu as usize)
+            .map_err(|e| SandboxError::Affinity(e.to_string()))?;
+    }
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).map_err(|e| SandboxError::Affinity(e.to_string()))?;
+    for task in tasks.flatten() {
+        let Some(tid) = task.file_name().to_str().and_then(|t| t.parse::<i32>().ok()) else {
+            continue;
+        };
+        match sched_setaffinity(Pid::from_raw(tid), &set) {
+            // A thread that ended since the listing.
+            Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+            Err(e) => return Err(SandboxError::Affinity(e.to_string())),
+        }
+    }
+    Ok(())
 }
 
 /// How many bytes are waiting to be read from a pipe or socket, so that a

@@ -151,7 +151,7 @@ impl EchoNode {
                                 seq += 1;
                             }
                         }
-                        CoordinatorToNode::StopJob { job } => {
+                        CoordinatorToNode::StopJob { job, .. } => {
                             busy_until.retain(|(j, _), _| *j != job);
                             pending.retain(|p| p.job != job);
                         }

@@ -15,6 +15,7 @@ pub const ONE_CORE: CallRequest = CallRequest {
 /// given such a job.
 pub fn job_spec(inputs: u64, call: CallRequest) -> JobSpec {
     JobSpec {
+        principal: String::new(),
         call,
         parallelism: None,
         total_inputs: Some(inputs),

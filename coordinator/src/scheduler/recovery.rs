@@ -74,20 +74,20 @@ impl Scheduler {
 
     pub(super) fn fail_job(&mut self, id: JobId, reason: String) {
         if let Some(client) = self.client_of(id) {
-            self.stop_job(id);
+            self.stop_job(id, false);
             self.send_to_client(client, CoordinatorToClient::JobFailed { job: id, reason });
         }
     }
 
-    /// Ends a job: its nodes stop its workers and its resources go to
-    /// waiting jobs.
-    pub(super) fn stop_job(&mut self, id: JobId) {
-        self.end_job(id);
+    /// Ends a job: its nodes stop its workers (keeping them warm if it
+    /// `finished`) and its resources go to waiting jobs.
+    pub(super) fn stop_job(&mut self, id: JobId, finished: bool) {
+        self.end_job(id, finished);
         self.grow_jobs();
     }
 
     /// Ends a job without handing its resources to other jobs yet.
-    pub(super) fn end_job(&mut self, id: JobId) {
+    pub(super) fn end_job(&mut self, id: JobId, finished: bool) {
         let Some(job) = self.jobs.remove(&id) else {
             return;
         };
@@ -101,7 +101,7 @@ impl Scheduler {
         for node in nodes {
             self.out.push_back(Command::ToNode {
                 node,
-                msg: CoordinatorToNode::StopJob { job: id },
+                msg: CoordinatorToNode::StopJob { job: id, finished },
             });
         }
     }

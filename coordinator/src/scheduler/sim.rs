@@ -270,7 +270,7 @@ impl AboutJob for CoordinatorToNode {
         match self {
             CoordinatorToNode::StartSlots { job, .. }
             | CoordinatorToNode::RunChunk { job, .. }
-            | CoordinatorToNode::StopJob { job }
+            | CoordinatorToNode::StopJob { job, .. }
             | CoordinatorToNode::StopSlot { job, .. } => Some(*job),
         }
     }
@@ -391,6 +391,7 @@ impl World {
                     total_chunks += chunks;
                     let inputs_per_chunk = w.rng.random_range(1..=8);
                     let spec = JobSpec {
+                        principal: String::new(),
                         call: CallRequest {
                             cores: w.rng.random_range(1..=2),
                             memory_bytes: w.rng.random_range(1..=2) * GIB,
@@ -929,7 +930,7 @@ impl World {
                 );
                 self.stats.stopped_slots += 1;
             }
-            CoordinatorToNode::StopJob { job } => {
+            CoordinatorToNode::StopJob { job, .. } => {
                 check!(
                     self,
                     node.jobs.remove(&job).is_some(),
@@ -1268,6 +1269,7 @@ fn resources(cores: u32, memory_gib: u64) -> Resources {
 /// A job of 2-core calls that takes every slot it can get.
 fn two_core_job() -> JobSpec {
     JobSpec {
+        principal: String::new(),
         call: CallRequest {
             cores: 2,
             memory_bytes: GIB,
@@ -1303,7 +1305,10 @@ fn a_disconnected_clients_waiting_job_gets_no_slots_before_it_is_stopped() {
         cmds,
         [Command::ToNode {
             node: NodeId(1),
-            msg: CoordinatorToNode::StopJob { job: first }
+            msg: CoordinatorToNode::StopJob {
+                job: first,
+                finished: false
+            }
         }]
     );
     assert_eq!(s.job_count(), 0);

@@ -15,6 +15,7 @@ fn resources(cores: u32, memory_gib: u64) -> Resources {
 
 fn spec(cores: u32, memory_gib: u64, parallelism: Option<u32>, total: u64) -> JobSpec {
     JobSpec {
+        principal: String::new(),
         call: CallRequest {
             cores,
             memory_bytes: memory_gib * GIB,
@@ -308,7 +309,10 @@ fn a_second_job_gets_its_fair_share_and_the_rest_when_the_first_ends() {
     let cmds = drain(&mut s);
     assert!(cmds.contains(&Command::ToNode {
         node: NodeId(1),
-        msg: CoordinatorToNode::StopJob { job: first }
+        msg: CoordinatorToNode::StopJob {
+            job: first,
+            finished: false
+        }
     }));
     assert_eq!(
         s.slots_of(second).get("a"),

@@ -364,9 +364,11 @@ fn v1_writer_sets_every_controller_and_deny_all_device_rules() {
     assert_eq!(contents(&dir("cpuset").join("cpuset.cpus")), "4-5\n");
     assert_eq!(contents(&dir("cpuset").join("cpuset.mems")), "0-1\n");
     assert_eq!(contents(&dir("memory").join("memory.limit_in_bytes")), "67108864\n");
+    // memsw is lifted first, then brought down to the memory limit (a
+    // plain directory records every write).
     assert_eq!(
         contents(&dir("memory").join("memory.memsw.limit_in_bytes")),
-        "67108864\n"
+        "-1\n67108864\n"
     );
     assert_eq!(contents(&dir("pids").join("pids.max")), "32\n");
     assert_eq!(contents(&dir("devices").join("devices.deny")), "a\n");
@@ -404,6 +406,43 @@ fn a_mount_that_is_neither_version_is_unavailable() {
 // The kernel.
 
 const MOUNT: &str = "/sys/fs/cgroup";
+
+#[tokio::test]
+async fn v1_a_slot_reassigned_to_a_new_job_takes_its_limits_up_and_down() {
+    let Some(t) = RealTree::new("v1_a_slot_reassigned_to_a_new_job_takes_its_limits_up_and_down") else {
+        return;
+    };
+    let mut slot = t
+        .tree
+        .create_slot("warm", &limits(vec![0], 64 * MIB, 16, None))
+        .unwrap();
+    let read = |c: &str, f: &str| fs::read_to_string(t.slot_dir(c, "warm").join(f)).unwrap();
+    // Up: memsw must never drop below the memory limit on the way.
+    let cpus = if t.tree.cpus().unwrap().len() > 1 {
+        vec![1]
+    } else {
+        vec![0]
+    };
+    t.tree
+        .reassign_slot(&mut slot, &limits(cpus.clone(), 256 * MIB, 32, None))
+        .unwrap();
+    assert_eq!(read("memory", "memory.limit_in_bytes").trim(), (256 * MIB).to_string());
+    assert_eq!(read("cpuset", "cpuset.cpus").trim(), format_cpu_list(&cpus));
+    assert_eq!(read("pids", "pids.max").trim(), "32");
+    assert_eq!(slot.memory_limit(), 256 * MIB);
+    // And down again.
+    t.tree
+        .reassign_slot(&mut slot, &limits(vec![0], 32 * MIB, 16, None))
+        .unwrap();
+    assert_eq!(read("memory", "memory.limit_in_bytes").trim(), (32 * MIB).to_string());
+    if Path::new(MOUNT).join("memory/memory.memsw.limit_in_bytes").exists() {
+        assert_eq!(
+            read("memory", "memory.memsw.limit_in_bytes").trim(),
+            (32 * MIB).to_string()
+        );
+    }
+    assert!(slot.memory_current().is_some());
+}
 
 #[tokio::test]
 async fn v1_remove_and_remove_stale_leave_no_directory_in_any_controller() {

@@ -161,8 +161,10 @@ impl Hierarchy for V1 {
         set(Controller::Memory, "memory.limit_in_bytes", &memory)?;
         self.backing.write_if_present(&memsw, &memory)?;
         // The peak belongs to the job that runs now.
-        self.backing
-            .write_if_present(&self.slot_file(Controller::Memory, slot, "memory.max_usage_in_bytes"), "0")?;
+        self.backing.write_if_present(
+            &self.slot_file(Controller::Memory, slot, "memory.max_usage_in_bytes"),
+            "0",
+        )?;
         set(Controller::Pids, "pids.max", &limit(settings.pids_max, "max"))?;
         if let Some(rules) = &settings.devices {
             // Deny everything, then allow the list. A v1 devices cgroup

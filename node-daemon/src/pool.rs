@@ -1,0 +1,199 @@
+//! Warm workers: a worker whose job finished cleanly waits here for the
+//! next job with the same key, so that job pays no interpreter start-up and
+//! no imports (modules a worker imported stay imported: that is the point).
+//!
+//! The rule (see ARCHITECTURE.md): a warm worker serves only jobs with its
+//! exact [`WorkerKey`] (the same principal, interpreter, caller's Python
+//! version and GPUs), and never after a crash, an OOM kill or a cancel
+//! (those workers are killed, not returned). A worker that has served
+//! [`WarmPolicy::max_jobs`] jobs or lived [`WarmPolicy::max_age`] is
+//! retired, and so is one whose memory in use is above the next job's
+//! limit (checked by the slot when it takes one).
+//!
+//! The pool holds any `W`, so that its policy is tested without processes;
+//! dropping a `W` must kill the worker.
+
+use std::{
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+/// What a warm worker may serve: only jobs with the same key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct WorkerKey {
+    /// The principal whose code the worker ran (from its API key).
+    pub principal: String,
+    /// The interpreter it runs.
+    pub program: String,
+    /// The caller's Python `major.minor`.
+    pub caller_python: String,
+    /// The GPU minors its cgroup's device rules allow (they are not
+    /// rewritten for a new job).
+    pub gpus: Vec<u32>,
+}
+
+/// How long warm workers live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WarmPolicy {
+    /// The most idle workers kept (0 turns reuse off).
+    pub max_idle: usize,
+    /// A worker is retired after this many jobs.
+    pub max_jobs: u32,
+    /// A worker is retired once this old.
+    pub max_age: Duration,
+}
+
+impl Default for WarmPolicy {
+    fn default() -> Self {
+        Self {
+            max_idle: 64,
+            max_jobs: 100,
+            max_age: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// A worker with what the pool knows of it.
+#[derive(Debug)]
+pub(crate) struct Warm<W> {
+    pub key: WorkerKey,
+    pub born: Instant,
+    /// Jobs it has served, the one it just finished included.
+    pub jobs_served: u32,
+    pub worker: W,
+}
+
+/// The node's idle warm workers.
+#[derive(Debug)]
+pub(crate) struct WorkerPool<W> {
+    idle: Mutex<Vec<Warm<W>>>,
+    policy: WarmPolicy,
+}
+
+impl<W> WorkerPool<W> {
+    pub fn new(policy: WarmPolicy) -> Self {
+        Self {
+            idle: Mutex::new(Vec::new()),
+            policy,
+        }
+    }
+
+    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Warm<W>>> {
+        // The lock is held only to move entries in and out; a panic while
+        // holding it would be a bug in this file.
+        self.idle.lock().expect("worker pool lock poisoned")
+    }
+
+    /// The most recently returned idle worker with `key` (its caches are
+    /// the warmest), if it is not due for retirement at `now`.
+    pub fn take(&self, key: &WorkerKey, now: Instant) -> Option<Warm<W>> {
+        let mut idle = self.idle();
+        // Retire the old ones first: dropping them kills them.
+        idle.retain(|w| now.duration_since(w.born) < self.policy.max_age);
+        let at = idle.iter().rposition(|w| &w.key == key)?;
+        Some(idle.remove(at))
+    }
+
+    /// Takes back a worker whose job finished cleanly. It is dropped
+    /// (killed) instead if it has served enough jobs or lived long enough;
+    /// if the pool is full, the idle worker returned longest ago goes.
+    pub fn give_back(&self, warm: Warm<W>, now: Instant) {
+        if self.policy.max_idle == 0
+            || warm.jobs_served >= self.policy.max_jobs
+            || now.duration_since(warm.born) >= self.policy.max_age
+        {
+            return;
+        }
+        let mut idle = self.idle();
+        if idle.len() >= self.policy.max_idle {
+            idle.remove(0);
+        }
+        idle.push(warm);
+    }
+
+    /// How many workers are idle.
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.idle().len()
+    }
+
+    /// Drops (kills) every idle worker.
+    pub fn clear(&self) -> Vec<Warm<W>> {
+        std::mem::take(&mut *self.idle())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(principal: &str) -> WorkerKey {
+        WorkerKey {
+            principal: principal.into(),
+            program: "/usr/bin/python3".into(),
+            caller_python: "3.11".into(),
+            gpus: vec![],
+        }
+    }
+
+    fn warm(principal: &str, born: Instant, jobs_served: u32, worker: u32) -> Warm<u32> {
+        Warm {
+            key: key(principal),
+            born,
+            jobs_served,
+            worker,
+        }
+    }
+
+    #[test]
+    fn a_worker_serves_only_its_own_key() {
+        let pool = WorkerPool::new(WarmPolicy::default());
+        let now = Instant::now();
+        pool.give_back(warm("alice", now, 1, 7), now);
+        assert!(pool.take(&key("bob"), now).is_none(), "another principal");
+        let mut other_python = key("alice");
+        other_python.caller_python = "3.12".into();
+        assert!(pool.take(&other_python, now).is_none(), "another environment");
+        let mut with_gpu = key("alice");
+        with_gpu.gpus = vec![0];
+        assert!(pool.take(&with_gpu, now).is_none(), "other devices");
+        assert_eq!(pool.take(&key("alice"), now).map(|w| w.worker), Some(7));
+        assert!(pool.take(&key("alice"), now).is_none(), "taken once");
+    }
+
+    #[test]
+    fn the_warmest_worker_goes_first_and_a_full_pool_drops_the_coldest() {
+        let pool = WorkerPool::new(WarmPolicy {
+            max_idle: 2,
+            ..WarmPolicy::default()
+        });
+        let now = Instant::now();
+        for worker in [1, 2, 3] {
+            pool.give_back(warm("alice", now, 1, worker), now);
+        }
+        assert_eq!(pool.len(), 2);
+        assert_eq!(pool.take(&key("alice"), now).map(|w| w.worker), Some(3));
+        assert_eq!(pool.take(&key("alice"), now).map(|w| w.worker), Some(2));
+    }
+
+    #[test]
+    fn workers_retire_by_jobs_served_and_by_age() {
+        let policy = WarmPolicy {
+            max_idle: 8,
+            max_jobs: 3,
+            max_age: Duration::from_secs(60),
+        };
+        let pool = WorkerPool::new(policy);
+        let now = Instant::now();
+        pool.give_back(warm("alice", now, 3, 1), now);
+        assert_eq!(pool.len(), 0, "served its last job");
+        pool.give_back(warm("alice", now, 2, 2), now);
+        assert_eq!(pool.len(), 1);
+        let later = now + Duration::from_secs(61);
+        assert!(pool.take(&key("alice"), later).is_none(), "too old to serve");
+        assert_eq!(pool.len(), 0, "and retired");
+        let off = WorkerPool::new(WarmPolicy { max_idle: 0, ..policy });
+        off.give_back(warm("alice", now, 1, 3), now);
+        assert_eq!(off.len(), 0, "max_idle 0 turns reuse off");
+    }
+}

@@ -1,0 +1,125 @@
+"""Warm workers: a worker whose job finished serves the caller's next job
+in the same environment, keeping what it imported, with exactly the new
+job's cores and memory limit; never after a crash or a cancel."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import fleetmap
+from fleetmap import remote_parallel_map
+
+from conftest import run_client
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def _pid_and_import_time(_):
+    import os
+    import sys
+
+    # A module imported by the first job stays imported in a warm worker.
+    import json
+
+    if not hasattr(json, "_fleetmap_imported_at"):
+        json._fleetmap_imported_at = time.monotonic_ns()  # type: ignore[attr-defined]
+    return os.getpid(), json._fleetmap_imported_at  # type: ignore[attr-defined]
+
+
+def _slot_view(_):
+    import os
+
+    memory_limit = None
+    for line in open("/proc/self/cgroup").read().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            limit_file = f"/sys/fs/cgroup/memory{path}/memory.limit_in_bytes"
+            if os.path.exists(limit_file):
+                memory_limit = int(open(limit_file).read())
+        elif controllers == "" and os.path.exists(f"/sys/fs/cgroup{path}/memory.max"):
+            memory_limit = int(open(f"/sys/fs/cgroup{path}/memory.max").read())
+    time.sleep(0.2)  # both slots at once, so each job uses every slot
+    return os.getpid(), sorted(os.sched_getaffinity(0)), memory_limit, os.environ.get("OMP_NUM_THREADS")
+
+
+def _crash_on(x):
+    import os
+
+    if x == 3:
+        os._exit(9)
+    time.sleep(0.05)
+    return os.getpid()
+
+
+def _slow_pid(x):
+    import os
+
+    time.sleep(0.05)
+    return os.getpid()
+
+
+def test_the_next_job_runs_in_the_same_warm_workers_with_their_imports():
+    first = remote_parallel_map(_pid_and_import_time, range(8), verbose=False)
+    second = remote_parallel_map(_pid_and_import_time, range(8), verbose=False)
+    first_pids = {pid for pid, _ in first}
+    assert {pid for pid, _ in second} <= first_pids, (first, second)
+    # Imported once per worker: the second job sees the first job's marks.
+    assert {mark for _, mark in second} <= {mark for _, mark in first}
+
+
+def test_a_warm_worker_gets_exactly_the_new_jobs_cores_and_memory_limit():
+    if os.geteuid() != 0 or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs root (slot cgroups) and two cores")
+    small = remote_parallel_map(_slot_view, range(2), func_cpu=1, func_ram=1, verbose=False)
+    big = remote_parallel_map(_slot_view, range(1), func_cpu=2, func_ram=2, verbose=False)
+    assert big[0][0] in {pid for pid, *_ in small}, "the two-core job took a warm worker"
+    for _, cpus, limit, threads in small:
+        assert len(cpus) == 1 and threads == "1", small
+        assert limit == 1 << 30, small
+    _, cpus, limit, threads = big[0]
+    assert len(cpus) == 2, big
+    assert limit == 2 << 30 and threads == "2", big
+
+
+def test_a_worker_that_crashed_or_was_cancelled_never_serves_again():
+    before = set(remote_parallel_map(_slow_pid, range(4), verbose=False))
+    out = remote_parallel_map(_crash_on, range(8), verbose=False, return_exceptions=True)
+    assert isinstance(out[3], fleetmap.WorkerCrashed), out[3]
+    # Cancelled: leaving a streamed job early stops it.
+    cancelled = set()
+    for _, pid in remote_parallel_map(_slow_pid, range(200), verbose=False, generator=True):
+        cancelled.add(pid)
+        if len(cancelled) >= 1:
+            break
+    time.sleep(0.5)
+    after = set(remote_parallel_map(_slow_pid, range(8), verbose=False))
+    assert not (after & cancelled), (after, cancelled)
+    for pid in cancelled:
+        assert not Path(f"/proc/{pid}").exists() or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+    assert before  # the first job ran somewhere
+
+
+def test_a_second_job_costs_far_less_than_the_first_in_a_fresh_process():
+    # Through a fresh process, so that the first job there starts workers.
+    out = run_client(
+        """
+        import time
+        from fleetmap import remote_parallel_map
+        def f(x):
+            import json
+            return x
+        t0 = time.perf_counter(); remote_parallel_map(f, range(4), verbose=False); t1 = time.perf_counter()
+        remote_parallel_map(f, range(4), verbose=False); t2 = time.perf_counter()
+        RESULT = [t1 - t0, t2 - t1]
+        """
+    )
+    assert out["returncode"] == 0, out["stderr"]
+    first, second = out["result"]
+    # Not a timing target (benches measure those): the second job must not
+    # pay the worker start-up again, which is most of the first.
+    assert second < first, (first, second)
