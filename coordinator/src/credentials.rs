@@ -159,8 +159,8 @@ mod tests {
 
     #[test]
     fn credentials_persist_across_restarts() {
-        let dir = std::env::temp_dir().join(format!("fleetmap-creds-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("state");
         let first = Credentials::load_or_create(&dir).unwrap();
         let again = Credentials::load_or_create(&dir).unwrap();
         assert_eq!(first.api_key, again.api_key);
@@ -168,7 +168,6 @@ mod tests {
         assert!(first.join_token.starts_with("fmjoin_"));
         let mode = fs::metadata(dir.join("api-key")).unwrap().permissions();
         assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600);
-        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -173,7 +173,8 @@ mod tests {
 
     #[test]
     fn gpus_are_read_from_the_driver_inventory() {
-        let root = std::env::temp_dir().join(format!("fleetmap-gpus-{}", std::process::id()));
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().to_path_buf();
         let dir = root.join("driver/nvidia/gpus/0000:3b:00.0");
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(
@@ -182,7 +183,6 @@ mod tests {
         )
         .unwrap();
         let gpus = detect_gpus(&root);
-        std::fs::remove_dir_all(&root).unwrap();
         assert_eq!(gpus.len(), 1);
         assert_eq!((gpus[0].minor, gpus[0].uuid.as_str()), (3, "GPU-abc-123"));
         assert!(detect_gpus(Path::new("/nonexistent")).is_empty());

@@ -940,8 +940,8 @@ mod tests {
 
     #[test]
     fn the_disk_cache_is_private_and_reused() {
-        let dir = std::env::temp_dir().join(format!("fleetmap-wasm-cache-test-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
         let cache = dir.join("wasm");
         // A module not yet in this process's cache (a unique no-op).
         let wat = format!(
@@ -968,23 +968,5 @@ mod tests {
         fs::set_permissions(&file, fs::Permissions::from_mode(0o600)).unwrap();
         fs::set_permissions(&cache, fs::Permissions::from_mode(0o777)).unwrap();
         assert!(disk_cache::load(engine(), &cache, &digest).is_none());
-        fs::remove_dir_all(&dir).unwrap();
-    }
-
-    /// Not a check: prints the cost of a fresh instance and a call.
-    #[test]
-    fn timing_of_a_trivial_call() {
-        let m = module(r#"(module (memory 1) (func (export "_start")))"#);
-        let r = module(REVERSER);
-        for (name, m, input) in [("trivial", &m, &b""[..]), ("reverser (3 bytes)", &r, &b"abc"[..])] {
-            m.run(input).unwrap();
-            let n = 10_000;
-            let start = Instant::now();
-            for _ in 0..n {
-                m.run(input).unwrap();
-            }
-            let per_call = start.elapsed().as_secs_f64() * 1e6 / n as f64;
-            println!("wasm {name}: instantiate + run: {per_call:.1} us per call");
-        }
     }
 }
