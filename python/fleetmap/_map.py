@@ -13,7 +13,7 @@ import site
 import sys
 import sysconfig
 import types
-from typing import Any, Callable, ContextManager, Generator, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, ContextManager, Dict, Generator, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from . import _fleet, _native
 from ._errors import CoordinatorUnreachable, InputError, JobFailed, UnsupportedOption
@@ -144,6 +144,10 @@ def _holds_distributions(directory: str) -> bool:
 #: The installed directories, and the ``sys.path`` they were computed for.
 _INSTALLED_DIRS: Optional[List[str]] = None
 _INSTALLED_FOR: Tuple[str, ...] = ()
+#: Whether each module (by name, and the module object's id, so that a
+#: reloaded or replaced module is looked at again) is local: resolving
+#: every module's path on every job would cost milliseconds.
+_LOCALITY: Dict[str, Tuple[int, bool]] = {}
 
 
 def _is_local_module(name: str, module: Any) -> bool:
@@ -175,10 +179,17 @@ def _local_modules_by_value() -> Iterator[None]:
     if _INSTALLED_DIRS is None or _INSTALLED_FOR != tuple(sys.path):
         _INSTALLED_FOR = tuple(sys.path)
         _INSTALLED_DIRS = _installed_dirs()
+        _LOCALITY.clear()
     already = cloudpickle.list_registry_pickle_by_value()
     registered = []
     for name, module in list(sys.modules.items()):
-        if name in already or not _is_local_module(name, module) or module.__name__ != name:
+        known = _LOCALITY.get(name)
+        if known is not None and known[0] == id(module):
+            local = known[1]
+        else:
+            local = _is_local_module(name, module)
+            _LOCALITY[name] = (id(module), local)
+        if name in already or not local or module.__name__ != name:
             continue
         try:
             cloudpickle.register_pickle_by_value(module)
