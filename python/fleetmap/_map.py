@@ -22,6 +22,8 @@ from ._progress import Progress
 
 #: Largest pickled chunk of inputs the client aims for; chunks shrink to fit.
 _TARGET_CHUNK_BYTES = 1 << 20
+#: Seconds of work a chunk aims for once calls have been timed.
+_TARGET_CHUNK_SECONDS = 0.05
 #: Largest pickled input or function (the protocol's message limit, 1 GiB,
 #: less headroom for the envelope).
 MAX_PAYLOAD_BYTES = (1 << 30) - (64 << 10)
@@ -410,6 +412,20 @@ def _chunk_outcomes(
         scope.__exit__(None, None, None)
 
 
+def _chunk_size(chunk_id: int, slots: int, cap: int, per_input: Optional[float], left: Optional[int]) -> int:
+    """How many inputs the next chunk takes: one at first, doubling with
+    every round of slots, up to ``cap``; once calls are timed
+    (``per_input`` seconds each), about ``_TARGET_CHUNK_SECONDS`` of work;
+    and, with ``left`` inputs to go, no more than half a slot's share of
+    them, so that the job ends on every slot at about the same time."""
+    size = min(cap, 1 << min(chunk_id // slots, 30))
+    if per_input is not None:
+        size = min(size, max(1, int(_TARGET_CHUNK_SECONDS / max(per_input, 1e-9))))
+    if left is not None:
+        size = min(size, max(1, math.ceil(left / (2 * slots))))
+    return size
+
+
 def _run(
     job: _native.Job, source: _InputSource, progress: Progress, return_exceptions: bool
 ) -> Generator[Tuple[int, List[Any]], None, None]:
@@ -421,13 +437,20 @@ def _run(
     # at one input and double with every round of slots, so the first
     # results come after one call, not after a whole chunk.
     cap = max(1, math.ceil(total / (slots * 4))) if total is not None else 4096
+    # Once chunks have come back, their measured time per input sizes the
+    # next ones: about _TARGET_CHUNK_SECONDS of work each, so that short
+    # calls batch and long calls spread one by one over the slots. Near the
+    # end, no chunk takes more than its share of what is left, so no slot
+    # finishes long after the others.
+    per_input: Optional[float] = None
     credit = job.credit
     chunk_id = done = 0
     inputs_done = False
     while True:
         while credit > 0 and not source.exhausted():
             first = source.next_index
-            chunk = source.take(min(cap, 1 << min(chunk_id // slots, 30)))
+            left = None if total is None else total - first
+            chunk = source.take(_chunk_size(chunk_id, slots, cap, per_input, left))
             payload = _pickle_chunk(chunk, first)
             while len(payload) > _TARGET_CHUNK_BYTES and len(chunk) > 1:
                 # Inputs are large: shrink this chunk and the ones after it.
@@ -451,7 +474,9 @@ def _run(
             kind = event[0]
             if kind == "output":
                 _, first, count, failed, node, payload = event
-                outputs, failures = pickle.loads(payload)
+                outputs, failures, seconds = pickle.loads(payload)
+                sample = seconds / max(count, 1)
+                per_input = sample if per_input is None else 0.7 * per_input + 0.3 * sample
                 if failed and not return_exceptions:
                     raise min(failures, key=lambda f: f.index).to_exception(node)
                 for failure in failures:

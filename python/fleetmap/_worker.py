@@ -13,6 +13,7 @@ import hashlib
 import os
 import pickle
 import sys
+import time
 import traceback
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -90,15 +91,17 @@ def run_chunk(
 ) -> Tuple[bytes, int]:
     """Runs the function on every input of a chunk.
 
-    Returns the pickled pair ``(outputs, failures)`` and the number of
-    failures; the output of a failed input is ``None`` and its
-    :class:`RemoteFailure` says why.
+    Returns the pickled triple ``(outputs, failures, seconds)`` and the
+    number of failures; the output of a failed input is ``None`` and its
+    :class:`RemoteFailure` says why, and ``seconds`` is how long the chunk
+    took here (the caller sizes its next chunks from it).
 
     ``isolation`` is set when the chunk runs again after a call killed the
     worker: ``(started, crashed)``, where ``started(i)`` tells the daemon
     that input ``i`` starts, and ``crashed`` maps the inputs that killed a
     worker before to ``(kind, message)``; those fail without running again.
     """
+    started_at = time.perf_counter()
     inputs = pickle.loads(payload)
     outputs: List[Any] = []
     failures: List[RemoteFailure] = []
@@ -118,7 +121,7 @@ def run_chunk(
             except BaseException as exc:  # noqa: BLE001 - SystemExit and KeyboardInterrupt are outcomes too
                 failures.append(RemoteFailure.capture(index, exc, _THIS_FILE))
                 outputs.append(None)
-        return _pickle_outcomes(outputs, failures, first_input)
+        return _pickle_outcomes(outputs, failures, first_input, started_at)
     remaining = iter(inputs)
     while True:
         try:
@@ -129,14 +132,17 @@ def run_chunk(
         except BaseException as exc:  # noqa: BLE001 - SystemExit and KeyboardInterrupt are outcomes too
             failures.append(RemoteFailure.capture(first_input + len(outputs), exc, _THIS_FILE))
             outputs.append(None)
-    return _pickle_outcomes(outputs, failures, first_input)
+    return _pickle_outcomes(outputs, failures, first_input, started_at)
 
 
-def _pickle_outcomes(outputs: List[Any], failures: List[RemoteFailure], first_input: int) -> Tuple[bytes, int]:
+def _pickle_outcomes(
+    outputs: List[Any], failures: List[RemoteFailure], first_input: int, started_at: float
+) -> Tuple[bytes, int]:
     import cloudpickle
 
+    seconds = time.perf_counter() - started_at
     try:
-        blob = cloudpickle.dumps((outputs, failures), protocol=pickle.HIGHEST_PROTOCOL)
+        blob = cloudpickle.dumps((outputs, failures, seconds), protocol=pickle.HIGHEST_PROTOCOL)
     except Exception:
         # Find the outputs that cannot be pickled and fail just those inputs.
         for i, out in enumerate(outputs):
@@ -147,7 +153,7 @@ def _pickle_outcomes(outputs: List[Any], failures: List[RemoteFailure], first_in
                 failures.append(RemoteFailure.capture(first_input + i, error, _THIS_FILE))
                 outputs[i] = None
         failures.sort(key=lambda f: f.index)
-        blob = cloudpickle.dumps((outputs, failures), protocol=pickle.HIGHEST_PROTOCOL)
+        blob = cloudpickle.dumps((outputs, failures, seconds), protocol=pickle.HIGHEST_PROTOCOL)
     max_output = int(setting("max_output_bytes", 60 << 20))
     if len(blob) > max_output:
         sizes = [len(pickle.dumps(o, protocol=pickle.HIGHEST_PROTOCOL)) for o in outputs]
@@ -161,7 +167,7 @@ def _pickle_outcomes(outputs: List[Any], failures: List[RemoteFailure], first_in
                 failures.append(RemoteFailure.capture(first_input + i, error, _THIS_FILE))
                 outputs[i] = None
         failures.sort(key=lambda f: f.index)
-        blob = cloudpickle.dumps((outputs, failures), protocol=pickle.HIGHEST_PROTOCOL)
+        blob = cloudpickle.dumps((outputs, failures, seconds), protocol=pickle.HIGHEST_PROTOCOL)
     return blob, len(failures)
 
 

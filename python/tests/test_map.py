@@ -275,3 +275,18 @@ def test_packages_on_a_second_environment_travel_by_reference(tmp_path):
     assert out["returncode"] == 0, out["stderr"]
     assert out["result"]["outputs"] == [3, 6, 9]
     assert "heavylib" not in out["result"]["by_value"]
+
+
+def test_chunks_are_sized_from_measured_call_time():
+    from fleetmap._map import _TARGET_CHUNK_SECONDS, _chunk_size
+
+    # Before any call is timed: one input, doubling every round of slots.
+    assert [_chunk_size(i, 2, 1000, None, None) for i in range(8)] == [1, 1, 2, 2, 4, 4, 8, 8]
+    # Long calls go one by one; short calls batch up to the cap.
+    assert _chunk_size(40, 2, 1000, 0.1, None) == 1
+    assert _chunk_size(40, 2, 1000, _TARGET_CHUNK_SECONDS / 50, None) == 50
+    assert _chunk_size(40, 2, 1000, 1e-7, None) == 1000
+    # Near the end, no chunk takes more than half a slot's share of what is left.
+    assert _chunk_size(40, 2, 1000, 1e-7, 40) == 10
+    assert _chunk_size(40, 2, 1000, 1e-7, 1) == 1
+
