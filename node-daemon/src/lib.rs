@@ -27,7 +27,7 @@ use fleetmap_protocol::{
 };
 use fleetmap_sandbox::cgroup::CgroupTree;
 use inventory::Inventory;
-use slot::{run_slot, Pool, SlotContext};
+use slot::{prestart, run_slot, Pool, SlotContext};
 use tokio::{sync::mpsc, task::JoinHandle};
 use tracing::{info, warn};
 
@@ -270,11 +270,15 @@ pub async fn run_until(
     config.resources.cores = cpus.len() as u32;
     let node = Node {
         pool: Arc::new(Pool::new(config.warm)),
+        node_cpus: Arc::new(cpus.clone()),
         inventory: Inventory::new(cpus, config.resources.gpus.clone()),
         cgroups,
         isolation,
         config: Arc::new(config),
     };
+    // Workers ready before the first job: the interpreter up, the worker
+    // loaded, waiting in their own cgroups.
+    prestart(&node.config, node.cgroups.as_deref(), &node.node_cpus, &node.pool);
     let mut backoff = Duration::from_millis(100);
     loop {
         if *shutdown.borrow() {
@@ -317,8 +321,10 @@ struct Node {
     cgroups: Option<Arc<CgroupTree>>,
     /// How slots are isolated, as `fleetmap status` shows it.
     isolation: String,
-    /// Workers whose jobs finished, warm for the next job of their key.
+    /// Workers whose jobs finished, warm for the next job of their key,
+    /// and workers started ahead of any job.
     pool: Arc<Pool>,
+    node_cpus: Arc<Vec<u32>>,
 }
 
 /// The slots of one job on this node.
@@ -453,6 +459,7 @@ async fn session(
                         placement,
                         up: up.clone(),
                         pool: node.pool.clone(),
+                        node_cpus: node.node_cpus.clone(),
                     };
                     entry.tasks.insert(slot, tokio::spawn(run_slot(ctx, rx)));
                 }

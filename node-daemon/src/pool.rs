@@ -21,8 +21,10 @@ use std::{
 /// What a warm worker may serve: only jobs with the same key.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct WorkerKey {
-    /// The principal whose code the worker ran (from its API key).
-    pub principal: String,
+    /// The principal whose code the worker ran (from its API key); `None`
+    /// for a worker started ahead of any job, which has run no one's code
+    /// and may serve any principal and Python version once.
+    pub principal: Option<String>,
     /// The interpreter it runs.
     pub program: String,
     /// The caller's Python `major.minor`.
@@ -37,6 +39,10 @@ pub(crate) struct WorkerKey {
 pub struct WarmPolicy {
     /// The most idle workers kept (0 turns reuse off).
     pub max_idle: usize,
+    /// Workers started ahead of any job, with the interpreter up and the
+    /// worker loaded, so that even a first job finds them (capped by the
+    /// node's cores).
+    pub prestart: usize,
     /// A worker is retired after this many jobs.
     pub max_jobs: u32,
     /// A worker is retired once this old.
@@ -47,6 +53,7 @@ impl Default for WarmPolicy {
     fn default() -> Self {
         Self {
             max_idle: 64,
+            prestart: 8,
             max_jobs: 100,
             max_age: Duration::from_secs(3600),
         }
@@ -85,13 +92,27 @@ impl<W> WorkerPool<W> {
     }
 
     /// The most recently returned idle worker with `key` (its caches are
-    /// the warmest), if it is not due for retirement at `now`.
+    /// the warmest), else one started ahead of any job with the same
+    /// interpreter and devices, if one is not due for retirement at `now`.
     pub fn take(&self, key: &WorkerKey, now: Instant) -> Option<Warm<W>> {
         let mut idle = self.idle();
         // Retire the old ones first: dropping them kills them.
         idle.retain(|w| now.duration_since(w.born) < self.policy.max_age);
-        let at = idle.iter().rposition(|w| &w.key == key)?;
+        let at = idle.iter().rposition(|w| &w.key == key).or_else(|| {
+            idle.iter()
+                .rposition(|w| w.key.principal.is_none() && w.key.program == key.program && w.key.gpus == key.gpus)
+        })?;
         Some(idle.remove(at))
+    }
+
+    /// How many idle workers were started ahead of any job.
+    pub fn pristine(&self) -> usize {
+        self.idle().iter().filter(|w| w.key.principal.is_none()).count()
+    }
+
+    /// The policy the pool keeps.
+    pub fn policy(&self) -> WarmPolicy {
+        self.policy
     }
 
     /// Takes back a worker whose job finished cleanly. It is dropped
@@ -129,7 +150,7 @@ mod tests {
 
     fn key(principal: &str) -> WorkerKey {
         WorkerKey {
-            principal: principal.into(),
+            principal: Some(principal.into()),
             program: "/usr/bin/python3".into(),
             caller_python: "3.11".into(),
             gpus: vec![],
@@ -162,6 +183,35 @@ mod tests {
     }
 
     #[test]
+    fn a_worker_started_ahead_serves_any_principal_with_its_interpreter_and_devices() {
+        let pool = WorkerPool::new(WarmPolicy::default());
+        let now = Instant::now();
+        let ahead = Warm {
+            key: WorkerKey {
+                principal: None,
+                caller_python: String::new(),
+                ..key("")
+            },
+            born: now,
+            jobs_served: 0,
+            worker: 9,
+        };
+        pool.give_back(ahead, now);
+        assert_eq!(pool.pristine(), 1);
+        let mut with_gpu = key("bob");
+        with_gpu.gpus = vec![0];
+        assert!(pool.take(&with_gpu, now).is_none(), "other devices");
+        let mut other_python = key("bob");
+        other_python.program = "/opt/python3.12/bin/python3".into();
+        assert!(pool.take(&other_python, now).is_none(), "another interpreter");
+        // An exact match is preferred to a worker started ahead.
+        pool.give_back(warm("bob", now, 1, 4), now);
+        assert_eq!(pool.take(&key("bob"), now).map(|w| w.worker), Some(4));
+        assert_eq!(pool.take(&key("bob"), now).map(|w| w.worker), Some(9));
+        assert_eq!(pool.pristine(), 0);
+    }
+
+    #[test]
     fn the_warmest_worker_goes_first_and_a_full_pool_drops_the_coldest() {
         let pool = WorkerPool::new(WarmPolicy {
             max_idle: 2,
@@ -180,6 +230,7 @@ mod tests {
     fn workers_retire_by_jobs_served_and_by_age() {
         let policy = WarmPolicy {
             max_idle: 8,
+            prestart: 0,
             max_jobs: 3,
             max_age: Duration::from_secs(60),
         };

@@ -56,6 +56,8 @@ pub(crate) struct SlotContext {
     pub placement: Placement,
     pub up: mpsc::UnboundedSender<NodeToCoordinator>,
     pub pool: Arc<Pool>,
+    /// Every core of the node, for the workers started ahead of any job.
+    pub node_cpus: Arc<Vec<u32>>,
 }
 
 /// Runs a slot until its chunk channel closes. A channel closed with no
@@ -79,11 +81,70 @@ pub(crate) async fn run_slot(ctx: SlotContext, chunks: mpsc::UnboundedReceiver<I
     }
 }
 
+/// Starts workers ahead of any job until the pool holds as many as the
+/// policy asks (at most one per core): the node's interpreter, every core,
+/// no memory limit yet and no GPU, until a job takes one and its cgroup is
+/// rewritten for that job.
+pub(crate) fn prestart(config: &NodeConfig, cgroups: Option<&CgroupTree>, cpus: &[u32], pool: &Pool) {
+    let wanted = pool.policy().prestart.min(cpus.len());
+    prestart_n(config, cgroups, cpus, pool, wanted.saturating_sub(pool.pristine()));
+}
+
+fn prestart_n(config: &NodeConfig, cgroups: Option<&CgroupTree>, cpus: &[u32], pool: &Pool, n: usize) {
+    for _ in 0..n {
+        let limits = SlotLimits {
+            cpus: cpus.to_vec(),
+            mems: None,
+            memory_bytes: u64::MAX,
+            pids_max: config.pids_per_slot,
+            // A node with GPUs gives a worker none until its job asks.
+            gpus: (!config.resources.gpus.is_empty()).then(|| GpuAccess { allowed_minors: vec![] }),
+        };
+        let cmd = WorkerCommand {
+            program: config.python.clone().into(),
+            args: vec!["-m".into(), "fleetmap._worker".into()],
+            env: base_environment(config),
+            cgroup_procs: vec![],
+            cpu_affinity: cpus.to_vec(),
+            run_as: config.run_as,
+            private_tmp: config.private_tmp && cgroups.is_some() && !config.python.starts_with("/tmp/"),
+        };
+        match WorkerProcess::spawn_with(config, cgroups, &limits, cmd) {
+            Ok(worker) => pool.give_back(
+                Warm {
+                    key: WorkerKey {
+                        principal: None,
+                        program: config.python.clone(),
+                        caller_python: String::new(),
+                        gpus: vec![],
+                    },
+                    born: Instant::now(),
+                    jobs_served: 0,
+                    worker,
+                },
+                Instant::now(),
+            ),
+            Err(e) => {
+                tracing::warn!("node {}: could not start a worker ahead of jobs: {e}", config.name);
+                return;
+            }
+        }
+    }
+}
+
+/// Starts one worker ahead of any job if the pool holds fewer than the
+/// policy asks: each one taken by a job is replaced by one.
+fn prestart_one(config: &NodeConfig, cgroups: Option<&CgroupTree>, cpus: &[u32], pool: &Pool) {
+    if pool.pristine() < pool.policy().prestart.min(cpus.len()) {
+        prestart_n(config, cgroups, cpus, pool, 1);
+    }
+}
+
 /// The key of the workers that may serve this slot's job.
 fn worker_key(ctx: &SlotContext) -> WorkerKey {
     let RuntimeSpec::Python { version, .. } = &ctx.spec.runtime;
     WorkerKey {
-        principal: ctx.spec.principal.clone(),
+        principal: Some(ctx.spec.principal.clone()),
         program: worker_program(ctx),
         caller_python: version.clone(),
         gpus: ctx.placement.gpus.iter().map(|g| g.minor).collect(),
@@ -104,6 +165,22 @@ impl Pending {
             chunk: self.chunk.clone(),
             isolated: self.isolated,
             crashed: self.crashed.clone(),
+        }
+    }
+}
+
+/// Why a worker did not load the job's function.
+enum LoadError {
+    /// It answered that the function cannot be loaded.
+    Refused(String),
+    /// It died (or broke the protocol) first.
+    Died(String),
+}
+
+impl LoadError {
+    fn into_reason(self) -> String {
+        match self {
+            LoadError::Refused(reason) | LoadError::Died(reason) => reason,
         }
     }
 }
@@ -251,15 +328,40 @@ impl WorkerProcess {
     /// one.
     async fn acquire(ctx: &SlotContext) -> Result<Warm<Self>, String> {
         let key = worker_key(ctx);
-        while let Some(mut warm) = ctx.pool.take(&key, Instant::now()) {
+        // A few tries at most: every worker started ahead that is taken is
+        // replaced, so an endless run of failures must not become an
+        // endless run of new workers.
+        for _ in 0..3 {
+            let Some(mut warm) = ctx.pool.take(&key, Instant::now()) else {
+                break;
+            };
+            if warm.key.principal.is_none() {
+                // One started ahead is taken: start the next one.
+                let (config, cgroups, cpus, pool) = (
+                    ctx.config.clone(),
+                    ctx.cgroups.clone(),
+                    ctx.node_cpus.clone(),
+                    ctx.pool.clone(),
+                );
+                tokio::spawn(async move { prestart_one(&config, cgroups.as_deref(), &cpus, &pool) });
+            }
             // A worker that cannot be given the job's limits, or that died
             // while it waited, is dropped (killed) and the next one tried.
             if warm.worker.reassign(ctx).is_err() {
                 continue;
             }
-            if warm.worker.load(ctx).await.is_ok() {
-                warm.jobs_served += 1;
-                return Ok(warm);
+            match warm.worker.load(ctx).await {
+                Ok(()) => {
+                    warm.key = key;
+                    warm.jobs_served += 1;
+                    return Ok(warm);
+                }
+                // The function itself cannot be loaded (another Python
+                // version, an import that fails): no other worker will do
+                // better, and trying each would only start more.
+                Err(LoadError::Refused(reason)) => return Err(reason),
+                // It died while it waited: the next one is tried.
+                Err(LoadError::Died(_)) => continue,
             }
         }
         Self::start_fresh(ctx).await
@@ -268,7 +370,7 @@ impl WorkerProcess {
     /// Starts a worker in a fresh cgroup and loads the job's function.
     async fn start_fresh(ctx: &SlotContext) -> Result<Warm<Self>, String> {
         let mut worker = Self::spawn(ctx)?;
-        worker.load(ctx).await?;
+        worker.load(ctx).await.map_err(LoadError::into_reason)?;
         Ok(Warm {
             key: worker_key(ctx),
             born: Instant::now(),
@@ -310,30 +412,49 @@ impl WorkerProcess {
         }
     }
 
-    /// Starts a worker process in a fresh cgroup.
+    /// Starts a worker process for the slot in a fresh cgroup.
     fn spawn(ctx: &SlotContext) -> Result<Self, String> {
-        // Worker cgroups are named by a node-wide counter: a warm worker
-        // keeps its cgroup from job to job.
+        Self::spawn_with(
+            &ctx.config,
+            ctx.cgroups.as_deref(),
+            &slot_limits(ctx),
+            worker_command(ctx),
+        )
+        .map_err(|e| format!("could not start a worker for slot {}: {e}", ctx.slot))
+    }
+
+    /// Starts `cmd` in a fresh cgroup with `limits`.
+    fn spawn_with(
+        config: &NodeConfig,
+        cgroups: Option<&CgroupTree>,
+        limits: &SlotLimits,
+        mut cmd: WorkerCommand,
+    ) -> Result<Self, String> {
+        // Worker cgroups are named by the daemon's process id and a counter:
+        // a warm worker keeps its cgroup from job to job, and a restarted
+        // daemon's cgroups are never mistaken for its predecessor's.
         static NEXT_WORKER: AtomicU64 = AtomicU64::new(0);
-        let node = &ctx.config.name;
-        let cgroup = match &ctx.cgroups {
+        let node = &config.name;
+        let cgroup = match cgroups {
             Some(tree) => Some(
                 tree.create_slot(
-                    &format!("worker{}", NEXT_WORKER.fetch_add(1, Ordering::Relaxed)),
-                    &slot_limits(ctx),
+                    &format!(
+                        "worker{}-{}",
+                        std::process::id(),
+                        NEXT_WORKER.fetch_add(1, Ordering::Relaxed)
+                    ),
+                    limits,
                 )
-                .map_err(|e| format!("could not create the cgroup of slot {} on node {node}: {e}", ctx.slot))?,
+                .map_err(|e| format!("could not create its cgroup on node {node}: {e}"))?,
             ),
             None => None,
         };
-        let mut cmd = worker_command(ctx);
         if let Some(cg) = &cgroup {
             cmd.cgroup_procs = cg
                 .procs_files()
-                .map_err(|e| format!("could not enter the cgroup of slot {} on node {node}: {e}", ctx.slot))?;
+                .map_err(|e| format!("could not enter its cgroup on node {node}: {e}"))?;
         }
-        let mut process = spawn_worker(&cmd)
-            .map_err(|e| format!("could not start a worker for slot {} on node {node}: {e}", ctx.slot))?;
+        let mut process = spawn_worker(&cmd).map_err(|e| format!("on node {node}: {e}"))?;
         // spawn_worker fills all three; take each once.
         let stdout = LineForwarder::new(
             process.stdout.take().expect("stdout of a new worker"),
@@ -348,8 +469,8 @@ impl WorkerProcess {
         let (to_worker, rx) = mpsc::unbounded_channel();
         let worker = WorkerProcess {
             pid: process.pid,
-            reader: FramedReader::new(rd, ctx.config.max_message),
-            writer: tokio::spawn(write_frames(wr, rx, ctx.config.max_message)),
+            reader: FramedReader::new(rd, config.max_message),
+            writer: tokio::spawn(write_frames(wr, rx, config.max_message)),
             to_worker,
             stdout,
             stderr,
@@ -361,7 +482,7 @@ impl WorkerProcess {
 
     /// Sends the job's function and settings and waits until the worker has
     /// loaded it.
-    async fn load(&mut self, ctx: &SlotContext) -> Result<(), String> {
+    async fn load(&mut self, ctx: &SlotContext) -> Result<(), LoadError> {
         let node = &ctx.config.name;
         let RuntimeSpec::Python { function, version, .. } = &ctx.spec.runtime;
         self.send(ToWorker::Load {
@@ -381,16 +502,19 @@ impl WorkerProcess {
                 read = self.stderr.read_some(), if self.stderr.open => self.stderr.forward(read, ctx),
                 reply = self.reader.recv::<FromWorker>() => return match reply {
                     Ok(Some(FromWorker::Ready { .. })) => Ok(()),
-                    Ok(Some(FromWorker::LoadFailed { error })) => {
-                        Err(format!("the function could not be loaded on node {node}: {error}"))
-                    }
+                    Ok(Some(FromWorker::LoadFailed { error })) => Err(LoadError::Refused(format!(
+                        "the function could not be loaded on node {node}: {error}"
+                    ))),
                     other => {
                         let death = self.death(ctx).await;
                         let detail = match other {
                             Err(e) => format!(" ({e})"),
                             _ => String::new(),
                         };
-                        Err(format!("the worker of slot {} {} while loading the function{detail}", ctx.slot, death.what))
+                        Err(LoadError::Died(format!(
+                            "the worker of slot {} {} while loading the function{detail}",
+                            ctx.slot, death.what
+                        )))
                     }
                 },
             }
@@ -496,15 +620,20 @@ fn job_environment(ctx: &SlotContext) -> Vec<(String, String)> {
     env
 }
 
-fn worker_command(ctx: &SlotContext) -> WorkerCommand {
-    let program = worker_program(ctx);
-    let mut env: Vec<(std::ffi::OsString, std::ffi::OsString)> = vec![
+/// The environment every worker starts with, whatever its job.
+fn base_environment(config: &NodeConfig) -> Vec<(std::ffi::OsString, std::ffi::OsString)> {
+    vec![
         ("PYTHONUNBUFFERED".into(), "1".into()),
         // For the user's code and operators' tools (as Slurm's
         // SLURMD_NODENAME); the worker itself reads no settings from its
         // environment: they come in its first message.
-        ("FLEETMAP_NODE".into(), ctx.config.name.clone().into()),
-    ];
+        ("FLEETMAP_NODE".into(), config.name.clone().into()),
+    ]
+}
+
+fn worker_command(ctx: &SlotContext) -> WorkerCommand {
+    let program = worker_program(ctx);
+    let mut env = base_environment(&ctx.config);
     env.extend(job_environment(ctx).into_iter().map(|(k, v)| (k.into(), v.into())));
     WorkerCommand {
         program: program.clone().into(),

@@ -36,10 +36,14 @@ def test_streaming_from_a_generator_input():
     assert sorted(pairs) == [(i, -i) for i in range(50)]
 
 
-def test_leaving_a_streaming_loop_early_cancels_the_job():
+def test_leaving_a_streaming_loop_early_cancels_the_job(tmp_path):
+    seen = str(tmp_path)
+
     def slow(x):
+        import os
         import time
 
+        open(os.path.join(seen, str(os.getpid())), "w").close()
         time.sleep(0.05)
         return x
 
@@ -47,8 +51,13 @@ def test_leaving_a_streaming_loop_early_cancels_the_job():
     for index, _ in stream:
         break
     stream.close()
-    # The job's workers are killed once the job is cancelled.
-    wait_for(lambda: not _embedded_workers(), 5, "the job's workers to stop", lambda: str(_embedded_workers()))
+
+    # Every worker that ran the job is killed once the job is cancelled (the
+    # node's other workers, started ahead of jobs, ran none of its code).
+    def job_workers_alive():
+        return [int(p.name) for p in tmp_path.iterdir() if int(p.name) in _embedded_workers()]
+
+    wait_for(lambda: not job_workers_alive(), 5, "the job's workers to stop", lambda: str(job_workers_alive()))
 
 
 def _embedded_workers():
