@@ -18,7 +18,7 @@ mod slot;
 
 pub use pool::WarmPolicy;
 
-use std::{collections::HashMap, net::SocketAddr, path::Path, sync::Arc, time::Duration};
+use std::{collections::HashMap, path::Path, sync::Arc, time::Duration};
 
 use fleetmap_net::{CloseCode, NetError, Session, SessionError};
 use fleetmap_protocol::{
@@ -124,8 +124,6 @@ impl NodeConfig {
 pub enum NodeError {
     #[error("the coordinator refused this node: {0}")]
     Refused(String),
-    #[error("cannot resolve coordinator address {addr:?}: {reason}")]
-    Resolve { addr: String, reason: String },
     #[error(transparent)]
     Net(#[from] NetError),
     #[error(transparent)]
@@ -211,19 +209,6 @@ pub fn enclosing_slot() -> Option<String> {
 /// killed); returns their names.
 pub fn remove_stale_subtrees(mount: &Path, prefix: &str) -> Vec<String> {
     CgroupTree::remove_stale(mount, prefix)
-}
-
-/// Resolves `host:port`.
-pub async fn resolve(addr: &str) -> Result<SocketAddr, NodeError> {
-    let err = |reason: String| NodeError::Resolve {
-        addr: addr.to_string(),
-        reason,
-    };
-    tokio::net::lookup_host(addr)
-        .await
-        .map_err(|e| err(e.to_string()))?
-        .next()
-        .ok_or_else(|| err("no address found".into()))
 }
 
 /// Runs the daemon: sets up its cgroup subtree (or says plainly that calls
