@@ -80,6 +80,10 @@ import sys
 import time
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
+# This script's directory is on sys.path when it runs: the machine
+# description is throughput.py's, so both reports say the same.
+from throughput import machine
+
 
 # --------------------------------------------------------------------------- the workers' functions
 # Module-level, so that every peer can ship them: by reference to the forked
@@ -121,31 +125,8 @@ def import_numpy(_):
 # --------------------------------------------------------------------------- machine and timing
 
 
-def machine() -> Dict[str, Any]:
-    model = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {
-        "nproc": _cores(),
-        "cpu_count": os.cpu_count(),
-        "cpu_model": model,
-        "python": platform.python_version(),
-        "python_executable": sys.executable,
-        "platform": platform.platform(),
-    }
-
-
 def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+    return int(machine()["nproc"])
 
 
 def timed(fn: Callable[[], Any]) -> Tuple[float, Any]:

@@ -51,8 +51,21 @@ struct Core {
     scheduler: Scheduler,
     nodes: HashMap<NodeId, mpsc::UnboundedSender<CoordinatorToNode>>,
     clients: HashMap<ClientId, mpsc::UnboundedSender<CoordinatorToClient>>,
-    next_node: NodeId,
-    next_client: ClientId,
+    /// Ids for nodes and clients; the two live in separate, typed maps.
+    next_peer: u64,
+}
+
+/// Adds a peer's sender under the next id.
+fn register<K: Copy + Eq + std::hash::Hash, M>(
+    peers: &mut HashMap<K, mpsc::UnboundedSender<M>>,
+    next: &mut u64,
+    id: fn(u64) -> K,
+    tx: mpsc::UnboundedSender<M>,
+) -> K {
+    *next += 1;
+    let key = id(*next);
+    peers.insert(key, tx);
+    key
 }
 
 impl Core {
@@ -147,8 +160,7 @@ pub async fn serve(config: CoordinatorConfig) -> Result<RunningCoordinator, NetE
             scheduler: Scheduler::new(),
             nodes: HashMap::new(),
             clients: HashMap::new(),
-            next_node: NodeId(0),
-            next_client: ClientId(0),
+            next_peer: 0,
         }),
         credentials: config.credentials,
         max_message: config.max_message,
@@ -228,11 +240,8 @@ async fn serve_peer(conn: &quinn::Connection, shared: &Shared) -> Result<(), Ses
         } => {
             let (tx, mut rx, writer) = handshake.welcome(SOFTWARE_VERSION, shared.max_message).await?;
             let node = {
-                let mut core = shared.lock();
-                core.next_node = NodeId(core.next_node.0 + 1);
-                let id = core.next_node;
-                core.nodes.insert(id, tx);
-                id
+                let core = &mut *shared.lock();
+                register(&mut core.nodes, &mut core.next_peer, NodeId, tx)
             };
             info!(
                 "node {name} joined from {remote}: {} cores, {} memory, {} GPUs",
@@ -255,11 +264,8 @@ async fn serve_peer(conn: &quinn::Connection, shared: &Shared) -> Result<(), Ses
             let principal = principal_of(&api_key);
             let (tx, mut rx, writer) = handshake.welcome(SOFTWARE_VERSION, shared.max_message).await?;
             let client = {
-                let mut core = shared.lock();
-                core.next_client = ClientId(core.next_client.0 + 1);
-                let id = core.next_client;
-                core.clients.insert(id, tx);
-                id
+                let core = &mut *shared.lock();
+                register(&mut core.clients, &mut core.next_peer, ClientId, tx)
             };
             let r = client_loop(&mut rx, client, &principal, shared).await;
             shared.with(|s| s.handle_client_lost(client));
