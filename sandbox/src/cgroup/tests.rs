@@ -556,6 +556,17 @@ async fn run_in(slot: &SlotCgroup, script: &str) -> (ExitStatus, String, String)
     (status, out, err)
 }
 
+/// A shell snippet that starts `sleep 100` in a session of its own and
+/// returns once it is there: dropping the worker kills the worker's process
+/// group, and a child that has not yet called setsid(2) would die with it.
+fn detached_sleep(marker: &Path) -> String {
+    let marker = marker.display();
+    format!(
+        "setsid sh -c ': > {marker}; exec sleep 100' >/dev/null 2>&1 & \
+         while [ ! -e {marker} ]; do sleep 0.01; done; echo started"
+    )
+}
+
 /// Fake `/dev/nvidia0` and `/dev/nvidia1` (195:0, 195:1) in a temporary
 /// directory. Where no driver is behind them, an open the cgroup allows
 /// fails with ENXIO; on a host with the NVIDIA driver loaded it succeeds.
@@ -624,8 +635,9 @@ async fn v1_slot_pins_cores_and_devices_and_is_removed_cleanly() {
     assert!(t.tree.cpus().unwrap().contains(&1));
     let script = format!(
         "grep Cpus_allowed_list /proc/self/status; cat /proc/self/cgroup; {}; \
-         setsid sleep 100 >/dev/null 2>&1 & echo started",
-        device_probe(dev.path())
+         {}",
+        device_probe(dev.path()),
+        detached_sleep(&dev.path().join("detached"))
     );
     let (status, out, err) = run_in(&slot, &script).await;
     assert!(status.success(), "{status:?} {out} {err}");
@@ -787,8 +799,9 @@ async fn v2_device_filter_kill_and_removal_on_the_kernel() {
         Err(e) => panic!("{e}"),
     }
     let script = format!(
-        "cat /proc/self/cgroup; {}; setsid sleep 100 >/dev/null 2>&1 & echo started",
-        device_probe(dev.path())
+        "cat /proc/self/cgroup; {}; {}",
+        device_probe(dev.path()),
+        detached_sleep(&dev.path().join("detached"))
     );
     let (status, out, err) = run_in(&slot, &script).await;
     assert!(status.success(), "{status:?} {out} {err}");
