@@ -23,8 +23,8 @@ use std::{
 
 use fleetmap_net::{Receiver, Session, SessionError};
 use fleetmap_protocol::{
-    ClientToCoordinator, CoordinatorToClient, Hello, InputChunk, JobId, JobSpec, LogLine, NodeStatus, OutputChunk,
-    RequestId, Role, DEFAULT_MAX_MESSAGE, SOFTWARE_VERSION,
+    ClientToCoordinator, CoordinatorToClient, FailureKind, Hello, InputChunk, JobId, JobSpec, LogLine, NodeStatus,
+    OutputChunk, RequestId, Role, DEFAULT_MAX_MESSAGE, SOFTWARE_VERSION,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -69,7 +69,8 @@ pub enum JobEvent {
     /// The client may send this many more chunks.
     Credit(u32),
     Finished,
-    Failed(String),
+    /// The job failed; the kind says which error the caller raises.
+    Failed(FailureKind, String),
 }
 
 type Routes = Arc<Mutex<Routing>>;
@@ -237,9 +238,9 @@ async fn read_loop(mut rx: Receiver<CoordinatorToClient>, routes: Routes) {
             CoordinatorToClient::Log(line) => (line.job, JobEvent::Log(line)),
             CoordinatorToClient::Credit { job, chunks } => (job, JobEvent::Credit(chunks)),
             CoordinatorToClient::JobFinished { job } => (job, JobEvent::Finished),
-            CoordinatorToClient::JobFailed { job, reason } => (job, JobEvent::Failed(reason)),
+            CoordinatorToClient::JobFailed { job, kind, reason } => (job, JobEvent::Failed(kind, reason)),
         };
-        let last = matches!(event, JobEvent::Finished | JobEvent::Failed(_));
+        let last = matches!(event, JobEvent::Finished | JobEvent::Failed(..));
         if let Some(tx) = r.jobs.get(&job) {
             let _ = tx.send(event);
         }
@@ -249,9 +250,10 @@ async fn read_loop(mut rx: Receiver<CoordinatorToClient>, routes: Routes) {
     };
     let mut r = routes.lock().expect("routing lock poisoned");
     for (_, tx) in r.jobs.drain() {
-        let _ = tx.send(JobEvent::Failed(format!(
-            "lost the connection to the coordinator: {reason}"
-        )));
+        let _ = tx.send(JobEvent::Failed(
+            FailureKind::Job,
+            format!("lost the connection to the coordinator: {reason}"),
+        ));
     }
     for (_, done) in r.submits.drain() {
         let _ = done.send(Err(ClientError::Disconnected(reason.clone())));

@@ -32,8 +32,15 @@ pub struct LocalClusterError(String);
 impl LocalCluster {
     /// Starts the coordinator on `listen` (port 0 picks a free one) and a
     /// node daemon whose default interpreter is `python`, and waits until the
-    /// node has joined.
-    pub async fn start(listen: SocketAddr, python: String) -> Result<Self, LocalClusterError> {
+    /// node has joined. `runtime` and `uv` are for jobs with `packages=`:
+    /// fleetmap's package directories, put on their environments' path, and
+    /// the installer (`None`: found beside `python` or on `PATH`).
+    pub async fn start(
+        listen: SocketAddr,
+        python: String,
+        runtime: Vec<std::path::PathBuf>,
+        uv: Option<std::path::PathBuf>,
+    ) -> Result<Self, LocalClusterError> {
         let err = |e: &dyn std::fmt::Display| LocalClusterError(e.to_string());
         let credentials = Credentials::generate().map_err(|e| err(&e))?;
         let coordinator = serve(CoordinatorConfig::new(listen, credentials.clone()))
@@ -47,6 +54,8 @@ impl LocalCluster {
         );
         config.name = format!("{}-local", config.name);
         config.python = python;
+        config.environments.runtime = runtime;
+        config.environments.uv = uv;
         // The caller's own machine: calls share its /tmp, as local code would.
         config.private_tmp = false;
         // Every process's embedded cluster owns its own cgroup subtree, so

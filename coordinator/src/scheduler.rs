@@ -31,8 +31,8 @@ mod recovery;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use fleetmap_protocol::{
-    ChunkId, ClientId, CoordinatorToClient, CoordinatorToNode, InputChunk, JobId, JobSpec, LogLine, NodeId, NodeStatus,
-    OutputChunk, RequestId, Resources, SlotId,
+    ChunkId, ClientId, CoordinatorToClient, CoordinatorToNode, FailureKind, InputChunk, JobId, JobSpec, LogLine,
+    NodeId, NodeStatus, OutputChunk, RequestId, Resources, SlotId,
 };
 
 use dispatch::PER_SLOT_WINDOW;
@@ -315,14 +315,14 @@ impl Scheduler {
 
     /// A slot's worker could not start or died. The job stops at its first
     /// failure, as a local map would.
-    pub fn handle_slot_failed(&mut self, node: NodeId, job: JobId, slot: SlotId, reason: String) {
+    pub fn handle_slot_failed(&mut self, node: NodeId, job: JobId, slot: SlotId, kind: FailureKind, reason: String) {
         let owned = self
             .jobs
             .get(&job)
             .and_then(|j| j.slots.get(&slot))
             .is_some_and(|s| s.node == node);
         if owned {
-            self.fail_job(job, reason);
+            self.fail_job(job, kind, reason);
         }
     }
 

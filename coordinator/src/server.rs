@@ -282,9 +282,12 @@ async fn node_loop(rx: &mut Receiver<NodeToCoordinator>, node: NodeId, shared: &
             NodeToCoordinator::ChunkDone { job, slot, output } => {
                 shared.with(|s| s.handle_chunk_done(node, job, slot, output))
             }
-            NodeToCoordinator::SlotFailed { job, slot, reason } => {
-                shared.with(|s| s.handle_slot_failed(node, job, slot, reason))
-            }
+            NodeToCoordinator::SlotFailed {
+                job,
+                slot,
+                kind,
+                reason,
+            } => shared.with(|s| s.handle_slot_failed(node, job, slot, kind, reason)),
             NodeToCoordinator::Log(line) => shared.with(|s| s.handle_log(line)),
         }
     }

@@ -12,22 +12,25 @@
 //! This crate must not depend on pyo3 or `runtime`: the daemon never runs
 //! user code in its own process.
 
+mod environments;
 pub mod inventory;
 mod pool;
 mod slot;
 
+pub use environments::EnvironmentConfig;
 pub use pool::WarmPolicy;
 
 use std::{collections::HashMap, path::Path, sync::Arc, time::Duration};
 
+use environments::Environments;
 use fleetmap_net::{CloseCode, NetError, Session, SessionError};
 use fleetmap_protocol::{
-    CoordinatorToNode, Gpu, Hello, InputChunk, JobId, NodeToCoordinator, Resources, Role, SlotId, DEFAULT_MAX_MESSAGE,
-    SOFTWARE_VERSION,
+    CoordinatorToNode, FailureKind, Gpu, Hello, InputChunk, JobId, NodeToCoordinator, Resources, Role, SlotId,
+    DEFAULT_MAX_MESSAGE, SOFTWARE_VERSION,
 };
 use fleetmap_sandbox::cgroup::CgroupTree;
 use inventory::Inventory;
-use slot::{prestart, run_slot, Pool, SlotContext};
+use slot::{default_program, prestart, run_slot, Pool, SlotContext};
 use tokio::{sync::mpsc, task::JoinHandle};
 use tracing::{info, warn};
 
@@ -56,6 +59,8 @@ pub struct NodeConfig {
     pub private_tmp: bool,
     /// How workers stay warm between jobs of the same principal.
     pub warm: WarmPolicy,
+    /// Where and how job environments are built.
+    pub environments: EnvironmentConfig,
 }
 
 /// How slots are isolated.
@@ -91,6 +96,7 @@ impl NodeConfig {
             run_as: None,
             private_tmp: true,
             warm: WarmPolicy::default(),
+            environments: EnvironmentConfig::new(EnvironmentConfig::default_cache_dir()),
         }
     }
 
@@ -253,7 +259,16 @@ pub async fn run_until(
     };
     cpus.truncate(config.resources.cores as usize);
     config.resources.cores = cpus.len() as u32;
+    if config.environments.pythons.is_empty() {
+        config.environments.pythons.push(config.python.clone());
+    }
+    let environments = Arc::new(Environments::new(
+        config.environments.clone(),
+        config.name.clone(),
+        config.run_as,
+    ));
     let node = Node {
+        environments,
         pool: Arc::new(Pool::new(config.warm)),
         node_cpus: Arc::new(cpus.clone()),
         inventory: Inventory::new(cpus, config.resources.gpus.clone()),
@@ -310,6 +325,7 @@ struct Node {
     /// and workers started ahead of any job.
     pool: Arc<Pool>,
     node_cpus: Arc<Vec<u32>>,
+    environments: Arc<Environments>,
 }
 
 /// The slots of one job on this node.
@@ -430,7 +446,13 @@ async fn session(
                             "node {} has no free cores or GPUs left for slot {slot} ({} cores, {} GPUs asked)",
                             config.name, spec.call.cores, spec.call.gpus
                         );
-                        let _ = up.send(NodeToCoordinator::SlotFailed { job, slot, reason });
+                        let kind = FailureKind::Job;
+                        let _ = up.send(NodeToCoordinator::SlotFailed {
+                            job,
+                            slot,
+                            kind,
+                            reason,
+                        });
                         continue;
                     };
                     let (tx, rx) = mpsc::unbounded_channel();
@@ -445,6 +467,9 @@ async fn session(
                         up: up.clone(),
                         pool: node.pool.clone(),
                         node_cpus: node.node_cpus.clone(),
+                        environments: node.environments.clone(),
+                        program: default_program(&spec, config),
+                        lease: None,
                     };
                     entry.tasks.insert(slot, tokio::spawn(run_slot(ctx, rx)));
                 }

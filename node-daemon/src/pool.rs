@@ -27,6 +27,9 @@ pub(crate) struct WorkerKey {
     pub principal: Option<String>,
     /// The interpreter it runs.
     pub program: String,
+    /// The environment id of its job (`None`: the interpreter as it is):
+    /// a worker never serves a job of another environment.
+    pub environment: Option<String>,
     /// The caller's Python `major.minor`.
     pub caller_python: String,
     /// The GPU minors its cgroup's device rules allow (they are not
@@ -152,6 +155,7 @@ mod tests {
         WorkerKey {
             principal: Some(principal.into()),
             program: "/usr/bin/python3".into(),
+            environment: None,
             caller_python: "3.11".into(),
             gpus: vec![],
         }

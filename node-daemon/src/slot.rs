@@ -21,7 +21,8 @@ use std::{
 use fleetmap_net::{write_frames, FramedReader};
 use fleetmap_protocol::{
     worker::{CrashKind, CrashedInput, FromWorker, ToWorker, WorkerSettings},
-    InputChunk, InputIndex, JobId, JobSpec, LogLine, NodeToCoordinator, OutputChunk, OutputStream, RuntimeSpec, SlotId,
+    FailureKind, InputChunk, InputIndex, JobId, JobSpec, LogLine, NodeToCoordinator, OutputChunk, OutputStream,
+    RuntimeSpec, SlotId,
 };
 use fleetmap_sandbox::{
     cgroup::{CgroupTree, GpuAccess, SlotCgroup, SlotLimits},
@@ -35,6 +36,7 @@ use tokio::{
 };
 
 use crate::{
+    environments::{Environments, Lease},
     inventory::Placement,
     pool::{Warm, WorkerKey, WorkerPool},
     NodeConfig,
@@ -58,12 +60,27 @@ pub(crate) struct SlotContext {
     pub pool: Arc<Pool>,
     /// Every core of the node, for the workers started ahead of any job.
     pub node_cpus: Arc<Vec<u32>>,
+    pub environments: Arc<Environments>,
+    /// The interpreter the slot's workers run: [`default_program`], or the
+    /// job's environment once prepared.
+    pub program: String,
+    /// The slot's hold on its environment (workers keep one too).
+    pub lease: Option<Lease>,
 }
 
 /// Runs a slot until its chunk channel closes. A channel closed with no
 /// chunk in the slot means the job finished (a cancelled job's slot task is
 /// aborted instead): its healthy worker goes back to the pool, warm.
-pub(crate) async fn run_slot(ctx: SlotContext, chunks: mpsc::UnboundedReceiver<InputChunk>) {
+pub(crate) async fn run_slot(mut ctx: SlotContext, chunks: mpsc::UnboundedReceiver<InputChunk>) {
+    if let Err(reason) = prepare_environment(&mut ctx).await {
+        let _ = ctx.up.send(NodeToCoordinator::SlotFailed {
+            job: ctx.job,
+            slot: ctx.slot,
+            kind: FailureKind::Environment,
+            reason,
+        });
+        return;
+    }
     match drive_slot(&ctx, chunks).await {
         Ok(Some(mut warm)) => {
             if warm.worker.healthy() {
@@ -75,10 +92,38 @@ pub(crate) async fn run_slot(ctx: SlotContext, chunks: mpsc::UnboundedReceiver<I
             let _ = ctx.up.send(NodeToCoordinator::SlotFailed {
                 job: ctx.job,
                 slot: ctx.slot,
+                kind: FailureKind::Job,
                 reason,
             });
         }
     }
+}
+
+/// Builds (or finds) the job's environment and makes its interpreter the
+/// slot's program. The caller hears what is being installed.
+async fn prepare_environment(ctx: &mut SlotContext) -> Result<(), String> {
+    let RuntimeSpec::Python {
+        environment: Some(spec),
+        executable,
+        version,
+        ..
+    } = &ctx.spec.runtime
+    else {
+        return Ok(());
+    };
+    let (up, job, node) = (ctx.up.clone(), ctx.job, ctx.config.name.clone());
+    let say = move |text: String| {
+        let _ = up.send(NodeToCoordinator::Log(LogLine {
+            job,
+            stream: OutputStream::Stderr,
+            node: node.clone(),
+            text,
+        }));
+    };
+    let prepared = ctx.environments.prepare(spec, executable, version, &say).await?;
+    ctx.program = prepared.program;
+    ctx.lease = Some(prepared.lease);
+    Ok(())
 }
 
 /// Starts workers ahead of any job until the pool holds as many as the
@@ -115,6 +160,7 @@ fn prestart_n(config: &NodeConfig, cgroups: Option<&CgroupTree>, cpus: &[u32], p
                     key: WorkerKey {
                         principal: None,
                         program: config.python.clone(),
+                        environment: None,
                         caller_python: String::new(),
                         gpus: vec![],
                     },
@@ -142,10 +188,13 @@ fn prestart_one(config: &NodeConfig, cgroups: Option<&CgroupTree>, cpus: &[u32],
 
 /// The key of the workers that may serve this slot's job.
 fn worker_key(ctx: &SlotContext) -> WorkerKey {
-    let RuntimeSpec::Python { version, .. } = &ctx.spec.runtime;
+    let RuntimeSpec::Python {
+        version, environment, ..
+    } = &ctx.spec.runtime;
     WorkerKey {
         principal: Some(ctx.spec.principal.clone()),
-        program: worker_program(ctx),
+        program: ctx.program.clone(),
+        environment: environment.as_ref().map(|e| e.id.clone()),
         caller_python: version.clone(),
         gpus: ctx.placement.gpus.iter().map(|g| g.minor).collect(),
     }
@@ -313,6 +362,8 @@ pub(crate) struct WorkerProcess {
     // Dropped in this order: the process group first, then its cgroup.
     process: fleetmap_sandbox::Worker,
     cgroup: Option<SlotCgroup>,
+    /// Its job's environment stays on the node while the worker lives.
+    lease: Option<Lease>,
 }
 
 impl Drop for WorkerProcess {
@@ -352,6 +403,7 @@ impl WorkerProcess {
             }
             match warm.worker.load(ctx).await {
                 Ok(()) => {
+                    warm.worker.lease = ctx.lease.clone();
                     warm.key = key;
                     warm.jobs_served += 1;
                     return Ok(warm);
@@ -371,6 +423,7 @@ impl WorkerProcess {
     async fn start_fresh(ctx: &SlotContext) -> Result<Warm<Self>, String> {
         let mut worker = Self::spawn(ctx)?;
         worker.load(ctx).await.map_err(LoadError::into_reason)?;
+        worker.lease = ctx.lease.clone();
         Ok(Warm {
             key: worker_key(ctx),
             born: Instant::now(),
@@ -476,6 +529,7 @@ impl WorkerProcess {
             stderr,
             process,
             cgroup,
+            lease: None,
         };
         Ok(worker)
     }
@@ -578,14 +632,14 @@ fn slot_limits(ctx: &SlotContext) -> SlotLimits {
     }
 }
 
-/// The interpreter the slot's worker runs: the caller's own when this node
-/// has it (the embedded cluster, a shared file system), else the node's.
-fn worker_program(ctx: &SlotContext) -> String {
-    let RuntimeSpec::Python { executable, .. } = &ctx.spec.runtime;
+/// The interpreter a job without an environment runs: the caller's own
+/// when this node has it (the embedded cluster), else the node's.
+pub(crate) fn default_program(spec: &JobSpec, config: &NodeConfig) -> String {
+    let RuntimeSpec::Python { executable, .. } = &spec.runtime;
     if Path::new(executable).is_file() {
         executable.clone()
     } else {
-        ctx.config.python.clone()
+        config.python.clone()
     }
 }
 
@@ -632,7 +686,7 @@ fn base_environment(config: &NodeConfig) -> Vec<(std::ffi::OsString, std::ffi::O
 }
 
 fn worker_command(ctx: &SlotContext) -> WorkerCommand {
-    let program = worker_program(ctx);
+    let program = ctx.program.clone();
     let mut env = base_environment(&ctx.config);
     env.extend(job_environment(ctx).into_iter().map(|(k, v)| (k.into(), v.into())));
     WorkerCommand {

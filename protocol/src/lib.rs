@@ -33,7 +33,8 @@ use serde::{Deserialize, Serialize};
 /// gets [`DecodeError::UnknownVersion`], which names both.
 ///
 /// Version 2: messages split per direction, postcard encoding.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// Version 3: job environments (`EnvironmentSpec`) and failure kinds.
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// The largest message accepted by default (1 GiB): a chunk of inputs or
 /// outputs, or a pickled function, must fit in one message. Messages larger
@@ -89,7 +90,64 @@ pub enum RuntimeSpec {
         version: String,
         #[serde(with = "serde_bytes")]
         function: Vec<u8>,
+        /// The packages the calls need, built into an environment on each
+        /// node; `None`: the caller's interpreter as it is (the embedded
+        /// cluster, whose calls run in the caller's own environment).
+        environment: Option<EnvironmentSpec>,
     },
+}
+
+/// The most requirements an environment may list, and the longest one: a
+/// node checks both before it hands any of them to the installer.
+pub const MAX_REQUIREMENTS: usize = 10_000;
+pub const MAX_REQUIREMENT_BYTES: usize = 2_000;
+
+/// A Python environment, content-addressed: nodes build each id once and
+/// share it between jobs (and warm workers never cross ids).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Hash)]
+pub struct EnvironmentSpec {
+    /// A hash of the caller's Python `major.minor`, `resolve` and the
+    /// requirements (32 hex digits).
+    pub id: String,
+    /// Requirement strings as pip takes them (`numpy==2.3.1`,
+    /// `pkg @ git+https://...@COMMIT`).
+    pub requirements: Vec<String>,
+    /// `true` for a `packages=` list: the installer resolves dependencies.
+    /// `false` for the caller's replicated environment, whose manifest is
+    /// already complete: installed as listed, without dependencies.
+    pub resolve: bool,
+}
+
+impl EnvironmentSpec {
+    /// Why a node must not use this spec, if it must not.
+    pub fn check(&self) -> Result<(), String> {
+        if self.id.len() != 32 || !self.id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!("environment id {:?} is not 32 hex digits", self.id));
+        }
+        if self.requirements.len() > MAX_REQUIREMENTS {
+            return Err(format!(
+                "the environment lists {} requirements, over the limit of {MAX_REQUIREMENTS}",
+                self.requirements.len()
+            ));
+        }
+        for r in &self.requirements {
+            if r.is_empty() || r.len() > MAX_REQUIREMENT_BYTES || r.contains(['\n', '\r', '\0']) || r.starts_with('-') {
+                return Err(format!(
+                    "{r:?} is not a requirement (one per entry, no options or line breaks, at most {MAX_REQUIREMENT_BYTES} bytes)"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What made a job fail, so that the caller raises the matching error.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// A slot, a node or the job itself failed.
+    Job,
+    /// A node could not prepare the job's environment.
+    Environment,
 }
 
 /// A job as the client submits it.
@@ -248,6 +306,7 @@ pub enum CoordinatorToClient {
     },
     JobFailed {
         job: JobId,
+        kind: FailureKind,
         reason: String,
     },
 }
@@ -285,6 +344,7 @@ pub enum NodeToCoordinator {
     SlotFailed {
         job: JobId,
         slot: SlotId,
+        kind: FailureKind,
         reason: String,
     },
     Log(LogLine),

@@ -50,6 +50,13 @@ class JobFailed(FleetmapError):
     """The job stopped without an exception from the function: a worker died, a node was lost."""
 
 
+class EnvironmentSetupError(FleetmapError):
+    """A node could not prepare the job's environment (``packages=`` or the
+    caller's replicated one): a requirement that cannot be resolved or
+    installed, or no interpreter of the caller's Python version on the node.
+    The message carries the installer's own words and the requirement."""
+
+
 class OutOfMemory(FleetmapError, MemoryError):
     """A call used more memory than its ``func_ram`` and was killed; the
     message names the input, the limit, the peak use and the node."""

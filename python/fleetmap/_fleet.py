@@ -37,6 +37,8 @@ class FleetAddress:
     ca_pem: bytes
     api_key: str
     description: str
+    #: The embedded local cluster: its calls run in the caller's interpreter.
+    embedded: bool = False
 
 
 def config_path() -> Path:
@@ -94,7 +96,9 @@ def local_cluster() -> "_native.LocalHandle":
     global _local
     with _lock:
         if _local is None:
-            _local = _native.start_local_cluster("127.0.0.1:0", sys.executable)
+            from ._environment import find_uv, runtime_packages
+
+            _local = _native.start_local_cluster("127.0.0.1:0", sys.executable, runtime_packages(), find_uv())
             atexit.register(_stop_local)
         return _local
 
@@ -113,7 +117,7 @@ def fleet_address(api_key: Optional[str]) -> FleetAddress:
     if fleet is not None:
         return fleet
     local = local_cluster()
-    return FleetAddress(local.addr, local.ca_pem.encode(), local.api_key, "local cluster")
+    return FleetAddress(local.addr, local.ca_pem.encode(), local.api_key, "local cluster", embedded=True)
 
 
 def connection(fleet: FleetAddress, fresh: bool = False) -> "_native.Connection":

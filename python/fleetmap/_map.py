@@ -15,8 +15,8 @@ import sysconfig
 import types
 from typing import Any, Callable, ContextManager, Dict, Generator, Iterable, Iterator, List, Optional, Sequence, Tuple
 
-from . import _fleet, _native
-from ._errors import CoordinatorUnreachable, InputError, JobFailed, UnsupportedOption
+from . import _environment, _fleet, _native
+from ._errors import CoordinatorUnreachable, EnvironmentSetupError, InputError, JobFailed, UnsupportedOption
 from ._inspect import describe_size, describe_unpicklable
 from ._progress import Progress
 
@@ -77,6 +77,8 @@ def remote_parallel_map(
     the calls run on an embedded cluster in this process.
     """
     _check_arguments(function_, parallelism, func_cpu, func_ram, func_gpu, image, packages)
+    if packages is not None:
+        _environment.packages_environment(packages)  # checked before anything runs
     source = _InputSource(inputs)
     if source.empty():
         return iter(()) if generator else []
@@ -85,7 +87,8 @@ def remote_parallel_map(
     try:
         function_blob = _pickle_function(function_)
         fleet = _fleet.fleet_address(api_key)
-        job = _submit(fleet, function_blob, source.total, parallelism, func_cpu, func_ram, func_gpu)
+        environment = _environment.job_environment(packages, fleet.embedded)
+        job = _submit(fleet, function_blob, source.total, parallelism, func_cpu, func_ram, func_gpu, environment)
     except BaseException:
         scope.__exit__(*sys.exc_info())
         raise
@@ -161,7 +164,8 @@ def _is_local_module(name: str, module: Any) -> bool:
     directory, pytest's test modules), so what it defines travels by value."""
     if not isinstance(module, types.ModuleType) or name in ("__main__", "__mp_main__"):
         return False
-    if name == "fleetmap" or name.startswith("fleetmap."):
+    if name.partition(".")[0] in ("fleetmap", "cloudpickle"):
+        # The worker runtime, which every node brings, wherever it lives here.
         return False
     path = getattr(module, "__file__", None)
     if not isinstance(path, str) or not path.endswith(".py"):
@@ -215,11 +219,6 @@ def _check_arguments(
     if image is not None:
         raise UnsupportedOption(
             "image= is not supported yet: calls run in the caller's Python environment; leave image=None"
-        )
-    if packages is not None:
-        raise UnsupportedOption(
-            "packages= is not supported yet: install the packages on the nodes' Python environment "
-            "and leave packages=None"
         )
     if not callable(function_):
         raise TypeError(f"function_ must be callable, got {type(function_).__name__}")
@@ -281,6 +280,7 @@ def _submit(
     func_cpu: int,
     func_ram: float,
     func_gpu: int,
+    environment: Optional[_environment.Environment] = None,
 ) -> _native.Job:
     version = _python_version()
     args = (
@@ -292,6 +292,7 @@ def _submit(
         n,
         sys.executable,
         version,
+        None if environment is None else (environment.id, environment.requirements, environment.resolve),
     )
     for attempt in range(2):
         conn = _fleet.connection(fleet, fresh=attempt > 0)
@@ -492,5 +493,5 @@ def _run(
             elif kind == "finished":
                 return
             elif kind == "failed":
-                raise JobFailed(event[1])
+                raise (EnvironmentSetupError if event[2] == "environment" else JobFailed)(event[1])
         progress.tick()

@@ -10,7 +10,7 @@ Keep this file in step with the ``#[pymodule]`` in ``python/src/lib.rs``.
 """
 
 import os
-from typing import Any, Optional, Sequence, Tuple, TypedDict, Union, final, type_check_only
+from typing import Any, Dict, List, Optional, Sequence, Tuple, TypedDict, Union, final, type_check_only
 
 #: Bytes as the core accepts them: ``bytes`` (read in place) or ``bytearray`` (copied).
 _Bytes = Union[bytes, bytearray]
@@ -39,10 +39,14 @@ def init_logging(level: str) -> None:
     """Turns on logging to stderr at ``level`` (``FLEETMAP_LOG`` overrides it);
     only the first call has an effect."""
 
-def start_local_cluster(listen: str, python: str) -> LocalHandle:
+def start_local_cluster(
+    listen: str, python: str, runtime_packages: Sequence[str] = (), uv: Optional[str] = None
+) -> LocalHandle:
     """Starts the embedded cluster (a coordinator and one node daemon, fresh
     credentials) in this process on ``listen`` (``"127.0.0.1:0"`` for any
-    port), with ``python`` as the workers' default interpreter.
+    port), with ``python`` as the workers' default interpreter. Jobs with
+    ``packages=`` get environments with ``runtime_packages`` (fleetmap's
+    package directories) on their path, installed with ``uv``.
 
     Raises :class:`fleetmap.ConfigurationError` for a bad address and
     :class:`fleetmap.FleetmapError` when the cluster cannot start."""
@@ -69,6 +73,7 @@ def start_node(
     pids_per_slot: Optional[int] = None,
     run_as: Optional[str] = None,
     private_tmp: bool = True,
+    environments: Optional[Dict[str, Any]] = None,
 ) -> NodeHandle:
     """Starts a node daemon in this process that joins ``coordinator``
     (``host:port``) with the join ``token``, trusting the CA in ``ca_pem``.
@@ -78,7 +83,10 @@ def start_node(
     (``gpus`` takes device minors), ``/sys/fs/cgroup`` and a subtree named
     after the node, 4096 processes per slot, the daemon's own user.
     ``cgroups=False`` only pins slots to cores; ``private_tmp=False`` lets
-    workers share the node's ``/tmp``.
+    workers share the node's ``/tmp``. ``environments`` holds the settings
+    of job environments: ``pythons`` (interpreters to build on),
+    ``cache_dir``, ``uv``, ``runtime_packages``, ``index_url``,
+    ``find_links``, ``build_timeout_s``, ``max_bytes``, ``use_caller_python``.
 
     The daemon runs in the background: :meth:`NodeHandle.wait` reports why it
     stopped. Raises :class:`fleetmap.ConfigurationError` when ``run_as``
@@ -181,12 +189,15 @@ class Connection:
         total_inputs: Optional[int],
         executable: str,
         version: str,
+        environment: Optional[Tuple[str, List[str], bool]] = None,
     ) -> Job:
         """Submits a job of the pickled Python ``function``: each call gets
         ``cores`` cores, ``memory_bytes`` of memory and ``gpus`` GPUs; at most
         ``parallelism`` slots (``None``: as many as are free);
         ``total_inputs`` is ``None`` when the inputs are streamed. Workers run
-        ``executable`` (Python ``version``, ``"3.11"``).
+        ``executable`` (Python ``version``, ``"3.11"``) or, with an
+        ``environment`` ``(id, requirements, resolve)``, an environment each
+        node builds with those requirements.
 
         Returns once the coordinator has placed the job's slots; raises
         :class:`fleetmap.JobRejected` when no node can host one call, or
@@ -210,8 +221,9 @@ class Connection:
 #:   ``"stdout"`` or ``"stderr"``;
 #: - ``("credit", n)``: ``n`` more chunks may be sent;
 #: - ``("finished",)``: every input has its output;
-#: - ``("failed", reason)``: the job stopped (e.g. a node was lost, or the
-#:   connection to the coordinator).
+#: - ``("failed", reason, kind)``: the job stopped (e.g. a node was lost, or
+#:   the connection to the coordinator); ``kind`` is ``"environment"`` when a
+#:   node could not prepare the job's environment, else ``"job"``.
 #:
 #: Typed as plain tuples so that callers may index and unpack them after
 #: testing the first item. (A name for the stub only: it does not exist at

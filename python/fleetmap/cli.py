@@ -71,6 +71,20 @@ def cmd_node(args: argparse.Namespace) -> int:
         except ValueError:
             print(f"fleetmap node: --gpus takes device minors like 0,1, got {args.gpus!r}", file=sys.stderr)
             return 2
+    from ._environment import find_uv, runtime_packages
+
+    pythons = args.python or [sys.executable]
+    environments = {
+        "pythons": pythons,
+        "cache_dir": args.cache_dir,
+        "uv": args.uv or find_uv(),
+        "runtime_packages": runtime_packages(),
+        "index_url": args.index_url,
+        "find_links": args.find_links,
+        "build_timeout_s": args.environment_timeout,
+        "max_bytes": int(args.environment_cache_gib * (1 << 30)) if args.environment_cache_gib else None,
+        "use_caller_python": not args.no_caller_python,
+    }
     node = _native.start_node(
         args.coordinator,
         token,
@@ -78,7 +92,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         args.name,
         args.cores,
         memory,
-        args.python,
+        pythons[0],
         gpus,
         not args.no_cgroups,
         args.cgroup_subtree,
@@ -86,6 +100,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         args.pids_per_slot,
         args.run_as,
         not args.shared_tmp,
+        environments,
     )
     print(f"fleetmap node {node.name} joining {args.coordinator}")
     sys.stdout.flush()
@@ -158,7 +173,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--name", help="the node's name (default: the host name)")
     p.add_argument("--cores", type=int, help="cores to offer (default: all)")
     p.add_argument("--memory-gib", type=float, help="memory to offer in GiB (default: all)")
-    p.add_argument("--python", help="interpreter for jobs whose caller's interpreter is not on this node")
+    p.add_argument(
+        "--python",
+        action="append",
+        help="an interpreter job environments are built on, one per Python version callers use "
+        "(repeatable; default: the one running this command)",
+    )
+    p.add_argument("--cache-dir", help="where environments are built (default: /var/cache/fleetmap as root)")
+    p.add_argument("--uv", help="the uv binary that installs environments (default: beside --python or on PATH)")
+    p.add_argument("--index-url", help="the package index environments install from (default: uv's settings)")
+    p.add_argument("--find-links", action="append", help="a folder or page of wheels to install from (repeatable)")
+    p.add_argument("--environment-timeout", type=float, help="the longest one environment build may take, in s (default: 900)")
+    p.add_argument("--environment-cache-gib", type=float, help="evict unused environments above this size (default: 50)")
+    p.add_argument(
+        "--no-caller-python",
+        action="store_true",
+        help="always build environments, even where the caller's interpreter exists here with the same packages",
+    )
     p.add_argument("--gpus", help="NVIDIA device minors to offer, e.g. 0,1 (default: the driver's inventory)")
     p.add_argument("--no-cgroups", action="store_true", help="do not put slots in cgroups (only pin their cores)")
     p.add_argument("--cgroup-subtree", help="the cgroup subtree this daemon owns (default: fleetmap-NAME)")

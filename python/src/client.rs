@@ -5,7 +5,9 @@
 use std::sync::Arc;
 
 use fleetmap_client::{Client, Job, JobEvent};
-use fleetmap_protocol::{CallRequest, ChunkId, InputChunk, InputIndex, JobSpec, OutputStream, RuntimeSpec};
+use fleetmap_protocol::{
+    CallRequest, ChunkId, EnvironmentSpec, FailureKind, InputChunk, InputIndex, JobSpec, OutputStream, RuntimeSpec,
+};
 use pyo3::{
     prelude::*,
     types::{PyBytes, PyDict},
@@ -39,8 +41,10 @@ pub(crate) struct Connection {
 
 #[pymethods]
 impl Connection {
-    /// Submits a job of a pickled Python function.
-    #[pyo3(signature = (function, cores, memory_bytes, gpus, parallelism, total_inputs, executable, version))]
+    /// Submits a job of a pickled Python function. `environment`:
+    /// `(id, requirements, resolve)` of the environment its calls need, or
+    /// `None` for the caller's interpreter as it is.
+    #[pyo3(signature = (function, cores, memory_bytes, gpus, parallelism, total_inputs, executable, version, environment=None))]
     #[allow(clippy::too_many_arguments)]
     fn submit(
         &self,
@@ -53,6 +57,7 @@ impl Connection {
         total_inputs: Option<u64>,
         executable: String,
         version: String,
+        environment: Option<(String, Vec<String>, bool)>,
     ) -> PyResult<PyJob> {
         let spec = JobSpec {
             principal: String::new(),
@@ -67,6 +72,11 @@ impl Connection {
                 executable,
                 version,
                 function,
+                environment: environment.map(|(id, requirements, resolve)| EnvironmentSpec {
+                    id,
+                    requirements,
+                    resolve,
+                }),
             },
         };
         let client = self.client.clone();
@@ -160,7 +170,7 @@ impl PyJob {
     /// the time runs out), as tuples:
     /// `("output", first_input, count, failed, node, payload)`,
     /// `("log", stream, node, text)`, `("credit", n)`, `("finished",)`,
-    /// `("failed", reason)`.
+    /// `("failed", reason, kind)` with kind `"job"` or `"environment"`.
     fn events(&mut self, py: Python<'_>, timeout: f64) -> PyResult<Vec<Py<PyAny>>> {
         let job = &mut self.job;
         let wait = seconds(timeout);
@@ -170,7 +180,7 @@ impl PyJob {
             Err(_) => return Ok(events),
             Ok(None) => {
                 let reason = "lost the connection to the coordinator";
-                events.push(("failed", reason).into_pyobject(py)?.into_any().unbind());
+                events.push(("failed", reason, "job").into_pyobject(py)?.into_any().unbind());
                 return Ok(events);
             }
             Ok(Some(e)) => events.push(event_to_py(py, e)?),
@@ -206,7 +216,13 @@ fn event_to_py(py: Python<'_>, event: JobEvent) -> PyResult<Py<PyAny>> {
         }
         JobEvent::Credit(n) => ("credit", n).into_pyobject(py)?.into_any(),
         JobEvent::Finished => ("finished",).into_pyobject(py)?.into_any(),
-        JobEvent::Failed(reason) => ("failed", reason).into_pyobject(py)?.into_any(),
+        JobEvent::Failed(kind, reason) => {
+            let kind = match kind {
+                FailureKind::Job => "job",
+                FailureKind::Environment => "environment",
+            };
+            ("failed", reason, kind).into_pyobject(py)?.into_any()
+        }
     };
     Ok(obj.unbind())
 }

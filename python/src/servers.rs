@@ -13,8 +13,8 @@ use std::{
 
 use fleetmap_client::local::LocalCluster;
 use fleetmap_coordinator::{credentials::CredentialPaths, CoordinatorConfig, Credentials, RunningCoordinator};
-use fleetmap_node_daemon::{Isolation, NodeConfig, NodeError};
-use pyo3::prelude::*;
+use fleetmap_node_daemon::{EnvironmentConfig, Isolation, NodeConfig, NodeError};
+use pyo3::{prelude::*, types::PyDict};
 use tokio::task::JoinHandle;
 
 use crate::{
@@ -61,10 +61,17 @@ impl LocalHandle {
 /// Starts the embedded cluster on `listen` with `python` as the workers'
 /// default interpreter.
 #[pyfunction]
-pub(crate) fn start_local_cluster(py: Python<'_>, listen: &str, python: String) -> PyResult<LocalHandle> {
+#[pyo3(signature = (listen, python, runtime_packages=Vec::new(), uv=None))]
+pub(crate) fn start_local_cluster(
+    py: Python<'_>,
+    listen: &str,
+    python: String,
+    runtime_packages: Vec<PathBuf>,
+    uv: Option<PathBuf>,
+) -> PyResult<LocalHandle> {
     let listen = parse_addr(listen)?;
     let cluster = py
-        .detach(|| runtime().block_on(LocalCluster::start(listen, python)))
+        .detach(|| runtime().block_on(LocalCluster::start(listen, python, runtime_packages, uv)))
         .map_err(local_cluster_error)?;
     Ok(LocalHandle {
         addr: cluster.addr.clone(),
@@ -167,7 +174,7 @@ impl NodeHandle {
 
 /// Starts a node daemon that joins `coordinator`.
 #[pyfunction]
-#[pyo3(signature = (coordinator, token, ca_pem, name=None, cores=None, memory_bytes=None, python=None, gpus=None, cgroups=true, cgroup_subtree=None, cgroup_mount=None, pids_per_slot=None, run_as=None, private_tmp=true))]
+#[pyo3(signature = (coordinator, token, ca_pem, name=None, cores=None, memory_bytes=None, python=None, gpus=None, cgroups=true, cgroup_subtree=None, cgroup_mount=None, pids_per_slot=None, run_as=None, private_tmp=true, environments=None))]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn start_node(
     coordinator: String,
@@ -184,6 +191,7 @@ pub(crate) fn start_node(
     pids_per_slot: Option<u64>,
     run_as: Option<String>,
     private_tmp: bool,
+    environments: Option<Bound<'_, PyDict>>,
 ) -> PyResult<NodeHandle> {
     let mut config = NodeConfig::new(coordinator, ca_pem, token);
     if let Some(name) = name {
@@ -216,6 +224,9 @@ pub(crate) fn start_node(
         config.run_as = Some(fleetmap_sandbox::lookup_user(&user).map_err(configuration_error)?);
     }
     config.private_tmp = private_tmp;
+    if let Some(settings) = environments {
+        environment_settings(&mut config.environments, &settings)?;
+    }
     let name = config.name.clone();
     let (shutdown, stop) = tokio::sync::watch::channel(false);
     let task = runtime().spawn(fleetmap_node_daemon::run_until(config, stop));
@@ -224,4 +235,33 @@ pub(crate) fn start_node(
         shutdown,
         name,
     })
+}
+
+/// Reads `fleetmap node`'s environment settings: `pythons`, `cache_dir`,
+/// `uv`, `runtime_packages`, `index_url`, `find_links`, `build_timeout_s`,
+/// `max_bytes` and `use_caller_python` (each optional).
+fn environment_settings(config: &mut EnvironmentConfig, settings: &Bound<'_, PyDict>) -> PyResult<()> {
+    for (key, value) in settings.iter() {
+        let key: String = key.extract()?;
+        if value.is_none() {
+            continue;
+        }
+        match key.as_str() {
+            "pythons" => config.pythons = value.extract()?,
+            "cache_dir" => config.cache_dir = value.extract()?,
+            "uv" => config.uv = Some(value.extract()?),
+            "runtime_packages" => config.runtime = value.extract()?,
+            "index_url" => config.index_url = Some(value.extract()?),
+            "find_links" => config.find_links = value.extract()?,
+            "build_timeout_s" => config.build_timeout = seconds(value.extract()?),
+            "max_bytes" => config.max_bytes = value.extract()?,
+            "use_caller_python" => config.use_caller_python = value.extract()?,
+            other => {
+                return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                    "unknown environment setting {other:?}"
+                )))
+            }
+        }
+    }
+    Ok(())
 }

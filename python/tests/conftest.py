@@ -186,6 +186,7 @@ class Processes:
         token_file: Optional[Path] = None,
         wait: bool = True,
         extra: Optional[List[str]] = None,
+        env: Optional[Dict[str, str]] = None,
     ) -> Proc:
         """Starts ``fleetmap node`` (inside ``netns`` if given) and waits
         until the coordinator logs that it joined."""
@@ -205,7 +206,7 @@ class Processes:
         argv += extra or []
         if netns is not None:
             argv = ["ip", "netns", "exec", netns] + argv
-        proc = self.start(f"node-{name}", argv)
+        proc = self.start(f"node-{name}", argv, env=env)
         if wait:
             wait_for(
                 lambda: coordinator.joined(name) or not proc.alive(),
@@ -259,7 +260,13 @@ def module_processes(tmp_path_factory):
         procs.stop_all()
 
 
-def run_client(code: str, env: Optional[Dict[str, str]] = None, timeout: float = 120, cwd: Optional[Path] = None) -> dict:
+def run_client(
+    code: str,
+    env: Optional[Dict[str, str]] = None,
+    timeout: float = 120,
+    cwd: Optional[Path] = None,
+    python: Optional[str] = None,
+) -> dict:
     """Runs ``code`` in a fresh Python process and returns the JSON object
     it prints on its last stdout line (as ``result``), with ``returncode``,
     ``stdout`` and ``stderr``.
@@ -267,7 +274,7 @@ def run_client(code: str, env: Optional[Dict[str, str]] = None, timeout: float =
     The code should assign ``RESULT`` (anything JSON can hold)."""
     script = textwrap.dedent(code) + "\nimport json as _j, sys as _s\n_s.stdout.write('\\n' + _j.dumps(RESULT) + '\\n')\n"
     proc = subprocess.run(
-        [PYTHON, "-c", script],
+        [python or PYTHON, "-c", script],
         env=env if env is not None else dict(os.environ),
         cwd=str(cwd) if cwd else None,
         capture_output=True,

@@ -3,6 +3,7 @@ results, Ctrl-C, and connection-level checks."""
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -14,7 +15,6 @@ import fleetmap
 from fleetmap import remote_parallel_map
 
 from conftest import wait_for
-from test_isolation import processes_of_node
 
 
 def test_streaming_yields_every_index_once_as_calls_complete():
@@ -107,11 +107,12 @@ def test_a_node_with_another_python_minor_version_says_so(monkeypatch):
 
 
 CTRL_C_JOB = """
-import time
+import os, sys, time
 from fleetmap import remote_parallel_map
 
-def slow(x):
-    import time
+def slow(x, pids=sys.argv[1]):
+    import os, time
+    open(os.path.join(pids, str(os.getpid())), "w").close()
     time.sleep(30)
     return x
 
@@ -120,20 +121,29 @@ remote_parallel_map(slow, range(8), verbose=False)
 """
 
 
-def test_ctrl_c_in_the_caller_kills_every_remote_process_of_the_job(processes):
+def test_ctrl_c_in_the_caller_kills_every_remote_process_of_the_job(processes, tmp_path):
     coordinator = processes.start_coordinator()
-    processes.start_node(coordinator, "ctrl-c-node", cores=2)
-    client = processes.start("client", [sys.executable, "-c", CTRL_C_JOB], env=coordinator.client_env())
-    wait_for(lambda: len(processes_of_node("ctrl-c-node")) >= 2, 30, "the job's workers to start", client.describe)
+    # A shared /tmp, so that the calls can say which workers run them (the
+    # node also keeps workers started ahead of jobs, which must not count).
+    processes.start_node(coordinator, "ctrl-c-node", cores=2, extra=["--shared-tmp"])
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    client = processes.start("client", [sys.executable, "-c", CTRL_C_JOB, str(pids)], env=coordinator.client_env())
+    wait_for(lambda: len(os.listdir(pids)) >= 2, 30, "the job's calls to start", client.describe)
+    workers = [int(p) for p in os.listdir(pids)]
     client.popen.send_signal(signal.SIGINT)
     client.popen.wait(timeout=10)
     assert client.popen.returncode != 0
     assert "KeyboardInterrupt" in client.stderr(), client.describe()
-    interrupted = time.monotonic()
-    wait_for(
-        lambda: not processes_of_node("ctrl-c-node"),
-        2,
-        "the job's workers to be killed",
-        lambda: str(processes_of_node("ctrl-c-node")),
-    )
-    assert time.monotonic() - interrupted <= 2
+
+    def alive() -> list:
+        return [p for p in workers if os.path.exists(f"/proc/{p}") and not _is_zombie(p)]
+
+    wait_for(lambda: not alive(), 5, "the job's workers to be killed", lambda: str(alive()))
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True

@@ -152,11 +152,6 @@ def test_image_is_unsupported():
         remote_parallel_map(lambda x: x, [1], image="python:3.11")
 
 
-def test_packages_is_unsupported():
-    with pytest.raises(fleetmap.UnsupportedOption, match="packages="):
-        remote_parallel_map(lambda x: x, [1], packages=["numpy"])
-
-
 def test_unsupported_options_are_refused_even_for_empty_inputs():
     with pytest.raises(fleetmap.UnsupportedOption):
         remote_parallel_map(lambda x: x, [], image="python:3.11")

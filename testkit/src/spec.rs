@@ -23,6 +23,7 @@ pub fn job_spec(inputs: u64, call: CallRequest) -> JobSpec {
             executable: "python3".into(),
             version: "3.11".into(),
             function: vec![0; 64],
+            environment: None,
         },
     }
 }

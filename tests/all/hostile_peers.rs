@@ -9,8 +9,8 @@ use fleetmap_coordinator::{Credentials, RunningCoordinator};
 use fleetmap_net::{CloseCode, FramedReader};
 use fleetmap_node_daemon::{NodeConfig, NodeError};
 use fleetmap_protocol::{
-    ClientToCoordinator, CoordinatorToClient, Hello, JobId, NodeToCoordinator, Role, SlotId, HANDSHAKE_MAX_MESSAGE,
-    PROTOCOL_VERSION,
+    ClientToCoordinator, CoordinatorToClient, FailureKind, Hello, JobId, NodeToCoordinator, Role, SlotId,
+    HANDSHAKE_MAX_MESSAGE, PROTOCOL_VERSION,
 };
 use fleetmap_testkit::{connect_client, open_raw, start_coordinator, CoordinatorAccess, Peer};
 use rand::{RngExt, SeedableRng};
@@ -116,6 +116,7 @@ async fn a_client_that_speaks_the_node_protocol_is_disconnected() {
         .send(NodeToCoordinator::SlotFailed {
             job: JobId(1),
             slot: SlotId(0),
+            kind: FailureKind::Job,
             reason: "forged".into(),
         })
         .unwrap();
@@ -224,6 +225,7 @@ async fn a_node_daemon_survives_a_coordinator_that_sends_garbage() {
         .unwrap();
     tx.send(CoordinatorToClient::JobFailed {
         job: JobId(1),
+        kind: FailureKind::Job,
         reason: "not for a node".into(),
     })
     .unwrap();

@@ -15,7 +15,7 @@
 
 use std::collections::BTreeSet;
 
-use fleetmap_protocol::{CoordinatorToClient, CoordinatorToNode, JobId, NodeId, SlotId};
+use fleetmap_protocol::{CoordinatorToClient, CoordinatorToNode, FailureKind, JobId, NodeId, SlotId};
 
 use super::{Command, Scheduler};
 
@@ -68,14 +68,14 @@ impl Scheduler {
                 "node {lost} was lost and no remaining node can host a call of this job; \
                  its unfinished inputs were not run. Add a node and run the job again"
             );
-            self.fail_job(id, reason);
+            self.fail_job(id, FailureKind::Job, reason);
         }
     }
 
-    pub(super) fn fail_job(&mut self, id: JobId, reason: String) {
+    pub(super) fn fail_job(&mut self, id: JobId, kind: FailureKind, reason: String) {
         if let Some(client) = self.client_of(id) {
             self.stop_job(id, false);
-            self.send_to_client(client, CoordinatorToClient::JobFailed { job: id, reason });
+            self.send_to_client(client, CoordinatorToClient::JobFailed { job: id, kind, reason });
         }
     }
 

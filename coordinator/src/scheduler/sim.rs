@@ -403,6 +403,7 @@ impl World {
                             executable: "python3".into(),
                             version: "3.11".into(),
                             function: vec![7],
+                            environment: None,
                         },
                     };
                     ClientJob {
@@ -628,7 +629,15 @@ impl World {
                     .failed
                     .insert((job, slot));
                 let reason = format!("worker of slot {slot} died");
-                self.send_from_node(node, NodeToCoordinator::SlotFailed { job, slot, reason });
+                self.send_from_node(
+                    node,
+                    NodeToCoordinator::SlotFailed {
+                        job,
+                        slot,
+                        kind: FailureKind::Job,
+                        reason,
+                    },
+                );
                 self.stats.slot_failures += 1;
             }
         }
@@ -743,9 +752,12 @@ impl World {
                     NodeToCoordinator::ChunkDone { job, slot, output } => {
                         self.sched.handle_chunk_done(node, job, slot, output)
                     }
-                    NodeToCoordinator::SlotFailed { job, slot, reason } => {
-                        self.sched.handle_slot_failed(node, job, slot, reason)
-                    }
+                    NodeToCoordinator::SlotFailed {
+                        job,
+                        slot,
+                        kind,
+                        reason,
+                    } => self.sched.handle_slot_failed(node, job, slot, kind, reason),
                     other => fail!(self, "the simulated node sent {}", other.kind()),
                 }
                 let outputs = self.drain();
@@ -1281,6 +1293,7 @@ fn two_core_job() -> JobSpec {
             executable: "python3".into(),
             version: "3.11".into(),
             function: vec![7],
+            environment: None,
         },
     }
 }

@@ -27,6 +27,7 @@ fn spec(cores: u32, memory_gib: u64, parallelism: Option<u32>, total: u64) -> Jo
             executable: "python3".into(),
             version: "3.11".into(),
             function: vec![1, 2, 3],
+            environment: None,
         },
     }
 }
@@ -327,14 +328,21 @@ fn a_failed_slot_fails_the_job_with_its_reason() {
     s.handle_node_joined(NodeId(1), "a".into(), resources(1, 64), String::new());
     s.handle_submit(ClientId(9), RequestId(0), spec(1, 1, None, 10));
     let (job, _, _) = accepted(&drain(&mut s));
-    s.handle_slot_failed(NodeId(2), job, SlotId(0), "not this node".into());
+    s.handle_slot_failed(NodeId(2), job, SlotId(0), FailureKind::Job, "not this node".into());
     assert_eq!(s.job_count(), 1, "a node cannot fail another node's slot");
-    s.handle_slot_failed(NodeId(1), job, SlotId(0), "worker died".into());
+    s.handle_slot_failed(
+        NodeId(1),
+        job,
+        SlotId(0),
+        FailureKind::Environment,
+        "worker died".into(),
+    );
     let cmds = drain(&mut s);
     assert!(cmds.contains(&Command::ToClient {
         client: ClientId(9),
         msg: CoordinatorToClient::JobFailed {
             job,
+            kind: FailureKind::Environment,
             reason: "worker died".into()
         }
     }));

@@ -1,0 +1,250 @@
+"""Job environments: ``packages=`` and the caller's environment replicated
+onto nodes, built with uv from wheels the tests write into a local folder
+(no index: ``UV_NO_INDEX=1``), by real ``fleetmap node`` processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import List
+
+import pytest
+
+import fleetmap
+from fleetmap import remote_parallel_map
+
+from conftest import IN_CI, run_client
+from wheels import build_wheel
+
+UV = os.path.join(os.path.dirname(sys.executable), "uv")
+
+JOB = """
+import sys
+from fleetmap import remote_parallel_map
+def version(x):
+    import fmtest_pkg
+    return fmtest_pkg.VERSION, sys.executable
+RESULT = remote_parallel_map(version, range({n}), packages={packages!r})
+"""
+
+
+def need_uv() -> None:
+    if not os.access(UV, os.X_OK):
+        message = f"no uv at {UV}: run ./scripts/setup"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def wheels(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("wheels")
+    for version in ("1.0", "2.0"):
+        build_wheel(folder, "fmtest-pkg", version)
+    build_wheel(folder, "fmtest-uses-dep", "1.0", "import fmtest_dep\nDEP = fmtest_dep.VERSION\n", requires=("fmtest-dep",))
+    build_wheel(folder, "fmtest-dep", "3.0")
+    return folder
+
+
+def node_env() -> dict:
+    # Nothing from an index: every package comes from the test's folder.
+    return dict(os.environ, UV_NO_INDEX="1")
+
+
+@pytest.fixture(scope="module")
+def env_cluster(module_processes, wheels, tmp_path_factory):
+    need_uv()
+    coordinator = module_processes.start_coordinator("127.0.0.1:0", name="env-coordinator")
+    cache = tmp_path_factory.mktemp("env-cache")
+    node = module_processes.start_node(
+        coordinator,
+        "env-node",
+        cores=2,
+        extra=["--cache-dir", str(cache), "--find-links", str(wheels)],
+        env=node_env(),
+    )
+    return coordinator, node, cache
+
+
+def environments(cache: Path) -> List[str]:
+    envs = cache / "envs"
+    return sorted(os.listdir(envs)) if envs.is_dir() else []
+
+
+def test_packages_are_installed_per_version_and_reused(env_cluster):
+    coordinator, node, cache = env_cluster
+    # The caller does not have the package: only the environment does.
+    with pytest.raises(ImportError):
+        __import__("fmtest_pkg")
+
+    first = run_client(JOB.format(n=4, packages=["fmtest-pkg==2.0"]), env=coordinator.client_env())
+    assert first["returncode"] == 0, first["stderr"] + node.describe()
+    assert {v for v, _ in first["result"]} == {"2.0"}
+    assert "installing 1 package (fmtest-pkg==2.0)" in first["stderr"], first["stderr"]
+    # The calls ran in the environment's interpreter, in the node's cache.
+    assert all(exe.startswith(str(cache)) for _, exe in first["result"]), first["result"]
+
+    second = run_client(JOB.format(n=4, packages=["fmtest-pkg==1.0"]), env=coordinator.client_env())
+    assert second["returncode"] == 0, second["stderr"] + node.describe()
+    assert {v for v, _ in second["result"]} == {"1.0"}
+    assert len([e for e in environments(cache) if not e.startswith(".")]) == 2, environments(cache)
+
+    third = run_client(JOB.format(n=4, packages=["fmtest-pkg==2.0"]), env=coordinator.client_env())
+    assert third["returncode"] == 0, third["stderr"]
+    assert {v for v, _ in third["result"]} == {"2.0"}
+    # Nothing was installed again: no progress line, and the node built two
+    # environments in all.
+    assert "preparing environment" not in third["stderr"], third["stderr"]
+    assert node.stderr().count("built environment") == 2, node.stderr()
+
+
+def test_packages_resolve_their_dependencies(env_cluster):
+    coordinator, node, _ = env_cluster
+    code = """
+    from fleetmap import remote_parallel_map
+    def dep(x):
+        import fmtest_uses_dep
+        return fmtest_uses_dep.DEP
+    RESULT = remote_parallel_map(dep, [1], packages=["fmtest-uses-dep"])
+    """
+    r = run_client(code, env=coordinator.client_env())
+    assert r["returncode"] == 0, r["stderr"] + node.describe()
+    assert r["result"] == ["3.0"]
+
+
+def test_a_requirement_that_cannot_be_installed_fails_the_job_at_once(env_cluster):
+    coordinator, _, cache = env_cluster
+    before = environments(cache)
+    code = """
+    import fleetmap
+    from fleetmap import remote_parallel_map
+    try:
+        remote_parallel_map(lambda x: x, range(100), packages=["no-such-package-xyz"], verbose=False)
+        RESULT = None
+    except fleetmap.EnvironmentSetupError as e:
+        RESULT = [type(e).__name__, isinstance(e, fleetmap.FleetmapError), str(e)]
+    """
+    r = run_client(code, env=coordinator.client_env())
+    assert r["returncode"] == 0, r["stderr"]
+    name, is_fleetmap_error, message = r["result"]
+    assert name == "EnvironmentSetupError" and is_fleetmap_error
+    assert "no-such-package-xyz" in message and "env-node" in message, message
+    # uv's own words come with it.
+    assert "not found" in message or "No solution" in message, message
+    # Nothing half-built stays: no new environment, no build directory.
+    assert environments(cache) == before
+
+
+def test_two_jobs_that_need_the_same_new_environment_share_one_build(env_cluster):
+    coordinator, node, _ = env_cluster
+    code = """
+    import threading
+    from fleetmap import remote_parallel_map
+    def version(x):
+        import fmtest_dep
+        return fmtest_dep.VERSION
+    out = {}
+    def job(i):
+        out[i] = remote_parallel_map(version, range(3), packages=["fmtest-dep==3.0"], verbose=False)
+    threads = [threading.Thread(target=job, args=(i,)) for i in range(2)]
+    for t in threads: t.start()
+    for t in threads: t.join()
+    RESULT = [out[0], out[1]]
+    """
+    r = run_client(code, env=coordinator.client_env())
+    assert r["returncode"] == 0, r["stderr"] + node.describe()
+    assert r["result"] == [["3.0"] * 3, ["3.0"] * 3]
+    env_id = _environment_id(["fmtest-dep==3.0"], resolve=True)
+    assert node.stderr().count(f"built environment {env_id}") == 1, node.stderr()
+
+
+def _environment_id(requirements: List[str], resolve: bool) -> str:
+    from fleetmap import _scan
+
+    return _scan.environment_id(_scan.python_version(), requirements, resolve)
+
+
+def _venv(path: Path, *packages: str, wheels: Path) -> Path:
+    subprocess.run([UV, "venv", "--quiet", "--python", sys.executable, str(path)], check=True)
+    python = path / "bin" / "python"
+    if packages:
+        subprocess.run(
+            [UV, "pip", "install", "--quiet", "--python", str(python), "--no-index", "--find-links", str(wheels), *packages],
+            check=True,
+        )
+    return python
+
+
+def test_the_callers_environment_is_replicated_onto_a_node_that_lacks_it(processes, wheels, tmp_path):
+    need_uv()
+    # The caller: a virtualenv with fmtest-pkg 1.0, and fleetmap (with
+    # cloudpickle) reachable through a .pth file, as no distribution.
+    caller = _venv(tmp_path / "caller-venv", "fmtest-pkg==1.0", wheels=wheels)
+    links = tmp_path / "runtime-links"
+    links.mkdir()
+    import cloudpickle
+
+    for module in (fleetmap, cloudpickle):
+        os.symlink(os.path.dirname(module.__file__), links / module.__name__)
+    site = next((tmp_path / "caller-venv" / "lib").glob("python3*/site-packages"))
+    (site / "fleetmap_links.pth").write_text(f"{links}\n")
+    # The node: another interpreter, without the package.
+    node_python = _venv(tmp_path / "node-venv", wheels=wheels)
+    coordinator = processes.start_coordinator("127.0.0.1:0")
+    cache = tmp_path / "cache"
+    node = processes.start_node(
+        coordinator,
+        "bare-node",
+        cores=2,
+        extra=[
+            "--python", str(node_python),
+            "--cache-dir", str(cache),
+            "--find-links", str(wheels),
+            "--no-caller-python",
+        ],
+        env=node_env(),
+    )
+    code = """
+    import sys
+    from fleetmap import remote_parallel_map
+    def version(x):
+        import fmtest_pkg
+        return fmtest_pkg.VERSION, sys.executable
+    RESULT = remote_parallel_map(version, range(3))
+    """
+    r = run_client(code, env=coordinator.client_env(), python=str(caller))
+    assert r["returncode"] == 0, r["stderr"] + node.describe()
+    assert {v for v, _ in r["result"]} == {"1.0"}
+    assert all(exe.startswith(str(cache)) for _, exe in r["result"]), r["result"]
+    # Named as its .dist-info directory names it.
+    assert "installing 1 package (fmtest_pkg==1.0)" in r["stderr"], r["stderr"]
+
+
+def test_a_node_with_the_callers_interpreter_and_packages_builds_nothing(env_cluster):
+    coordinator, node, _ = env_cluster
+    code = """
+    import sys
+    from fleetmap import remote_parallel_map
+    RESULT = remote_parallel_map(lambda x: sys.executable, range(2), verbose=False)
+    """
+    built = node.stderr().count("built environment")
+    r = run_client(code, env=coordinator.client_env())
+    assert r["returncode"] == 0, r["stderr"]
+    assert set(r["result"]) == {os.path.normpath(sys.executable)}
+    assert node.stderr().count("built environment") == built
+
+
+@pytest.mark.parametrize(
+    "packages, error",
+    [
+        ("numpy", TypeError),
+        ([""], fleetmap.InputError),
+        (["numpy\n-e ."], fleetmap.InputError),
+        (["--index-url=http://evil"], fleetmap.InputError),
+    ],
+)
+def test_bad_packages_are_refused_before_anything_runs(packages, error):
+    with pytest.raises(error):
+        remote_parallel_map(lambda x: x, [1], packages=packages)
