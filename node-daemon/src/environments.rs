@@ -42,7 +42,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use fleetmap_protocol::EnvironmentSpec;
+use fleetmap_protocol::{EnvironmentSpec, SourceBundle, MAX_SOURCE_BUNDLE_BYTES};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokio::{process::Command, sync::OnceCell};
@@ -233,6 +233,54 @@ impl Environments {
             program: python_in(&dir).display().to_string(),
             lease,
         })
+    }
+
+    /// The caller's source bundle on this node: written once per digest
+    /// (checked against its content), readable by the workers.
+    pub fn sources(&self, bundle: &SourceBundle) -> Result<PathBuf, String> {
+        let node = &self.node;
+        if bundle.digest.len() != 64 || !bundle.digest.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!(
+                "node {node}: the source bundle's digest {:?} is not SHA-256 hex",
+                bundle.digest
+            ));
+        }
+        if bundle.zip.len() > MAX_SOURCE_BUNDLE_BYTES {
+            return Err(format!(
+                "node {node}: the source bundle is {} bytes, over the limit of {MAX_SOURCE_BUNDLE_BYTES}",
+                bundle.zip.len()
+            ));
+        }
+        let dir = self.config.cache_dir.join("sources");
+        let path = dir.join(format!("fleetmap-sources-{}.zip", bundle.digest.to_ascii_lowercase()));
+        if path.exists() {
+            return Ok(path);
+        }
+        let actual: String = Sha256::digest(&bundle.zip).iter().map(|b| format!("{b:02x}")).collect();
+        if !actual.eq_ignore_ascii_case(&bundle.digest) {
+            return Err(format!("node {node}: the source bundle does not match its digest"));
+        }
+        let write = || -> std::io::Result<()> {
+            use std::os::unix::fs::PermissionsExt;
+            fs::create_dir_all(&dir)?;
+            fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))?;
+            static NEXT: AtomicU64 = AtomicU64::new(0);
+            let tmp = dir.join(format!(
+                ".tmp-{}-{}",
+                std::process::id(),
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            ));
+            fs::write(&tmp, &bundle.zip)?;
+            fs::set_permissions(&tmp, fs::Permissions::from_mode(0o644))?;
+            fs::rename(&tmp, &path)
+        };
+        write().map_err(|e| {
+            format!(
+                "node {node}: cannot store the job's source bundle in {}: {e}",
+                dir.display()
+            )
+        })?;
+        Ok(path)
     }
 
     fn env_dir(&self, id: &str) -> PathBuf {

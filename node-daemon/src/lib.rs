@@ -25,7 +25,7 @@ use std::{collections::HashMap, path::Path, sync::Arc, time::Duration};
 use environments::Environments;
 use fleetmap_net::{CloseCode, NetError, Session, SessionError};
 use fleetmap_protocol::{
-    CoordinatorToNode, FailureKind, Gpu, Hello, InputChunk, JobId, NodeToCoordinator, Resources, Role, SlotId,
+    CoordinatorToNode, FailureKind, Gpu, Hello, InputChunk, JobId, JobSpec, NodeToCoordinator, Resources, Role, SlotId,
     DEFAULT_MAX_MESSAGE, SOFTWARE_VERSION,
 };
 use fleetmap_sandbox::cgroup::CgroupTree;
@@ -433,7 +433,7 @@ async fn session(
         };
         match msg {
             CoordinatorToNode::StartSlots { job, spec, slots } => {
-                let spec = Arc::new(spec);
+                let spec: Arc<JobSpec> = Arc::from(spec);
                 let entry = jobs.entry(job).or_default();
                 for slot in slots {
                     let placement = node
@@ -470,6 +470,7 @@ async fn session(
                         environments: node.environments.clone(),
                         program: default_program(&spec, config),
                         lease: None,
+                        sources: None,
                     };
                     entry.tasks.insert(slot, tokio::spawn(run_slot(ctx, rx)));
                 }

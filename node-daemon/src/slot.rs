@@ -66,12 +66,29 @@ pub(crate) struct SlotContext {
     pub program: String,
     /// The slot's hold on its environment (workers keep one too).
     pub lease: Option<Lease>,
+    /// The job's source bundle on this node.
+    pub sources: Option<String>,
 }
 
 /// Runs a slot until its chunk channel closes. A channel closed with no
 /// chunk in the slot means the job finished (a cancelled job's slot task is
 /// aborted instead): its healthy worker goes back to the pool, warm.
 pub(crate) async fn run_slot(mut ctx: SlotContext, chunks: mpsc::UnboundedReceiver<InputChunk>) {
+    let RuntimeSpec::Python { sources, .. } = &ctx.spec.runtime;
+    if let Some(bundle) = sources {
+        match ctx.environments.sources(bundle) {
+            Ok(path) => ctx.sources = Some(path.display().to_string()),
+            Err(reason) => {
+                let _ = ctx.up.send(NodeToCoordinator::SlotFailed {
+                    job: ctx.job,
+                    slot: ctx.slot,
+                    kind: FailureKind::Job,
+                    reason,
+                });
+                return;
+            }
+        }
+    }
     if let Err(reason) = prepare_environment(&mut ctx).await {
         let _ = ctx.up.send(NodeToCoordinator::SlotFailed {
             job: ctx.job,
@@ -152,7 +169,7 @@ fn prestart_n(config: &NodeConfig, cgroups: Option<&CgroupTree>, cpus: &[u32], p
             cgroup_procs: vec![],
             cpu_affinity: cpus.to_vec(),
             run_as: config.run_as,
-            private_tmp: config.private_tmp && cgroups.is_some() && !config.python.starts_with("/tmp/"),
+            private_tmp: private_tmp(config, cgroups.is_some(), &config.python),
         };
         match WorkerProcess::spawn_with(config, cgroups, &limits, cmd) {
             Ok(worker) => pool.give_back(
@@ -548,6 +565,7 @@ impl WorkerProcess {
                 // Room for the envelope around the pickled outputs.
                 max_output_bytes: ctx.config.max_message.saturating_sub(64 << 10) as u64,
                 environment: job_environment(ctx),
+                sources: ctx.sources.clone(),
             },
         });
         loop {
@@ -698,10 +716,15 @@ fn worker_command(ctx: &SlotContext) -> WorkerCommand {
         cgroup_procs: vec![],
         cpu_affinity: ctx.placement.cpus.clone(),
         run_as: ctx.config.run_as,
-        // An interpreter that lives under /tmp (a checkout or virtualenv
-        // there) would vanish behind the worker's own /tmp: share it then.
-        private_tmp: ctx.config.private_tmp && ctx.cgroups.is_some() && !program.starts_with("/tmp/"),
+        private_tmp: private_tmp(&ctx.config, ctx.cgroups.is_some(), &program),
     }
+}
+
+/// Whether a worker gets a /tmp of its own. An interpreter, environment or
+/// source bundle that lives under /tmp (a checkout, a virtualenv or a cache
+/// there) would vanish behind the worker's own /tmp: it shares it then.
+fn private_tmp(config: &NodeConfig, pinned: bool, program: &str) -> bool {
+    config.private_tmp && pinned && !program.starts_with("/tmp/") && !config.environments.cache_dir.starts_with("/tmp")
 }
 
 /// Forwards what a worker prints, line by line, to the job's client. Lines

@@ -33,7 +33,8 @@ use serde::{Deserialize, Serialize};
 /// gets [`DecodeError::UnknownVersion`], which names both.
 ///
 /// Version 2: messages split per direction, postcard encoding.
-/// Version 3: job environments (`EnvironmentSpec`) and failure kinds.
+/// Version 3: job environments (`EnvironmentSpec`), source bundles and
+/// failure kinds.
 pub const PROTOCOL_VERSION: u16 = 3;
 
 /// The largest message accepted by default (1 GiB): a chunk of inputs or
@@ -94,7 +95,22 @@ pub enum RuntimeSpec {
         /// node; `None`: the caller's interpreter as it is (the embedded
         /// cluster, whose calls run in the caller's own environment).
         environment: Option<EnvironmentSpec>,
+        /// The caller's local modules as a zip of sources, first on the
+        /// workers' `sys.path`.
+        sources: Option<SourceBundle>,
     },
+}
+
+/// The most bytes a source bundle may hold (compressed).
+pub const MAX_SOURCE_BUNDLE_BYTES: usize = 64 << 20;
+
+/// The caller's own code, content-addressed.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct SourceBundle {
+    /// The SHA-256 of `zip`, in hex.
+    pub digest: String,
+    #[serde(with = "serde_bytes")]
+    pub zip: Vec<u8>,
 }
 
 /// The most requirements an environment may list, and the longest one: a
@@ -316,7 +332,7 @@ pub enum CoordinatorToClient {
 pub enum CoordinatorToNode {
     StartSlots {
         job: JobId,
-        spec: JobSpec,
+        spec: Box<JobSpec>,
         slots: Vec<SlotId>,
     },
     RunChunk {

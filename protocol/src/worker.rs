@@ -48,6 +48,9 @@ pub struct WorkerSettings {
     /// is unpickled (`CUDA_VISIBLE_DEVICES`, `OMP_NUM_THREADS`): a warm
     /// worker started for no job in particular gets its job's here.
     pub environment: Vec<(String, String)>,
+    /// The job's source bundle on this node (a zip the worker puts first on
+    /// `sys.path`), if it has one.
+    pub sources: Option<String>,
 }
 
 /// An input whose call killed its worker.

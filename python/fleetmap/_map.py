@@ -15,7 +15,7 @@ import sysconfig
 import types
 from typing import Any, Callable, ContextManager, Dict, Generator, Iterable, Iterator, List, Optional, Sequence, Tuple
 
-from . import _environment, _fleet, _native
+from . import _environment, _fleet, _native, _sources
 from ._errors import CoordinatorUnreachable, EnvironmentSetupError, InputError, JobFailed, UnsupportedOption
 from ._inspect import describe_size, describe_unpicklable
 from ._progress import Progress
@@ -82,13 +82,15 @@ def remote_parallel_map(
     source = _InputSource(inputs)
     if source.empty():
         return iter(()) if generator else []
-    scope = _local_modules_by_value()
-    scope.__enter__()
+    scope = _local_modules()
+    sources = scope.__enter__()
     try:
         function_blob = _pickle_function(function_)
         fleet = _fleet.fleet_address(api_key)
         environment = _environment.job_environment(packages, fleet.embedded)
-        job = _submit(fleet, function_blob, source.total, parallelism, func_cpu, func_ram, func_gpu, environment)
+        job = _submit(
+            fleet, function_blob, source.total, parallelism, func_cpu, func_ram, func_gpu, environment, sources
+        )
     except BaseException:
         scope.__exit__(*sys.exc_info())
         raise
@@ -175,9 +177,10 @@ def _is_local_module(name: str, module: Any) -> bool:
 
 
 @contextlib.contextmanager
-def _local_modules_by_value() -> Iterator[None]:
-    """While a job is sent, cloudpickle pickles the functions and classes of
-    the caller's local modules by value rather than by reference."""
+def _local_modules() -> Iterator[Optional[_sources.SourceBundle]]:
+    """The caller's local modules: zipped as source for the workers (their
+    functions and classes then travel by reference), and, for those the zip
+    cannot hold, pickled by value while the job is sent."""
     global _INSTALLED_DIRS, _INSTALLED_FOR
     import cloudpickle
 
@@ -187,23 +190,27 @@ def _local_modules_by_value() -> Iterator[None]:
         _INSTALLED_DIRS = _installed_dirs()
         _LOCALITY.clear()
     already = cloudpickle.list_registry_pickle_by_value()
-    registered = []
+    local: Dict[str, Any] = {}
     for name, module in list(sys.modules.items()):
         known = _LOCALITY.get(name)
         if known is not None and known[0] == id(module):
-            local = known[1]
+            is_local = known[1]
         else:
-            local = _is_local_module(name, module)
-            _LOCALITY[name] = (id(module), local)
-        if name in already or not local or module.__name__ != name:
-            continue
+            is_local = _is_local_module(name, module)
+            _LOCALITY[name] = (id(module), is_local)
+        if is_local and name not in already and module.__name__ == name:
+            local[name] = module
+    bundle, by_value = _sources.bundle({name: module.__file__ for name, module in local.items()})
+    registered = []
+    for name in by_value:
+        module = local[name]
         try:
             cloudpickle.register_pickle_by_value(module)
         except Exception:  # noqa: BLE001 - a module cloudpickle cannot register stays by reference
             continue
         registered.append(module)
     try:
-        yield
+        yield bundle
     finally:
         for module in registered:
             try:
@@ -281,6 +288,7 @@ def _submit(
     func_ram: float,
     func_gpu: int,
     environment: Optional[_environment.Environment] = None,
+    sources: Optional[_sources.SourceBundle] = None,
 ) -> _native.Job:
     version = _python_version()
     args = (
@@ -293,6 +301,7 @@ def _submit(
         sys.executable,
         version,
         None if environment is None else (environment.id, environment.requirements, environment.resolve),
+        None if sources is None else (sources.digest, sources.zip),
     )
     for attempt in range(2):
         conn = _fleet.connection(fleet, fresh=attempt > 0)
@@ -396,7 +405,7 @@ def _chunk_outcomes(
     source: _InputSource,
     progress: Progress,
     return_exceptions: bool,
-    scope: ContextManager[None],
+    scope: ContextManager[Any],
 ) -> Generator[Tuple[int, List[Any]], None, None]:
     """Feeds the job its inputs within credit and yields ``(first index,
     outputs)`` per finished chunk. Whatever ends it early (a failure,

@@ -190,6 +190,7 @@ class Connection:
         executable: str,
         version: str,
         environment: Optional[Tuple[str, List[str], bool]] = None,
+        sources: Optional[Tuple[str, bytes]] = None,
     ) -> Job:
         """Submits a job of the pickled Python ``function``: each call gets
         ``cores`` cores, ``memory_bytes`` of memory and ``gpus`` GPUs; at most
@@ -197,7 +198,8 @@ class Connection:
         ``total_inputs`` is ``None`` when the inputs are streamed. Workers run
         ``executable`` (Python ``version``, ``"3.11"``) or, with an
         ``environment`` ``(id, requirements, resolve)``, an environment each
-        node builds with those requirements.
+        node builds with those requirements; ``sources`` is ``(sha256,
+        zip)`` of the caller's local modules, put first on the workers' path.
 
         Returns once the coordinator has placed the job's slots; raises
         :class:`fleetmap.JobRejected` when no node can host one call, or

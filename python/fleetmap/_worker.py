@@ -65,7 +65,13 @@ def load_function(
             "functions and values travel with cloudpickle, which needs the same minor version on both ends: "
             f"install Python {caller} on the node and give it to `fleetmap node --python`"
         )
-    digest = hashlib.sha256(blob).digest()
+    # The job's local code first on sys.path (and another job's forgotten)
+    # before its function, which refers to it, is unpickled.
+    from . import _sources
+
+    sources = settings.get("sources")
+    _sources.install(sources)
+    digest = hashlib.sha256(blob + (sources or "").encode()).digest()
     cached = _functions.get(digest)
     if cached is not None:
         return cached, None

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use fleetmap_client::{Client, Job, JobEvent};
 use fleetmap_protocol::{
     CallRequest, ChunkId, EnvironmentSpec, FailureKind, InputChunk, InputIndex, JobSpec, OutputStream, RuntimeSpec,
+    SourceBundle,
 };
 use pyo3::{
     prelude::*,
@@ -44,7 +45,8 @@ impl Connection {
     /// Submits a job of a pickled Python function. `environment`:
     /// `(id, requirements, resolve)` of the environment its calls need, or
     /// `None` for the caller's interpreter as it is.
-    #[pyo3(signature = (function, cores, memory_bytes, gpus, parallelism, total_inputs, executable, version, environment=None))]
+    /// `sources`: `(sha256 hex, zip)` of the caller's local modules.
+    #[pyo3(signature = (function, cores, memory_bytes, gpus, parallelism, total_inputs, executable, version, environment=None, sources=None))]
     #[allow(clippy::too_many_arguments)]
     fn submit(
         &self,
@@ -58,6 +60,7 @@ impl Connection {
         executable: String,
         version: String,
         environment: Option<(String, Vec<String>, bool)>,
+        sources: Option<(String, Vec<u8>)>,
     ) -> PyResult<PyJob> {
         let spec = JobSpec {
             principal: String::new(),
@@ -77,6 +80,7 @@ impl Connection {
                     requirements,
                     resolve,
                 }),
+                sources: sources.map(|(digest, zip)| SourceBundle { digest, zip }),
             },
         };
         let client = self.client.clone();

@@ -248,3 +248,60 @@ def test_a_node_with_the_callers_interpreter_and_packages_builds_nothing(env_clu
 def test_bad_packages_are_refused_before_anything_runs(packages, error):
     with pytest.raises(error):
         remote_parallel_map(lambda x: x, [1], packages=packages)
+
+
+LOCAL_JOB = """
+import os
+from fleetmap import remote_parallel_map
+import mylib
+
+def use(x):
+    from mylib.util import describe
+    return describe(x), os.getcwd()
+
+RESULT = remote_parallel_map(use, range(3), verbose=False)
+"""
+
+
+def _write_local_package(project: Path, version: str) -> None:
+    (project / "mylib").mkdir(parents=True, exist_ok=True)
+    # A lock at module level: pickled by value, this module could not be sent.
+    (project / "mylib" / "__init__.py").write_text("import threading\n_LOCK = threading.Lock()\n")
+    (project / "mylib" / "util.py").write_text(
+        f"from mylib import _LOCK\n\ndef describe(x):\n    with _LOCK:\n        return '{version}:' + str(x)\n"
+    )
+
+
+def test_local_code_travels_as_source_to_a_node_working_elsewhere(env_cluster, tmp_path):
+    coordinator, node, _ = env_cluster
+    project = tmp_path / "project"
+    _write_local_package(project, "v1")
+    first = run_client(LOCAL_JOB, env=coordinator.client_env(), cwd=project)
+    assert first["returncode"] == 0, first["stderr"] + node.describe()
+    assert [d for d, _ in first["result"]] == ["v1:0", "v1:1", "v1:2"]
+    # The node's workers do not run in the caller's directory.
+    assert all(cwd != str(project) for _, cwd in first["result"]), first["result"]
+    # A new version of the same code: warm workers that imported the first
+    # one import this one.
+    _write_local_package(project, "v2")
+    second = run_client(LOCAL_JOB, env=coordinator.client_env(), cwd=project)
+    assert second["returncode"] == 0, second["stderr"] + node.describe()
+    assert [d for d, _ in second["result"]] == ["v2:0", "v2:1", "v2:2"]
+
+
+def test_a_source_bundle_is_content_addressed(tmp_path):
+    from fleetmap import _sources
+
+    _write_local_package(tmp_path, "v1")
+    modules = {"mylib": str(tmp_path / "mylib" / "__init__.py"), "mylib.util": str(tmp_path / "mylib" / "util.py")}
+    one, by_value = _sources.bundle(modules)
+    assert one is not None and not by_value and one.names == ("mylib",)
+    again, _ = _sources.bundle(modules)
+    assert again == one
+    _write_local_package(tmp_path, "v2")
+    os.utime(tmp_path / "mylib" / "util.py", ns=(1, 1))
+    changed, _ = _sources.bundle(modules)
+    assert changed is not None and changed.digest != one.digest
+    # A module whose file does not sit at its name travels by value.
+    _, by_value = _sources.bundle({"renamed": str(tmp_path / "mylib" / "util.py")})
+    assert by_value == {"renamed"}

@@ -265,9 +265,10 @@ def test_packages_on_a_second_environment_travel_by_reference(tmp_path):
         """
         import cloudpickle, heavylib
         from fleetmap import remote_parallel_map
-        from fleetmap._map import _local_modules_by_value
-        with _local_modules_by_value():
+        from fleetmap._map import _local_modules
+        with _local_modules() as sources:
             by_value = sorted(cloudpickle.list_registry_pickle_by_value())
+            by_value += list(sources.names) if sources else []
         RESULT = {"outputs": remote_parallel_map(heavylib.triple, [1, 2, 3], verbose=False), "by_value": by_value}
         """,
         env=env,

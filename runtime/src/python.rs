@@ -49,6 +49,7 @@ pub fn worker_main(py: Python<'_>, fd: i32) -> PyResult<()> {
                 settings_dict.set_item("memory_limit_bytes", settings.memory_limit_bytes)?;
                 settings_dict.set_item("max_output_bytes", settings.max_output_bytes)?;
                 settings_dict.set_item("environment", settings.environment)?;
+                settings_dict.set_item("sources", settings.sources)?;
                 let loaded = load.call1((PyBytes::new(py, &pickled), settings_dict))?;
                 let loaded = loaded.cast::<PyTuple>()?;
                 let error: Option<String> = loaded.get_item(1)?.extract()?;

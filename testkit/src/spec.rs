@@ -24,6 +24,7 @@ pub fn job_spec(inputs: u64, call: CallRequest) -> JobSpec {
             version: "3.11".into(),
             function: vec![0; 64],
             environment: None,
+            sources: None,
         },
     }
 }

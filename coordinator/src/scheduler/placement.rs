@@ -137,7 +137,7 @@ impl Scheduler {
         for (node, slots) in per_node {
             let msg = CoordinatorToNode::StartSlots {
                 job: id,
-                spec: spec.clone(),
+                spec: Box::new(spec.clone()),
                 slots,
             };
             self.out.push_back(Command::ToNode { node, msg });

@@ -404,6 +404,7 @@ impl World {
                             version: "3.11".into(),
                             function: vec![7],
                             environment: None,
+                            sources: None,
                         },
                     };
                     ClientJob {
@@ -1294,6 +1295,7 @@ fn two_core_job() -> JobSpec {
             version: "3.11".into(),
             function: vec![7],
             environment: None,
+            sources: None,
         },
     }
 }

@@ -28,6 +28,7 @@ fn spec(cores: u32, memory_gib: u64, parallelism: Option<u32>, total: u64) -> Jo
             version: "3.11".into(),
             function: vec![1, 2, 3],
             environment: None,
+            sources: None,
         },
     }
 }
