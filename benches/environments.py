@@ -64,8 +64,8 @@ def scan_benchmark(work: Path, repeat: int) -> Dict[str, Any]:
     probe = f"""
 import sys, time, json
 sys.path.append({str(runtime)!r})
-t = time.perf_counter()
 from fleetmap import _environment
+t = time.perf_counter()
 env = _environment.caller_environment()
 first = time.perf_counter() - t
 t = time.perf_counter()

@@ -99,6 +99,9 @@ pub struct EnvironmentConfig {
     /// Run jobs in the caller's own interpreter where this node has it at
     /// the same path with the same distributions (a shared file system).
     pub use_caller_python: bool,
+    /// Environments built when the daemon starts, before any job asks,
+    /// each with the caller Python version it is for.
+    pub prepare: Vec<(EnvironmentSpec, String)>,
 }
 
 impl EnvironmentConfig {
@@ -113,6 +116,7 @@ impl EnvironmentConfig {
             build_timeout: Duration::from_secs(15 * 60),
             max_bytes: 50 << 30,
             use_caller_python: true,
+            prepare: vec![],
         }
     }
 
@@ -190,6 +194,21 @@ impl Environments {
             tokens: Default::default(),
             runtime: OnceCell::new(),
             built: AtomicU64::new(0),
+        }
+    }
+
+    /// Builds the environments the operator asked for at start
+    /// (`fleetmap node --prepare`), one after the other.
+    pub async fn prepare_ahead(&self) {
+        for (spec, python) in &self.config.prepare {
+            let say = |text: String| info!("{text}");
+            match self.prepare(spec, "", python, &say).await {
+                Ok(ready) => info!(
+                    "node {}: environment {} prepared at {}",
+                    self.node, spec.id, ready.program
+                ),
+                Err(e) => warn!("node {}: could not prepare environment {}: {e}", self.node, spec.id),
+            }
         }
     }
 

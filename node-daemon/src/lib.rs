@@ -267,6 +267,10 @@ pub async fn run_until(
         config.name.clone(),
         config.run_as,
     ));
+    if !config.environments.prepare.is_empty() {
+        let environments = environments.clone();
+        tokio::spawn(async move { environments.prepare_ahead().await });
+    }
     let node = Node {
         environments,
         pool: Arc::new(Pool::new(config.warm)),

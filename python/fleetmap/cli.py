@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
 from types import FrameType
-from typing import Callable, List, NoReturn, Optional
+from typing import Callable, List, NoReturn, Optional, Tuple
 
 from . import _native
 from ._errors import FleetmapError
@@ -74,6 +75,11 @@ def cmd_node(args: argparse.Namespace) -> int:
     from ._environment import find_uv, runtime_packages
 
     pythons = args.python or [sys.executable]
+    try:
+        prepare = _environments_to_prepare(args.prepare or [], pythons)
+    except (OSError, ValueError, subprocess.SubprocessError) as exc:
+        print(f"fleetmap node: --prepare: {exc}", file=sys.stderr)
+        return 2
     environments = {
         "pythons": pythons,
         "cache_dir": args.cache_dir,
@@ -84,6 +90,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         "build_timeout_s": args.environment_timeout,
         "max_bytes": int(args.environment_cache_gib * (1 << 30)) if args.environment_cache_gib else None,
         "use_caller_python": not args.no_caller_python,
+        "prepare": prepare,
     }
     node = _native.start_node(
         args.coordinator,
@@ -114,6 +121,32 @@ def cmd_node(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         node.stop()
         return 0
+
+
+def _environments_to_prepare(files: List[str], pythons: List[str]) -> List[Tuple[str, List[str], str]]:
+    """``(id, requirements, python version)`` of the environment each
+    requirements file describes (as ``packages=`` with the same list gives),
+    for each interpreter's Python version."""
+    from . import _environment, _scan
+
+    versions = []
+    for python in pythons:
+        out = subprocess.run(
+            [python, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        )
+        if out.stdout.strip() not in versions:
+            versions.append(out.stdout.strip())
+    prepared = []
+    for path in files:
+        lines = [line.split("#", 1)[0].strip() for line in Path(path).read_text().splitlines()]
+        requirements = _environment.packages_environment([line for line in lines if line]).requirements
+        for version in versions:
+            prepared.append((_scan.environment_id(version, requirements, True), requirements, version))
+    return prepared
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -185,6 +218,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--find-links", action="append", help="a folder or page of wheels to install from (repeatable)")
     p.add_argument("--environment-timeout", type=float, help="the longest one environment build may take, in s (default: 900)")
     p.add_argument("--environment-cache-gib", type=float, help="evict unused environments above this size (default: 50)")
+    p.add_argument(
+        "--prepare",
+        action="append",
+        metavar="REQUIREMENTS",
+        help="build the environment of this requirements file (one requirement per line) at start, as jobs "
+        "with the same packages= list need it (repeatable)",
+    )
     p.add_argument(
         "--no-caller-python",
         action="store_true",

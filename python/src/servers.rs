@@ -14,6 +14,7 @@ use std::{
 use fleetmap_client::local::LocalCluster;
 use fleetmap_coordinator::{credentials::CredentialPaths, CoordinatorConfig, Credentials, RunningCoordinator};
 use fleetmap_node_daemon::{EnvironmentConfig, Isolation, NodeConfig, NodeError};
+use fleetmap_protocol::EnvironmentSpec;
 use pyo3::{prelude::*, types::PyDict};
 use tokio::task::JoinHandle;
 
@@ -239,7 +240,8 @@ pub(crate) fn start_node(
 
 /// Reads `fleetmap node`'s environment settings: `pythons`, `cache_dir`,
 /// `uv`, `runtime_packages`, `index_url`, `find_links`, `build_timeout_s`,
-/// `max_bytes` and `use_caller_python` (each optional).
+/// `max_bytes`, `use_caller_python` and `prepare` (`(id, requirements,
+/// python version)` of each environment to build at start), each optional.
 fn environment_settings(config: &mut EnvironmentConfig, settings: &Bound<'_, PyDict>) -> PyResult<()> {
     for (key, value) in settings.iter() {
         let key: String = key.extract()?;
@@ -256,6 +258,20 @@ fn environment_settings(config: &mut EnvironmentConfig, settings: &Bound<'_, PyD
             "build_timeout_s" => config.build_timeout = seconds(value.extract()?),
             "max_bytes" => config.max_bytes = value.extract()?,
             "use_caller_python" => config.use_caller_python = value.extract()?,
+            "prepare" => {
+                let listed: Vec<(String, Vec<String>, String)> = value.extract()?;
+                config.prepare = listed
+                    .into_iter()
+                    .map(|(id, requirements, python)| {
+                        let spec = EnvironmentSpec {
+                            id,
+                            requirements,
+                            resolve: true,
+                        };
+                        (spec, python)
+                    })
+                    .collect();
+            }
             other => {
                 return Err(pyo3::exceptions::PyValueError::new_err(format!(
                     "unknown environment setting {other:?}"

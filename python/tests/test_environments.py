@@ -305,3 +305,82 @@ def test_a_source_bundle_is_content_addressed(tmp_path):
     # A module whose file does not sit at its name travels by value.
     _, by_value = _sources.bundle({"renamed": str(tmp_path / "mylib" / "util.py")})
     assert by_value == {"renamed"}
+
+
+def test_a_daemon_killed_mid_build_leaves_nothing_and_the_next_job_builds_cleanly(processes, wheels, tmp_path):
+    import signal
+    import socket
+
+    from conftest import wait_for
+
+    need_uv()
+    # An index that accepts connections and never answers: the build hangs
+    # in the installer until the daemon is killed.
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    index = f"http://127.0.0.1:{silent.getsockname()[1]}/simple"
+    coordinator = processes.start_coordinator("127.0.0.1:0")
+    cache = tmp_path / "cache"
+    node = processes.start_node(
+        coordinator, "doomed-node", cores=2, extra=["--cache-dir", str(cache), "--index-url", index]
+    )
+    client = processes.start(
+        "client",
+        [sys.executable, "-c", JOB.format(n=2, packages=["fmtest-pkg==2.0"])],
+        env=coordinator.client_env(),
+    )
+    envs = cache / "envs"
+    wait_for(
+        lambda: envs.is_dir() and any(e.startswith(".build-") for e in os.listdir(envs)),
+        30,
+        "the build to start",
+        lambda: node.describe() + client.describe(),
+    )
+    os.killpg(node.popen.pid, signal.SIGKILL)
+    node.popen.wait(timeout=10)
+    silent.close()
+    assert [e for e in os.listdir(envs) if not e.startswith(".")] == [], "nothing was renamed into place"
+    # The restarted daemon removes the dead one's build, and the next job
+    # (now from the folder of wheels) builds the environment whole.
+    restarted = processes.start_node(
+        coordinator,
+        "doomed-node",
+        cores=2,
+        extra=["--cache-dir", str(cache), "--find-links", str(wheels)],
+        env=node_env(),
+        wait=False,
+    )
+    wait_for(
+        lambda: coordinator.proc.stderr().count("node doomed-node joined") >= 2,
+        30,
+        "the restarted node to join",
+        restarted.describe,
+    )
+    assert not any(e.startswith(".build-") for e in os.listdir(envs)), os.listdir(envs)
+    r = run_client(JOB.format(n=2, packages=["fmtest-pkg==2.0"]), env=coordinator.client_env())
+    assert r["returncode"] == 0, r["stderr"] + restarted.describe()
+    assert {v for v, _ in r["result"]} == {"2.0"}
+    assert "built environment" in restarted.stderr()
+
+
+def test_a_node_prepares_environments_before_any_job(processes, wheels, tmp_path):
+    from conftest import wait_for
+
+    need_uv()
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("# what the lab's jobs use\nfmtest-pkg==1.0\n")
+    coordinator = processes.start_coordinator("127.0.0.1:0")
+    node = processes.start_node(
+        coordinator,
+        "ready-node",
+        cores=2,
+        extra=["--cache-dir", str(tmp_path / "cache"), "--find-links", str(wheels), "--prepare", str(requirements)],
+        env=node_env(),
+    )
+    wait_for(lambda: "prepared at" in node.stderr(), 30, "the environment to be prepared", node.describe)
+    r = run_client(JOB.format(n=2, packages=["fmtest-pkg==1.0"]), env=coordinator.client_env())
+    assert r["returncode"] == 0, r["stderr"] + node.describe()
+    assert {v for v, _ in r["result"]} == {"1.0"}
+    assert "preparing environment" not in r["stderr"], r["stderr"]
+    assert node.stderr().count("built environment") == 1, node.stderr()
