@@ -239,7 +239,10 @@ impl Environments {
                 .entry(spec.id.clone())
                 .or_default()
                 .clone();
-            let result = build.get_or_init(|| self.build(spec, caller_python, say)).await.clone();
+            let result = build
+                .get_or_init(|| self.build(spec, caller_executable, caller_python, say))
+                .await
+                .clone();
             // A later job looks on disk (and retries a failed build).
             self.builds
                 .lock()
@@ -319,13 +322,7 @@ impl Environments {
     /// Whether the caller's interpreter is on this node and holds exactly
     /// the caller's environment.
     async fn is_callers_match(&self, spec: &EnvironmentSpec, executable: &str) -> bool {
-        // Only something that looks like an interpreter: the path comes
-        // from the caller, and describing it runs it.
-        let looks_like_python = Path::new(executable)
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with("python"));
-        if !looks_like_python || !Path::new(executable).is_file() {
+        if !looks_like_python(executable) {
             return false;
         }
         for fresh in [false, true] {
@@ -443,15 +440,36 @@ impl Environments {
             .clone()
     }
 
+    /// The interpreter an environment is layered on: for a replicated
+    /// environment, the caller's own where this node has it (so only what it
+    /// lacks or has at another version is installed); else the node's
+    /// interpreter of the caller's version.
+    async fn layer_on(
+        &self,
+        spec: &EnvironmentSpec,
+        caller_executable: &str,
+        caller_python: &str,
+    ) -> Result<Arc<Interpreter>, String> {
+        if !spec.resolve && self.config.use_caller_python && looks_like_python(caller_executable) {
+            if let Ok(found) = self.describe(caller_executable, false).await {
+                if found.python == caller_python {
+                    return Ok(found);
+                }
+            }
+        }
+        self.base_interpreter(caller_python).await
+    }
+
     async fn build(
         &self,
         spec: &EnvironmentSpec,
+        caller_executable: &str,
         caller_python: &str,
         say: &(dyn Fn(String) + Send + Sync),
     ) -> Result<PathBuf, String> {
         let started = Instant::now();
         let short = &spec.id[..8];
-        let base = self.base_interpreter(caller_python).await?;
+        let base = self.layer_on(spec, caller_executable, caller_python).await?;
         let uv = self.uv()?;
         let runtime = self.runtime_dir().await?;
         let install: Vec<&String> = spec
@@ -655,6 +673,19 @@ impl Environments {
             }
         }
     }
+}
+
+/// Whether a caller's interpreter path names an interpreter on this node.
+/// Only such a path is run: it comes from the caller, and describing an
+/// interpreter runs it.
+fn looks_like_python(executable: &str) -> bool {
+    let path = Path::new(executable);
+    path.is_absolute()
+        && path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("python"))
+        && path.is_file()
 }
 
 fn python_in(env: &Path) -> PathBuf {

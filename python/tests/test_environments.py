@@ -384,3 +384,30 @@ def test_a_node_prepares_environments_before_any_job(processes, wheels, tmp_path
     assert {v for v, _ in r["result"]} == {"1.0"}
     assert "preparing environment" not in r["stderr"], r["stderr"]
     assert node.stderr().count("built environment") == 1, node.stderr()
+
+
+def test_an_environment_on_a_node_with_the_callers_interpreter_adds_only_what_it_lacks(env_cluster, wheels, tmp_path):
+    coordinator, node, cache = env_cluster
+    # The caller sees one distribution more than its interpreter has on the
+    # node: fmtest-pkg 2.0, installed into a directory on its PYTHONPATH.
+    extra = tmp_path / "extra-site"
+    subprocess.run(
+        [UV, "pip", "install", "--quiet", "--target", str(extra), "--no-index", "--find-links", str(wheels), "fmtest-pkg==2.0"],
+        check=True,
+    )
+    env = dict(coordinator.client_env(), PYTHONPATH=str(extra))
+    code = """
+    import sys
+    from fleetmap import remote_parallel_map
+    def version(x):
+        import fmtest_pkg
+        return fmtest_pkg.VERSION, sys.executable
+    RESULT = remote_parallel_map(version, range(2))
+    """
+    r = run_client(code, env=env)
+    assert r["returncode"] == 0, r["stderr"] + node.describe()
+    assert {v for v, _ in r["result"]} == {"2.0"}
+    assert all(exe.startswith(str(cache)) for _, exe in r["result"]), r["result"]
+    # Layered on the caller's interpreter: only the missing package was
+    # installed, not the dozens the interpreter already has.
+    assert "installing 1 package (fmtest_pkg==2.0)" in r["stderr"], r["stderr"]
