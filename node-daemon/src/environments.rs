@@ -43,6 +43,7 @@ use std::{
 };
 
 use fleetmap_protocol::{EnvironmentSpec, SourceBundle, MAX_SOURCE_BUNDLE_BYTES};
+use fleetmap_sandbox::cgroup::{CgroupTree, GpuAccess, SlotCgroup, SlotLimits};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokio::{process::Command, sync::OnceCell};
@@ -96,6 +97,8 @@ pub struct EnvironmentConfig {
     pub build_timeout: Duration,
     /// Environments no slot uses are evicted above this many bytes.
     pub max_bytes: u64,
+    /// The memory limit of a build (the installer and what it runs).
+    pub build_memory_bytes: u64,
     /// Run jobs in the caller's own interpreter where this node has it at
     /// the same path with the same distributions (a shared file system).
     pub use_caller_python: bool,
@@ -115,6 +118,7 @@ impl EnvironmentConfig {
             find_links: vec![],
             build_timeout: Duration::from_secs(15 * 60),
             max_bytes: 50 << 30,
+            build_memory_bytes: 8 << 30,
             use_caller_python: true,
             prepare: vec![],
         }
@@ -170,6 +174,11 @@ pub(crate) struct Environments {
     config: EnvironmentConfig,
     node: String,
     run_as: Option<(u32, u32)>,
+    /// Where builds get their cgroups, with the node's cores and whether it
+    /// has GPUs (a build gets none).
+    cgroups: Option<Arc<CgroupTree>>,
+    cpus: Vec<u32>,
+    has_gpus: bool,
     /// Interpreters described so far, by path.
     interpreters: tokio::sync::Mutex<HashMap<String, Arc<Interpreter>>>,
     /// Builds in flight (and done, until the next lookup finds the
@@ -183,12 +192,22 @@ pub(crate) struct Environments {
 }
 
 impl Environments {
-    pub fn new(config: EnvironmentConfig, node: String, run_as: Option<(u32, u32)>) -> Self {
+    pub fn new(
+        config: EnvironmentConfig,
+        node: String,
+        run_as: Option<(u32, u32)>,
+        cgroups: Option<Arc<CgroupTree>>,
+        cpus: Vec<u32>,
+        has_gpus: bool,
+    ) -> Self {
         remove_leftovers(&config.cache_dir.join("envs"));
         Self {
             config,
             node,
             run_as,
+            cgroups,
+            cpus,
+            has_gpus,
             interpreters: Default::default(),
             builds: Default::default(),
             tokens: Default::default(),
@@ -352,7 +371,7 @@ impl Environments {
         if let Some(path) = std::env::var_os("PATH") {
             cmd.env("PATH", path);
         }
-        self.sandbox(&mut cmd, Path::new("/"));
+        self.sandbox(&mut cmd, Path::new("/"), None)?;
         cmd.stdin(Stdio::null());
         let out = run(cmd, DESCRIBE_TIMEOUT)
             .await
@@ -531,11 +550,16 @@ impl Environments {
             fs::create_dir_all(dir).map_err(|e| format!("node {node}: cannot create {}: {e}", dir.display()))?;
             self.give_to_workers(dir)?;
         }
+        // The installer and whatever it runs (a package's build script) in
+        // a cgroup of their own: every core, a memory and process limit, no
+        // GPU; removed (its processes killed) when the build ends.
+        let cgroup = self.build_cgroup()?;
+        let cgroup = cgroup.as_ref();
         let mut venv = Command::new(uv);
         venv.args(["venv", "--quiet", "--relocatable", "--python"])
             .arg(&base.executable)
             .arg(tmp);
-        self.install_command(&mut venv, &cache, tmp);
+        self.install_command(&mut venv, &cache, tmp, cgroup)?;
         self.checked(venv, "create the virtual environment", spec).await?;
         let site = tmp
             .join("lib")
@@ -571,7 +595,7 @@ impl Environments {
             for links in &self.config.find_links {
                 pip.arg("--find-links").arg(links);
             }
-            self.install_command(&mut pip, &cache, tmp);
+            self.install_command(&mut pip, &cache, tmp, cgroup)?;
             self.checked(pip, "install the job's packages", spec).await?;
         }
         let record = format!(
@@ -602,7 +626,13 @@ impl Environments {
     }
 
     /// What an install sees: an allowlisted environment, the workers' user.
-    fn install_command(&self, cmd: &mut Command, cache: &Path, home: &Path) {
+    fn install_command(
+        &self,
+        cmd: &mut Command,
+        cache: &Path,
+        home: &Path,
+        cgroup: Option<&SlotCgroup>,
+    ) -> Result<(), String> {
         cmd.env_clear();
         for (key, value) in std::env::vars_os() {
             let Some(k) = key.to_str() else { continue };
@@ -614,15 +644,38 @@ impl Environments {
             .env("HOME", home)
             .env("UV_NO_PROGRESS", "1")
             .env("UV_PYTHON_DOWNLOADS", "never");
-        self.sandbox(cmd, home);
+        self.sandbox(cmd, home, cgroup)
     }
 
-    /// Runs `cmd` as the workers' user, in `dir`, killed if dropped.
-    fn sandbox(&self, cmd: &mut Command, dir: &Path) {
-        if let Some((uid, gid)) = self.run_as {
-            cmd.uid(uid).gid(gid);
-        }
+    /// Runs `cmd` as the workers' user (no_new_privs, killed with the
+    /// daemon), in `cgroup` if given, in `dir`, killed if dropped.
+    fn sandbox(&self, cmd: &mut Command, dir: &Path, cgroup: Option<&SlotCgroup>) -> Result<(), String> {
+        let procs = match cgroup {
+            Some(cg) => cg
+                .procs_files()
+                .map_err(|e| format!("node {}: cannot enter the build's cgroup: {e}", self.node))?,
+            None => vec![],
+        };
+        fleetmap_sandbox::confine(cmd, procs, self.run_as);
         cmd.current_dir(dir).kill_on_drop(true);
+        Ok(())
+    }
+
+    /// A cgroup for one build, where the node manages cgroups.
+    fn build_cgroup(&self) -> Result<Option<SlotCgroup>, String> {
+        let Some(tree) = &self.cgroups else { return Ok(None) };
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let name = format!("build{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+        let limits = SlotLimits {
+            cpus: self.cpus.clone(),
+            mems: None,
+            memory_bytes: self.config.build_memory_bytes,
+            pids_max: 4096,
+            gpus: self.has_gpus.then(|| GpuAccess { allowed_minors: vec![] }),
+        };
+        tree.create_slot(&name, &limits)
+            .map(Some)
+            .map_err(|e| format!("node {}: cannot create a cgroup for the build: {e}", self.node))
     }
 
     fn give_to_workers(&self, path: &Path) -> Result<(), String> {
@@ -942,7 +995,7 @@ mod tests {
         config.pythons = vec![python];
         config.uv = Some(uv);
         config.use_caller_python = false;
-        Environments::new(config, "test-node".into(), None)
+        Environments::new(config, "test-node".into(), None, None, vec![0], false)
     }
 
     fn spec(requirements: &[&str]) -> EnvironmentSpec {

@@ -266,6 +266,9 @@ pub async fn run_until(
         config.environments.clone(),
         config.name.clone(),
         config.run_as,
+        cgroups.clone(),
+        cpus.clone(),
+        !config.resources.gpus.is_empty(),
     ));
     if !config.environments.prepare.is_empty() {
         let environments = environments.clone();

@@ -337,6 +337,23 @@ def test_a_daemon_killed_mid_build_leaves_nothing_and_the_next_job_builds_cleanl
         "the build to start",
         lambda: node.describe() + client.describe(),
     )
+
+    def installers() -> List[int]:
+        found = []
+        for entry in Path("/proc").iterdir():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if entry.name.isdigit() and str(cache).encode() in cmdline and b"install" in cmdline:
+                found.append(int(entry.name))
+        return found
+
+    wait_for(lambda: installers(), 30, "the installer to start", node.describe)
+    if os.geteuid() == 0:
+        # The installer runs in a cgroup of the node's own, not the daemon's.
+        cgroups = Path(f"/proc/{installers()[0]}/cgroup").read_text()
+        assert "/fleetmap-doomed-node/build" in cgroups, cgroups
     os.killpg(node.popen.pid, signal.SIGKILL)
     node.popen.wait(timeout=10)
     silent.close()

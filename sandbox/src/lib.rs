@@ -163,7 +163,7 @@ pub fn spawn_worker(cmd: &WorkerCommand) -> Result<Worker, SandboxError> {
             .map(File::try_clone)
             .collect::<io::Result<_>>()
             .map_err(spawn_error)?,
-        channel: theirs.into(),
+        channel: Some(theirs.into()),
         affinity: cpu_set(&cmd.cpu_affinity),
         run_as: cmd.run_as.map(|(uid, gid)| (Uid::from_raw(uid), Gid::from_raw(gid))),
         private_tmp: cmd.private_tmp,
@@ -213,8 +213,9 @@ pub fn spawn_worker(cmd: &WorkerCommand) -> Result<Worker, SandboxError> {
 struct ChildSetup {
     /// The slot's `cgroup.procs` files.
     cgroup_procs: Vec<File>,
-    /// The worker's end of its channel, to become [`WORKER_CHANNEL_FD`].
-    channel: OwnedFd,
+    /// The worker's end of its channel, to become [`WORKER_CHANNEL_FD`]
+    /// (`None` for a helper process, which has no channel).
+    channel: Option<OwnedFd>,
     affinity: Option<CpuSet>,
     run_as: Option<(Uid, Gid)>,
     private_tmp: bool,
@@ -232,20 +233,8 @@ impl ChildSetup {
         if let Some(set) = &self.affinity {
             sched_setaffinity(Pid::from_raw(0), set)?;
         }
-        if self.channel.as_raw_fd() == WORKER_CHANNEL_FD {
-            // dup2 onto itself keeps FD_CLOEXEC: clear it by hand.
-            fcntl(&self.channel, FcntlArg::F_SETFD(FdFlag::empty()))?;
-        } else {
-            // nix's safe dup2 wants an OwnedFd for the target, and its
-            // dup2_raw (0.32) wraps a failed call's -1 in an OwnedFd, so
-            // this one stays libc.
-            // SAFETY: dup2 takes two integers and touches no memory. The
-            // channel is open (owned by `self`); whatever the target number
-            // held in the child is closed by dup2, and no owner of it runs
-            // again here: the child only execs or exits.
-            if unsafe { libc::dup2(self.channel.as_raw_fd(), WORKER_CHANNEL_FD) } == -1 {
-                return Err(io::Error::last_os_error());
-            }
+        if let Some(channel) = &self.channel {
+            Self::place_channel(channel)?;
         }
         if self.private_tmp {
             unshare(CloneFlags::CLONE_NEWNS)?;
@@ -279,6 +268,46 @@ impl ChildSetup {
         // privileges, whatever it execs.
         prctl::set_no_new_privs()?;
         Ok(())
+    }
+    /// Puts the worker's channel on [`WORKER_CHANNEL_FD`], open across exec.
+    fn place_channel(channel: &OwnedFd) -> io::Result<()> {
+        if channel.as_raw_fd() == WORKER_CHANNEL_FD {
+            // dup2 onto itself keeps FD_CLOEXEC: clear it by hand.
+            fcntl(channel, FcntlArg::F_SETFD(FdFlag::empty()))?;
+            return Ok(());
+        }
+        // nix's safe dup2 wants an OwnedFd for the target, and its dup2_raw
+        // (0.32) wraps a failed call's -1 in an OwnedFd, so this one stays
+        // libc.
+        // SAFETY: dup2 takes two integers and touches no memory. The channel
+        // is open (owned by the caller's `ChildSetup`); whatever the target
+        // number held in the child is closed by dup2, and no owner of it runs
+        // again here: the child only execs or exits.
+        if unsafe { libc::dup2(channel.as_raw_fd(), WORKER_CHANNEL_FD) } == -1 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+/// Makes `command` start the way a worker does, for a helper process such
+/// as an environment build: inside the cgroup whose `cgroup.procs` files are
+/// given (from its first instruction), as `run_as` if set, with
+/// no_new_privs, killed if the spawning thread dies. It gets no channel and
+/// keeps the node's /tmp.
+pub fn confine(command: &mut tokio::process::Command, cgroup_procs: Vec<File>, run_as: Option<(u32, u32)>) {
+    let setup = ChildSetup {
+        cgroup_procs,
+        channel: None,
+        affinity: None,
+        run_as: run_as.map(|(uid, gid)| (Uid::from_raw(uid), Gid::from_raw(gid))),
+        private_tmp: false,
+    };
+    // SAFETY: as in `spawn_worker`: `ChildSetup::enter` makes only system
+    // calls on values made before fork and allocates nothing; the closure
+    // owns every descriptor it uses.
+    unsafe {
+        command.pre_exec(move || setup.enter());
     }
 }
 
