@@ -147,9 +147,16 @@ impl EnvironmentSpec {
             ));
         }
         for r in &self.requirements {
-            if r.is_empty() || r.len() > MAX_REQUIREMENT_BYTES || r.contains(['\n', '\r', '\0']) || r.starts_with('-') {
+            // Nodes write requirements into a requirements file: nothing
+            // there may become an option (`-i URL`, ` --index-url`), join
+            // two lines (a trailing backslash) or expand the installer's
+            // environment (`${VAR}`, where a mirror's credentials live).
+            let option = r.starts_with('-') || r.split_whitespace().skip(1).any(|w| w.starts_with('-'));
+            let unsafe_text = r.contains(['\n', '\r', '\0']) || r.ends_with('\\') || r.contains("${");
+            if r.trim().is_empty() || r.len() > MAX_REQUIREMENT_BYTES || option || unsafe_text {
                 return Err(format!(
-                    "{r:?} is not a requirement (one per entry, no options or line breaks, at most {MAX_REQUIREMENT_BYTES} bytes)"
+                    "{r:?} is not a requirement (one per entry, no options, line breaks or ${{...}}, at most \
+                     {MAX_REQUIREMENT_BYTES} bytes)"
                 ));
             }
         }
@@ -364,4 +371,43 @@ pub enum NodeToCoordinator {
         reason: String,
     },
     Log(LogLine),
+}
+
+#[cfg(test)]
+mod environment_tests {
+    use super::*;
+
+    fn spec(requirements: &[&str]) -> EnvironmentSpec {
+        EnvironmentSpec {
+            id: "0123456789abcdef0123456789abcdef".into(),
+            requirements: requirements.iter().map(|r| r.to_string()).collect(),
+            resolve: true,
+        }
+    }
+
+    #[test]
+    fn requirements_that_could_steer_the_installer_are_refused() {
+        assert!(spec(&[
+            "numpy==2.3.1",
+            "pkg @ git+https://h/x@abc",
+            "a[b]>=1; python_version >= '3.9'"
+        ])
+        .check()
+        .is_ok());
+        for bad in [
+            "--index-url=http://evil",
+            "-r other.txt",
+            "numpy --index-url http://evil",
+            "numpy\n--extra-index-url http://evil",
+            "numpy \\",
+            "pkg @ https://evil/${UV_INDEX_URL}",
+            "",
+            "   ",
+        ] {
+            assert!(spec(&[bad]).check().is_err(), "{bad:?}");
+        }
+        let mut long = spec(&["x"]);
+        long.id = "not-hex".into();
+        assert!(long.check().is_err());
+    }
 }

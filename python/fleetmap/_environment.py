@@ -70,10 +70,17 @@ def packages_environment(packages: Any) -> Environment:
         if not isinstance(item, str) or not item.strip():
             raise InputError(f"packages[{i}] must be a requirement string like 'numpy==2.3.1', got {item!r}")
         text = item.strip()
-        if len(text) > MAX_REQUIREMENT_CHARS or "\n" in text or "\r" in text or text.startswith("-"):
+        option = text.startswith("-") or any(word.startswith("-") for word in text.split()[1:])
+        if (
+            len(text) > MAX_REQUIREMENT_CHARS
+            or option
+            or any(c in text for c in "\n\r\0")
+            or text.endswith("\\")
+            or "${" in text
+        ):
             raise InputError(
-                f"packages[{i}] = {item!r} is not a requirement: give one per item, without options "
-                f"or line breaks, at most {MAX_REQUIREMENT_CHARS} characters"
+                f"packages[{i}] = {item!r} is not a requirement: give one per item, without options, "
+                f"line breaks or ${{...}}, at most {MAX_REQUIREMENT_CHARS} characters"
             )
         if text not in requirements:
             requirements.append(text)

@@ -243,6 +243,8 @@ def test_a_node_with_the_callers_interpreter_and_packages_builds_nothing(env_clu
         ([""], fleetmap.InputError),
         (["numpy\n-e ."], fleetmap.InputError),
         (["--index-url=http://evil"], fleetmap.InputError),
+        (["numpy --index-url http://evil"], fleetmap.InputError),
+        (["pkg @ https://evil/${UV_INDEX_URL}"], fleetmap.InputError),
     ],
 )
 def test_bad_packages_are_refused_before_anything_runs(packages, error):
