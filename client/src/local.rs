@@ -56,8 +56,10 @@ impl LocalCluster {
         config.python = python;
         config.environments.runtime = runtime;
         config.environments.uv = uv;
-        // The caller's own machine: calls share its /tmp, as local code would.
+        // The caller's own machine: calls share its /tmp and its
+        // environment variables, as local code would.
         config.private_tmp = false;
+        config.inherit_environment = true;
         // Every process's embedded cluster owns its own cgroup subtree, so
         // that one never cleans up another's slots.
         config.isolation = match fleetmap_node_daemon::enclosing_slot() {

@@ -61,6 +61,12 @@ pub struct NodeConfig {
     pub warm: WarmPolicy,
     /// Where and how job environments are built.
     pub environments: EnvironmentConfig,
+    /// Workers get the daemon's whole environment (the embedded cluster,
+    /// whose calls are the caller's own); otherwise only an allowlist of it
+    /// and `pass_env`.
+    pub inherit_environment: bool,
+    /// More variables of the daemon's environment that workers get.
+    pub pass_env: Vec<String>,
 }
 
 /// How slots are isolated.
@@ -97,6 +103,8 @@ impl NodeConfig {
             private_tmp: true,
             warm: WarmPolicy::default(),
             environments: EnvironmentConfig::new(EnvironmentConfig::default_cache_dir()),
+            inherit_environment: false,
+            pass_env: vec![],
         }
     }
 

@@ -692,15 +692,43 @@ fn job_environment(ctx: &SlotContext) -> Vec<(String, String)> {
     env
 }
 
-/// The environment every worker starts with, whatever its job.
+/// The daemon's environment variables every worker gets (the rest, its
+/// join token included, stay with the daemon; an operator adds more with
+/// `--pass-env`).
+const WORKER_VARIABLES: &[&str] = &[
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "SHELL",
+    "LANG",
+    "LANGUAGE",
+    "LC_ALL",
+    "LC_CTYPE",
+    "TZ",
+    "TERM",
+    "LD_LIBRARY_PATH",
+    "CUDA_HOME",
+];
+
+/// The environment every worker starts with, whatever its job: the
+/// allowlisted variables of the daemon's own (all of them for the embedded
+/// cluster, whose calls are the caller's), and fleetmap's.
 fn base_environment(config: &NodeConfig) -> Vec<(std::ffi::OsString, std::ffi::OsString)> {
-    vec![
-        ("PYTHONUNBUFFERED".into(), "1".into()),
-        // For the user's code and operators' tools (as Slurm's
-        // SLURMD_NODENAME); the worker itself reads no settings from its
-        // environment: they come in its first message.
-        ("FLEETMAP_NODE".into(), config.name.clone().into()),
-    ]
+    let mut env: Vec<(std::ffi::OsString, std::ffi::OsString)> = std::env::vars_os()
+        .filter(|(key, _)| {
+            config.inherit_environment
+                || key
+                    .to_str()
+                    .is_some_and(|k| WORKER_VARIABLES.contains(&k) || config.pass_env.iter().any(|p| p == k))
+        })
+        .collect();
+    env.push(("PYTHONUNBUFFERED".into(), "1".into()));
+    // For the user's code and operators' tools (as Slurm's
+    // SLURMD_NODENAME); the worker itself reads no settings from its
+    // environment: they come in its first message.
+    env.push(("FLEETMAP_NODE".into(), config.name.clone().into()));
+    env
 }
 
 fn worker_command(ctx: &SlotContext) -> WorkerCommand {

@@ -74,6 +74,7 @@ def start_node(
     run_as: Optional[str] = None,
     private_tmp: bool = True,
     environments: Optional[Dict[str, Any]] = None,
+    pass_env: Sequence[str] = (),
 ) -> NodeHandle:
     """Starts a node daemon in this process that joins ``coordinator``
     (``host:port``) with the join ``token``, trusting the CA in ``ca_pem``.
@@ -86,7 +87,10 @@ def start_node(
     workers share the node's ``/tmp``. ``environments`` holds the settings
     of job environments: ``pythons`` (interpreters to build on),
     ``cache_dir``, ``uv``, ``runtime_packages``, ``index_url``,
-    ``find_links``, ``build_timeout_s``, ``max_bytes``, ``use_caller_python``.
+    ``find_links``, ``build_timeout_s``, ``max_bytes``, ``use_caller_python``,
+    ``prepare``. Workers get only an allowlist of the daemon's environment
+    variables (``PATH``, ``HOME``, locale, ``LD_LIBRARY_PATH``, ...) and
+    those named in ``pass_env``.
 
     The daemon runs in the background: :meth:`NodeHandle.wait` reports why it
     stopped. Raises :class:`fleetmap.ConfigurationError` when ``run_as``

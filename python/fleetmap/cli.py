@@ -108,6 +108,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         args.run_as,
         not args.shared_tmp,
         environments,
+        args.pass_env or [],
     )
     print(f"fleetmap node {node.name} joining {args.coordinator}")
     sys.stdout.flush()
@@ -236,6 +237,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--cgroup-mount", help="where the cgroup hierarchy is mounted (default: /sys/fs/cgroup)")
     p.add_argument("--pids-per-slot", type=int, help="the most processes one slot may have (default: 4096)")
     p.add_argument("--run-as", help="run workers as this user (name or UID:GID; default: the daemon's user)")
+    p.add_argument(
+        "--pass-env",
+        action="append",
+        metavar="NAME",
+        help="an environment variable of the daemon's that calls may read (repeatable; they get PATH, HOME, "
+        "locale, LD_LIBRARY_PATH and CUDA_HOME, never the rest, such as the join token)",
+    )
     p.add_argument("--shared-tmp", action="store_true", help="let workers share the node's /tmp (default: a private one)")
     p.set_defaults(run=cmd_node)
 

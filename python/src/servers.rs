@@ -175,7 +175,7 @@ impl NodeHandle {
 
 /// Starts a node daemon that joins `coordinator`.
 #[pyfunction]
-#[pyo3(signature = (coordinator, token, ca_pem, name=None, cores=None, memory_bytes=None, python=None, gpus=None, cgroups=true, cgroup_subtree=None, cgroup_mount=None, pids_per_slot=None, run_as=None, private_tmp=true, environments=None))]
+#[pyo3(signature = (coordinator, token, ca_pem, name=None, cores=None, memory_bytes=None, python=None, gpus=None, cgroups=true, cgroup_subtree=None, cgroup_mount=None, pids_per_slot=None, run_as=None, private_tmp=true, environments=None, pass_env=Vec::new()))]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn start_node(
     coordinator: String,
@@ -193,6 +193,7 @@ pub(crate) fn start_node(
     run_as: Option<String>,
     private_tmp: bool,
     environments: Option<Bound<'_, PyDict>>,
+    pass_env: Vec<String>,
 ) -> PyResult<NodeHandle> {
     let mut config = NodeConfig::new(coordinator, ca_pem, token);
     if let Some(name) = name {
@@ -225,6 +226,7 @@ pub(crate) fn start_node(
         config.run_as = Some(fleetmap_sandbox::lookup_user(&user).map_err(configuration_error)?);
     }
     config.private_tmp = private_tmp;
+    config.pass_env = pass_env;
     if let Some(settings) = environments {
         environment_settings(&mut config.environments, &settings)?;
     }

@@ -327,6 +327,27 @@ def test_a_killed_daemon_leaves_nothing_after_its_restart(processes):
     assert restarted.alive(), restarted.describe()
 
 
+def test_calls_on_a_fleet_node_see_none_of_the_daemons_secrets(processes):
+    coordinator = processes.start_coordinator()
+    token = coordinator.token_path.read_text().strip()
+    env = dict(os.environ, FLEETMAP_JOIN_TOKEN=token, LAB_SECRET="s3cret", LAB_VISIBLE="yes")
+    node = processes.start_node(coordinator, "tidy-node", cores=1, extra=["--pass-env", "LAB_VISIBLE"], env=env)
+    r = run_client(
+        """
+        import os
+        from fleetmap import remote_parallel_map
+        RESULT = remote_parallel_map(lambda x: dict(os.environ), [0], verbose=False)[0]
+        """,
+        env=coordinator.client_env(),
+    )
+    assert r["returncode"] == 0, r["stderr"] + node.describe()
+    seen = r["result"]
+    assert "FLEETMAP_JOIN_TOKEN" not in seen and token not in seen.values(), sorted(seen)
+    assert "LAB_SECRET" not in seen, sorted(seen)
+    assert seen.get("LAB_VISIBLE") == "yes", sorted(seen)
+    assert seen.get("FLEETMAP_NODE") == "tidy-node" and "PATH" in seen, sorted(seen)
+
+
 def test_a_daemon_that_cannot_use_cgroups_says_so_and_still_runs_calls(processes, tmp_path):
     coordinator = processes.start_coordinator()
     node = processes.start_node(

@@ -79,6 +79,8 @@ pub enum SandboxError {
 pub struct WorkerCommand {
     pub program: PathBuf,
     pub args: Vec<OsString>,
+    /// The worker's whole environment: nothing of the daemon's own is
+    /// inherited (its join token, its credentials).
     pub env: Vec<(OsString, OsString)>,
     /// `cgroup.procs` files of the slot's cgroup, opened for writing
     /// ([`cgroup::SlotCgroup::procs_files`]): the worker writes `"0"` into
@@ -171,6 +173,7 @@ pub fn spawn_worker(cmd: &WorkerCommand) -> Result<Worker, SandboxError> {
     let mut command = tokio::process::Command::new(&cmd.program);
     command
         .args(&cmd.args)
+        .env_clear()
         .envs(cmd.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -507,6 +510,23 @@ mod tests {
         let mut out = String::new();
         worker.stdout.take().unwrap().read_to_string(&mut out).await.unwrap();
         assert_eq!(out, "NoNewPrivs:\t1\n");
+    }
+
+    #[tokio::test]
+    async fn the_worker_sees_only_the_environment_it_is_given() {
+        let cmd = WorkerCommand {
+            program: "/usr/bin/env".into(),
+            args: vec![],
+            env: vec![("ONLY_THIS".into(), "1".into())],
+            cgroup_procs: vec![],
+            cpu_affinity: vec![],
+            run_as: None,
+            private_tmp: false,
+        };
+        let mut worker = spawn_worker(&cmd).unwrap();
+        let mut out = String::new();
+        worker.stdout.take().unwrap().read_to_string(&mut out).await.unwrap();
+        assert_eq!(out, "ONLY_THIS=1\n");
     }
 
     #[tokio::test]
