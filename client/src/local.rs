@@ -81,6 +81,9 @@ impl LocalCluster {
                 Isolation::Cgroups {
                     mount: CGROUP_MOUNT.into(),
                     subtree: Some(format!("{SUBTREE_PREFIX}{}", std::process::id())),
+                    // A laptop without root: calls still run, pinned to
+                    // cores, as the caller's own code would.
+                    allow_unpinned: true,
                 }
             }
         };

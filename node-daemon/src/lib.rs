@@ -74,11 +74,13 @@ pub struct NodeConfig {
 pub enum Isolation {
     /// Each slot in its own cgroup under `mount` (dedicated cores, a memory
     /// limit, a process limit, device rules), in the daemon's subtree
-    /// `subtree` (by default `fleetmap-NODE`). Falls back to unpinned slots,
-    /// saying so, where the daemon may not manage cgroups.
+    /// `subtree` (by default `fleetmap-NODE`). Where the daemon may not
+    /// manage cgroups it refuses to start, unless `allow_unpinned`: then it
+    /// runs slots pinned to cores only, saying so.
     Cgroups {
         mount: std::path::PathBuf,
         subtree: Option<String>,
+        allow_unpinned: bool,
     },
     /// Slots are only pinned to their cores (CPU affinity).
     None,
@@ -97,6 +99,7 @@ impl NodeConfig {
             isolation: Isolation::Cgroups {
                 mount: "/sys/fs/cgroup".into(),
                 subtree: None,
+                allow_unpinned: false,
             },
             pids_per_slot: 4096,
             run_as: None,
@@ -142,6 +145,12 @@ pub enum NodeError {
     Net(#[from] NetError),
     #[error(transparent)]
     Session(SessionError),
+    #[error(
+        "node {node} cannot pin calls to their cores, memory, processes and GPUs: {reason}. Run the daemon as \
+         root or in a delegated cgroup (systemd Delegate=yes); or start it with --allow-unpinned to run calls \
+         pinned to cores only, without memory, process or device limits"
+    )]
+    Unpinned { node: String, reason: String },
 }
 
 impl From<SessionError> for NodeError {
@@ -241,7 +250,12 @@ pub async fn run_until(
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), NodeError> {
     let (cgroups, isolation) = match (&config.isolation, config.cgroup_subtree()) {
-        (Isolation::Cgroups { mount, .. }, Some(subtree)) => match CgroupTree::init(mount, &subtree) {
+        (
+            Isolation::Cgroups {
+                mount, allow_unpinned, ..
+            },
+            Some(subtree),
+        ) => match CgroupTree::init(mount, &subtree) {
             Ok(tree) => {
                 let isolation = format!(
                     "pinned: cgroup {:?} subtree {subtree} (cores, memory, processes, GPU devices)",
@@ -249,6 +263,12 @@ pub async fn run_until(
                 );
                 info!("node {}: {isolation}", config.name);
                 (Some(Arc::new(tree)), isolation)
+            }
+            Err(e) if !allow_unpinned => {
+                return Err(NodeError::Unpinned {
+                    node: config.name.clone(),
+                    reason: e.to_string(),
+                })
             }
             Err(e) => {
                 warn!(

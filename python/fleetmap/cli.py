@@ -109,6 +109,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         not args.shared_tmp,
         environments,
         args.pass_env or [],
+        args.allow_unpinned,
     )
     print(f"fleetmap node {node.name} joining {args.coordinator}")
     sys.stdout.flush()
@@ -232,6 +233,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         help="always build environments, even where the caller's interpreter exists here with the same packages",
     )
     p.add_argument("--gpus", help="NVIDIA device minors to offer, e.g. 0,1 (default: the driver's inventory)")
+    p.add_argument(
+        "--allow-unpinned",
+        action="store_true",
+        help="where cgroups cannot be managed, run calls pinned to cores only (default: refuse to start)",
+    )
     p.add_argument("--no-cgroups", action="store_true", help="do not put slots in cgroups (only pin their cores)")
     p.add_argument("--cgroup-subtree", help="the cgroup subtree this daemon owns (default: fleetmap-NAME)")
     p.add_argument("--cgroup-mount", help="where the cgroup hierarchy is mounted (default: /sys/fs/cgroup)")

@@ -348,11 +348,17 @@ def test_calls_on_a_fleet_node_see_none_of_the_daemons_secrets(processes):
     assert seen.get("FLEETMAP_NODE") == "tidy-node" and "PATH" in seen, sorted(seen)
 
 
-def test_a_daemon_that_cannot_use_cgroups_says_so_and_still_runs_calls(processes, tmp_path):
+def test_a_daemon_that_cannot_use_cgroups_refuses_to_start_unless_allowed(processes, tmp_path):
     coordinator = processes.start_coordinator()
-    node = processes.start_node(
-        coordinator, "unpinned-node", cores=1, extra=["--cgroup-mount", str(tmp_path / "no-cgroups-here")]
-    )
+    nowhere = ["--cgroup-mount", str(tmp_path / "no-cgroups-here")]
+    # By default a daemon that cannot pin calls does not join.
+    refused = processes.start_node(coordinator, "refused-node", cores=1, extra=nowhere, wait=False)
+    refused.popen.wait(timeout=30)
+    assert refused.popen.returncode != 0 and "cannot pin calls" in refused.stderr(), refused.describe()
+    assert "--allow-unpinned" in refused.stderr(), refused.describe()
+    assert not coordinator.joined("refused-node")
+    # With the named flag it runs calls pinned to cores only, and says so.
+    node = processes.start_node(coordinator, "unpinned-node", cores=1, extra=nowhere + ["--allow-unpinned"])
     assert "NOT be pinned" in node.stderr(), node.describe()
     r = run_client("from fleetmap import remote_parallel_map\nimport os\nRESULT = remote_parallel_map(lambda x: sorted(os.sched_getaffinity(0)), [1], verbose=False)", env=coordinator.client_env())
     assert r["returncode"] == 0, r["stderr"]
