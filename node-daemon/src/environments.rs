@@ -201,6 +201,7 @@ impl Environments {
         has_gpus: bool,
     ) -> Self {
         remove_leftovers(&config.cache_dir.join("envs"));
+        remove_old_sources(&config.cache_dir.join("sources"), SOURCES_KEPT);
         Self {
             config,
             node,
@@ -295,6 +296,11 @@ impl Environments {
         let dir = self.config.cache_dir.join("sources");
         let path = dir.join(format!("fleetmap-sources-{}.zip", bundle.digest.to_ascii_lowercase()));
         if path.exists() {
+            // Its age says when a job last used it (see remove_old_sources).
+            let _ = fs::File::options()
+                .append(true)
+                .open(&path)
+                .and_then(|f| f.set_modified(std::time::SystemTime::now()));
             return Ok(path);
         }
         let actual: String = Sha256::digest(&bundle.zip).iter().map(|b| format!("{b:02x}")).collect();
@@ -847,6 +853,26 @@ fn dir_size(dir: &Path) -> u64 {
     total
 }
 
+/// How long a source bundle no job has used stays on the node.
+const SOURCES_KEPT: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Removes the source bundles no job has used for `kept` (each is a few
+/// KiB to MiB, one per version of a caller's code).
+fn remove_old_sources(dir: &Path, kept: Duration) {
+    let Ok(entries) = fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > kept);
+        if old {
+            let _ = fs::remove_file(e.path());
+        }
+    }
+}
+
 /// Removes builds and evictions a dead daemon left behind.
 fn remove_leftovers(envs: &Path) {
     let Ok(entries) = fs::read_dir(envs) else { return };
@@ -1074,6 +1100,37 @@ mod tests {
         let envs = environments(cache.path(), python.clone(), uv);
         let err = envs.prepare(&spec(&[]), "", "2.7", &|_| {}).await.err().unwrap();
         assert!(err.contains("no Python 2.7") && err.contains(&python), "{err}");
+    }
+
+    #[test]
+    fn source_bundles_are_stored_once_checked_and_old_ones_removed() {
+        let cache = tempfile::tempdir().unwrap();
+        let mut config = EnvironmentConfig::new(cache.path().to_path_buf());
+        config.use_caller_python = false;
+        let envs = Environments::new(config, "test-node".into(), None, None, vec![0], false);
+        let zip = b"PK\x05\x06not really a zip".to_vec();
+        let digest: String = Sha256::digest(&zip).iter().map(|b| format!("{b:02x}")).collect();
+        let path = envs
+            .sources(&SourceBundle {
+                digest: digest.clone(),
+                zip: zip.clone(),
+            })
+            .unwrap();
+        assert_eq!(fs::read(&path).unwrap(), zip);
+        let forged = SourceBundle {
+            digest: "0".repeat(64),
+            zip: zip.clone(),
+        };
+        assert!(envs.sources(&forged).unwrap_err().contains("does not match"));
+        let not_hex = SourceBundle {
+            digest: "../../etc/passwd".into(),
+            zip,
+        };
+        assert!(envs.sources(&not_hex).is_err());
+        remove_old_sources(&cache.path().join("sources"), Duration::from_secs(3600));
+        assert!(path.exists(), "used just now");
+        remove_old_sources(&cache.path().join("sources"), Duration::ZERO);
+        assert!(!path.exists(), "unused for longer than kept");
     }
 
     #[test]
