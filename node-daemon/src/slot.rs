@@ -74,46 +74,41 @@ pub(crate) struct SlotContext {
 /// chunk in the slot means the job finished (a cancelled job's slot task is
 /// aborted instead): its healthy worker goes back to the pool, warm.
 pub(crate) async fn run_slot(mut ctx: SlotContext, chunks: mpsc::UnboundedReceiver<InputChunk>) {
-    let RuntimeSpec::Python { sources, .. } = &ctx.spec.runtime;
-    if let Some(bundle) = sources {
-        match ctx.environments.sources(bundle) {
-            Ok(path) => ctx.sources = Some(path.display().to_string()),
-            Err(reason) => {
-                let _ = ctx.up.send(NodeToCoordinator::SlotFailed {
-                    job: ctx.job,
-                    slot: ctx.slot,
-                    kind: FailureKind::Job,
-                    reason,
-                });
-                return;
-            }
-        }
-    }
-    if let Err(reason) = prepare_environment(&mut ctx).await {
-        let _ = ctx.up.send(NodeToCoordinator::SlotFailed {
-            job: ctx.job,
-            slot: ctx.slot,
-            kind: FailureKind::Environment,
-            reason,
-        });
-        return;
-    }
-    match drive_slot(&ctx, chunks).await {
+    let outcome = match prepare_slot(&mut ctx).await {
+        Ok(()) => drive_slot(&ctx, chunks)
+            .await
+            .map_err(|reason| (FailureKind::Job, reason)),
+        Err(failure) => Err(failure),
+    };
+    match outcome {
         Ok(Some(mut warm)) => {
             if warm.worker.healthy() {
                 ctx.pool.give_back(warm, Instant::now());
             }
         }
         Ok(None) => {}
-        Err(reason) => {
+        Err((kind, reason)) => {
             let _ = ctx.up.send(NodeToCoordinator::SlotFailed {
                 job: ctx.job,
                 slot: ctx.slot,
-                kind: FailureKind::Job,
+                kind,
                 reason,
             });
         }
     }
+}
+
+/// What the slot needs before it takes a worker: the job's source bundle
+/// stored on this node, and its environment.
+async fn prepare_slot(ctx: &mut SlotContext) -> Result<(), (FailureKind, String)> {
+    let RuntimeSpec::Python { sources, .. } = &ctx.spec.runtime;
+    if let Some(bundle) = sources {
+        let path = ctx.environments.sources(bundle).map_err(|r| (FailureKind::Job, r))?;
+        ctx.sources = Some(path.display().to_string());
+    }
+    prepare_environment(ctx)
+        .await
+        .map_err(|reason| (FailureKind::Environment, reason))
 }
 
 /// Builds (or finds) the job's environment and makes its interpreter the

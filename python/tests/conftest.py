@@ -203,9 +203,11 @@ class Processes:
         ]
         if cores is not None:
             argv += ["--cores", str(cores)]
-        if os.geteuid() != 0:
+        if os.geteuid() != 0 or netns is not None:
             # Without root the daemon cannot pin calls and would refuse to
-            # start; the tests that need pinning require root themselves.
+            # start (the tests that need pinning require root themselves);
+            # `ip netns exec` mounts a /sys of its own, without the cgroup
+            # hierarchy. These nodes test networking, not pinning.
             argv += ["--allow-unpinned"]
         argv += extra or []
         if netns is not None:
