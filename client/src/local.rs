@@ -83,7 +83,7 @@ impl LocalCluster {
                     subtree: Some(format!("{SUBTREE_PREFIX}{}", std::process::id())),
                     // A laptop without root: calls still run, pinned to
                     // cores, as the caller's own code would.
-                    allow_unpinned: true,
+                    allow_unisolated: true,
                 }
             }
         };

@@ -75,12 +75,12 @@ pub enum Isolation {
     /// Each slot in its own cgroup under `mount` (dedicated cores, a memory
     /// limit, a process limit, device rules), in the daemon's subtree
     /// `subtree` (by default `fleetmap-NODE`). Where the daemon may not
-    /// manage cgroups it refuses to start, unless `allow_unpinned`: then it
+    /// manage cgroups it refuses to start, unless `allow_unisolated`: then it
     /// runs slots pinned to cores only, saying so.
     Cgroups {
         mount: std::path::PathBuf,
         subtree: Option<String>,
-        allow_unpinned: bool,
+        allow_unisolated: bool,
     },
     /// Slots are only pinned to their cores (CPU affinity).
     None,
@@ -99,7 +99,7 @@ impl NodeConfig {
             isolation: Isolation::Cgroups {
                 mount: "/sys/fs/cgroup".into(),
                 subtree: None,
-                allow_unpinned: false,
+                allow_unisolated: false,
             },
             pids_per_slot: 4096,
             run_as: None,
@@ -147,10 +147,10 @@ pub enum NodeError {
     Session(SessionError),
     #[error(
         "node {node} cannot pin calls to their cores, memory, processes and GPUs: {reason}. Run the daemon as \
-         root or in a delegated cgroup (systemd Delegate=yes); or start it with --allow-unpinned to run calls \
+         root or in a delegated cgroup (systemd Delegate=yes); or start it with --allow-unisolated to run calls \
          pinned to cores only, without memory, process or device limits"
     )]
-    Unpinned { node: String, reason: String },
+    Unisolated { node: String, reason: String },
 }
 
 impl From<SessionError> for NodeError {
@@ -252,7 +252,9 @@ pub async fn run_until(
     let (cgroups, isolation) = match (&config.isolation, config.cgroup_subtree()) {
         (
             Isolation::Cgroups {
-                mount, allow_unpinned, ..
+                mount,
+                allow_unisolated,
+                ..
             },
             Some(subtree),
         ) => match CgroupTree::init(mount, &subtree) {
@@ -264,8 +266,8 @@ pub async fn run_until(
                 info!("node {}: {isolation}", config.name);
                 (Some(Arc::new(tree)), isolation)
             }
-            Err(e) if !allow_unpinned => {
-                return Err(NodeError::Unpinned {
+            Err(e) if !allow_unisolated => {
+                return Err(NodeError::Unisolated {
                     node: config.name.clone(),
                     reason: e.to_string(),
                 })

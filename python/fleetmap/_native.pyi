@@ -75,7 +75,7 @@ def start_node(
     private_tmp: bool = True,
     environments: Optional[Dict[str, Any]] = None,
     pass_env: Sequence[str] = (),
-    allow_unpinned: bool = False,
+    allow_unisolated: bool = False,
 ) -> NodeHandle:
     """Starts a node daemon in this process that joins ``coordinator``
     (``host:port``) with the join ``token``, trusting the CA in ``ca_pem``.
@@ -93,7 +93,7 @@ def start_node(
     variables (``PATH``, ``HOME``, locale, ``LD_LIBRARY_PATH``, ...) and
     those named in ``pass_env``. Where cgroups cannot be managed the
     daemon stops with the reason (:meth:`NodeHandle.wait`) unless
-    ``allow_unpinned``, which runs calls pinned to cores only.
+    ``allow_unisolated``, which runs calls pinned to cores only.
 
     The daemon runs in the background: :meth:`NodeHandle.wait` reports why it
     stopped. Raises :class:`fleetmap.ConfigurationError` when ``run_as``

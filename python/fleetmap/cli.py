@@ -109,7 +109,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         not args.shared_tmp,
         environments,
         args.pass_env or [],
-        args.allow_unpinned,
+        args.allow_unisolated,
     )
     print(f"fleetmap node {node.name} joining {args.coordinator}")
     sys.stdout.flush()
@@ -234,7 +234,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     p.add_argument("--gpus", help="NVIDIA device minors to offer, e.g. 0,1 (default: the driver's inventory)")
     p.add_argument(
-        "--allow-unpinned",
+        "--allow-unisolated",
         action="store_true",
         help="where cgroups cannot be managed, run calls pinned to cores only (default: refuse to start)",
     )

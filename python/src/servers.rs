@@ -175,7 +175,7 @@ impl NodeHandle {
 
 /// Starts a node daemon that joins `coordinator`.
 #[pyfunction]
-#[pyo3(signature = (coordinator, token, ca_pem, name=None, cores=None, memory_bytes=None, python=None, gpus=None, cgroups=true, cgroup_subtree=None, cgroup_mount=None, pids_per_slot=None, run_as=None, private_tmp=true, environments=None, pass_env=Vec::new(), allow_unpinned=false))]
+#[pyo3(signature = (coordinator, token, ca_pem, name=None, cores=None, memory_bytes=None, python=None, gpus=None, cgroups=true, cgroup_subtree=None, cgroup_mount=None, pids_per_slot=None, run_as=None, private_tmp=true, environments=None, pass_env=Vec::new(), allow_unisolated=false))]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn start_node(
     coordinator: String,
@@ -194,7 +194,7 @@ pub(crate) fn start_node(
     private_tmp: bool,
     environments: Option<Bound<'_, PyDict>>,
     pass_env: Vec<String>,
-    allow_unpinned: bool,
+    allow_unisolated: bool,
 ) -> PyResult<NodeHandle> {
     let mut config = NodeConfig::new(coordinator, ca_pem, token);
     if let Some(name) = name {
@@ -216,7 +216,7 @@ pub(crate) fn start_node(
         Isolation::Cgroups {
             mount: cgroup_mount.unwrap_or_else(|| "/sys/fs/cgroup".into()),
             subtree: cgroup_subtree,
-            allow_unpinned,
+            allow_unisolated,
         }
     } else {
         Isolation::None

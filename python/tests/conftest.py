@@ -208,7 +208,7 @@ class Processes:
             # start (the tests that need pinning require root themselves);
             # `ip netns exec` mounts a /sys of its own, without the cgroup
             # hierarchy. These nodes test networking, not pinning.
-            argv += ["--allow-unpinned"]
+            argv += ["--allow-unisolated"]
         argv += extra or []
         if netns is not None:
             argv = ["ip", "netns", "exec", netns] + argv

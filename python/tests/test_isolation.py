@@ -355,10 +355,10 @@ def test_a_daemon_that_cannot_use_cgroups_refuses_to_start_unless_allowed(proces
     refused = processes.start_node(coordinator, "refused-node", cores=1, extra=nowhere, wait=False)
     refused.popen.wait(timeout=30)
     assert refused.popen.returncode != 0 and "cannot pin calls" in refused.stderr(), refused.describe()
-    assert "--allow-unpinned" in refused.stderr(), refused.describe()
+    assert "--allow-unisolated" in refused.stderr(), refused.describe()
     assert not coordinator.joined("refused-node")
     # With the named flag it runs calls pinned to cores only, and says so.
-    node = processes.start_node(coordinator, "unpinned-node", cores=1, extra=nowhere + ["--allow-unpinned"])
+    node = processes.start_node(coordinator, "unpinned-node", cores=1, extra=nowhere + ["--allow-unisolated"])
     assert "NOT be pinned" in node.stderr(), node.describe()
     r = run_client("from fleetmap import remote_parallel_map\nimport os\nRESULT = remote_parallel_map(lambda x: sorted(os.sched_getaffinity(0)), [1], verbose=False)", env=coordinator.client_env())
     assert r["returncode"] == 0, r["stderr"]
