@@ -174,11 +174,9 @@ pub(crate) struct Environments {
     config: EnvironmentConfig,
     node: String,
     run_as: Option<(u32, u32)>,
-    /// Where builds get their cgroups, with the node's cores and whether it
-    /// has GPUs (a build gets none).
+    /// Where builds get their cgroups, with the node's cores.
     cgroups: Option<Arc<CgroupTree>>,
     cpus: Vec<u32>,
-    has_gpus: bool,
     /// Interpreters described so far, by path.
     interpreters: tokio::sync::Mutex<HashMap<String, Arc<Interpreter>>>,
     /// Builds in flight (and done, until the next lookup finds the
@@ -198,7 +196,6 @@ impl Environments {
         run_as: Option<(u32, u32)>,
         cgroups: Option<Arc<CgroupTree>>,
         cpus: Vec<u32>,
-        has_gpus: bool,
     ) -> Self {
         remove_leftovers(&config.cache_dir.join("envs"));
         remove_old_sources(&config.cache_dir.join("sources"), SOURCES_KEPT);
@@ -208,7 +205,6 @@ impl Environments {
             run_as,
             cgroups,
             cpus,
-            has_gpus,
             interpreters: Default::default(),
             builds: Default::default(),
             tokens: Default::default(),
@@ -677,7 +673,8 @@ impl Environments {
             mems: None,
             memory_bytes: self.config.build_memory_bytes,
             pids_max: 4096,
-            gpus: self.has_gpus.then(|| GpuAccess { allowed_minors: vec![] }),
+            // The devices every program expects; no GPU, no block device.
+            gpus: Some(GpuAccess { allowed_minors: vec![] }),
         };
         tree.create_slot(&name, &limits)
             .map(Some)
@@ -1021,7 +1018,7 @@ mod tests {
         config.pythons = vec![python];
         config.uv = Some(uv);
         config.use_caller_python = false;
-        Environments::new(config, "test-node".into(), None, None, vec![0], false)
+        Environments::new(config, "test-node".into(), None, None, vec![0])
     }
 
     fn spec(requirements: &[&str]) -> EnvironmentSpec {
@@ -1107,7 +1104,7 @@ mod tests {
         let cache = tempfile::tempdir().unwrap();
         let mut config = EnvironmentConfig::new(cache.path().to_path_buf());
         config.use_caller_python = false;
-        let envs = Environments::new(config, "test-node".into(), None, None, vec![0], false);
+        let envs = Environments::new(config, "test-node".into(), None, None, vec![0]);
         let zip = b"PK\x05\x06not really a zip".to_vec();
         let digest: String = Sha256::digest(&zip).iter().map(|b| format!("{b:02x}")).collect();
         let path = envs

@@ -298,7 +298,6 @@ pub async fn run_until(
         config.run_as,
         cgroups.clone(),
         cpus.clone(),
-        !config.resources.gpus.is_empty(),
     ));
     if !config.environments.prepare.is_empty() {
         let environments = environments.clone();

@@ -154,8 +154,9 @@ fn prestart_n(config: &NodeConfig, cgroups: Option<&CgroupTree>, cpus: &[u32], p
             mems: None,
             memory_bytes: u64::MAX,
             pids_max: config.pids_per_slot,
-            // A node with GPUs gives a worker none until its job asks.
-            gpus: (!config.resources.gpus.is_empty()).then(|| GpuAccess { allowed_minors: vec![] }),
+            // Device rules from the start (no block device, no GPU until
+            // its job asks).
+            gpus: Some(GpuAccess { allowed_minors: vec![] }),
         };
         let cmd = WorkerCommand {
             program: config.python.clone().into(),
@@ -637,9 +638,9 @@ fn slot_limits(ctx: &SlotContext) -> SlotLimits {
         mems: None,
         memory_bytes: ctx.spec.call.memory_bytes,
         pids_max: ctx.config.pids_per_slot,
-        // Device rules only where the node has GPUs: a slot then sees
-        // exactly its own (and none when it asked for none).
-        gpus: (!ctx.config.resources.gpus.is_empty()).then(|| GpuAccess {
+        // Device rules for every slot, GPU or not: the pseudo-devices
+        // every program expects and exactly its own GPUs; no block device.
+        gpus: Some(GpuAccess {
             allowed_minors: ctx.placement.gpus.iter().map(|g| g.minor).collect(),
         }),
     }

@@ -348,6 +348,33 @@ def test_calls_on_a_fleet_node_see_none_of_the_daemons_secrets(processes):
     assert seen.get("FLEETMAP_NODE") == "tidy-node" and "PATH" in seen, sorted(seen)
 
 
+def test_a_call_on_a_node_without_gpus_opens_no_block_device(processes, tmp_path):
+    require_cgroups()
+    # A block device node (7:0, the first loop device) where the call can
+    # reach it: the cgroup denies the open (EPERM) before any driver could
+    # answer it.
+    device = tmp_path / "blockdev"
+    os.mknod(device, 0o666 | stat.S_IFBLK, os.makedev(7, 0))
+    coordinator = processes.start_coordinator()
+    node = processes.start_node(coordinator, "plain-node", cores=1, extra=["--shared-tmp"])
+    r = run_client(
+        f"""
+        import errno
+        from fleetmap import remote_parallel_map
+        def probe(path):
+            try:
+                open(path, "rb").close()
+                return "opened"
+            except OSError as e:
+                return errno.errorcode[e.errno]
+        RESULT = remote_parallel_map(probe, [{str(device)!r}, "/dev/null", "/dev/urandom"], verbose=False)
+        """,
+        env=coordinator.client_env(),
+    )
+    assert r["returncode"] == 0, r["stderr"] + node.describe()
+    assert r["result"] == ["EPERM", "opened", "opened"], r["result"]
+
+
 def test_a_daemon_that_cannot_use_cgroups_refuses_to_start_unless_allowed(processes, tmp_path):
     coordinator = processes.start_coordinator()
     nowhere = ["--cgroup-mount", str(tmp_path / "no-cgroups-here")]
