@@ -57,11 +57,10 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
 
 def cmd_node(args: argparse.Namespace) -> int:
     _native.init_logging("info")
-    token = args.token
-    if args.token_file:
-        token = Path(args.token_file).read_text().strip()
-    if not token:
-        print("fleetmap node: give the join token with --token or --token-file", file=sys.stderr)
+    try:
+        token = _join_token(args.token_file)
+    except (OSError, ValueError) as exc:
+        print(f"fleetmap node: {exc}", file=sys.stderr)
         return 2
     ca_pem = Path(args.ca).read_bytes()
     memory = int(args.memory_gib * (1 << 30)) if args.memory_gib else None
@@ -151,6 +150,32 @@ def _environments_to_prepare(files: List[str], pythons: List[str]) -> List[Tuple
     return prepared
 
 
+def _join_token(token_file: Optional[str]) -> str:
+    """The join token: from ``token_file`` (readable by its owner only),
+    else from systemd's credentials (``LoadCredential=join-token:...``),
+    else from ``FLEETMAP_JOIN_TOKEN``; never from the command line, which
+    every process on the node can read."""
+    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+    if token_file is None and credentials and os.path.isfile(os.path.join(credentials, "join-token")):
+        token_file = os.path.join(credentials, "join-token")
+    if token_file is not None:
+        mode = os.stat(token_file).st_mode
+        if mode & 0o077:
+            raise ValueError(
+                f"the join token file {token_file} is readable by others (mode {mode & 0o777:o}); "
+                f"make it readable by its owner only: chmod 600 {token_file}"
+            )
+        token = Path(token_file).read_text().strip()
+    else:
+        token = os.environ.get("FLEETMAP_JOIN_TOKEN", "").strip()
+    if not token:
+        raise ValueError(
+            "give the join token with --token-file FILE (mode 600), a systemd credential named join-token, "
+            "or FLEETMAP_JOIN_TOKEN"
+        )
+    return token
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     _native.init_logging("warn")
     cluster = _native.start_local_cluster(args.listen, sys.executable)
@@ -200,10 +225,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--state-dir", default=str(_default_state_dir()), help="where the CA, join token and API key live")
     p.set_defaults(run=cmd_coordinator)
 
-    p = sub.add_parser("node", help="run a node daemon that joins a coordinator")
+    # No abbreviations: `--token SECRET` must not pass for `--token-file`.
+    p = sub.add_parser("node", help="run a node daemon that joins a coordinator", allow_abbrev=False)
     p.add_argument("--coordinator", required=True, help="the coordinator's HOST:PORT")
-    p.add_argument("--token", default=os.environ.get("FLEETMAP_JOIN_TOKEN"), help="the join token")
-    p.add_argument("--token-file", help="a file holding the join token")
+    p.add_argument(
+        "--token-file",
+        help="a file holding the join token, readable by its owner only (default: the systemd credential "
+        "join-token, or FLEETMAP_JOIN_TOKEN; never on the command line, where every process can read it)",
+    )
     p.add_argument("--ca", required=True, help="the coordinator's ca.pem")
     p.add_argument("--name", help="the node's name (default: the host name)")
     p.add_argument("--cores", type=int, help="cores to offer (default: all)")

@@ -141,6 +141,7 @@ def test_another_coordinators_ca_fails_authentication(cluster, processes):
 def test_node_with_a_wrong_token_exits_with_a_clear_message(cluster, tmp_path):
     bad = tmp_path / "bad-token"
     bad.write_text("fmjoin_this-is-not-the-token\n")
+    bad.chmod(0o600)
     proc = subprocess.run(
         fleetmap_command()
         + [
@@ -165,6 +166,20 @@ def test_node_with_a_wrong_token_exits_with_a_clear_message(cluster, tmp_path):
     # The coordinator logged the refusal and still serves jobs on its node only.
     assert "intruder" in cluster.proc.stderr()
     check_job(cluster, n=100)
+
+
+def test_a_join_token_readable_by_others_or_on_the_command_line_is_refused(cluster, tmp_path):
+    shared = tmp_path / "join-token"
+    shared.write_text(cluster.token_path.read_text())
+    shared.chmod(0o644)
+    base = fleetmap_command() + ["node", "--coordinator", f"127.0.0.1:{cluster.port}", "--ca", str(cluster.ca_path)]
+    proc = subprocess.run(base + ["--token-file", str(shared), "--name", "leaky"], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "chmod 600" in proc.stderr, proc.stderr
+    # The command line is readable by every process on the node: no flag takes the token.
+    token = cluster.token_path.read_text().strip()
+    proc = subprocess.run(base + ["--token", token, "--name", "argv"], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "unrecognized arguments" in proc.stderr, proc.stderr
+    assert not cluster.joined("leaky") and not cluster.joined("argv")
 
 
 def test_node_without_a_token_is_a_usage_error(cluster):
