@@ -32,7 +32,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use fleetmap_protocol::{
     ChunkId, ClientId, CoordinatorToClient, CoordinatorToNode, FailureKind, InputChunk, JobId, JobSpec, LogLine,
-    NodeId, NodeStatus, OutputChunk, RequestId, Resources, SlotId,
+    NodeId, NodeIsolation, NodeStatus, OutputChunk, RequestId, Resources, SlotId,
 };
 
 use dispatch::PER_SLOT_WINDOW;
@@ -169,7 +169,7 @@ impl Scheduler {
         out
     }
 
-    pub fn handle_node_joined(&mut self, node: NodeId, name: String, resources: Resources, isolation: String) {
+    pub fn handle_node_joined(&mut self, node: NodeId, name: String, resources: Resources, isolation: NodeIsolation) {
         self.nodes.insert(node, Node::new(name, resources, isolation));
         self.grow_jobs();
     }
@@ -337,7 +337,7 @@ impl Scheduler {
                 free_cores: n.free.cores,
                 free_memory_bytes: n.free.memory,
                 free_gpus: n.free.gpus,
-                isolation: n.isolation.clone(),
+                isolation: n.isolation.description.clone(),
             })
             .collect();
         let jobs = self.jobs.len() as u32;

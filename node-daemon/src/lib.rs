@@ -25,8 +25,8 @@ use std::{collections::HashMap, path::Path, sync::Arc, time::Duration};
 use environments::Environments;
 use fleetmap_net::{CloseCode, NetError, Session, SessionError};
 use fleetmap_protocol::{
-    CoordinatorToNode, FailureKind, Gpu, Hello, InputChunk, JobId, JobSpec, NodeToCoordinator, Resources, Role, SlotId,
-    DEFAULT_MAX_MESSAGE, SOFTWARE_VERSION,
+    CoordinatorToNode, FailureKind, Gpu, Hello, InputChunk, JobId, JobSpec, NodeIsolation, NodeToCoordinator,
+    Resources, Role, SlotId, DEFAULT_MAX_MESSAGE, SOFTWARE_VERSION,
 };
 use fleetmap_sandbox::cgroup::CgroupTree;
 use inventory::Inventory;
@@ -430,7 +430,10 @@ async fn session(
             token: config.token.clone(),
             name: config.name.clone(),
             resources: config.resources.clone(),
-            isolation: node.isolation.clone(),
+            isolation: NodeIsolation {
+                pinned: node.cgroups.is_some(),
+                description: node.isolation.clone(),
+            },
         },
         software_version: SOFTWARE_VERSION.into(),
     };

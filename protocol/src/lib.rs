@@ -78,6 +78,19 @@ pub struct CallRequest {
     pub cores: u32,
     pub memory_bytes: u64,
     pub gpus: u32,
+    /// Run only on nodes that pin their slots (cgroups: dedicated cores,
+    /// memory, processes, devices), never on one started with
+    /// `--allow-unisolated` or `--no-cgroups`.
+    pub require_isolation: bool,
+}
+
+/// How a node isolates its slots.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeIsolation {
+    /// Slots are in cgroups of their own (cores, memory, processes, devices).
+    pub pinned: bool,
+    /// For `fleetmap status`: "pinned: cgroup V2 ..." or why not.
+    pub description: String,
 }
 
 /// What runs in the slots of a job.
@@ -196,9 +209,8 @@ pub enum Role {
         token: String,
         name: String,
         resources: Resources,
-        /// How the node isolates its slots, for `fleetmap status`
-        /// ("cgroup v1: ..." or why slots are not pinned).
-        isolation: String,
+        /// How the node isolates its slots.
+        isolation: NodeIsolation,
     },
     Client {
         api_key: String,

@@ -86,6 +86,22 @@ def configured_fleet(api_key: Optional[str]) -> Optional[FleetAddress]:
     return FleetAddress(coordinator, ca_pem, key, f"fleet at {coordinator}")
 
 
+def require_isolation(explicit: Optional[bool]) -> bool:
+    """Whether a job runs only on nodes that pin their calls: the argument
+    if given, else ``FLEETMAP_REQUIRE_ISOLATION``, else ``require_isolation``
+    in the config file's ``[fleet]`` section; off by default."""
+    if explicit is not None:
+        if not isinstance(explicit, bool):
+            raise TypeError(f"require_isolation must be True or False, got {explicit!r}")
+        return explicit
+    value = os.environ.get("FLEETMAP_REQUIRE_ISOLATION") or _file_settings().get("require_isolation", "")
+    if value.strip().lower() in ("", "0", "false", "no", "off"):
+        return False
+    if value.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    raise ConfigurationError(f"require_isolation must be true or false, got {value!r}")
+
+
 _lock = threading.Lock()
 _local: Optional["_native.LocalHandle"] = None
 _connections: Dict[Tuple[str, str], "_native.Connection"] = {}

@@ -58,6 +58,7 @@ def remote_parallel_map(
     *,
     return_exceptions: bool = False,
     generator: bool = False,
+    require_isolation: Optional[bool] = None,
 ) -> Any:
     """Runs ``function_`` on every element of ``inputs`` in parallel on the fleet.
 
@@ -71,12 +72,15 @@ def remote_parallel_map(
     stands in the returned list in place of the output. With
     ``generator=True`` it returns at once an iterator of ``(index, output)``
     pairs in the order the calls complete; leaving the loop early cancels
-    the rest of the job.
+    the rest of the job. With ``require_isolation=True`` (or
+    ``FLEETMAP_REQUIRE_ISOLATION=1``) the calls run only on nodes that pin
+    them in cgroups, never on one started with ``--allow-unisolated``.
 
     With no fleet configured (``FLEETMAP_COORDINATOR`` or the config file),
     the calls run on an embedded cluster in this process.
     """
     _check_arguments(function_, parallelism, func_cpu, func_ram, func_gpu, image, packages)
+    isolated = _fleet.require_isolation(require_isolation)
     if packages is not None:
         _environment.packages_environment(packages)  # checked before anything runs
     source = _InputSource(inputs)
@@ -89,7 +93,7 @@ def remote_parallel_map(
         fleet = _fleet.fleet_address(api_key)
         environment = _environment.job_environment(packages, fleet.embedded)
         job = _submit(
-            fleet, function_blob, source.total, parallelism, func_cpu, func_ram, func_gpu, environment, sources
+            fleet, function_blob, source.total, parallelism, func_cpu, func_ram, func_gpu, environment, sources, isolated
         )
     except BaseException:
         scope.__exit__(*sys.exc_info())
@@ -289,6 +293,7 @@ def _submit(
     func_gpu: int,
     environment: Optional[_environment.Environment] = None,
     sources: Optional[_sources.SourceBundle] = None,
+    require_isolation: bool = False,
 ) -> _native.Job:
     version = _python_version()
     args = (
@@ -302,6 +307,7 @@ def _submit(
         version,
         None if environment is None else (environment.id, environment.requirements, environment.resolve),
         None if sources is None else (sources.digest, sources.zip),
+        require_isolation,
     )
     for attempt in range(2):
         conn = _fleet.connection(fleet, fresh=attempt > 0)

@@ -198,6 +198,7 @@ class Connection:
         version: str,
         environment: Optional[Tuple[str, List[str], bool]] = None,
         sources: Optional[Tuple[str, bytes]] = None,
+        require_isolation: bool = False,
     ) -> Job:
         """Submits a job of the pickled Python ``function``: each call gets
         ``cores`` cores, ``memory_bytes`` of memory and ``gpus`` GPUs; at most
@@ -206,7 +207,8 @@ class Connection:
         ``executable`` (Python ``version``, ``"3.11"``) or, with an
         ``environment`` ``(id, requirements, resolve)``, an environment each
         node builds with those requirements; ``sources`` is ``(sha256,
-        zip)`` of the caller's local modules, put first on the workers' path.
+        zip)`` of the caller's local modules, put first on the workers' path;
+        with ``require_isolation`` only nodes that pin calls run them.
 
         Returns once the coordinator has placed the job's slots; raises
         :class:`fleetmap.JobRejected` when no node can host one call, or

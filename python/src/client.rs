@@ -46,7 +46,7 @@ impl Connection {
     /// `(id, requirements, resolve)` of the environment its calls need, or
     /// `None` for the caller's interpreter as it is.
     /// `sources`: `(sha256 hex, zip)` of the caller's local modules.
-    #[pyo3(signature = (function, cores, memory_bytes, gpus, parallelism, total_inputs, executable, version, environment=None, sources=None))]
+    #[pyo3(signature = (function, cores, memory_bytes, gpus, parallelism, total_inputs, executable, version, environment=None, sources=None, require_isolation=false))]
     #[allow(clippy::too_many_arguments)]
     fn submit(
         &self,
@@ -61,6 +61,7 @@ impl Connection {
         version: String,
         environment: Option<(String, Vec<String>, bool)>,
         sources: Option<(String, Vec<u8>)>,
+        require_isolation: bool,
     ) -> PyResult<PyJob> {
         let spec = JobSpec {
             principal: String::new(),
@@ -68,6 +69,7 @@ impl Connection {
                 cores,
                 memory_bytes,
                 gpus,
+                require_isolation,
             },
             parallelism,
             total_inputs,

@@ -390,6 +390,21 @@ def test_a_daemon_that_cannot_use_cgroups_refuses_to_start_unless_allowed(proces
     r = run_client("from fleetmap import remote_parallel_map\nimport os\nRESULT = remote_parallel_map(lambda x: sorted(os.sched_getaffinity(0)), [1], verbose=False)", env=coordinator.client_env())
     assert r["returncode"] == 0, r["stderr"]
     assert len(r["result"][0]) == 1, "cores are still pinned by CPU affinity"
+    # A caller that requires isolation never lands there.
+    strict = dict(coordinator.client_env(), FLEETMAP_REQUIRE_ISOLATION="1")
+    r = run_client(
+        """
+        import fleetmap
+        try:
+            fleetmap.remote_parallel_map(abs, [1], verbose=False)
+            RESULT = None
+        except fleetmap.JobRejected as e:
+            RESULT = str(e)
+        """,
+        env=strict,
+    )
+    assert r["returncode"] == 0, r["stderr"]
+    assert "requires isolation" in r["result"] and "unpinned-node" in r["result"], r["result"]
     status = subprocess.run(
         fleetmap_command() + ["status"], env=coordinator.client_env(), capture_output=True, text=True, timeout=60
     )

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use fleetmap_net::{CloseCode, NetError, Receiver, Session, SessionError};
 use fleetmap_protocol::{
-    ClientToCoordinator, CoordinatorToClient, CoordinatorToNode, Hello, NodeToCoordinator, Resources, Role,
-    DEFAULT_MAX_MESSAGE, SOFTWARE_VERSION,
+    ClientToCoordinator, CoordinatorToClient, CoordinatorToNode, Hello, NodeIsolation, NodeToCoordinator, Resources,
+    Role, DEFAULT_MAX_MESSAGE, SOFTWARE_VERSION,
 };
 use serde::{de::DeserializeOwned, Serialize};
 use tokio::{sync::mpsc, task::JoinHandle};
@@ -96,7 +96,10 @@ pub fn node_role(join_token: &str, name: &str, cores: u32) -> Role {
             memory_bytes: u64::from(cores) * (2 << 30),
             gpus: vec![],
         },
-        isolation: "none (an echo node of fleetmap-testkit)".into(),
+        isolation: NodeIsolation {
+            pinned: false,
+            description: "none (an echo node of fleetmap-testkit)".into(),
+        },
     }
 }
 

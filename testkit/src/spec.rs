@@ -8,6 +8,7 @@ pub const ONE_CORE: CallRequest = CallRequest {
     cores: 1,
     memory_bytes: 1 << 30,
     gpus: 0,
+    require_isolation: false,
 };
 
 /// A job of `inputs` inputs whose calls each need `call`. Its function is a

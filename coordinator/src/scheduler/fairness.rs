@@ -135,10 +135,17 @@ pub(super) fn plan_reclaims(jobs: &BTreeMap<JobId, Job>, nodes: &BTreeMap<NodeId
         .filter(|(_, j)| j.wants_slots() && j.held_cores() + j.spec.call.cores as u64 <= share);
     for (&id, job) in needy {
         let call = job.spec.call;
-        if most_room(free.iter().map(|(&node, room)| (node, room)), &call).is_some() {
+        // Only the nodes that may run this job's calls.
+        let serves = |node: &NodeId| nodes.get(node).is_some_and(|n| n.serves(&call));
+        if most_room(
+            free.iter().filter(|(n, _)| serves(n)).map(|(&node, room)| (node, room)),
+            &call,
+        )
+        .is_some()
+        {
             continue; // Free room exists: the next grow pass serves it.
         }
-        let found = free.iter().find_map(|(&node, &room)| {
+        let found = free.iter().filter(|(n, _)| serves(n)).find_map(|(&node, &room)| {
             let mut room = room;
             let mut drain = Vec::new();
             for (&donor, j) in jobs.iter().filter(|(&k, _)| k != id) {

@@ -12,7 +12,7 @@
 
 use std::collections::BTreeMap;
 
-use fleetmap_protocol::{CallRequest, CoordinatorToNode, JobId, NodeId, Resources, SlotId};
+use fleetmap_protocol::{CallRequest, CoordinatorToNode, JobId, NodeId, NodeIsolation, Resources, SlotId};
 
 use super::{Command, Scheduler, Slot};
 
@@ -65,13 +65,13 @@ impl Room {
 #[derive(Debug)]
 pub(super) struct Node {
     pub(super) name: String,
-    pub(super) isolation: String,
+    pub(super) isolation: NodeIsolation,
     pub(super) total: Resources,
     pub(super) free: Room,
 }
 
 impl Node {
-    pub(super) fn new(name: String, resources: Resources, isolation: String) -> Node {
+    pub(super) fn new(name: String, resources: Resources, isolation: NodeIsolation) -> Node {
         Node {
             name,
             isolation,
@@ -83,9 +83,18 @@ impl Node {
     /// Whether the node could host a call of this shape with nothing else
     /// running.
     pub(super) fn can_ever_host(&self, call: &CallRequest) -> bool {
-        self.total.cores >= call.cores
+        self.serves(call)
+            && self.total.cores >= call.cores
             && self.total.memory_bytes >= call.memory_bytes
             && self.total.gpus.len() as u32 >= call.gpus
+    }
+}
+
+impl Node {
+    /// Whether the node may run calls of this job at all: a job that
+    /// requires isolation runs only on nodes that pin their slots.
+    pub(super) fn serves(&self, call: &CallRequest) -> bool {
+        self.isolation.pinned || !call.require_isolation
     }
 }
 
@@ -103,7 +112,13 @@ impl Scheduler {
     /// The node with the most room for another call of job `id`.
     pub(super) fn best_node(&self, id: JobId) -> Option<NodeId> {
         let call = self.jobs[&id].spec.call;
-        most_room(self.nodes.iter().map(|(&node, n)| (node, &n.free)), &call)
+        most_room(
+            self.nodes
+                .iter()
+                .filter(|(_, n)| n.serves(&call))
+                .map(|(&node, n)| (node, &n.free)),
+            &call,
+        )
     }
 
     /// Books room on `node` for one more call of job `id` and adds the slot
@@ -157,12 +172,25 @@ impl Scheduler {
         if self.nodes.values().any(|n| n.can_ever_host(call)) {
             return Ok(());
         }
+        if !self.nodes.values().any(|n| n.serves(call)) {
+            let nodes: Vec<String> = self
+                .nodes
+                .values()
+                .map(|n| format!("{}: {}", n.name, n.isolation.description))
+                .collect();
+            return Err(format!(
+                "the job requires isolation, and no node pins its calls ({}); start nodes as root or in a \
+                 delegated cgroup, without --allow-unisolated, or call without require_isolation",
+                nodes.join("; ")
+            ));
+        }
         let largest_by = |f: fn(&Node) -> u64| {
             self.nodes
                 .values()
+                .filter(|n| n.serves(call))
                 .max_by_key(|n| f(n))
                 .map(|n| (f(n), n.name.clone()))
-                .expect("the fleet has at least one node, checked above")
+                .expect("at least one node serves the job, checked above")
         };
         let (cores, cores_node) = largest_by(|n| n.total.cores as u64);
         let (memory, memory_node) = largest_by(|n| n.total.memory_bytes);

@@ -396,6 +396,7 @@ impl World {
                             cores: w.rng.random_range(1..=2),
                             memory_bytes: w.rng.random_range(1..=2) * GIB,
                             gpus: 0,
+                            require_isolation: false,
                         },
                         parallelism: w.rng.random_bool(0.5).then(|| w.rng.random_range(1..=5)),
                         total_inputs: w.rng.random_bool(0.5).then_some(chunks * inputs_per_chunk as u64),
@@ -671,7 +672,8 @@ impl World {
             memory_bytes: memory,
             gpus: vec![],
         };
-        self.sched.handle_node_joined(id, name, resources, String::new());
+        self.sched
+            .handle_node_joined(id, name, resources, NodeIsolation::default());
         self.drain();
     }
 
@@ -1287,6 +1289,7 @@ fn two_core_job() -> JobSpec {
             cores: 2,
             memory_bytes: GIB,
             gpus: 0,
+            require_isolation: false,
         },
         parallelism: None,
         total_inputs: None,
@@ -1306,7 +1309,7 @@ fn two_core_job() -> JobSpec {
 #[test]
 fn a_disconnected_clients_waiting_job_gets_no_slots_before_it_is_stopped() {
     let mut s = Scheduler::new();
-    s.handle_node_joined(NodeId(1), "a".into(), resources(2, 8), String::new());
+    s.handle_node_joined(NodeId(1), "a".into(), resources(2, 8), NodeIsolation::default());
     s.handle_submit(ClientId(7), RequestId(0), two_core_job());
     s.handle_submit(ClientId(7), RequestId(1), two_core_job());
     let (first, second) = (JobId(0), JobId(1));
@@ -1335,8 +1338,8 @@ fn a_disconnected_clients_waiting_job_gets_no_slots_before_it_is_stopped() {
 fn a_waiting_job_fails_when_the_last_node_that_could_host_it_is_lost() {
     let spec = two_core_job();
     let mut s = Scheduler::new();
-    s.handle_node_joined(NodeId(1), "big".into(), resources(2, 8), String::new());
-    s.handle_node_joined(NodeId(2), "small".into(), resources(1, 8), String::new());
+    s.handle_node_joined(NodeId(1), "big".into(), resources(2, 8), NodeIsolation::default());
+    s.handle_node_joined(NodeId(2), "small".into(), resources(1, 8), NodeIsolation::default());
     s.handle_submit(ClientId(7), RequestId(0), spec.clone());
     s.handle_submit(ClientId(8), RequestId(0), spec);
     let accepted: Vec<(ClientId, u32)> = std::iter::from_fn(|| s.poll_command())

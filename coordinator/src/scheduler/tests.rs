@@ -20,6 +20,7 @@ fn spec(cores: u32, memory_gib: u64, parallelism: Option<u32>, total: u64) -> Jo
             cores,
             memory_bytes: memory_gib * GIB,
             gpus: 0,
+            require_isolation: false,
         },
         parallelism,
         total_inputs: Some(total),
@@ -82,11 +83,58 @@ fn accepted(cmds: &[Command]) -> (JobId, u32, u32) {
         .expect("job accepted")
 }
 
+fn pinned(description: &str) -> NodeIsolation {
+    NodeIsolation {
+        pinned: true,
+        description: description.into(),
+    }
+}
+
+fn unpinned() -> NodeIsolation {
+    NodeIsolation {
+        pinned: false,
+        description: "NOT pinned (CPU affinity only): cgroups turned off".into(),
+    }
+}
+
+#[test]
+fn a_job_that_requires_isolation_runs_only_on_pinned_nodes() {
+    let mut s = Scheduler::new();
+    s.handle_node_joined(NodeId(1), "loose".into(), resources(8, 64), unpinned());
+    s.handle_node_joined(NodeId(2), "tight".into(), resources(2, 64), pinned("cgroup v2"));
+    let mut isolated = spec(1, 1, None, 1000);
+    isolated.call.require_isolation = true;
+    s.handle_submit(ClientId(9), RequestId(0), isolated.clone());
+    let (job, slots, _) = accepted(&drain(&mut s));
+    assert_eq!(slots, 2);
+    assert_eq!(s.slots_of(job), BTreeMap::from([("tight".into(), 2)]));
+    // Another job that does not care takes the rest, on the loose node too.
+    s.handle_submit(ClientId(9), RequestId(1), spec(1, 1, None, 1000));
+    let (other, _, _) = accepted(&drain(&mut s));
+    assert_eq!(s.slots_of(other).get("loose"), Some(&8));
+    // With only unpinned nodes, it is refused at once, naming them.
+    let mut s = Scheduler::new();
+    s.handle_node_joined(NodeId(1), "loose".into(), resources(8, 64), unpinned());
+    s.handle_submit(ClientId(9), RequestId(2), isolated);
+    let cmds = drain(&mut s);
+    let Some(Command::ToClient {
+        msg: CoordinatorToClient::JobRejected { reason, .. },
+        ..
+    }) = cmds.first()
+    else {
+        panic!("expected a rejection: {cmds:?}");
+    };
+    assert!(
+        reason.contains("requires isolation") && reason.contains("loose: NOT pinned"),
+        "{reason}"
+    );
+}
+
 #[test]
 fn slots_spread_over_nodes_within_their_resources() {
     let mut s = Scheduler::new();
-    s.handle_node_joined(NodeId(1), "a".into(), resources(4, 64), String::new());
-    s.handle_node_joined(NodeId(2), "b".into(), resources(2, 64), String::new());
+    s.handle_node_joined(NodeId(1), "a".into(), resources(4, 64), NodeIsolation::default());
+    s.handle_node_joined(NodeId(2), "b".into(), resources(2, 64), NodeIsolation::default());
     s.handle_submit(ClientId(9), RequestId(0), spec(1, 1, None, 1000));
     let cmds = drain(&mut s);
     let (job, slots, _) = accepted(&cmds);
@@ -97,7 +145,7 @@ fn slots_spread_over_nodes_within_their_resources() {
 #[test]
 fn parallelism_and_input_count_cap_the_slots() {
     let mut s = Scheduler::new();
-    s.handle_node_joined(NodeId(1), "a".into(), resources(64, 64), String::new());
+    s.handle_node_joined(NodeId(1), "a".into(), resources(64, 64), NodeIsolation::default());
     s.handle_submit(ClientId(9), RequestId(0), spec(1, 1, Some(5), 1000));
     assert_eq!(accepted(&drain(&mut s)).1, 5);
     s.handle_submit(ClientId(9), RequestId(1), spec(1, 1, None, 3));
@@ -107,7 +155,7 @@ fn parallelism_and_input_count_cap_the_slots() {
 #[test]
 fn memory_limits_slots_per_node() {
     let mut s = Scheduler::new();
-    s.handle_node_joined(NodeId(1), "a".into(), resources(16, 8), String::new());
+    s.handle_node_joined(NodeId(1), "a".into(), resources(16, 8), NodeIsolation::default());
     s.handle_submit(ClientId(9), RequestId(0), spec(1, 3, None, 100));
     assert_eq!(accepted(&drain(&mut s)).1, 2);
 }
@@ -115,8 +163,8 @@ fn memory_limits_slots_per_node() {
 #[test]
 fn a_job_no_node_can_host_is_rejected_naming_the_short_resource() {
     let mut s = Scheduler::new();
-    s.handle_node_joined(NodeId(1), "small".into(), resources(2, 4), String::new());
-    s.handle_node_joined(NodeId(2), "big".into(), resources(8, 2), String::new());
+    s.handle_node_joined(NodeId(1), "small".into(), resources(2, 4), NodeIsolation::default());
+    s.handle_node_joined(NodeId(2), "big".into(), resources(8, 2), NodeIsolation::default());
     s.handle_submit(ClientId(9), RequestId(5), spec(16, 1, None, 10));
     let cmds = drain(&mut s);
     let Some(Command::ToClient {
@@ -154,7 +202,7 @@ fn an_empty_fleet_rejects_with_what_to_do() {
 #[test]
 fn every_chunk_runs_once_and_the_job_finishes() {
     let mut s = Scheduler::new();
-    s.handle_node_joined(NodeId(1), "a".into(), resources(2, 64), String::new());
+    s.handle_node_joined(NodeId(1), "a".into(), resources(2, 64), NodeIsolation::default());
     s.handle_submit(ClientId(9), RequestId(0), spec(1, 1, None, 100));
     let (job, slots, credit) = accepted(&drain(&mut s));
     assert_eq!((slots, credit), (2, 9));
@@ -202,8 +250,8 @@ fn every_chunk_runs_once_and_the_job_finishes() {
 #[test]
 fn chunks_of_a_lost_node_run_again_elsewhere_and_its_late_results_are_dropped() {
     let mut s = Scheduler::new();
-    s.handle_node_joined(NodeId(1), "a".into(), resources(1, 64), String::new());
-    s.handle_node_joined(NodeId(2), "b".into(), resources(1, 64), String::new());
+    s.handle_node_joined(NodeId(1), "a".into(), resources(1, 64), NodeIsolation::default());
+    s.handle_node_joined(NodeId(2), "b".into(), resources(1, 64), NodeIsolation::default());
     s.handle_submit(ClientId(9), RequestId(0), spec(1, 1, None, 40));
     let (job, _, _) = accepted(&drain(&mut s));
     for i in 0..4 {
@@ -254,7 +302,7 @@ fn chunks_of_a_lost_node_run_again_elsewhere_and_its_late_results_are_dropped() 
 #[test]
 fn inputs_beyond_the_credit_are_a_violation() {
     let mut s = Scheduler::new();
-    s.handle_node_joined(NodeId(1), "a".into(), resources(1, 64), String::new());
+    s.handle_node_joined(NodeId(1), "a".into(), resources(1, 64), NodeIsolation::default());
     s.handle_submit(ClientId(9), RequestId(0), spec(1, 1, None, 100));
     let (job, _, credit) = accepted(&drain(&mut s));
     for i in 0..credit as u64 {
@@ -270,7 +318,7 @@ fn inputs_beyond_the_credit_are_a_violation() {
 #[test]
 fn a_second_job_gets_its_fair_share_and_the_rest_when_the_first_ends() {
     let mut s = Scheduler::new();
-    s.handle_node_joined(NodeId(1), "a".into(), resources(4, 64), String::new());
+    s.handle_node_joined(NodeId(1), "a".into(), resources(4, 64), NodeIsolation::default());
     s.handle_submit(ClientId(9), RequestId(0), spec(1, 1, None, 100));
     let (first, slots, credit) = accepted(&drain(&mut s));
     assert_eq!(slots, 4);
@@ -326,7 +374,7 @@ fn a_second_job_gets_its_fair_share_and_the_rest_when_the_first_ends() {
 #[test]
 fn a_failed_slot_fails_the_job_with_its_reason() {
     let mut s = Scheduler::new();
-    s.handle_node_joined(NodeId(1), "a".into(), resources(1, 64), String::new());
+    s.handle_node_joined(NodeId(1), "a".into(), resources(1, 64), NodeIsolation::default());
     s.handle_submit(ClientId(9), RequestId(0), spec(1, 1, None, 10));
     let (job, _, _) = accepted(&drain(&mut s));
     s.handle_slot_failed(NodeId(2), job, SlotId(0), FailureKind::Job, "not this node".into());
@@ -353,7 +401,7 @@ fn a_failed_slot_fails_the_job_with_its_reason() {
 #[test]
 fn status_shows_each_node_with_its_free_resources_and_isolation() {
     let mut s = Scheduler::new();
-    s.handle_node_joined(NodeId(1), "a".into(), resources(4, 64), "cgroup v1".into());
+    s.handle_node_joined(NodeId(1), "a".into(), resources(4, 64), pinned("cgroup v1"));
     s.handle_submit(ClientId(9), RequestId(0), spec(1, 1, Some(3), 100));
     drain(&mut s);
     s.handle_status(ClientId(8), RequestId(5));
@@ -378,8 +426,8 @@ fn status_shows_each_node_with_its_free_resources_and_isolation() {
 #[test]
 fn the_credit_window_shrinks_with_lost_slots() {
     let mut s = Scheduler::new();
-    s.handle_node_joined(NodeId(1), "a".into(), resources(1, 64), String::new());
-    s.handle_node_joined(NodeId(2), "b".into(), resources(1, 64), String::new());
+    s.handle_node_joined(NodeId(1), "a".into(), resources(1, 64), NodeIsolation::default());
+    s.handle_node_joined(NodeId(2), "b".into(), resources(1, 64), NodeIsolation::default());
     s.handle_submit(ClientId(9), RequestId(0), spec(1, 1, None, 100));
     let (job, slots, credit) = accepted(&drain(&mut s));
     assert_eq!((slots, credit), (2, 9));
@@ -419,7 +467,7 @@ fn the_credit_window_shrinks_with_lost_slots() {
 #[test]
 fn chunks_out_of_sequence_are_a_violation() {
     let mut s = Scheduler::new();
-    s.handle_node_joined(NodeId(1), "a".into(), resources(1, 64), String::new());
+    s.handle_node_joined(NodeId(1), "a".into(), resources(1, 64), NodeIsolation::default());
     s.handle_submit(ClientId(9), RequestId(0), spec(1, 1, None, 100));
     let (job, _, _) = accepted(&drain(&mut s));
     s.handle_inputs(ClientId(9), job, chunk(0)).unwrap();
@@ -434,7 +482,7 @@ fn chunks_out_of_sequence_are_a_violation() {
 fn hand_built(nodes: &[(u64, u32)], jobs: &[(u32, &[(u64, bool)])]) -> Scheduler {
     let mut s = Scheduler::new();
     for &(id, cores) in nodes {
-        let node = Node::new(format!("n{id}"), resources(cores, 64), String::new());
+        let node = Node::new(format!("n{id}"), resources(cores, 64), NodeIsolation::default());
         s.nodes.insert(NodeId(id), node);
     }
     for (i, &(cores, slots)) in jobs.iter().enumerate() {
