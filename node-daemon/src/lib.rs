@@ -316,26 +316,16 @@ pub async fn run_until(
     // loaded, waiting in their own cgroups.
     prestart(&node.config, node.cgroups.as_deref(), &node.node_cpus, &node.pool);
     let mut backoff = Duration::from_millis(100);
-    loop {
+    let result = loop {
         if *shutdown.borrow() {
-            return Ok(());
+            break Ok(());
         }
         let ended = session(&node, &mut backoff, &mut shutdown).await;
         if *shutdown.borrow() {
-            // Every slot was torn down when the session ended; the warm
-            // workers and the subtree go too, so a clean stop leaves no
-            // process and no cgroup behind.
-            drop(node.pool.clear());
-            if let Some(tree) = &node.cgroups {
-                if let Err(e) = tree.remove() {
-                    warn!("node {}: could not remove its cgroup subtree: {e}", node.config.name);
-                }
-            }
-            info!("node {}: stopped; every slot was torn down", node.config.name);
-            return Ok(());
+            break Ok(());
         }
         match ended {
-            Err(NodeError::Refused(reason)) => return Err(NodeError::Refused(reason)),
+            Err(NodeError::Refused(reason)) => break Err(NodeError::Refused(reason)),
             Err(e) => warn!(
                 "node {}: connection to {} ended: {e}",
                 node.config.name, node.config.coordinator
@@ -347,7 +337,18 @@ pub async fn run_until(
             _ = shutdown.changed() => {}
         }
         backoff = (backoff * 2).min(Duration::from_secs(5));
+    };
+    // However the daemon stops (asked to, between two connections, or
+    // refused), every slot was torn down when its session ended; the warm
+    // workers and the subtree go too, so it leaves no process and no cgroup.
+    drop(node.pool.clear());
+    if let Some(tree) = &node.cgroups {
+        if let Err(e) = tree.remove() {
+            warn!("node {}: could not remove its cgroup subtree: {e}", node.config.name);
+        }
     }
+    info!("node {}: stopped; every slot was torn down", node.config.name);
+    result
 }
 
 /// What lives as long as the daemon.

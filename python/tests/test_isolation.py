@@ -348,6 +348,30 @@ def test_calls_on_a_fleet_node_see_none_of_the_daemons_secrets(processes):
     assert seen.get("FLEETMAP_NODE") == "tidy-node" and "PATH" in seen, sorted(seen)
 
 
+def test_a_daemon_stopped_or_refused_between_connections_leaves_no_cgroup(processes, tmp_path):
+    require_cgroups()
+    coordinator = processes.start_coordinator()
+    node = processes.start_node(coordinator, "orphan-node", cores=1)
+    assert any(d.is_dir() for d in subtree_dirs("fleetmap-orphan-node"))
+    # The coordinator goes first: the daemon waits to reconnect, and is
+    # stopped while it waits.
+    os.killpg(coordinator.proc.popen.pid, signal.SIGTERM)
+    coordinator.proc.popen.wait(timeout=10)
+    wait_for(lambda: "connection" in node.stderr() and "ended" in node.stderr() or "closed the connection" in node.stderr(), 20, "the daemon to lose its coordinator", node.describe)
+    os.killpg(node.popen.pid, signal.SIGTERM)
+    node.popen.wait(timeout=20)
+    assert not any(d.exists() for d in subtree_dirs("fleetmap-orphan-node")), node.describe()
+    # A daemon whose token is refused leaves nothing either.
+    coordinator = processes.start_coordinator(name="second-coordinator")
+    bad = tmp_path / "bad-token"
+    bad.write_text("fmjoin_not-the-token\n")
+    bad.chmod(0o600)
+    refused = processes.start_node(coordinator, "refused-node", cores=1, token_file=bad, wait=False)
+    refused.popen.wait(timeout=30)
+    assert refused.popen.returncode == 1, refused.describe()
+    assert not any(d.exists() for d in subtree_dirs("fleetmap-refused-node")), refused.describe()
+
+
 def test_a_call_on_a_node_without_gpus_opens_no_block_device(processes, tmp_path):
     require_cgroups()
     # A block device node (7:0, the first loop device) where the call can
