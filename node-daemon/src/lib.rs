@@ -341,7 +341,9 @@ pub async fn run_until(
     // However the daemon stops (asked to, between two connections, or
     // refused), every slot was torn down when its session ended; the warm
     // workers and the subtree go too, so it leaves no process and no cgroup.
-    drop(node.pool.clear());
+    for warm in node.pool.clear() {
+        warm.worker.shut_down().await;
+    }
     if let Some(tree) = &node.cgroups {
         if let Err(e) = tree.remove() {
             warn!("node {}: could not remove its cgroup subtree: {e}", node.config.name);
@@ -438,14 +440,13 @@ async fn session(
         },
         software_version: SOFTWARE_VERSION.into(),
     };
-    let session: Session<NodeToCoordinator, CoordinatorToNode> = fleetmap_net::dial(
-        &config.coordinator,
-        &config.ca_pem,
-        &hello,
-        config.max_message,
-        JOIN_TIMEOUT,
-    )
-    .await?;
+    // A stop asked for while the coordinator is unreachable does not wait
+    // for the join to time out.
+    let dialled = tokio::select! {
+        dialled = fleetmap_net::dial(&config.coordinator, &config.ca_pem, &hello, config.max_message, JOIN_TIMEOUT) => dialled,
+        _ = shutdown.changed() => return Ok(()),
+    };
+    let session: Session<NodeToCoordinator, CoordinatorToNode> = dialled?;
     let Session {
         conn,
         tx: up,

@@ -387,6 +387,14 @@ impl Drop for WorkerProcess {
 }
 
 impl WorkerProcess {
+    /// Kills the worker's process group and reaps the worker, so that its
+    /// cgroup is empty at once (an unreaped worker would hold it until the
+    /// runtime got round to it).
+    pub(crate) async fn shut_down(mut self) {
+        self.process.kill();
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.process.child.wait()).await;
+    }
+
     /// A worker for the slot, its job's function loaded: a warm one from
     /// the pool if one has the job's key and fits its limits, else a fresh
     /// one.

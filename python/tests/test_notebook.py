@@ -101,6 +101,10 @@ def test_notebook_runs_its_own_function_and_shows_prints(tmp_path, monkeypatch):
     )
     client.execute()
     nbformat.write(nb, str(path))  # left in tmp_path to look at when this fails
+    # The kernel shuts down as a user's does (not killed when this test's
+    # objects are collected): its embedded cluster stops with it.
+    if km.has_kernel:
+        km.shutdown_kernel()
 
     def describe() -> str:
         return json.dumps([c.get("outputs", []) for c in nb.cells], indent=1)[-6000:]
@@ -139,3 +143,30 @@ def test_notebook_runs_its_own_function_and_shows_prints(tmp_path, monkeypatch):
     assert len(errors) == 1 and errors[0]["ename"] == "ZeroDivisionError", describe()
     traceback = "\n".join(errors[0]["traceback"])
     assert "input 1" in traceback and "invert" in traceback, traceback
+
+    # The kernel is gone and its embedded cluster with it; where the kernel
+    # was stopped without running its exit handlers, the next embedded
+    # cluster on the machine removes the cgroups it left.
+    import os
+
+    from conftest import run_client, wait_for
+
+    def dead_subtrees() -> List[str]:
+        found = set()
+        for hierarchy in Path("/sys/fs/cgroup").glob("*/fleetmap-local-*"):
+            pid = hierarchy.name.rsplit("-", 1)[1]
+            if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+                found.add(hierarchy.name)
+        return sorted(found)
+
+    def others_alive() -> bool:
+        return any(
+            h.name.rsplit("-", 1)[1] != str(os.getpid()) and os.path.exists(f"/proc/{h.name.rsplit('-', 1)[1]}")
+            for h in Path("/sys/fs/cgroup").glob("*/fleetmap-local-*")
+        )
+
+    wait_for(lambda: not others_alive(), 30, "the kernel to exit", describe)
+    if dead_subtrees():
+        r = run_client("from fleetmap import remote_parallel_map\nRESULT = remote_parallel_map(abs, [-1], verbose=False)")
+        assert r["returncode"] == 0 and r["result"] == [1], r["stderr"]
+        assert not dead_subtrees(), dead_subtrees()
