@@ -239,15 +239,24 @@ impl Environments {
         say: &(dyn Fn(String) + Send + Sync),
     ) -> Result<Prepared, String> {
         spec.check().map_err(|e| format!("node {}: {e}", self.node))?;
-        if !spec.resolve && self.config.use_caller_python && self.is_callers_match(spec, caller_executable).await {
+        let dir = self.env_dir(&spec.id);
+        // An environment built for this id serves at once. Only on the way
+        // to a build is the caller's interpreter looked at (and, if it was
+        // described before with other packages, described again): a job
+        // never pays for running an interpreter when nothing is built.
+        let built = python_in(&dir).exists();
+        if !built
+            && !spec.resolve
+            && self.config.use_caller_python
+            && self.is_callers_match(spec, caller_executable).await
+        {
             return Ok(Prepared {
                 program: caller_executable.to_string(),
                 lease: Lease(None),
             });
         }
         let lease = self.lease(&spec.id);
-        let dir = self.env_dir(&spec.id);
-        if !python_in(&dir).exists() {
+        if !built {
             let build = self
                 .builds
                 .lock()
