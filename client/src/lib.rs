@@ -143,7 +143,10 @@ impl Client {
         let request = self.register(|routes, request| {
             routes.submits.insert(request, done);
         })?;
-        let _ = self.tx.send(ClientToCoordinator::SubmitJob { request, spec });
+        let _ = self.tx.send(ClientToCoordinator::SubmitJob {
+            request,
+            spec: Box::new(spec),
+        });
         let accepted = accepted
             .await
             .map_err(|_| ClientError::Disconnected("the connection closed during submission".into()))??;

@@ -314,7 +314,7 @@ async fn client_loop(
             ClientToCoordinator::SubmitJob { request, mut spec } => {
                 // The coordinator's record, never the client's word.
                 spec.principal = principal.to_string();
-                shared.with(|s| s.handle_submit(client, request, spec));
+                shared.with(|s| s.handle_submit(client, request, *spec));
                 Ok(())
             }
             ClientToCoordinator::Inputs { job, chunk } => shared.with(|s| s.handle_inputs(client, job, chunk)),

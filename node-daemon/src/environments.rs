@@ -161,6 +161,13 @@ pub(crate) struct Interpreter {
 #[derive(Debug, Clone)]
 pub(crate) struct Lease(#[allow(dead_code)] Option<Arc<()>>);
 
+impl Lease {
+    /// A hold on whatever `token` counts the holders of.
+    pub(crate) fn held(token: Arc<()>) -> Self {
+        Self(Some(token))
+    }
+}
+
 /// The interpreter a job's workers run, ready.
 pub(crate) struct Prepared {
     pub program: String,
@@ -451,7 +458,7 @@ impl Environments {
     }
 
     /// fleetmap's runtime, linked once into the cache.
-    async fn runtime_dir(&self) -> Result<Option<PathBuf>, String> {
+    pub(crate) async fn runtime_dir(&self) -> Result<Option<PathBuf>, String> {
         self.runtime
             .get_or_init(|| async {
                 if self.config.runtime.is_empty() {

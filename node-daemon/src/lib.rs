@@ -13,11 +13,13 @@
 //! user code in its own process.
 
 mod environments;
+mod images;
 pub mod inventory;
 mod pool;
 mod slot;
 
 pub use environments::EnvironmentConfig;
+pub use images::ImageConfig;
 pub use pool::WarmPolicy;
 
 use std::{collections::HashMap, path::Path, sync::Arc, time::Duration};
@@ -29,6 +31,7 @@ use fleetmap_protocol::{
     Resources, Role, SlotId, DEFAULT_MAX_MESSAGE, SOFTWARE_VERSION,
 };
 use fleetmap_sandbox::cgroup::CgroupTree;
+use images::Images;
 use inventory::Inventory;
 use slot::{default_program, prestart, run_slot, Pool, SlotContext};
 use tokio::{sync::mpsc, task::JoinHandle};
@@ -61,6 +64,9 @@ pub struct NodeConfig {
     pub warm: WarmPolicy,
     /// Where and how job environments are built.
     pub environments: EnvironmentConfig,
+    /// Where images come from (they are cached in the environments' cache
+    /// directory).
+    pub images: ImageConfig,
     /// Workers get the daemon's whole environment (the embedded cluster,
     /// whose calls are the caller's own); otherwise only an allowlist of it
     /// and `pass_env`.
@@ -106,6 +112,7 @@ impl NodeConfig {
             private_tmp: true,
             warm: WarmPolicy::default(),
             environments: EnvironmentConfig::new(EnvironmentConfig::default_cache_dir()),
+            images: ImageConfig::default(),
             inherit_environment: false,
             pass_env: vec![],
         }
@@ -303,8 +310,14 @@ pub async fn run_until(
         let environments = environments.clone();
         tokio::spawn(async move { environments.prepare_ahead().await });
     }
+    let images = Arc::new(Images::new(
+        config.images.clone(),
+        &config.environments.cache_dir,
+        config.name.clone(),
+    ));
     let node = Node {
         environments,
+        images,
         pool: Arc::new(Pool::new(config.warm)),
         node_cpus: Arc::new(cpus.clone()),
         inventory: Inventory::new(cpus, config.resources.gpus.clone()),
@@ -365,6 +378,7 @@ struct Node {
     pool: Arc<Pool>,
     node_cpus: Arc<Vec<u32>>,
     environments: Arc<Environments>,
+    images: Arc<Images>,
 }
 
 /// The slots of one job on this node.
@@ -512,6 +526,8 @@ async fn session(
                         program: default_program(&spec, config),
                         lease: None,
                         sources: None,
+                        images: node.images.clone(),
+                        image: None,
                     };
                     entry.tasks.insert(slot, tokio::spawn(run_slot(ctx, rx)));
                 }

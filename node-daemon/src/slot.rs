@@ -26,6 +26,7 @@ use fleetmap_protocol::{
 };
 use fleetmap_sandbox::{
     cgroup::{CgroupTree, GpuAccess, SlotCgroup, SlotLimits},
+    image_root::{Bind, ImageRoot, RUNTIME_MOUNT},
     spawn_worker, WorkerCommand,
 };
 use tokio::{
@@ -37,6 +38,7 @@ use tokio::{
 
 use crate::{
     environments::{Environments, Lease},
+    images::{Held, Images},
     inventory::Placement,
     pool::{Warm, WorkerKey, WorkerPool},
     NodeConfig,
@@ -68,6 +70,10 @@ pub(crate) struct SlotContext {
     pub lease: Option<Lease>,
     /// The job's source bundle on this node.
     pub sources: Option<String>,
+    pub images: Arc<Images>,
+    /// The job's image on this node, and fleetmap's runtime to bind into
+    /// it, once prepared.
+    pub image: Option<(Held, std::path::PathBuf)>,
 }
 
 /// Runs a slot until its chunk channel closes. A channel closed with no
@@ -106,9 +112,69 @@ async fn prepare_slot(ctx: &mut SlotContext) -> Result<(), (FailureKind, String)
         let path = ctx.environments.sources(bundle).map_err(|r| (FailureKind::Job, r))?;
         ctx.sources = Some(path.display().to_string());
     }
+    prepare_image(ctx)
+        .await
+        .map_err(|reason| (FailureKind::Image, reason))?;
     prepare_environment(ctx)
         .await
         .map_err(|reason| (FailureKind::Environment, reason))
+}
+
+/// Tells the job's caller, on its stderr, what the node is doing for the
+/// job (an install or a pull takes seconds to minutes).
+fn say_to_caller(ctx: &SlotContext) -> impl Fn(String) + Send + Sync {
+    let (up, job, node) = (ctx.up.clone(), ctx.job, ctx.config.name.clone());
+    move |text: String| {
+        let _ = up.send(NodeToCoordinator::Log(LogLine {
+            job,
+            stream: OutputStream::Stderr,
+            node: node.clone(),
+            text,
+        }));
+    }
+}
+
+/// Pulls (or finds) the job's image and makes its interpreter the slot's
+/// program, after checking that it is the caller's Python.
+async fn prepare_image(ctx: &mut SlotContext) -> Result<(), String> {
+    let RuntimeSpec::Python {
+        image: Some(reference),
+        version,
+        environment,
+        ..
+    } = &ctx.spec.runtime
+    else {
+        return Ok(());
+    };
+    let node = &ctx.config.name;
+    if environment.is_some() {
+        return Err(format!(
+            "node {node}: packages= together with image= is not supported yet: \
+             put the packages into the image, or leave image=None"
+        ));
+    }
+    let held = ctx.images.prepare(ctx.job, reference, &say_to_caller(ctx)).await?;
+    let image = &held.image;
+    if &image.python_version != version {
+        return Err(format!(
+            "image {reference} has Python {} ({}), and the caller runs Python {version}: functions and \
+             values travel with cloudpickle, which needs the same minor version on both ends; use an image \
+             with Python {version}",
+            image.python_version, image.python
+        ));
+    }
+    let runtime = ctx.environments.runtime_dir().await?.ok_or_else(|| {
+        format!(
+            "node {node} cannot run image {reference}: it was started without fleetmap's runtime \
+             packages to bind into images"
+        )
+    })?;
+    ctx.program = image.python.clone();
+    // The slot and its warm workers hold the image (there is no
+    // environment lease: packages= with image= is refused above).
+    ctx.lease = Some(held.lease.clone());
+    ctx.image = Some((held, runtime));
+    Ok(())
 }
 
 /// Builds (or finds) the job's environment and makes its interpreter the
@@ -123,15 +189,7 @@ async fn prepare_environment(ctx: &mut SlotContext) -> Result<(), String> {
     else {
         return Ok(());
     };
-    let (up, job, node) = (ctx.up.clone(), ctx.job, ctx.config.name.clone());
-    let say = move |text: String| {
-        let _ = up.send(NodeToCoordinator::Log(LogLine {
-            job,
-            stream: OutputStream::Stderr,
-            node: node.clone(),
-            text,
-        }));
-    };
+    let say = say_to_caller(ctx);
     let prepared = ctx.environments.prepare(spec, executable, version, &say).await?;
     ctx.program = prepared.program;
     ctx.lease = Some(prepared.lease);
@@ -166,6 +224,7 @@ fn prestart_n(config: &NodeConfig, cgroups: Option<&CgroupTree>, cpus: &[u32], p
             cpu_affinity: cpus.to_vec(),
             run_as: config.run_as,
             private_tmp: private_tmp(config, cgroups.is_some(), &config.python),
+            image: None,
         };
         match WorkerProcess::spawn_with(config, cgroups, &limits, cmd) {
             Ok(worker) => pool.give_back(
@@ -206,7 +265,11 @@ fn worker_key(ctx: &SlotContext) -> WorkerKey {
     } = &ctx.spec.runtime;
     WorkerKey {
         principal: Some(ctx.spec.principal.clone()),
-        program: ctx.program.clone(),
+        // Workers in an image serve only jobs with the same image.
+        program: match &ctx.image {
+            Some((held, _)) => format!("{} {}", held.image.digest, ctx.program),
+            None => ctx.program.clone(),
+        },
         environment: environment.as_ref().map(|e| e.id.clone()),
         caller_python: version.clone(),
         gpus: ctx.placement.gpus.iter().map(|g| g.minor).collect(),
@@ -569,7 +632,12 @@ impl WorkerProcess {
                 // Room for the envelope around the pickled outputs.
                 max_output_bytes: ctx.config.max_message.saturating_sub(64 << 10) as u64,
                 environment: job_environment(ctx),
-                sources: ctx.sources.clone(),
+                sources: match (&ctx.image, &ctx.sources) {
+                    (Some(_), Some(path)) => Path::new(path)
+                        .file_name()
+                        .map(|name| format!("{RUNTIME_MOUNT}/sources/{}", name.to_string_lossy())),
+                    _ => ctx.sources.clone(),
+                },
             },
         });
         loop {
@@ -736,6 +804,9 @@ fn base_environment(config: &NodeConfig) -> Vec<(std::ffi::OsString, std::ffi::O
 }
 
 fn worker_command(ctx: &SlotContext) -> WorkerCommand {
+    if let Some((held, runtime)) = &ctx.image {
+        return image_worker_command(ctx, held, runtime);
+    }
     let program = ctx.program.clone();
     let mut env = base_environment(&ctx.config);
     env.extend(job_environment(ctx).into_iter().map(|(k, v)| (k.into(), v.into())));
@@ -749,6 +820,84 @@ fn worker_command(ctx: &SlotContext) -> WorkerCommand {
         cpu_affinity: ctx.placement.cpus.clone(),
         run_as: ctx.config.run_as,
         private_tmp: private_tmp(&ctx.config, ctx.cgroups.is_some(), &program),
+        image: None,
+    }
+}
+
+/// A worker in the job's image: the image's interpreter and `Env`,
+/// fleetmap's runtime and the job's sources bound in read-only, and for a
+/// GPU slot its devices and the host's driver libraries.
+fn image_worker_command(ctx: &SlotContext, held: &Held, runtime: &Path) -> WorkerCommand {
+    let image = &held.image;
+    let mut binds = vec![Bind {
+        source: runtime.to_path_buf(),
+        target: format!("{RUNTIME_MOUNT}/runtime").into(),
+    }];
+    if let Some(dir) = ctx.sources.as_deref().and_then(|s| Path::new(s).parent()) {
+        binds.push(Bind {
+            source: dir.to_path_buf(),
+            target: format!("{RUNTIME_MOUNT}/sources").into(),
+        });
+    }
+    let mut devices = vec![];
+    let mut driver = false;
+    if !ctx.placement.gpus.is_empty() {
+        devices.extend(
+            ctx.placement
+                .gpus
+                .iter()
+                .map(|g| format!("/dev/nvidia{}", g.minor).into()),
+        );
+        for name in ["nvidiactl", "nvidia-uvm", "nvidia-uvm-tools"] {
+            let path = Path::new("/dev").join(name);
+            if path.exists() {
+                devices.push(path);
+            }
+        }
+        for (name, source) in crate::images::driver_libraries() {
+            driver = true;
+            binds.push(Bind {
+                source: source.clone(),
+                target: format!("{RUNTIME_MOUNT}/driver/{name}").into(),
+            });
+        }
+    }
+    // The image's environment, then fleetmap's: the runtime first on the
+    // path (its cloudpickle is the caller's version), the driver first for
+    // the loader.
+    let mut env: Vec<(String, String)> = image.env.clone();
+    let mut prepend = |key: &str, value: String| match env.iter_mut().find(|(k, _)| k == key) {
+        Some((_, old)) if !old.is_empty() => *old = format!("{value}:{old}"),
+        Some((_, old)) => *old = value,
+        None => env.push((key.to_string(), value)),
+    };
+    prepend("PYTHONPATH", format!("{RUNTIME_MOUNT}/runtime"));
+    if driver {
+        prepend("LD_LIBRARY_PATH", format!("{RUNTIME_MOUNT}/driver"));
+    }
+    let mut env: Vec<(std::ffi::OsString, std::ffi::OsString)> =
+        env.into_iter().map(|(k, v)| (k.into(), v.into())).collect();
+    env.extend(
+        std::env::vars_os().filter(|(key, _)| key.to_str().is_some_and(|k| ctx.config.pass_env.iter().any(|p| p == k))),
+    );
+    env.push(("PYTHONUNBUFFERED".into(), "1".into()));
+    env.push(("FLEETMAP_NODE".into(), ctx.config.name.clone().into()));
+    env.extend(job_environment(ctx).into_iter().map(|(k, v)| (k.into(), v.into())));
+    WorkerCommand {
+        program: image.python.clone().into(),
+        args: vec!["-m".into(), "fleetmap._worker".into()],
+        env,
+        cgroup_procs: vec![],
+        cpu_affinity: ctx.placement.cpus.clone(),
+        run_as: ctx.config.run_as,
+        private_tmp: true,
+        image: Some(ImageRoot {
+            rootfs: image.rootfs(),
+            scratch: image.scratch(),
+            binds,
+            devices,
+            workdir: image.workdir.clone().into(),
+        }),
     }
 }
 

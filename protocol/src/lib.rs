@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 /// Version 2: messages split per direction, postcard encoding.
 /// Version 3: job environments (`EnvironmentSpec`), source bundles and
 /// failure kinds.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// The largest message accepted by default (1 GiB): a chunk of inputs or
 /// outputs, or a pickled function, must fit in one message. Messages larger
@@ -111,7 +111,28 @@ pub enum RuntimeSpec {
         /// The caller's local modules as a zip of sources, first on the
         /// workers' `sys.path`.
         sources: Option<SourceBundle>,
+        /// An OCI image reference (`registry/repo:tag` or `...@sha256:...`):
+        /// every call runs with that image's file system as its root, and
+        /// the image's interpreter. `None`: the node's own file system.
+        image: Option<String>,
     },
+}
+
+/// The longest image reference a node accepts.
+pub const MAX_IMAGE_REFERENCE_BYTES: usize = 512;
+
+/// Why a node must not try to pull `reference`, if it must not: it is
+/// bounded and made only of the characters image references use, so that
+/// it can be named in logs and paths without quoting.
+pub fn check_image_reference(reference: &str) -> Result<(), String> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || "._-/:@".contains(c);
+    if reference.is_empty() || reference.len() > MAX_IMAGE_REFERENCE_BYTES || !reference.chars().all(allowed) {
+        return Err(format!(
+            "{reference:?} is not an image reference (REGISTRY/REPOSITORY:TAG or ...@sha256:DIGEST, \
+             at most {MAX_IMAGE_REFERENCE_BYTES} characters)"
+        ));
+    }
+    Ok(())
 }
 
 /// The most bytes a source bundle may hold (compressed).
@@ -184,6 +205,8 @@ pub enum FailureKind {
     Job,
     /// A node could not prepare the job's environment.
     Environment,
+    /// A node could not pull, unpack or use the job's image.
+    Image,
 }
 
 /// A job as the client submits it.
@@ -288,7 +311,7 @@ pub enum HelloReply {
 pub enum ClientToCoordinator {
     SubmitJob {
         request: RequestId,
-        spec: JobSpec,
+        spec: Box<JobSpec>,
     },
     Inputs {
         job: JobId,

@@ -57,6 +57,15 @@ class EnvironmentSetupError(FleetmapError):
     The message carries the installer's own words and the requirement."""
 
 
+class ImageError(FleetmapError):
+    """A node could not run the job in its ``image=``: an unknown image or
+    tag, a registry that cannot be reached or refuses the node's
+    credentials, a blob that does not match its digest, an image for
+    another platform, or one without a Python of the caller's minor
+    version. The message names the image and carries the registry's own
+    words. Raised before any input runs."""
+
+
 class OutOfMemory(FleetmapError, MemoryError):
     """A call used more memory than its ``func_ram`` and was killed; the
     message names the input, the limit, the peak use and the node."""

@@ -9,6 +9,7 @@ import itertools
 import math
 import os
 import pickle
+import re
 import site
 import sys
 import sysconfig
@@ -16,7 +17,7 @@ import types
 from typing import Any, Callable, ContextManager, Dict, Generator, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from . import _environment, _fleet, _native, _sources
-from ._errors import CoordinatorUnreachable, EnvironmentSetupError, InputError, JobFailed, UnsupportedOption
+from ._errors import CoordinatorUnreachable, EnvironmentSetupError, ImageError, InputError, JobFailed, UnsupportedOption
 from ._inspect import describe_size, describe_unpicklable
 from ._progress import Progress
 
@@ -91,9 +92,20 @@ def remote_parallel_map(
     try:
         function_blob = _pickle_function(function_)
         fleet = _fleet.fleet_address(api_key)
-        environment = _environment.job_environment(packages, fleet.embedded)
+        # An image is the job's environment: the caller's is not replicated.
+        environment = None if image is not None and packages is None else _environment.job_environment(packages, fleet.embedded)
         job = _submit(
-            fleet, function_blob, source.total, parallelism, func_cpu, func_ram, func_gpu, environment, sources, isolated
+            fleet,
+            function_blob,
+            source.total,
+            parallelism,
+            func_cpu,
+            func_ram,
+            func_gpu,
+            environment,
+            sources,
+            isolated,
+            image,
         )
     except BaseException:
         scope.__exit__(*sys.exc_info())
@@ -228,9 +240,7 @@ def _check_arguments(
 ) -> None:
     # Typed Any: these are the caller's arguments as given, checked here.
     if image is not None:
-        raise UnsupportedOption(
-            "image= is not supported yet: calls run in the caller's Python environment; leave image=None"
-        )
+        _check_image(image, packages)
     if not callable(function_):
         raise TypeError(f"function_ must be callable, got {type(function_).__name__}")
     try:
@@ -257,6 +267,26 @@ def _check_arguments(
     whole("func_gpu", func_gpu, 0, _MAX_GPU)
     if isinstance(func_ram, bool) or not isinstance(func_ram, (int, float)) or not 0 < func_ram <= _MAX_RAM:
         raise ValueError(f"func_ram must be a number of GiB above 0 and at most {_MAX_RAM}, got {func_ram!r}")
+
+
+# What an image reference may hold: [REGISTRY/]REPOSITORY[:TAG][@sha256:HEX].
+_IMAGE_REFERENCE = re.compile(
+    r"^[a-z0-9]+([._-][a-z0-9]+)*(:[0-9]+)?(/[a-z0-9]+([._-]+[a-z0-9]+)*)*(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?"
+    r"(@sha256:[0-9a-f]{64})?$"
+)
+
+
+def _check_image(image: Any, packages: Any) -> None:
+    if not isinstance(image, str) or len(image) > 512 or not _IMAGE_REFERENCE.match(image):
+        raise ValueError(
+            f"image must be an OCI image reference such as 'registry.lab:5000/team/py311:2026.11' "
+            f"or '...@sha256:DIGEST', got {image!r}"
+        )
+    if packages is not None:
+        raise UnsupportedOption(
+            "packages= together with image= is not supported yet: put the packages into the image, "
+            "or leave image=None to install them into the caller's replicated environment"
+        )
 
 
 def _pickle_function(function_: Callable[[Any], Any]) -> bytes:
@@ -294,6 +324,7 @@ def _submit(
     environment: Optional[_environment.Environment] = None,
     sources: Optional[_sources.SourceBundle] = None,
     require_isolation: bool = False,
+    image: Optional[str] = None,
 ) -> _native.Job:
     version = _python_version()
     args = (
@@ -308,6 +339,7 @@ def _submit(
         None if environment is None else (environment.id, environment.requirements, environment.resolve),
         None if sources is None else (sources.digest, sources.zip),
         require_isolation,
+        image,
     )
     for attempt in range(2):
         conn = _fleet.connection(fleet, fresh=attempt > 0)
@@ -508,5 +540,6 @@ def _run(
             elif kind == "finished":
                 return
             elif kind == "failed":
-                raise (EnvironmentSetupError if event[2] == "environment" else JobFailed)(event[1])
+                error = {"environment": EnvironmentSetupError, "image": ImageError}.get(event[2], JobFailed)
+                raise error(event[1])
         progress.tick()

@@ -199,6 +199,7 @@ class Connection:
         environment: Optional[Tuple[str, List[str], bool]] = None,
         sources: Optional[Tuple[str, bytes]] = None,
         require_isolation: bool = False,
+        image: Optional[str] = None,
     ) -> Job:
         """Submits a job of the pickled Python ``function``: each call gets
         ``cores`` cores, ``memory_bytes`` of memory and ``gpus`` GPUs; at most

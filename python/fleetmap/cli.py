@@ -90,6 +90,9 @@ def cmd_node(args: argparse.Namespace) -> int:
         "max_bytes": int(args.environment_cache_gib * (1 << 30)) if args.environment_cache_gib else None,
         "use_caller_python": not args.no_caller_python,
         "prepare": prepare,
+        "insecure_registries": _insecure_registries(args.insecure_registry),
+        "registry_auth": args.registry_auth,
+        "image_max_bytes": int(args.image_cache_gib * (1 << 30)) if args.image_cache_gib else None,
     }
     node = _native.start_node(
         args.coordinator,
@@ -122,6 +125,12 @@ def cmd_node(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         node.stop()
         return 0
+
+
+def _insecure_registries(given: Optional[List[str]]) -> List[str]:
+    """``--insecure-registry`` and ``FLEETMAP_INSECURE_REGISTRIES``, together."""
+    from_env = os.environ.get("FLEETMAP_INSECURE_REGISTRIES", "")
+    return list(given or []) + [r.strip() for r in from_env.split(",") if r.strip()]
 
 
 def _environments_to_prepare(files: List[str], pythons: List[str]) -> List[Tuple[str, List[str], str]]:
@@ -256,6 +265,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         help="build the environment of this requirements file (one requirement per line) at start, as jobs "
         "with the same packages= list need it (repeatable)",
     )
+    p.add_argument(
+        "--insecure-registry",
+        action="append",
+        metavar="HOST:PORT",
+        help="a registry images are pulled from over plain HTTP, not HTTPS (repeatable; also "
+        "FLEETMAP_INSECURE_REGISTRIES=HOST:PORT,...)",
+    )
+    p.add_argument(
+        "--registry-auth",
+        metavar="FILE",
+        help="registry credentials in Docker's config.json format (default: anonymous pulls); "
+        "callers never send credentials",
+    )
+    p.add_argument("--image-cache-gib", type=float, help="evict unused images above this size, refuse larger ones (default: 100)")
     p.add_argument(
         "--no-caller-python",
         action="store_true",

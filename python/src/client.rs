@@ -46,7 +46,7 @@ impl Connection {
     /// `(id, requirements, resolve)` of the environment its calls need, or
     /// `None` for the caller's interpreter as it is.
     /// `sources`: `(sha256 hex, zip)` of the caller's local modules.
-    #[pyo3(signature = (function, cores, memory_bytes, gpus, parallelism, total_inputs, executable, version, environment=None, sources=None, require_isolation=false))]
+    #[pyo3(signature = (function, cores, memory_bytes, gpus, parallelism, total_inputs, executable, version, environment=None, sources=None, require_isolation=false, image=None))]
     #[allow(clippy::too_many_arguments)]
     fn submit(
         &self,
@@ -62,6 +62,7 @@ impl Connection {
         environment: Option<(String, Vec<String>, bool)>,
         sources: Option<(String, Vec<u8>)>,
         require_isolation: bool,
+        image: Option<String>,
     ) -> PyResult<PyJob> {
         let spec = JobSpec {
             principal: String::new(),
@@ -83,6 +84,7 @@ impl Connection {
                     resolve,
                 }),
                 sources: sources.map(|(digest, zip)| SourceBundle { digest, zip }),
+                image,
             },
         };
         let client = self.client.clone();
@@ -226,6 +228,7 @@ fn event_to_py(py: Python<'_>, event: JobEvent) -> PyResult<Py<PyAny>> {
             let kind = match kind {
                 FailureKind::Job => "job",
                 FailureKind::Environment => "environment",
+                FailureKind::Image => "image",
             };
             ("failed", reason, kind).into_pyobject(py)?.into_any()
         }

@@ -230,7 +230,7 @@ pub(crate) fn start_node(
     config.private_tmp = private_tmp;
     config.pass_env = pass_env;
     if let Some(settings) = environments {
-        environment_settings(&mut config.environments, &settings)?;
+        environment_settings(&mut config, &settings)?;
     }
     let name = config.name.clone();
     let (shutdown, stop) = tokio::sync::watch::channel(false);
@@ -245,8 +245,11 @@ pub(crate) fn start_node(
 /// Reads `fleetmap node`'s environment settings: `pythons`, `cache_dir`,
 /// `uv`, `runtime_packages`, `index_url`, `find_links`, `build_timeout_s`,
 /// `max_bytes`, `use_caller_python` and `prepare` (`(id, requirements,
-/// python version)` of each environment to build at start), each optional.
-fn environment_settings(config: &mut EnvironmentConfig, settings: &Bound<'_, PyDict>) -> PyResult<()> {
+/// python version)` of each environment to build at start), and the image
+/// settings `insecure_registries`, `registry_auth` and `image_max_bytes`,
+/// each optional.
+fn environment_settings(node: &mut NodeConfig, settings: &Bound<'_, PyDict>) -> PyResult<()> {
+    let config: &mut EnvironmentConfig = &mut node.environments;
     for (key, value) in settings.iter() {
         let key: String = key.extract()?;
         if value.is_none() {
@@ -262,6 +265,9 @@ fn environment_settings(config: &mut EnvironmentConfig, settings: &Bound<'_, PyD
             "build_timeout_s" => config.build_timeout = seconds(value.extract()?),
             "max_bytes" => config.max_bytes = value.extract()?,
             "use_caller_python" => config.use_caller_python = value.extract()?,
+            "insecure_registries" => node.images.insecure_registries = value.extract()?,
+            "registry_auth" => node.images.auth_file = Some(value.extract()?),
+            "image_max_bytes" => node.images.max_bytes = value.extract()?,
             "prepare" => {
                 let listed: Vec<(String, Vec<String>, String)> = value.extract()?;
                 config.prepare = listed

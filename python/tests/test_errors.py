@@ -147,14 +147,11 @@ def test_output_that_cannot_be_pickled_fails_that_input():
 # --- arguments ---------------------------------------------------------------
 
 
-def test_image_is_unsupported():
-    with pytest.raises(fleetmap.UnsupportedOption, match="image="):
-        remote_parallel_map(lambda x: x, [1], image="python:3.11")
-
-
-def test_unsupported_options_are_refused_even_for_empty_inputs():
-    with pytest.raises(fleetmap.UnsupportedOption):
-        remote_parallel_map(lambda x: x, [], image="python:3.11")
+def test_bad_image_arguments_are_refused_even_for_empty_inputs():
+    with pytest.raises(ValueError, match="image reference"):
+        remote_parallel_map(lambda x: x, [], image="Python 3.11")
+    with pytest.raises(fleetmap.UnsupportedOption, match="packages= together with image="):
+        remote_parallel_map(lambda x: x, [], image="python:3.11", packages=["six"])
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,7 @@
 #![warn(clippy::undocumented_unsafe_blocks)]
 
 pub mod cgroup;
+pub mod image_root;
 #[cfg(test)]
 mod test_host;
 
@@ -97,6 +98,10 @@ pub struct WorkerCommand {
     /// Give the worker its own mount namespace with an empty tmpfs on
     /// `/tmp`, so calls of different jobs never see each other's files.
     pub private_tmp: bool,
+    /// Run in this image's file system, made the worker's `/` in a mount
+    /// namespace of its own (with a private `/tmp` whatever `private_tmp`
+    /// says). `program` is a path inside the image.
+    pub image: Option<image_root::ImageRoot>,
 }
 
 /// A running worker. Dropping it kills the worker's whole process group.
@@ -169,6 +174,12 @@ pub fn spawn_worker(cmd: &WorkerCommand) -> Result<Worker, SandboxError> {
         affinity: cpu_set(&cmd.cpu_affinity),
         run_as: cmd.run_as.map(|(uid, gid)| (Uid::from_raw(uid), Gid::from_raw(gid))),
         private_tmp: cmd.private_tmp,
+        root: cmd
+            .image
+            .as_ref()
+            .map(image_root::RootSteps::new)
+            .transpose()
+            .map_err(spawn_error)?,
     };
     let mut command = tokio::process::Command::new(&cmd.program);
     command
@@ -183,7 +194,8 @@ pub fn spawn_worker(cmd: &WorkerCommand) -> Result<Worker, SandboxError> {
     // SAFETY: the closure runs in the child between fork and exec, where only
     // async-signal-safe calls are allowed. `ChildSetup::enter` makes only
     // system calls (write, sched_setaffinity, dup2, fcntl, unshare, mount,
-    // setgroups, setgid, setuid, prctl), on values made before fork, and
+    // mkdir, open, symlinkat, chdir, pivot_root, umount2, setgroups, setgid,
+    // setuid, prctl), on values made before fork, and
     // allocates nothing: errors are errno values. Every descriptor it uses
     // is owned by `setup`, which the closure owns, so each is open in the
     // child.
@@ -222,6 +234,8 @@ struct ChildSetup {
     affinity: Option<CpuSet>,
     run_as: Option<(Uid, Gid)>,
     private_tmp: bool,
+    /// The image root to enter, as system calls made before fork.
+    root: Option<image_root::RootSteps>,
 }
 
 impl ChildSetup {
@@ -239,7 +253,9 @@ impl ChildSetup {
         if let Some(channel) = &self.channel {
             Self::place_channel(channel)?;
         }
-        if self.private_tmp {
+        if let Some(root) = &self.root {
+            root.enter()?;
+        } else if self.private_tmp {
             unshare(CloneFlags::CLONE_NEWNS)?;
             // Keep the new /tmp (and everything else) from propagating back
             // to the daemon's namespace.
@@ -305,6 +321,7 @@ pub fn confine(command: &mut tokio::process::Command, cgroup_procs: Vec<File>, r
         affinity: None,
         run_as: run_as.map(|(uid, gid)| (Uid::from_raw(uid), Gid::from_raw(gid))),
         private_tmp: false,
+        root: None,
     };
     // SAFETY: as in `spawn_worker`: `ChildSetup::enter` makes only system
     // calls on values made before fork and allocates nothing; the closure
@@ -471,6 +488,7 @@ mod tests {
             cpu_affinity: vec![],
             run_as: None,
             private_tmp: false,
+            image: None,
         };
         let mut worker = spawn_worker(&cmd).unwrap();
         let mut channel = worker.channel.take().unwrap();
@@ -505,6 +523,7 @@ mod tests {
             cpu_affinity: vec![],
             run_as: None,
             private_tmp: false,
+            image: None,
         };
         let mut worker = spawn_worker(&cmd).unwrap();
         let mut out = String::new();
@@ -522,6 +541,7 @@ mod tests {
             cpu_affinity: vec![],
             run_as: None,
             private_tmp: false,
+            image: None,
         };
         let mut worker = spawn_worker(&cmd).unwrap();
         let mut out = String::new();
@@ -539,6 +559,7 @@ mod tests {
             cpu_affinity: vec![0],
             run_as: None,
             private_tmp: false,
+            image: None,
         };
         let mut worker = spawn_worker(&cmd).unwrap();
         let mut channel = worker.channel.take().unwrap();
@@ -571,6 +592,7 @@ mod tests {
             cpu_affinity: vec![],
             run_as: Some(lookup_user("nobody").unwrap()),
             private_tmp: true,
+            image: None,
         };
         let mut worker = spawn_worker(&cmd).unwrap();
         let mut channel = worker.channel.take().unwrap();
@@ -616,6 +638,7 @@ mod tests {
             cpu_affinity: vec![],
             run_as: None,
             private_tmp: false,
+            image: None,
         };
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()

@@ -26,6 +26,7 @@ pub fn job_spec(inputs: u64, call: CallRequest) -> JobSpec {
             function: vec![0; 64],
             environment: None,
             sources: None,
+            image: None,
         },
     }
 }

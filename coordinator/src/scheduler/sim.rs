@@ -406,6 +406,7 @@ impl World {
                             function: vec![7],
                             environment: None,
                             sources: None,
+                            image: None,
                         },
                     };
                     ClientJob {
@@ -785,7 +786,7 @@ impl World {
                 }
                 let result = match msg {
                     ClientToCoordinator::SubmitJob { request, spec } => {
-                        self.sched.handle_submit(client, request, spec);
+                        self.sched.handle_submit(client, request, *spec);
                         Ok(())
                     }
                     ClientToCoordinator::Inputs { job, chunk } => self.sched.handle_inputs(client, job, chunk),
@@ -989,7 +990,7 @@ impl World {
             j.submitted = true;
             ClientToCoordinator::SubmitJob {
                 request: RequestId(request as u64),
-                spec: j.spec.clone(),
+                spec: Box::new(j.spec.clone()),
             }
         } else {
             let job = j.job.expect("sends only for an accepted job");
@@ -1299,6 +1300,7 @@ fn two_core_job() -> JobSpec {
             function: vec![7],
             environment: None,
             sources: None,
+            image: None,
         },
     }
 }

@@ -30,6 +30,7 @@ fn spec(cores: u32, memory_gib: u64, parallelism: Option<u32>, total: u64) -> Jo
             function: vec![1, 2, 3],
             environment: None,
             sources: None,
+            image: None,
         },
     }
 }

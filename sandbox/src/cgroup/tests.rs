@@ -544,6 +544,7 @@ async fn run_in(slot: &SlotCgroup, script: &str) -> (ExitStatus, String, String)
         cpu_affinity: vec![],
         run_as: None,
         private_tmp: false,
+        image: None,
     };
     let mut worker = spawn_worker(&cmd).unwrap();
     let (mut out, mut err) = (String::new(), String::new());
@@ -731,6 +732,7 @@ async fn init_kills_and_removes_the_slots_of_a_crashed_daemon() {
         cpu_affinity: vec![],
         run_as: None,
         private_tmp: false,
+        image: None,
     };
     let mut worker = spawn_worker(&cmd).unwrap();
     let deadline = Instant::now() + Duration::from_secs(2);
