@@ -153,6 +153,13 @@ async fn prepare_image(ctx: &mut SlotContext) -> Result<(), String> {
              put the packages into the image, or leave image=None"
         ));
     }
+    if !nix::unistd::geteuid().is_root() {
+        return Err(format!(
+            "node {node} cannot run image {reference}: it runs as user {}, and a worker enters its image \
+             with mount namespaces, which need root; start the node as root (or leave image=None)",
+            nix::unistd::geteuid()
+        ));
+    }
     let held = ctx.images.prepare(ctx.job, reference, &say_to_caller(ctx)).await?;
     let image = &held.image;
     if &image.python_version != version {

@@ -48,7 +48,8 @@ fn crates_keep_their_dependency_direction() {
         (
             "fleetmap-coordinator",
             "",
-            &["pyo3", "fleetmap-sandbox", "fleetmap-runtime"],
+            // Nodes pull images; the coordinator never talks to a registry.
+            &["pyo3", "fleetmap-sandbox", "fleetmap-runtime", "oci-client", "reqwest"],
         ),
         (
             "fleetmap-node-daemon",
