@@ -133,6 +133,9 @@ pub(crate) struct Images {
     resolved: Mutex<Resolutions>,
     /// Pulls in flight, by digest.
     pulls: Mutex<HashMap<String, Pull>>,
+    /// Images this daemon has used, by digest (checked on disk before use,
+    /// as eviction may have removed one).
+    known: Mutex<HashMap<String, Arc<Image>>>,
     tokens: Mutex<HashMap<String, Arc<()>>>,
     /// How many images this daemon has pulled (not found in its cache).
     pulled: AtomicU64,
@@ -176,6 +179,7 @@ impl Images {
             client,
             resolved: Default::default(),
             pulls: Default::default(),
+            known: Default::default(),
             tokens: Default::default(),
             pulled: AtomicU64::new(0),
         }
@@ -204,12 +208,20 @@ impl Images {
         let digest = self.resolve(job, &parsed, &auth).await?;
         let dir = self.dir.join(digest.replace(':', "-"));
         let lease = self.lease(&digest);
+        let known = self
+            .known
+            .lock()
+            .expect("known images lock poisoned")
+            .get(&digest)
+            .cloned();
+        if let Some(image) = known.filter(|i| i.dir.join("image.json").exists()) {
+            return Ok(Held { image, lease });
+        }
         if let Some(image) = load(&dir) {
             touch(&dir.join(".fleetmap-last-used"));
-            return Ok(Held {
-                image: Arc::new(image),
-                lease,
-            });
+            let image = Arc::new(image);
+            self.remember(&image);
+            return Ok(Held { image, lease });
         }
         let pull = self
             .pulls
@@ -225,7 +237,18 @@ impl Images {
         self.pulls.lock().expect("image pulls lock poisoned").remove(&digest);
         let image = result?;
         touch(&dir.join(".fleetmap-last-used"));
+        self.remember(&image);
         Ok(Held { image, lease })
+    }
+
+    /// Keeps `image`'s description in memory: a later job with the same
+    /// digest reads nothing from disk.
+    fn remember(&self, image: &Arc<Image>) {
+        let mut known = self.known.lock().expect("known images lock poisoned");
+        if known.len() >= RESOLUTIONS_KEPT {
+            known.clear();
+        }
+        known.insert(image.digest.clone(), image.clone());
     }
 
     /// The digest `reference` names for this job: itself if it has one,

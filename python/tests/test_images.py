@@ -22,7 +22,7 @@ import fleetmap
 from fleetmap import remote_parallel_map
 
 from conftest import need_privileges, run_client, wait_for
-from images import LAYER_GZIP, LayerBuilder, Registry, python_base_layer
+from oci import LAYER_GZIP, LayerBuilder, Registry, python_base_layer
 
 HOST_OS_RELEASE = Path("/etc/os-release").read_text() if Path("/etc/os-release").exists() else ""
 
