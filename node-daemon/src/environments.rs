@@ -846,7 +846,8 @@ fn write_file(path: &Path, text: &str) -> Result<(), String> {
         .map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
-fn touch(path: &Path) {
+/// Marks a cache entry used now (eviction goes by this file's age).
+pub(crate) fn touch(path: &Path) {
     let _ = fs::File::create(path);
 }
 

@@ -46,7 +46,7 @@ use serde::{Deserialize, Serialize};
 use tokio::{io::AsyncWriteExt, sync::OnceCell};
 use tracing::{info, warn};
 
-use crate::environments::Lease;
+use crate::environments::{touch, Lease};
 
 /// Where and how a node gets images.
 #[derive(Debug, Clone)]
@@ -137,8 +137,6 @@ pub(crate) struct Images {
     /// as eviction may have removed one).
     known: Mutex<HashMap<String, Arc<Image>>>,
     tokens: Mutex<HashMap<String, Arc<()>>>,
-    /// How many images this daemon has pulled (not found in its cache).
-    pulled: AtomicU64,
 }
 
 /// The node's platform in OCI's words.
@@ -181,14 +179,7 @@ impl Images {
             pulls: Default::default(),
             known: Default::default(),
             tokens: Default::default(),
-            pulled: AtomicU64::new(0),
         }
-    }
-
-    /// How many images this daemon has pulled from a registry.
-    #[allow(dead_code)]
-    pub fn pulled(&self) -> u64 {
-        self.pulled.load(Ordering::Relaxed)
     }
 
     /// The job's image, pulled and unpacked unless this node has it. `say`
@@ -428,7 +419,6 @@ impl Images {
                 ));
             }
         }
-        self.pulled.fetch_add(1, Ordering::Relaxed);
         image.dir = dir.to_path_buf();
         let took = started.elapsed().as_secs_f64();
         info!(
@@ -659,10 +649,6 @@ fn load(dir: &Path) -> Option<Image> {
     let mut image: Image = serde_json::from_slice(&text).ok()?;
     image.dir = dir.to_path_buf();
     Some(image)
-}
-
-fn touch(path: &Path) {
-    let _ = fs::File::create(path);
 }
 
 fn human(bytes: u64) -> String {

@@ -34,9 +34,12 @@ def _module_level_uses_helper(x):
 
 
 def _slow_start_then_fast(x):
-    # The first 100 inputs take 2 ms each; the rest return at once, so
-    # later inputs finish before earlier ones whenever two slots run.
-    if x < 100:
+    # Input 0 takes a second and the next 99 take 2 ms each; the rest return
+    # at once, so later inputs finish before earlier ones whenever a second
+    # slot runs during that second, however the inputs are chunked.
+    if x == 0:
+        time.sleep(1.0)
+    elif x < 100:
         time.sleep(0.002)
     return (x, x * 3, time.time())
 
