@@ -159,12 +159,18 @@ pub(crate) struct Interpreter {
 /// A slot's hold on an environment: an environment with a holder is never
 /// evicted. Warm workers keep theirs.
 #[derive(Debug, Clone)]
-pub(crate) struct Lease(#[allow(dead_code)] Option<Arc<()>>);
+pub(crate) struct Lease(#[allow(dead_code)] Vec<Arc<()>>);
 
 impl Lease {
     /// A hold on whatever `token` counts the holders of.
     pub(crate) fn held(token: Arc<()>) -> Self {
-        Self(Some(token))
+        Self(vec![token])
+    }
+
+    /// One hold on both.
+    pub(crate) fn and(mut self, other: Lease) -> Self {
+        self.0.extend(other.0);
+        self
     }
 }
 
@@ -259,7 +265,7 @@ impl Environments {
         {
             return Ok(Prepared {
                 program: caller_executable.to_string(),
-                lease: Lease(None),
+                lease: Lease(vec![]),
             });
         }
         let lease = self.lease(&spec.id);
@@ -287,6 +293,147 @@ impl Environments {
             program: python_in(&dir).display().to_string(),
             lease,
         })
+    }
+
+    /// The job's packages for an image's interpreter, installed (once per
+    /// requirements and image) into `CACHE/envs/IDiDIGEST/site`, which the
+    /// slot binds into the image and puts on its path. Requirements the
+    /// image already has at that version are not installed. The installer
+    /// runs on the node, confined as for any build, selecting wheels for
+    /// the image's Python version and platform (`manylinux_2_28`): packages
+    /// that exist only as source distributions cannot be installed this way.
+    pub async fn prepare_for_image(
+        &self,
+        spec: &EnvironmentSpec,
+        image: &crate::images::Image,
+        say: &(dyn Fn(String) + Send + Sync),
+    ) -> Result<(PathBuf, Lease), String> {
+        spec.check().map_err(|e| format!("node {}: {e}", self.node))?;
+        let digest: String = image.digest.rsplit(':').next().unwrap_or("").chars().take(16).collect();
+        let key = format!("{}i{digest}", spec.id);
+        let dir = self.env_dir(&key);
+        let lease = self.lease(&key);
+        let record = |dir: &Path| dir.join("fleetmap-environment.json");
+        if !record(&dir).exists() {
+            let build = self
+                .builds
+                .lock()
+                .expect("environment builds lock poisoned")
+                .entry(key.clone())
+                .or_default()
+                .clone();
+            let result = build
+                .get_or_init(|| self.build_for_image(&key, spec, image, say))
+                .await
+                .clone();
+            self.builds
+                .lock()
+                .expect("environment builds lock poisoned")
+                .remove(&key);
+            result?;
+        }
+        touch(&dir.join(".fleetmap-last-used"));
+        Ok((dir.join("site"), lease))
+    }
+
+    async fn build_for_image(
+        &self,
+        key: &str,
+        spec: &EnvironmentSpec,
+        image: &crate::images::Image,
+        say: &(dyn Fn(String) + Send + Sync),
+    ) -> Result<PathBuf, String> {
+        let node = &self.node;
+        let started = Instant::now();
+        let has = crate::images::distributions(image);
+        let install: Vec<&String> = spec.requirements.iter().filter(|r| !satisfied_by(r, &has)).collect();
+        say(describe_install(node, &spec.id[..8], &install, spec.requirements.len()));
+        let envs = self.config.cache_dir.join("envs");
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let tmp = envs.join(format!(
+            ".build-{key}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let build = async {
+            let cache = self.config.cache_dir.join("uv");
+            let site = tmp.join("site");
+            for dir in [&site, &cache] {
+                fs::create_dir_all(dir).map_err(|e| format!("node {node}: cannot create {}: {e}", dir.display()))?;
+                self.give_to_workers(dir)?;
+            }
+            self.give_to_workers(&tmp)?;
+            if !install.is_empty() {
+                let cgroup = self.build_cgroup()?;
+                let requirements = tmp.join("fleetmap-requirements.txt");
+                write_file(
+                    &requirements,
+                    &install.iter().map(|r| format!("{r}\n")).collect::<String>(),
+                )?;
+                self.give_to_workers(&requirements)?;
+                let arch = if std::env::consts::ARCH == "aarch64" {
+                    "aarch64"
+                } else {
+                    "x86_64"
+                };
+                let mut pip = Command::new(self.uv()?);
+                pip.args([
+                    "pip",
+                    "install",
+                    "--quiet",
+                    "--only-binary",
+                    ":all:",
+                    "--python-platform",
+                ])
+                .arg(format!("{arch}-manylinux_2_28"))
+                .arg("--python-version")
+                .arg(&image.python_version)
+                .arg("--target")
+                .arg(&site)
+                .arg("-r")
+                .arg(&requirements);
+                if let Some(index) = &self.config.index_url {
+                    pip.arg("--index-url").arg(index);
+                }
+                for links in &self.config.find_links {
+                    pip.arg("--find-links").arg(links);
+                }
+                self.install_command(&mut pip, &cache, &tmp, cgroup.as_ref())?;
+                self.checked(
+                    pip,
+                    &format!("install the job's packages for image {}", image.reference),
+                    spec,
+                )
+                .await?;
+            }
+            let record = serde_json::json!({
+                "id": spec.id, "image": image.digest, "python": image.python_version,
+                "requirements": spec.requirements, "installed": install,
+            });
+            write_file(&tmp.join("fleetmap-environment.json"), &format!("{record}\n"))
+        };
+        if let Err(e) = build.await {
+            let _ = fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+        let dir = self.env_dir(key);
+        if let Err(e) = fs::rename(&tmp, &dir) {
+            let _ = fs::remove_dir_all(&tmp);
+            if !dir.join("fleetmap-environment.json").exists() {
+                return Err(format!("node {node}: cannot move the environment into place: {e}"));
+            }
+        }
+        let took = started.elapsed().as_secs_f64();
+        info!(
+            "node {node}: built environment {key} for image {} in {took:.1} s",
+            image.reference
+        );
+        say(format!(
+            "node {node}: environment {} ready in {took:.1} s",
+            &spec.id[..8]
+        ));
+        self.evict();
+        Ok(dir)
     }
 
     /// The caller's source bundle on this node: written once per digest
@@ -348,7 +495,7 @@ impl Environments {
 
     fn lease(&self, id: &str) -> Lease {
         let mut tokens = self.tokens.lock().expect("environment tokens lock poisoned");
-        Lease(Some(tokens.entry(id.to_string()).or_default().clone()))
+        Lease::held(tokens.entry(id.to_string()).or_default().clone())
     }
 
     fn in_use(&self, id: &str) -> bool {
@@ -784,7 +931,7 @@ fn satisfied_by(requirement: &str, installed: &HashMap<String, String>) -> bool 
 }
 
 /// A project name as PEP 503 compares it.
-fn normalize(name: &str) -> String {
+pub(crate) fn normalize(name: &str) -> String {
     let mut out = String::with_capacity(name.len());
     let mut dash = false;
     for c in name.chars() {

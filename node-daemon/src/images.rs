@@ -485,6 +485,49 @@ impl Images {
     }
 }
 
+/// The distributions installed for an image's interpreter (normalized
+/// name to version), read off the `.dist-info` and `.egg-info` directory
+/// names of its site directories: its prefix's `lib/pythonX.Y/site-packages`
+/// and the usual system places.
+pub(crate) fn distributions(image: &Image) -> HashMap<String, String> {
+    let rootfs = image.rootfs();
+    let v = &image.python_version;
+    let mut dirs: Vec<PathBuf> = vec![
+        format!("/usr/lib/python{v}/site-packages").into(),
+        format!("/usr/local/lib/python{v}/site-packages").into(),
+        format!("/usr/local/lib/python{v}/dist-packages").into(),
+        "/usr/lib/python3/dist-packages".into(),
+    ];
+    if let Ok(real) = resolve_in_root(&rootfs, Path::new(&image.python), true) {
+        if let Some(prefix) = real.strip_prefix(&rootfs).ok().and_then(|p| p.parent()?.parent()) {
+            let lib = Path::new("/").join(prefix).join("lib").join(format!("python{v}"));
+            dirs.push(lib.join("site-packages"));
+            dirs.push(lib.join("dist-packages"));
+        }
+    }
+    let mut found = HashMap::new();
+    for dir in dirs {
+        let Ok(entries) = resolve_in_root(&rootfs, &dir, true).and_then(fs::read_dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let Some(stem) = name
+                .strip_suffix(".dist-info")
+                .or_else(|| name.strip_suffix(".egg-info"))
+            else {
+                continue;
+            };
+            if let Some((project, version)) = stem.split_once('-') {
+                let version = version.split('-').next().unwrap_or(version);
+                found.insert(crate::environments::normalize(project), version.to_string());
+            }
+        }
+    }
+    found
+}
+
 /// The host's NVIDIA driver libraries, as `ldconfig -p` lists them (name,
 /// path), bound into a GPU slot's image as the NVIDIA container toolkit
 /// does, so that an image without a driver runs on this node's. Looked up

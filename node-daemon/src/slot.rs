@@ -71,9 +71,17 @@ pub(crate) struct SlotContext {
     /// The job's source bundle on this node.
     pub sources: Option<String>,
     pub images: Arc<Images>,
-    /// The job's image on this node, and fleetmap's runtime to bind into
-    /// it, once prepared.
-    pub image: Option<(Held, std::path::PathBuf)>,
+    /// The job's image on this node, once prepared.
+    pub image: Option<SlotImage>,
+}
+
+/// What a slot's workers need to run in the job's image.
+pub(crate) struct SlotImage {
+    held: Held,
+    /// fleetmap's runtime on this node, bound into the image.
+    runtime: std::path::PathBuf,
+    /// The job's `packages=` installed for the image, bound into it.
+    packages: Option<std::path::PathBuf>,
 }
 
 /// Runs a slot until its chunk channel closes. A channel closed with no
@@ -112,9 +120,7 @@ async fn prepare_slot(ctx: &mut SlotContext) -> Result<(), (FailureKind, String)
         let path = ctx.environments.sources(bundle).map_err(|r| (FailureKind::Job, r))?;
         ctx.sources = Some(path.display().to_string());
     }
-    prepare_image(ctx)
-        .await
-        .map_err(|reason| (FailureKind::Image, reason))?;
+    prepare_image(ctx).await?;
     prepare_environment(ctx)
         .await
         .map_err(|reason| (FailureKind::Environment, reason))
@@ -135,8 +141,10 @@ fn say_to_caller(ctx: &SlotContext) -> impl Fn(String) + Send + Sync {
 }
 
 /// Pulls (or finds) the job's image and makes its interpreter the slot's
-/// program, after checking that it is the caller's Python.
-async fn prepare_image(ctx: &mut SlotContext) -> Result<(), String> {
+/// program, after checking that it is the caller's Python; installs the
+/// job's `packages=` for it (an install failure is an environment's).
+async fn prepare_image(ctx: &mut SlotContext) -> Result<(), (FailureKind, String)> {
+    let image_error = |reason: String| (FailureKind::Image, reason);
     let RuntimeSpec::Python {
         image: Some(reference),
         version,
@@ -147,40 +155,58 @@ async fn prepare_image(ctx: &mut SlotContext) -> Result<(), String> {
         return Ok(());
     };
     let node = &ctx.config.name;
-    if environment.is_some() {
-        return Err(format!(
-            "node {node}: packages= together with image= is not supported yet: \
-             put the packages into the image, or leave image=None"
-        ));
-    }
     if !nix::unistd::geteuid().is_root() {
-        return Err(format!(
+        return Err(image_error(format!(
             "node {node} cannot run image {reference}: it runs as user {}, and a worker enters its image \
              with mount namespaces, which need root; start the node as root (or leave image=None)",
             nix::unistd::geteuid()
-        ));
+        )));
     }
-    let held = ctx.images.prepare(ctx.job, reference, &say_to_caller(ctx)).await?;
+    let held = ctx
+        .images
+        .prepare(ctx.job, reference, &say_to_caller(ctx))
+        .await
+        .map_err(image_error)?;
     let image = &held.image;
     if &image.python_version != version {
-        return Err(format!(
+        return Err(image_error(format!(
             "image {reference} has Python {} ({}), and the caller runs Python {version}: functions and \
              values travel with cloudpickle, which needs the same minor version on both ends; use an image \
              with Python {version}",
             image.python_version, image.python
-        ));
+        )));
     }
-    let runtime = ctx.environments.runtime_dir().await?.ok_or_else(|| {
-        format!(
-            "node {node} cannot run image {reference}: it was started without fleetmap's runtime \
+    let runtime = ctx
+        .environments
+        .runtime_dir()
+        .await
+        .map_err(image_error)?
+        .ok_or_else(|| {
+            format!(
+                "node {node} cannot run image {reference}: it was started without fleetmap's runtime \
              packages to bind into images"
-        )
-    })?;
+            )
+        });
+    let runtime = runtime.map_err(image_error)?;
+    // The slot and its warm workers hold the image and its packages.
+    let mut lease = held.lease.clone();
+    let mut packages = None;
+    if let Some(spec) = environment {
+        let (site, held_packages) = ctx
+            .environments
+            .prepare_for_image(spec, image, &say_to_caller(ctx))
+            .await
+            .map_err(|reason| (FailureKind::Environment, reason))?;
+        packages = Some(site);
+        lease = lease.and(held_packages);
+    }
     ctx.program = image.python.clone();
-    // The slot and its warm workers hold the image (there is no
-    // environment lease: packages= with image= is refused above).
-    ctx.lease = Some(held.lease.clone());
-    ctx.image = Some((held, runtime));
+    ctx.lease = Some(lease);
+    ctx.image = Some(SlotImage {
+        held,
+        runtime,
+        packages,
+    });
     Ok(())
 }
 
@@ -274,7 +300,7 @@ fn worker_key(ctx: &SlotContext) -> WorkerKey {
         principal: Some(ctx.spec.principal.clone()),
         // Workers in an image serve only jobs with the same image.
         program: match &ctx.image {
-            Some((held, _)) => format!("{} {}", held.image.digest, ctx.program),
+            Some(image) => format!("{} {}", image.held.image.digest, ctx.program),
             None => ctx.program.clone(),
         },
         environment: environment.as_ref().map(|e| e.id.clone()),
@@ -811,8 +837,8 @@ fn base_environment(config: &NodeConfig) -> Vec<(std::ffi::OsString, std::ffi::O
 }
 
 fn worker_command(ctx: &SlotContext) -> WorkerCommand {
-    if let Some((held, runtime)) = &ctx.image {
-        return image_worker_command(ctx, held, runtime);
+    if let Some(image) = &ctx.image {
+        return image_worker_command(ctx, image);
     }
     let program = ctx.program.clone();
     let mut env = base_environment(&ctx.config);
@@ -834,12 +860,18 @@ fn worker_command(ctx: &SlotContext) -> WorkerCommand {
 /// A worker in the job's image: the image's interpreter and `Env`,
 /// fleetmap's runtime and the job's sources bound in read-only, and for a
 /// GPU slot its devices and the host's driver libraries.
-fn image_worker_command(ctx: &SlotContext, held: &Held, runtime: &Path) -> WorkerCommand {
-    let image = &held.image;
+fn image_worker_command(ctx: &SlotContext, slot_image: &SlotImage) -> WorkerCommand {
+    let image = &slot_image.held.image;
     let mut binds = vec![Bind {
-        source: runtime.to_path_buf(),
+        source: slot_image.runtime.clone(),
         target: format!("{RUNTIME_MOUNT}/runtime").into(),
     }];
+    if let Some(site) = &slot_image.packages {
+        binds.push(Bind {
+            source: site.clone(),
+            target: format!("{RUNTIME_MOUNT}/packages").into(),
+        });
+    }
     if let Some(dir) = ctx.sources.as_deref().and_then(|s| Path::new(s).parent()) {
         binds.push(Bind {
             source: dir.to_path_buf(),
@@ -878,6 +910,9 @@ fn image_worker_command(ctx: &SlotContext, held: &Held, runtime: &Path) -> Worke
         Some((_, old)) => *old = value,
         None => env.push((key.to_string(), value)),
     };
+    if slot_image.packages.is_some() {
+        prepend("PYTHONPATH", format!("{RUNTIME_MOUNT}/packages"));
+    }
     prepend("PYTHONPATH", format!("{RUNTIME_MOUNT}/runtime"));
     if driver {
         prepend("LD_LIBRARY_PATH", format!("{RUNTIME_MOUNT}/driver"));

@@ -17,7 +17,7 @@ import types
 from typing import Any, Callable, ContextManager, Dict, Generator, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from . import _environment, _fleet, _native, _sources
-from ._errors import CoordinatorUnreachable, EnvironmentSetupError, ImageError, InputError, JobFailed, UnsupportedOption
+from ._errors import CoordinatorUnreachable, EnvironmentSetupError, ImageError, InputError, JobFailed
 from ._inspect import describe_size, describe_unpicklable
 from ._progress import Progress
 
@@ -240,7 +240,7 @@ def _check_arguments(
 ) -> None:
     # Typed Any: these are the caller's arguments as given, checked here.
     if image is not None:
-        _check_image(image, packages)
+        _check_image(image)
     if not callable(function_):
         raise TypeError(f"function_ must be callable, got {type(function_).__name__}")
     try:
@@ -276,16 +276,11 @@ _IMAGE_REFERENCE = re.compile(
 )
 
 
-def _check_image(image: Any, packages: Any) -> None:
+def _check_image(image: Any) -> None:
     if not isinstance(image, str) or len(image) > 512 or not _IMAGE_REFERENCE.match(image):
         raise ValueError(
             f"image must be an OCI image reference such as 'registry.lab:5000/team/py311:2026.11' "
             f"or '...@sha256:DIGEST', got {image!r}"
-        )
-    if packages is not None:
-        raise UnsupportedOption(
-            "packages= together with image= is not supported yet: put the packages into the image, "
-            "or leave image=None to install them into the caller's replicated environment"
         )
 
 

@@ -10,9 +10,11 @@ mount namespaces, overlayfs and ``pivot_root``.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-import shutil
 import stat
+import sys
 import uuid
 from pathlib import Path
 
@@ -22,7 +24,8 @@ import fleetmap
 from fleetmap import remote_parallel_map
 
 from conftest import need_privileges, run_client, wait_for
-from oci import LAYER_GZIP, LayerBuilder, Registry, python_base_layer
+from oci import LayerBuilder, Registry, python_base_layer
+from wheels import build_wheel
 
 HOST_OS_RELEASE = Path("/etc/os-release").read_text() if Path("/etc/os-release").exists() else ""
 
@@ -173,8 +176,6 @@ def test_a_corrupted_blob_is_refused(registry, base, cache):
     content = uuid.uuid4().hex.encode() * 64
     layer = LayerBuilder().file("corrupt-me", content).blob()
     digest = registry.push_image("fleet/py", "corrupt", [base, layer])
-    import hashlib
-
     stored = registry.blob_path("sha256:" + hashlib.sha256(layer[0]).hexdigest())
     data = bytearray(stored.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -197,8 +198,6 @@ def test_an_image_with_another_python_minor_is_refused_before_any_input_runs(reg
     registry.push_image("fleet/old-python", "1", [layer])
     result = run_in_image(registry, cache, f"{registry.host}/fleet/old-python:1", "    return 1")
     message = result["image_error"]
-    import sys
-
     assert "Python 3.9" in message and f"Python {sys.version_info.major}.{sys.version_info.minor}" in message, message
 
 
@@ -213,8 +212,61 @@ def test_unknown_images_and_unreachable_registries_are_image_errors(registry, ca
 def test_image_arguments_are_checked_before_anything_runs():
     with pytest.raises(ValueError, match="OCI image reference"):
         remote_parallel_map(abs, [1], image="not an image!")
-    with pytest.raises(fleetmap.UnsupportedOption, match="packages= together with image="):
-        remote_parallel_map(abs, [1], image="registry.lab/py:1", packages=["six"])
+    with pytest.raises(fleetmap.InputError, match="not a requirement"):
+        remote_parallel_map(abs, [1], image="registry.lab/py:1", packages=["six --index-url=http://elsewhere"])
+
+
+PACKAGES_JOB = """
+import json, os, fleetmap
+from fleetmap import remote_parallel_map
+
+def call(x):
+    import fm_image_extra, fm_image_dep, fm_image_has
+    return fm_image_extra.VERSION, fm_image_dep.VERSION, fm_image_has.__file__, open("/etc/os-release").read()
+
+RESULT = remote_parallel_map(call, [0, 1], image=IMAGE, packages=["fm-image-extra==1.0", "fm-image-has==1.0"], verbose=False)
+"""
+
+
+def test_packages_are_installed_for_the_image_except_what_it_has(registry, base, cache, tmp_path):
+    wheels = tmp_path / "wheels"
+    build_wheel(wheels, "fm-image-extra", "1.0", requires=("fm-image-dep",))
+    build_wheel(wheels, "fm-image-dep", "2.0")
+    build_wheel(wheels, "fm-image-has", "1.0", source="FROM = 'wheel'\n")
+    # The image has fm-image-has 1.0 already, in its interpreter's own
+    # site-packages (the base layer leaves that directory out).
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    site = os.path.join(sys.base_prefix, "lib", f"python{version}", "site-packages").lstrip("/")
+    layer = LayerBuilder().dir(site + "/").dir(f"{site}/fm_image_has/")
+    layer.file(f"{site}/fm_image_has/__init__.py", b"VERSION = '1.0'\nFROM = 'image'\n")
+    layer.dir(f"{site}/fm_image_has-1.0.dist-info/")
+    layer.file(f"{site}/fm_image_has-1.0.dist-info/METADATA", b"Metadata-Version: 2.1\nName: fm-image-has\nVersion: 1.0\n")
+    registry.push_image("fleet/py", "with-has", [base, layer.blob()], workdir="/work")
+    env = client_env(registry, cache)
+    env.update(UV_FIND_LINKS=str(wheels), UV_NO_INDEX="1")
+    image = f"{registry.host}/fleet/py:with-has"
+    r = run_client(f"IMAGE = {image!r}\n" + PACKAGES_JOB, env=env, timeout=180)
+    assert r["returncode"] == 0, r["stderr"]
+    for extra, dep, has_file, os_release in r["result"]:
+        assert (extra, dep) == ("1.0", "2.0"), "the job's packages and their dependencies, installed for the image"
+        assert has_file == "/" + site + "/fm_image_has/__init__.py", "the image's own copy, not reinstalled"
+        assert "fleetmap-test-image" in os_release
+    records = [json.loads(p.read_text()) for p in (cache / "envs").glob("*/fleetmap-environment.json")]
+    records = [rec for rec in records if rec.get("image")]
+    assert [rec["installed"] for rec in records] == [["fm-image-extra==1.0"]], records
+    assert "installing 1 package (fm-image-extra==1.0)" in r["stderr"], r["stderr"]
+    missing = run_client(
+        f"IMAGE = {image!r}\n"
+        "import fleetmap\n"
+        "try:\n"
+        "    fleetmap.remote_parallel_map(abs, [1], image=IMAGE, packages=['fm-image-missing==9'], verbose=False)\n"
+        "    RESULT = 'no error'\n"
+        "except fleetmap.EnvironmentSetupError as e:\n"
+        "    RESULT = str(e)\n",
+        env=env,
+        timeout=180,
+    )
+    assert "fm-image-missing" in missing["result"] and "image" in missing["result"], missing
 
 
 # --- isolation inside an image, through a `fleetmap node` process -----------
