@@ -54,7 +54,9 @@ pub struct ImageConfig {
     /// `HOST:PORT` of registries reached over plain HTTP (tests, a
     /// registry on the node's own network). Every other one is HTTPS.
     pub insecure_registries: Vec<String>,
-    /// Registry credentials in Docker's `config.json` format.
+    /// Registry credentials in Docker's `config.json` format (default:
+    /// `$FLEETMAP_REGISTRY_AUTH`, which for the embedded cluster is the
+    /// caller's own setting).
     pub auth_file: Option<PathBuf>,
     /// Images no slot uses are evicted above this many bytes; a larger
     /// image is refused.
@@ -73,7 +75,9 @@ impl Default for ImageConfig {
                         .collect()
                 })
                 .unwrap_or_default(),
-            auth_file: None,
+            auth_file: std::env::var_os("FLEETMAP_REGISTRY_AUTH")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from),
             max_bytes: 100 << 30,
         }
     }
@@ -273,8 +277,22 @@ impl Images {
     }
 
     fn registry_error(&self, reference: &Reference, e: &oci_client::errors::OciDistributionError) -> String {
+        use oci_client::errors::OciDistributionError as E;
+        let hint = match e {
+            E::AuthenticationFailure(_) | E::UnauthorizedError { .. } => match &self.config.auth_file {
+                Some(file) => format!(
+                    "; the credentials for {} in {} were refused",
+                    reference.resolve_registry(),
+                    file.display()
+                ),
+                None => "; the node has no registry credentials: give it a Docker-format credentials file \
+                         (`fleetmap node --registry-auth FILE`, or FLEETMAP_REGISTRY_AUTH for the embedded cluster)"
+                    .to_string(),
+            },
+            _ => String::new(),
+        };
         format!(
-            "node {} could not get image {} from registry {}: {e}",
+            "node {} could not get image {} from registry {}: {e}{hint}",
             self.node,
             reference.whole(),
             reference.resolve_registry()

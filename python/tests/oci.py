@@ -12,6 +12,7 @@ same paths as here, ``/usr/local/bin/python3`` linking to it, and a marker
 
 from __future__ import annotations
 
+import base64
 import gzip
 import hashlib
 import io
@@ -54,8 +55,12 @@ class Registry:
     """``docker-registry`` serving on a free loopback port, its requests
     logged to ``log``."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, user: Optional[Tuple[str, str]] = None) -> None:
+        """``user``: ``(name, password)`` the registry requires (htpasswd,
+        bcrypt), for every request, pushes included."""
         self.workdir = workdir
+        self.user = user
+        workdir.mkdir(parents=True, exist_ok=True)
         self.storage = workdir / "storage"
         self.log = workdir / "registry.log"
         with socket.socket() as s:
@@ -63,11 +68,22 @@ class Registry:
             self.port = s.getsockname()[1]
         self.host = f"127.0.0.1:{self.port}"
         config = workdir / "config.yml"
+        auth = ""
+        if user is not None:
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                import crypt
+
+            htpasswd = workdir / "htpasswd"
+            htpasswd.write_text(f"{user[0]}:{crypt.crypt(user[1], crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=16))}\n")
+            auth = f"auth:\n  htpasswd:\n    realm: fleetmap-tests\n    path: {htpasswd}\n"
         config.write_text(
             "version: 0.1\n"
             "log:\n  level: info\n  accesslog:\n    disabled: false\n"
             f"storage:\n  filesystem:\n    rootdirectory: {self.storage}\n  delete:\n    enabled: true\n"
-            f"http:\n  addr: {self.host}\n"
+            f"http:\n  addr: {self.host}\n" + auth
         )
         self._log_file = open(self.log, "wb")
         self.proc = subprocess.Popen(
@@ -78,6 +94,10 @@ class Registry:
             try:
                 urllib.request.urlopen(f"http://{self.host}/v2/", timeout=1).close()
                 break
+            except urllib.error.HTTPError as e:
+                if e.code == 401:  # up, and asking for credentials
+                    break
+                raise
             except (urllib.error.URLError, ConnectionError, OSError):
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"docker-registry did not start:\n{self.log.read_text()}")
@@ -104,7 +124,11 @@ class Registry:
     # --- the OCI distribution API, pushing side -----------------------
 
     def _request(self, method: str, url: str, data: Optional[bytes] = None, headers: Optional[Dict[str, str]] = None):
-        req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+        headers = dict(headers or {})
+        if self.user is not None:
+            token = base64.b64encode(f"{self.user[0]}:{self.user[1]}".encode()).decode()
+            headers["Authorization"] = f"Basic {token}"
+        req = urllib.request.Request(url, data=data, method=method, headers=headers)
         return urllib.request.urlopen(req, timeout=60)
 
     def push_blob(self, repo: str, blob: bytes) -> str:

@@ -10,6 +10,7 @@ mount namespaces, overlayfs and ``pivot_root``.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -207,6 +208,39 @@ def test_unknown_images_and_unreachable_registries_are_image_errors(registry, ca
     # Nothing listens on the discard port.
     result = run_in_image(registry, cache, "127.0.0.1:9/fleet/py:1", "    return 1", "[0]")
     assert "127.0.0.1:9" in result["image_error"], result
+
+
+def test_a_registry_asking_for_credentials_gets_the_nodes_own(base, cache, tmp_path):
+    locked = Registry(tmp_path / "locked", user=("alice", "s3cret"))
+    try:
+        locked.push_image("lab/py", "1", [base], workdir="/work")
+        image = f"{locked.host}/lab/py:1"
+        # Without credentials, and with the wrong ones: refused by the registry.
+        result = run_in_image(locked, cache, image, "    return 1", "[0]")
+        message = result["image_error"]
+        assert "lab/py:1" in message and "Not authorized" in message and "--registry-auth" in message, message
+        auth = tmp_path / "registry-auth.json"
+        for password, works in (("wrong", False), ("s3cret", True)):
+            token = base64.b64encode(f"alice:{password}".encode()).decode()
+            auth.write_text(json.dumps({"auths": {locked.host: {"auth": token}}}))
+            env = client_env(locked, cache)
+            env["FLEETMAP_REGISTRY_AUTH"] = str(auth)
+            code = f"""
+import fleetmap
+try:
+    RESULT = fleetmap.remote_parallel_map(abs, [-2], image={image!r}, verbose=False)
+except fleetmap.ImageError as e:
+    RESULT = str(e)
+"""
+            r = run_client(code, env=env, timeout=180)
+            assert r["returncode"] == 0, r["stderr"]
+            if works:
+                assert r["result"] == [2], r["result"]
+            else:
+                assert isinstance(r["result"], str) and "lab/py:1" in r["result"], r["result"]
+                assert f"the credentials for {locked.host} in {auth} were refused" in r["result"], r["result"]
+    finally:
+        locked.stop()
 
 
 def test_image_arguments_are_checked_before_anything_runs():

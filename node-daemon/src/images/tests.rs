@@ -268,3 +268,44 @@ fn driver_libraries_from_ldconfig() {
     assert_eq!(names, ["libnvidia-ml.so.1", "libcuda.so.1", "libcuda.so"]);
     assert_eq!(found[1].1, Path::new("/usr/lib/x86_64-linux-gnu/libcuda.so.1"));
 }
+
+#[test]
+fn images_no_one_holds_are_evicted_least_recently_used_first() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = ImageConfig {
+        insecure_registries: vec![],
+        auth_file: None,
+        max_bytes: 150,
+    };
+    let images = Images::new(config, tmp.path(), "n1".into());
+    let now = std::time::SystemTime::now();
+    for (n, name) in ["a", "b", "c"].iter().enumerate() {
+        let dir = tmp.path().join("images").join(name);
+        fs::create_dir_all(dir.join("rootfs")).unwrap();
+        let image = Image {
+            reference: format!("r/{name}"),
+            digest: format!("sha256:{name}"),
+            python: "/usr/bin/python3".into(),
+            python_version: "3.11".into(),
+            env: vec![],
+            workdir: "/".into(),
+            bytes: 100,
+            dir: dir.clone(),
+        };
+        fs::write(dir.join("image.json"), serde_json::to_vec(&image).unwrap()).unwrap();
+        let used = fs::File::create(dir.join(".fleetmap-last-used")).unwrap();
+        used.set_modified(now - std::time::Duration::from_secs(100 - n as u64))
+            .unwrap();
+    }
+    // b, the second oldest, is held by a slot or a warm worker.
+    let held = images.lease("sha256:b");
+    images.evict("sha256:c");
+    let left = |name: &str| tmp.path().join("images").join(name).exists();
+    assert!(!left("a"), "the least recently used image no one holds is evicted");
+    assert!(left("b"), "a held image is kept, even above the limit");
+    assert!(left("c"), "the image just pulled is kept");
+    drop(held);
+    images.evict("sha256:c");
+    assert!(!left("b"), "once released it goes too");
+    assert!(left("c"));
+}
