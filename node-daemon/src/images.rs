@@ -958,6 +958,11 @@ pub(crate) fn apply_layer(reader: impl Read, root: &Path, budget: u64) -> Result
                     remove_any(&target).map_err(fail)?;
                 }
                 entry.unpack(&target).map_err(fail)?;
+                if !as_root && mode & 0o700 != 0o700 {
+                    // A daemon that is not root owns what it unpacks, and
+                    // must be able to write the layers above into it.
+                    fs::set_permissions(&target, fs::Permissions::from_mode((mode & 0o1777) | 0o700)).map_err(fail)?;
+                }
             }
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
                 bytes += entry.size();

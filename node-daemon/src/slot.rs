@@ -155,13 +155,6 @@ async fn prepare_image(ctx: &mut SlotContext) -> Result<(), (FailureKind, String
         return Ok(());
     };
     let node = &ctx.config.name;
-    if !nix::unistd::geteuid().is_root() {
-        return Err(image_error(format!(
-            "node {node} cannot run image {reference}: it runs as user {}, and a worker enters its image \
-             with mount namespaces, which need root; start the node as root (or leave image=None)",
-            nix::unistd::geteuid()
-        )));
-    }
     let held = ctx
         .images
         .prepare(ctx.job, reference, &say_to_caller(ctx))
@@ -939,6 +932,7 @@ fn image_worker_command(ctx: &SlotContext, slot_image: &SlotImage) -> WorkerComm
             binds,
             devices,
             workdir: image.workdir.clone().into(),
+            rootless: !nix::unistd::geteuid().is_root(),
         }),
     }
 }

@@ -14,6 +14,7 @@ import base64
 import hashlib
 import json
 import os
+import shutil
 import stat
 import sys
 import uuid
@@ -241,6 +242,81 @@ except fleetmap.ImageError as e:
                 assert f"the credentials for {locked.host} in {auth} were refused" in r["result"], r["result"]
     finally:
         locked.stop()
+
+
+ROOTLESS_JOB = """
+import os, sys
+from fleetmap import remote_parallel_map
+
+def call(x):
+    import os
+    try:
+        open("/etc/os-release", "a").close()
+        writable = "yes"
+    except OSError:
+        writable = "no"
+    return x * 2, open("/etc/os-release").read(), os.getuid(), os.getcwd(), writable
+
+print("RESULT", repr(remote_parallel_map(call, [1, 2, 3], image=sys.argv[1], verbose=False)))
+"""
+
+
+def test_a_caller_that_is_not_root_runs_images_in_a_user_namespace(registry, base):
+    """The embedded cluster of an unprivileged user (a laptop): each worker
+    enters its image in a user namespace of its own."""
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    system_python = Path(f"/usr/bin/python{version}")
+    if not system_python.exists():
+        need_privileges(f"no system Python {version} that an unprivileged user can run")
+    import pwd
+    import subprocess
+    import tempfile
+
+    nobody = pwd.getpwnam("nobody")
+    home = Path(tempfile.mkdtemp(prefix="fleetmap-rootless-", dir="/tmp"))
+    try:
+        home.chmod(0o777)
+        (home / "job.py").write_text(ROOTLESS_JOB)
+        import cloudpickle
+
+        env = {
+            "PATH": "/usr/bin:/bin",
+            "HOME": str(home),
+            "FLEETMAP_CACHE_DIR": str(home / "cache"),
+            "FLEETMAP_INSECURE_REGISTRIES": registry.host,
+            # fleetmap from the source tree, cloudpickle from the test
+            # environment: both readable by any user.
+            "PYTHONPATH": f"{Path(fleetmap.__file__).parent.parent}:{Path(cloudpickle.__file__).parent.parent}",
+        }
+
+        def drop() -> None:
+            os.setgid(nobody.pw_gid)
+            os.setgroups([])
+            os.setuid(nobody.pw_uid)
+
+        proc = subprocess.run(
+            [str(system_python), str(home / "job.py"), f"{registry.host}/fleet/py:base"],
+            env=env,
+            preexec_fn=drop,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert proc.returncode == 0, proc.stderr
+        line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
+        import ast
+
+        outputs = ast.literal_eval(line[len("RESULT ") :])
+        assert [o[0] for o in outputs] == [2, 4, 6]
+        for _, os_release, uid, cwd, writable in outputs:
+            assert "fleetmap-test-image" in os_release and cwd == "/work"
+            assert uid == nobody.pw_uid, "the caller's own user inside the image"
+            assert writable == "yes", "into the worker's own writable layer"
+        unpacked = [p for p in (home / "cache" / "images").iterdir() if (p / "image.json").exists()]
+        assert unpacked and all(p.stat().st_uid == nobody.pw_uid for p in unpacked), "unpacked by the caller"
+        assert "fleetmap-test-image" not in Path("/etc/os-release").read_text(), "the host's file is untouched"
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def test_image_arguments_are_checked_before_anything_runs():

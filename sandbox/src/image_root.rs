@@ -52,6 +52,12 @@ pub struct ImageRoot {
     pub devices: Vec<PathBuf>,
     /// The working directory inside the image (`/` if it is missing).
     pub workdir: PathBuf,
+    /// The daemon is not root: the worker gets a user namespace of its own
+    /// (its user mapped to itself), in which it may mount; `/proc` and
+    /// `/sys` are then the host's (bound, as a fresh `/proc` needs a PID
+    /// namespace), and read-only remounts the kernel refuses there are
+    /// skipped.
+    pub rootless: bool,
 }
 
 /// A host path bound read-only into the image.
@@ -70,6 +76,9 @@ enum Step {
         fstype: Option<CString>,
         flags: MsFlags,
         data: Option<CString>,
+        /// A failure is ignored (a read-only remount a user namespace may
+        /// refuse).
+        optional: bool,
     },
     /// An overlay of `lower` with an upper layer in the scratch tmpfs; a
     /// read-only bind of `lower` where the kernel refuses the overlay (an
@@ -78,6 +87,7 @@ enum Step {
         lower: CString,
         target: CString,
         options: Option<CString>,
+        rootless: bool,
     },
     Mkdir(CString),
     /// An empty file, for a bind mount of a file to land on.
@@ -95,7 +105,12 @@ enum Step {
 }
 
 /// [`ImageRoot`] as system calls, made before `fork`.
-pub(crate) struct RootSteps(Vec<Step>);
+pub(crate) struct RootSteps {
+    /// For a rootless worker: `(file, content)` of `/proc/self/setgroups`,
+    /// `uid_map` and `gid_map`, written after `unshare(CLONE_NEWUSER)`.
+    user_maps: Option<[(CString, CString); 3]>,
+    steps: Vec<Step>,
+}
 
 fn c(path: impl AsRef<Path>) -> io::Result<CString> {
     CString::new(path.as_ref().as_os_str().as_bytes()).map_err(|_| io::Error::other("a path holds a NUL byte"))
@@ -118,8 +133,10 @@ impl RootSteps {
                 fstype: Some(c("tmpfs")?),
                 flags: flags | MsFlags::MS_NOSUID,
                 data: Some(c(format!("mode={mode}"))?),
+                optional: false,
             })
         };
+        let rootless = image.rootless;
         let read_only_again = |target: &Path, extra: MsFlags| -> io::Result<Step> {
             Ok(Step::Mount {
                 source: None,
@@ -127,17 +144,20 @@ impl RootSteps {
                 fstype: None,
                 flags: MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY | extra,
                 data: None,
+                optional: rootless,
             })
         };
-        let bind = |source: &Path, target: &Path| -> io::Result<Step> {
+        let bind_with = |source: &Path, target: &Path, flags: MsFlags| -> io::Result<Step> {
             Ok(Step::Mount {
                 source: Some(c(source)?),
                 target: c(target)?,
                 fstype: None,
-                flags: MsFlags::MS_BIND,
+                flags: MsFlags::MS_BIND | flags,
                 data: None,
+                optional: false,
             })
         };
+        let bind = |source: &Path, target: &Path| bind_with(source, target, MsFlags::empty());
         // The writable layer: a tmpfs (charged to the slot's memory limit)
         // holding the overlay's upper and work directories.
         steps.push(tmpfs(scratch, "0755", MsFlags::MS_NODEV)?);
@@ -159,20 +179,30 @@ impl RootSteps {
             lower: c(&image.rootfs)?,
             target: c(&root)?,
             options: options.map(c).transpose()?,
+            rootless,
         });
         // The image's root holds these directories (the node makes them
         // when it unpacks an image).
         steps.push(tmpfs(&root.join("tmp"), "1777", MsFlags::MS_NODEV)?);
-        steps.push(Step::Mount {
-            source: Some(c("proc")?),
-            target: c(root.join("proc"))?,
-            fstype: Some(c("proc")?),
-            flags: MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-            data: None,
-        });
-        // /sys without what is mounted below it (the cgroup tree), read-only.
+        if rootless {
+            // A fresh /proc needs a PID namespace; the host's, as a user
+            // namespace may bind it (with what is mounted below it).
+            steps.push(bind_with(Path::new("/proc"), &root.join("proc"), MsFlags::MS_REC)?);
+        } else {
+            steps.push(Step::Mount {
+                source: Some(c("proc")?),
+                target: c(root.join("proc"))?,
+                fstype: Some(c("proc")?),
+                flags: MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+                data: None,
+                optional: false,
+            });
+        }
+        // /sys without what is mounted below it (the cgroup tree), read-only
+        // (a user namespace may only bind it whole).
         let sys = root.join("sys");
-        steps.push(bind(Path::new("/sys"), &sys)?);
+        let below = if rootless { MsFlags::MS_REC } else { MsFlags::empty() };
+        steps.push(bind_with(Path::new("/sys"), &sys, below)?);
         steps.push(read_only_again(
             &sys,
             MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
@@ -239,18 +269,40 @@ impl RootSteps {
             fstype: None,
             flags: MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
             data: None,
+            optional: rootless,
         });
         steps.push(Step::Enter {
             root: c(&root)?,
             workdir: c(&image.workdir)?,
         });
-        Ok(Self(steps))
+        let user_maps = if rootless {
+            let (uid, gid) = (nix::unistd::getuid(), nix::unistd::getgid());
+            Some([
+                (c("/proc/self/setgroups")?, c("deny")?),
+                (c("/proc/self/uid_map")?, c(format!("{uid} {uid} 1"))?),
+                (c("/proc/self/gid_map")?, c(format!("{gid} {gid} 1"))?),
+            ])
+        } else {
+            None
+        };
+        Ok(Self { user_maps, steps })
     }
 
     /// Runs in the child between `fork` and `exec`: system calls on the
     /// strings made in [`RootSteps::new`], nothing allocated.
     pub(crate) fn enter(&self) -> io::Result<()> {
-        unshare(CloneFlags::CLONE_NEWNS)?;
+        match &self.user_maps {
+            Some(maps) => {
+                // The worker's own user namespace, its user mapped to
+                // itself: it may mount here, and loses that power at exec.
+                unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNS)?;
+                for (file, content) in maps {
+                    let fd = open(file.as_c_str(), OFlag::O_WRONLY | OFlag::O_CLOEXEC, Mode::empty())?;
+                    nix::unistd::write(&fd, content.as_bytes())?;
+                }
+            }
+            None => unshare(CloneFlags::CLONE_NEWNS)?,
+        }
         // Nothing mounted here propagates back to the host.
         mount(
             None::<&CStr>,
@@ -259,7 +311,7 @@ impl RootSteps {
             MsFlags::MS_REC | MsFlags::MS_PRIVATE,
             None::<&CStr>,
         )?;
-        for step in &self.0 {
+        for step in &self.steps {
             match step {
                 Step::Mount {
                     source,
@@ -267,14 +319,25 @@ impl RootSteps {
                     fstype,
                     flags,
                     data,
-                } => mount(
-                    source.as_deref(),
-                    target.as_c_str(),
-                    fstype.as_deref(),
-                    *flags,
-                    data.as_deref(),
-                )?,
-                Step::Layer { lower, target, options } => {
+                    optional,
+                } => {
+                    let done = mount(
+                        source.as_deref(),
+                        target.as_c_str(),
+                        fstype.as_deref(),
+                        *flags,
+                        data.as_deref(),
+                    );
+                    if !optional {
+                        done?;
+                    }
+                }
+                Step::Layer {
+                    lower,
+                    target,
+                    options,
+                    rootless,
+                } => {
                     let overlay = options.as_deref().map(|options| {
                         mount(
                             Some(c"overlay"),
@@ -292,13 +355,16 @@ impl RootSteps {
                             MsFlags::MS_BIND | MsFlags::MS_REC,
                             None::<&CStr>,
                         )?;
-                        mount(
+                        let read_only = mount(
                             None::<&CStr>,
                             target.as_c_str(),
                             None::<&CStr>,
                             MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY | MsFlags::MS_NODEV,
                             None::<&CStr>,
-                        )?;
+                        );
+                        if !rootless {
+                            read_only?;
+                        }
                     }
                 }
                 Step::Mkdir(path) => match mkdir(path.as_c_str(), Mode::from_bits_truncate(0o755)) {

@@ -154,10 +154,17 @@ pub fn spawn_worker(cmd: &WorkerCommand) -> Result<Worker, SandboxError> {
     let spawn_error = |source| SandboxError::Spawn {
         // The child reports only an errno: say that joining the cgroup is
         // one of the steps that can have failed.
-        program: if cmd.cgroup_procs.is_empty() {
-            cmd.program.display().to_string()
-        } else {
-            format!("{} in its slot's cgroup", cmd.program.display())
+        program: match (&cmd.image, cmd.cgroup_procs.is_empty()) {
+            (Some(image), _) if image.rootless => format!(
+                "{} in its image {} (as a user other than root, which needs unprivileged user namespaces: \
+                 sysctl user.max_user_namespaces > 0, and kernel.unprivileged_userns_clone=1 or \
+                 kernel.apparmor_restrict_unprivileged_userns=0 where those exist)",
+                cmd.program.display(),
+                image.rootfs.display()
+            ),
+            (Some(image), _) => format!("{} in its image {}", cmd.program.display(), image.rootfs.display()),
+            (None, true) => cmd.program.display().to_string(),
+            (None, false) => format!("{} in its slot's cgroup", cmd.program.display()),
         },
         source,
     };

@@ -198,7 +198,7 @@ fn devices_are_skipped_and_setuid_bits_dropped() {
 }
 
 #[test]
-fn gzip_layers_and_the_byte_budget() {
+fn gzip_and_zstd_layers_and_the_byte_budget() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("root");
     fs::create_dir_all(&root).unwrap();
@@ -211,6 +211,14 @@ fn gzip_layers_and_the_byte_budget() {
     assert_eq!(n, 4096);
     let err = apply_layer(&tar[..], &tmp.path().join("root2"), 1000).unwrap_err();
     assert!(err.contains("image cache limit"), "{err}");
+    // zstd, as newer builders write layers.
+    let zstd = ruzstd::encoding::compress_to_vec(
+        &Layer::new().file("zstd-file", "z").0.into_inner().unwrap()[..],
+        ruzstd::encoding::CompressionLevel::Fastest,
+    );
+    fs::write(&blob, zstd).unwrap();
+    apply_layer_file(&blob, "application/vnd.oci.image.layer.v1.tar+zstd", &root, 1 << 20).unwrap();
+    assert_eq!(read(root.join("zstd-file")).as_deref(), Some("z"));
     fs::write(&blob, b"x").unwrap();
     let err = apply_layer_file(&blob, "application/vnd.example.layer", &root, 1 << 20).unwrap_err();
     assert!(err.contains("not supported"), "{err}");
