@@ -364,6 +364,9 @@ impl Images {
         fs::create_dir_all(&self.dir).map_err(|e| format!("node {node}: cannot create {}: {e}", self.dir.display()))?;
         let tmp = tempdir_in(&self.dir)
             .map_err(|e| format!("node {node}: cannot unpack into {}: {e}", self.dir.display()))?;
+        // Whatever fails from here on (a blob, a layer, the interpreter)
+        // leaves nothing of the image behind.
+        let mut unfinished = RemovedOnDrop(Some(tmp.clone()));
         let rootfs = tmp.join("rootfs");
         fs::create_dir(&rootfs).map_err(|e| format!("node {node}: {e}"))?;
         let mut unpacked = 0u64;
@@ -437,6 +440,7 @@ impl Images {
                 ));
             }
         }
+        unfinished.0 = None;
         image.dir = dir.to_path_buf();
         let took = started.elapsed().as_secs_f64();
         info!(
@@ -607,6 +611,17 @@ struct RunConfig {
     env: Option<Vec<String>>,
     #[serde(rename = "WorkingDir", default)]
     working_dir: Option<String>,
+}
+
+/// A directory removed when dropped, unless taken out.
+struct RemovedOnDrop(Option<PathBuf>);
+
+impl Drop for RemovedOnDrop {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.take() {
+            let _ = fs::remove_dir_all(dir);
+        }
+    }
 }
 
 /// A blob writer that refuses more bytes than the manifest declared.

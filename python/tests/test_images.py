@@ -186,6 +186,7 @@ def test_a_corrupted_blob_is_refused(registry, base, cache):
     assert "image_error" in result, result
     assert "digest" in result["image_error"].lower(), result["image_error"]
     assert digest.replace(":", "-") not in images_in(cache), "nothing of it is cached"
+    assert not [p.name for p in (cache / "images").iterdir() if p.name.startswith(".tmp-")], "nor left half-unpacked"
 
 
 def test_an_image_with_another_python_minor_is_refused_before_any_input_runs(registry, cache):
