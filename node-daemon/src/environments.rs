@@ -356,7 +356,7 @@ impl Environments {
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
         let build = async {
-            let cache = self.config.cache_dir.join("uv");
+            let cache = self.uv_cache();
             let site = tmp.join("site");
             for dir in [&site, &cache] {
                 fs::create_dir_all(dir).map_err(|e| format!("node {node}: cannot create {}: {e}", dir.display()))?;
@@ -710,7 +710,7 @@ impl Environments {
         install: &[&String],
     ) -> Result<(), String> {
         let node = &self.node;
-        let cache = self.config.cache_dir.join("uv");
+        let cache = self.uv_cache();
         for dir in [tmp, cache.as_path()] {
             fs::create_dir_all(dir).map_err(|e| format!("node {node}: cannot create {}: {e}", dir.display()))?;
             self.give_to_workers(dir)?;
@@ -842,6 +842,16 @@ impl Environments {
         tree.create_slot(&name, &limits)
             .map(Some)
             .map_err(|e| format!("node {}: cannot create a cgroup for the build: {e}", self.node))
+    }
+
+    /// uv's cache, one per user installs run as: a cache written by
+    /// another user (root's, before the node ran installs unprivileged) is
+    /// one this user cannot write.
+    fn uv_cache(&self) -> PathBuf {
+        match self.run_as {
+            Some((uid, _)) => self.config.cache_dir.join(format!("uv-{uid}")),
+            None => self.config.cache_dir.join("uv"),
+        }
     }
 
     fn give_to_workers(&self, path: &Path) -> Result<(), String> {

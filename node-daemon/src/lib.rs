@@ -290,6 +290,12 @@ pub async fn run_until(
         },
         _ => (None, "NOT pinned (CPU affinity only): cgroups turned off".to_string()),
     };
+    // Whose calls these are, as `fleetmap status` shows it.
+    let isolation = match config.run_as {
+        Some((uid, gid)) => format!("{isolation}; calls as uid {uid}:{gid}, no capabilities"),
+        None if nix::unistd::geteuid().is_root() => format!("{isolation}; calls as ROOT (--allow-root-calls)"),
+        None => format!("{isolation}; calls as the daemon's user"),
+    };
     let mut cpus = match &cgroups {
         Some(tree) => tree.cpus().unwrap_or_else(|_| allowed_cpus()),
         None => allowed_cpus(),

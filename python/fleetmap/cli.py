@@ -73,6 +73,12 @@ def cmd_node(args: argparse.Namespace) -> int:
             return 2
     from ._environment import find_uv, runtime_packages
 
+    try:
+        run_as = _call_user(args.run_as, args.allow_root_calls)
+    except LookupError as exc:
+        print(f"fleetmap node: {exc}", file=sys.stderr)
+        return 2
+
     pythons = args.python or [sys.executable]
     try:
         prepare = _environments_to_prepare(args.prepare or [], pythons)
@@ -107,7 +113,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         args.cgroup_subtree,
         args.cgroup_mount,
         args.pids_per_slot,
-        args.run_as,
+        run_as,
         not args.shared_tmp,
         environments,
         args.pass_env or [],
@@ -125,6 +131,32 @@ def cmd_node(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         node.stop()
         return 0
+
+
+# The users a root daemon runs calls as when not told: the one fleetmap's
+# packaging creates, else the system's unprivileged user.
+_CALL_USERS = ("fleetmap", "nobody")
+
+
+def _call_user(run_as: Optional[str], allow_root_calls: bool) -> Optional[str]:
+    """Whom calls run as: ``--run-as``; else, for a daemon running as root,
+    an unprivileged user unless ``--allow-root-calls``; else the daemon's
+    own user (``None``)."""
+    if run_as or allow_root_calls or os.geteuid() != 0:
+        return run_as
+    import pwd
+
+    for name in _CALL_USERS:
+        try:
+            pwd.getpwnam(name)
+            return name
+        except KeyError:
+            continue
+    raise LookupError(
+        "this daemon runs as root and there is no unprivileged user to run calls as (neither 'fleetmap' nor "
+        "'nobody'): create one (useradd --system fleetmap), name one with --run-as USER, or run calls as root "
+        "with --allow-root-calls"
+    )
 
 
 def _insecure_registries(given: Optional[List[str]]) -> List[str]:
@@ -294,7 +326,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--cgroup-subtree", help="the cgroup subtree this daemon owns (default: fleetmap-NAME)")
     p.add_argument("--cgroup-mount", help="where the cgroup hierarchy is mounted (default: /sys/fs/cgroup)")
     p.add_argument("--pids-per-slot", type=int, help="the most processes one slot may have (default: 4096)")
-    p.add_argument("--run-as", help="run workers as this user (name or UID:GID; default: the daemon's user)")
+    p.add_argument(
+        "--run-as",
+        help="run calls (and environment builds) as this user, name or UID:GID (default for a daemon running as root: "
+        "the user 'fleetmap' if it exists, else 'nobody'; otherwise the daemon's user)",
+    )
+    p.add_argument(
+        "--allow-root-calls",
+        action="store_true",
+        help="let a daemon running as root run calls as root, with every capability (default: an unprivileged "
+        "user with none)",
+    )
     p.add_argument(
         "--pass-env",
         action="append",

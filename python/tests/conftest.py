@@ -186,6 +186,7 @@ class Processes:
         token_file: Optional[Path] = None,
         wait: bool = True,
         extra: Optional[List[str]] = None,
+        root_calls: bool = True,
         env: Optional[Dict[str, str]] = None,
     ) -> Proc:
         """Starts ``fleetmap node`` (inside ``netns`` if given) and waits
@@ -209,6 +210,10 @@ class Processes:
             # `ip netns exec` mounts a /sys of its own, without the cgroup
             # hierarchy. These nodes test networking, not pinning.
             argv += ["--allow-unisolated"]
+        if root_calls and os.geteuid() == 0:
+            # Most tests look at what a call can do as the node's root (its
+            # cgroup, its devices); test_isolation checks the default.
+            argv += ["--allow-root-calls"]
         argv += extra or []
         if netns is not None:
             argv = ["ip", "netns", "exec", netns] + argv

@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -572,3 +573,104 @@ def test_nested_calls_run_inside_the_outer_slot_and_leave_nothing_behind():
     time.sleep(0.5)
     assert set(_stray_workers()) - before_stray == set()
     assert set(_local_subtrees()) - before_subtrees == set()
+
+
+UNPRIVILEGED_PROBE = """
+import os
+from fleetmap import remote_parallel_map
+
+def probe(x):
+    import os
+    status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
+    attempts = {}
+    def attempt(name, path):
+        try:
+            with open(path, "w") as f:
+                f.write(str(os.getpid()))
+            attempts[name] = "written"
+        except OSError as e:
+            attempts[name] = type(e).__name__
+    attempt("etc", "/etc/fleetmap-written-by-a-call")
+    # Its own cgroup's process list: joining another cgroup, or leaving
+    # its own, is the daemon's business.
+    for line in open("/proc/self/cgroup"):
+        hierarchy, controllers, path = line.strip().split(":", 2)
+        if controllers in ("memory", ""):
+            base = "/sys/fs/cgroup/memory" if controllers == "memory" else "/sys/fs/cgroup"
+            attempt("cgroup", base + path + "/cgroup.procs")
+            break
+    return {
+        "uid": os.getuid(),
+        "caps": {k: status[k].strip() for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")},
+        "no_new_privs": status["NoNewPrivs"].strip(),
+        "attempts": attempts,
+    }
+
+RESULT = remote_parallel_map(probe, [1], packages=[], verbose=False)[0]
+"""
+
+
+def test_a_root_daemon_runs_calls_unprivileged_by_default(processes, tmp_path):
+    """Started as root with neither --run-as nor --allow-root-calls, a node
+    runs calls as an unprivileged user (fleetmap's own, else nobody) with
+    no capability at all, and `fleetmap status` says so."""
+    require_cgroups()
+    import pwd
+
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    system_python = Path(f"/usr/bin/python{version}")
+    if not system_python.exists():
+        need_privileges(f"no system Python {version} that an unprivileged user can run")
+    user = next(u for u in (_user("fleetmap"), _user("nobody")) if u is not None)
+    import cloudpickle
+
+    # An interpreter and packages any user can read: this test's own may
+    # live in a directory only root can enter.
+    path = f"{Path(fleetmap.__file__).parent.parent}:{Path(cloudpickle.__file__).parent.parent}"
+    import tempfile
+
+    # A cache the unprivileged user can reach (the test's tmp_path is root's).
+    cache = Path(tempfile.mkdtemp(prefix="fleetmap-unprivileged-", dir="/tmp"))
+    cache.chmod(0o755)
+    try:
+        _run_unprivileged_probe(processes, cache, system_python, path, user)
+    finally:
+        processes.stop_all()
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+def _run_unprivileged_probe(processes, cache: Path, system_python: Path, path: str, user) -> None:
+    coordinator = processes.start_coordinator()
+    node = processes.start_node(
+        coordinator,
+        "default-user",
+        cores=1,
+        root_calls=False,
+        extra=["--python", str(system_python), "--cache-dir", str(cache)],
+    )
+    env = dict(coordinator.client_env(), PYTHONPATH=path)
+    # packages=[]: an environment of nothing but the node's interpreter and
+    # fleetmap's runtime, built (as the unprivileged user) on the node.
+    r = run_client(UNPRIVILEGED_PROBE, env=env, python=str(system_python))
+    assert r["returncode"] == 0, r["stderr"] + node.describe()
+    result = r["result"]
+    assert result["uid"] == user.pw_uid, (result, user)
+    assert all(int(v, 16) == 0 for v in result["caps"].values()), result["caps"]
+    assert result["no_new_privs"] == "1"
+    assert result["attempts"]["etc"] == "PermissionError", result
+    assert result["attempts"].get("cgroup") == "PermissionError", result
+    assert not Path("/etc/fleetmap-written-by-a-call").exists()
+    status = subprocess.run(
+        fleetmap_command() + ["status"], env=coordinator.client_env(), capture_output=True, text=True, timeout=60
+    )
+    line = next(l for l in status.stdout.splitlines() if l.startswith("default-user"))
+    assert f"calls as uid {user.pw_uid}:{user.pw_gid}, no capabilities" in line, status.stdout
+
+
+def _user(name: str):
+    import pwd
+
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        return None

@@ -187,6 +187,7 @@ pub fn spawn_worker(cmd: &WorkerCommand) -> Result<Worker, SandboxError> {
             .map(image_root::RootSteps::new)
             .transpose()
             .map_err(spawn_error)?,
+        last_capability: last_capability(),
     };
     let mut command = tokio::process::Command::new(&cmd.program);
     command
@@ -243,6 +244,8 @@ struct ChildSetup {
     private_tmp: bool,
     /// The image root to enter, as system calls made before fork.
     root: Option<image_root::RootSteps>,
+    /// The highest capability number the kernel knows, read before fork.
+    last_capability: i32,
 }
 
 impl ChildSetup {
@@ -282,6 +285,10 @@ impl ChildSetup {
             )?;
         }
         if let Some((uid, gid)) = self.run_as {
+            // Every capability out of the bounding and ambient sets while
+            // still privileged, so that nothing the worker runs can gain one
+            // back; setuid then clears the permitted and effective sets.
+            Self::drop_capabilities(self.last_capability)?;
             // No supplementary groups, then the group, then the user (after
             // which the others are no longer permitted).
             unistd::setgroups(&[])?;
@@ -295,6 +302,40 @@ impl ChildSetup {
         prctl::set_no_new_privs()?;
         Ok(())
     }
+    /// Empties the capability bounding set (capabilities `0..=last`) and the
+    /// ambient set.
+    fn drop_capabilities(last: i32) -> io::Result<()> {
+        for cap in 0..=last {
+            // nix 0.32 wraps neither PR_CAPBSET_DROP nor PR_CAP_AMBIENT.
+            // SAFETY: prctl with integer arguments touches no memory of
+            // ours; an unknown capability number is reported as EINVAL.
+            if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) } == -1 {
+                let err = io::Error::last_os_error();
+                if err.raw_os_error() != Some(libc::EINVAL) {
+                    return Err(err);
+                }
+            }
+        }
+        // SAFETY: as above: integer arguments only.
+        if unsafe {
+            libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+                0,
+                0,
+                0,
+            )
+        } == -1
+        {
+            let err = io::Error::last_os_error();
+            // Kernels before 4.3 have no ambient set.
+            if err.raw_os_error() != Some(libc::EINVAL) {
+                return Err(err);
+            }
+        }
+        Ok(())
+    }
+
     /// Puts the worker's channel on [`WORKER_CHANNEL_FD`], open across exec.
     fn place_channel(channel: &OwnedFd) -> io::Result<()> {
         if channel.as_raw_fd() == WORKER_CHANNEL_FD {
@@ -329,6 +370,7 @@ pub fn confine(command: &mut tokio::process::Command, cgroup_procs: Vec<File>, r
         run_as: run_as.map(|(uid, gid)| (Uid::from_raw(uid), Gid::from_raw(gid))),
         private_tmp: false,
         root: None,
+        last_capability: last_capability(),
     };
     // SAFETY: as in `spawn_worker`: `ChildSetup::enter` makes only system
     // calls on values made before fork and allocates nothing; the closure
@@ -355,6 +397,16 @@ pub fn lookup_user(name: &str) -> Result<(u32, u32), SandboxError> {
             source: errno.into(),
         }),
     }
+}
+
+/// The highest capability number this kernel knows
+/// (`/proc/sys/kernel/cap_last_cap`; 63, past any kernel's, if unreadable:
+/// the numbers it does not know are refused with EINVAL and skipped).
+fn last_capability() -> i32 {
+    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(63)
 }
 
 /// A CPU set of `cpus`, built before fork so the child only passes it on.
