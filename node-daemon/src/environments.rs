@@ -37,7 +37,7 @@ use std::{
     process::Stdio,
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc, Mutex,
+        Arc,
     },
     time::{Duration, Instant},
 };
@@ -48,6 +48,9 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokio::{process::Command, sync::OnceCell};
 use tracing::{info, warn};
+
+pub(crate) use crate::cache::Lease;
+use crate::cache::{Leases, OncePerKey};
 
 /// The scanner a node runs with each of its interpreters (the same file the
 /// caller scans itself with, so that both compute the same id).
@@ -156,31 +159,11 @@ pub(crate) struct Interpreter {
     pub environment_id: String,
 }
 
-/// A slot's hold on an environment: an environment with a holder is never
-/// evicted. Warm workers keep theirs.
-#[derive(Debug, Clone)]
-pub(crate) struct Lease(#[allow(dead_code)] Vec<Arc<()>>);
-
-impl Lease {
-    /// A hold on whatever `token` counts the holders of.
-    pub(crate) fn held(token: Arc<()>) -> Self {
-        Self(vec![token])
-    }
-
-    /// One hold on both.
-    pub(crate) fn and(mut self, other: Lease) -> Self {
-        self.0.extend(other.0);
-        self
-    }
-}
-
 /// The interpreter a job's workers run, ready.
 pub(crate) struct Prepared {
     pub program: String,
     pub lease: Lease,
 }
-
-type Build = Arc<OnceCell<Result<PathBuf, String>>>;
 
 /// A node's environments.
 pub(crate) struct Environments {
@@ -194,9 +177,9 @@ pub(crate) struct Environments {
     interpreters: tokio::sync::Mutex<HashMap<String, Arc<Interpreter>>>,
     /// Builds in flight (and done, until the next lookup finds the
     /// environment on disk), by id.
-    builds: Mutex<HashMap<String, Build>>,
+    builds: OncePerKey<Result<PathBuf, String>>,
     /// One token per environment in use; a clone is held by each lease.
-    tokens: Mutex<HashMap<String, Arc<()>>>,
+    leases: Leases,
     runtime: OnceCell<Result<Option<PathBuf>, String>>,
     /// How many environments this daemon has built.
     built: AtomicU64,
@@ -220,7 +203,7 @@ impl Environments {
             cpus,
             interpreters: Default::default(),
             builds: Default::default(),
-            tokens: Default::default(),
+            leases: Default::default(),
             runtime: OnceCell::new(),
             built: AtomicU64::new(0),
         }
@@ -265,28 +248,14 @@ impl Environments {
         {
             return Ok(Prepared {
                 program: caller_executable.to_string(),
-                lease: Lease(vec![]),
+                lease: Lease::default(),
             });
         }
         let lease = self.lease(&spec.id);
         if !built {
-            let build = self
-                .builds
-                .lock()
-                .expect("environment builds lock poisoned")
-                .entry(spec.id.clone())
-                .or_default()
-                .clone();
-            let result = build
-                .get_or_init(|| self.build(spec, caller_executable, caller_python, say))
-                .await
-                .clone();
-            // A later job looks on disk (and retries a failed build).
             self.builds
-                .lock()
-                .expect("environment builds lock poisoned")
-                .remove(&spec.id);
-            result?;
+                .run(&spec.id, || self.build(spec, caller_executable, caller_python, say))
+                .await?;
         }
         touch(&dir.join(".fleetmap-last-used"));
         Ok(Prepared {
@@ -315,22 +284,9 @@ impl Environments {
         let lease = self.lease(&key);
         let record = |dir: &Path| dir.join("fleetmap-environment.json");
         if !record(&dir).exists() {
-            let build = self
-                .builds
-                .lock()
-                .expect("environment builds lock poisoned")
-                .entry(key.clone())
-                .or_default()
-                .clone();
-            let result = build
-                .get_or_init(|| self.build_for_image(&key, spec, image, say))
-                .await
-                .clone();
             self.builds
-                .lock()
-                .expect("environment builds lock poisoned")
-                .remove(&key);
-            result?;
+                .run(&key, || self.build_for_image(&key, spec, image, say))
+                .await?;
         }
         touch(&dir.join(".fleetmap-last-used"));
         Ok((dir.join("site"), lease))
@@ -494,13 +450,12 @@ impl Environments {
     }
 
     fn lease(&self, id: &str) -> Lease {
-        let mut tokens = self.tokens.lock().expect("environment tokens lock poisoned");
-        Lease::held(tokens.entry(id.to_string()).or_default().clone())
+        self.leases.lease(id)
     }
 
+    #[cfg(test)]
     fn in_use(&self, id: &str) -> bool {
-        let tokens = self.tokens.lock().expect("environment tokens lock poisoned");
-        tokens.get(id).is_some_and(|t| Arc::strong_count(t) > 1)
+        self.leases.in_use(id)
     }
 
     /// Whether the caller's interpreter is on this node and holds exactly
@@ -891,7 +846,7 @@ impl Environments {
             if total <= self.config.max_bytes {
                 break;
             }
-            if self.in_use(&id) {
+            if self.leases.in_use(&id) {
                 continue;
             }
             let trash = envs.join(format!(".trash-{id}-{}", std::process::id()));
@@ -1212,7 +1167,7 @@ mod tests {
         let envs = environments(cache.path(), python.clone(), uv);
         let version = envs.describe(&python, false).await.unwrap().python.clone();
         let spec = spec(&[]);
-        let said = Mutex::new(Vec::new());
+        let said = std::sync::Mutex::new(Vec::new());
         let say = |text: String| said.lock().unwrap().push(text);
         let (a, b) = tokio::join!(
             envs.prepare(&spec, "/nonexistent/python3", &version, &say),

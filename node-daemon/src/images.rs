@@ -46,7 +46,10 @@ use serde::{Deserialize, Serialize};
 use tokio::{io::AsyncWriteExt, sync::OnceCell};
 use tracing::{info, warn};
 
-use crate::environments::{touch, Lease};
+use crate::{
+    cache::{Lease, Leases, OncePerKey},
+    environments::touch,
+};
 
 /// Where and how a node gets images.
 #[derive(Debug, Clone)]
@@ -119,7 +122,6 @@ pub(crate) struct Held {
     pub lease: Lease,
 }
 
-type Pull = Arc<OnceCell<Result<Arc<Image>, String>>>;
 type Resolution = Arc<OnceCell<Result<String, String>>>;
 /// Tag resolutions by job and reference, and the order they were made in.
 type Resolutions = (HashMap<(JobId, String), Resolution>, VecDeque<(JobId, String)>);
@@ -136,11 +138,11 @@ pub(crate) struct Images {
     /// Tags resolved for each job, so that the job's slots agree.
     resolved: Mutex<Resolutions>,
     /// Pulls in flight, by digest.
-    pulls: Mutex<HashMap<String, Pull>>,
+    pulls: OncePerKey<Result<Arc<Image>, String>>,
     /// Images this daemon has used, by digest (checked on disk before use,
     /// as eviction may have removed one).
     known: Mutex<HashMap<String, Arc<Image>>>,
-    tokens: Mutex<HashMap<String, Arc<()>>>,
+    leases: Leases,
 }
 
 /// The node's platform in OCI's words.
@@ -182,7 +184,7 @@ impl Images {
             resolved: Default::default(),
             pulls: Default::default(),
             known: Default::default(),
-            tokens: Default::default(),
+            leases: Default::default(),
         }
     }
 
@@ -218,19 +220,10 @@ impl Images {
             self.remember(&image);
             return Ok(Held { image, lease });
         }
-        let pull = self
+        let image = self
             .pulls
-            .lock()
-            .expect("image pulls lock poisoned")
-            .entry(digest.clone())
-            .or_default()
-            .clone();
-        let result = pull
-            .get_or_init(|| self.pull(reference, &parsed, &digest, &auth, &dir, say))
-            .await
-            .clone();
-        self.pulls.lock().expect("image pulls lock poisoned").remove(&digest);
-        let image = result?;
+            .run(&digest, || self.pull(reference, &parsed, &digest, &auth, &dir, say))
+            .await?;
         touch(&dir.join(".fleetmap-last-used"));
         self.remember(&image);
         Ok(Held { image, lease })
@@ -456,13 +449,7 @@ impl Images {
     }
 
     fn lease(&self, digest: &str) -> Lease {
-        let mut tokens = self.tokens.lock().expect("image tokens lock poisoned");
-        Lease::held(tokens.entry(digest.to_string()).or_default().clone())
-    }
-
-    fn in_use(&self, digest: &str) -> bool {
-        let tokens = self.tokens.lock().expect("image tokens lock poisoned");
-        tokens.get(digest).is_some_and(|t| Arc::strong_count(t) > 1)
+        self.leases.lease(digest)
     }
 
     /// Removes images no slot holds, least recently used first, until the
@@ -488,7 +475,7 @@ impl Images {
             if total <= self.config.max_bytes {
                 break;
             }
-            if image.digest == keep || self.in_use(&image.digest) {
+            if image.digest == keep || self.leases.in_use(&image.digest) {
                 continue;
             }
             match fs::remove_dir_all(&dir) {

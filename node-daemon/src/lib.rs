@@ -12,6 +12,7 @@
 //! This crate must not depend on pyo3 or `runtime`: the daemon never runs
 //! user code in its own process.
 
+mod cache;
 mod environments;
 mod images;
 pub mod inventory;
