@@ -169,18 +169,16 @@ async fn prepare_image(ctx: &mut SlotContext) -> Result<(), (FailureKind, String
             image.python_version, image.python
         )));
     }
-    let runtime = ctx
-        .environments
-        .runtime_dir()
-        .await
-        .map_err(image_error)?
-        .ok_or_else(|| {
-            format!(
+    let runtime = match ctx.environments.runtime_dir().await {
+        Ok(Some(dir)) => dir,
+        Ok(None) => {
+            return Err(image_error(format!(
                 "node {node} cannot run image {reference}: it was started without fleetmap's runtime \
-             packages to bind into images"
-            )
-        });
-    let runtime = runtime.map_err(image_error)?;
+                 packages to bind into images"
+            )))
+        }
+        Err(e) => return Err(image_error(e)),
+    };
     // The slot and its warm workers hold the image and its packages.
     let mut lease = held.lease.clone();
     let mut packages = None;
@@ -204,8 +202,13 @@ async fn prepare_image(ctx: &mut SlotContext) -> Result<(), (FailureKind, String
 }
 
 /// Builds (or finds) the job's environment and makes its interpreter the
-/// slot's program. The caller hears what is being installed.
+/// slot's program. The caller hears what is being installed. A job in an
+/// image has its packages installed for the image instead
+/// ([`prepare_image`]).
 async fn prepare_environment(ctx: &mut SlotContext) -> Result<(), String> {
+    if ctx.image.is_some() {
+        return Ok(());
+    }
     let RuntimeSpec::Python {
         environment: Some(spec),
         executable,

@@ -363,8 +363,8 @@ def test_packages_are_installed_for_the_image_except_what_it_has(registry, base,
         assert has_file == "/" + site + "/fm_image_has/__init__.py", "the image's own copy, not reinstalled"
         assert "fleetmap-test-image" in os_release
     records = [json.loads(p.read_text()) for p in (cache / "envs").glob("*/fleetmap-environment.json")]
-    records = [rec for rec in records if rec.get("image")]
-    assert [rec["installed"] for rec in records] == [["fm-image-extra==1.0"]], records
+    assert [rec["installed"] for rec in records if rec.get("image")] == [["fm-image-extra==1.0"]], records
+    assert all(rec.get("image") for rec in records), "nothing was built for the node's own interpreter"
     assert "installing 1 package (fm-image-extra==1.0)" in r["stderr"], r["stderr"]
     missing = run_client(
         f"IMAGE = {image!r}\n"
