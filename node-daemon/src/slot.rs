@@ -816,12 +816,16 @@ const WORKER_VARIABLES: &[&str] = &[
 /// allowlisted variables of the daemon's own (all of them for the embedded
 /// cluster, whose calls are the caller's), and fleetmap's.
 fn base_environment(config: &NodeConfig) -> Vec<(std::ffi::OsString, std::ffi::OsString)> {
+    daemon_variables(config, |k| config.inherit_environment || WORKER_VARIABLES.contains(&k))
+}
+
+/// The daemon's variables that `keep` names or the operator passes
+/// (`--pass-env`), then fleetmap's own.
+fn daemon_variables(config: &NodeConfig, keep: impl Fn(&str) -> bool) -> Vec<(std::ffi::OsString, std::ffi::OsString)> {
     let mut env: Vec<(std::ffi::OsString, std::ffi::OsString)> = std::env::vars_os()
         .filter(|(key, _)| {
-            config.inherit_environment
-                || key
-                    .to_str()
-                    .is_some_and(|k| WORKER_VARIABLES.contains(&k) || config.pass_env.iter().any(|p| p == k))
+            key.to_str()
+                .is_some_and(|k| keep(k) || config.pass_env.iter().any(|p| p == k))
         })
         .collect();
     env.push(("PYTHONUNBUFFERED".into(), "1".into()));
@@ -915,11 +919,9 @@ fn image_worker_command(ctx: &SlotContext, slot_image: &SlotImage) -> WorkerComm
     }
     let mut env: Vec<(std::ffi::OsString, std::ffi::OsString)> =
         env.into_iter().map(|(k, v)| (k.into(), v.into())).collect();
-    env.extend(
-        std::env::vars_os().filter(|(key, _)| key.to_str().is_some_and(|k| ctx.config.pass_env.iter().any(|p| p == k))),
-    );
-    env.push(("PYTHONUNBUFFERED".into(), "1".into()));
-    env.push(("FLEETMAP_NODE".into(), ctx.config.name.clone().into()));
+    // None of the host's own (its PATH means nothing in the image), but
+    // what the operator passes.
+    env.extend(daemon_variables(&ctx.config, |_| false));
     env.extend(job_environment(ctx).into_iter().map(|(k, v)| (k.into(), v.into())));
     WorkerCommand {
         program: image.python.clone().into(),
