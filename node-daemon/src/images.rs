@@ -203,6 +203,13 @@ impl Images {
             .map_err(|e| format!("image {reference:?} is not a valid reference: {e}"))?;
         let auth = self.auth_for(parsed.resolve_registry())?;
         let digest = self.resolve(job, &parsed, &auth).await?;
+        // The digest names a directory: only `ALGORITHM:HEX` from a
+        // registry is trusted that far.
+        if !is_digest(&digest) {
+            return Err(format!(
+                "node {node}: image {reference} resolved to {digest:?}, which is not a digest (ALGORITHM:HEX)"
+            ));
+        }
         let dir = self.dir.join(digest.replace(':', "-"));
         let lease = self.lease(&digest);
         let known = self
@@ -212,6 +219,8 @@ impl Images {
             .get(&digest)
             .cloned();
         if let Some(image) = known.filter(|i| i.dir.join("image.json").exists()) {
+            // Eviction goes by this file's age.
+            touch(&dir.join(".fleetmap-last-used"));
             return Ok(Held { image, lease });
         }
         if let Some(image) = load(&dir) {
@@ -704,6 +713,16 @@ fn credentials(text: &str, registry: &str) -> Result<RegistryAuth, String> {
         return Ok(RegistryAuth::Basic(user.to_string(), password.to_string()));
     }
     Ok(RegistryAuth::Anonymous)
+}
+
+/// Whether `digest` is `ALGORITHM:HEX` (`sha256:...`), as OCI digests are.
+fn is_digest(digest: &str) -> bool {
+    digest.split_once(':').is_some_and(|(algorithm, hex)| {
+        !algorithm.is_empty()
+            && algorithm.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+            && (32..=128).contains(&hex.len())
+            && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
 }
 
 /// The image recorded in `dir`, if it is complete.

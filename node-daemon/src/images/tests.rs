@@ -317,3 +317,19 @@ fn images_no_one_holds_are_evicted_least_recently_used_first() {
     assert!(!left("b"), "once released it goes too");
     assert!(left("c"));
 }
+
+#[test]
+fn only_digests_name_cache_directories() {
+    assert!(is_digest(&format!("sha256:{}", "ab12".repeat(16))));
+    assert!(is_digest(&format!("sha512:{}", "0f".repeat(64))));
+    for bad in [
+        "sha256:../../etc",
+        "sha256:",
+        "sha256/abc:00000000000000000000000000000000",
+        &format!("sha256:{}", "AB".repeat(32)),
+        &format!("sha256:{}/x", "ab".repeat(32)),
+        "latest",
+    ] {
+        assert!(!is_digest(bad), "{bad}");
+    }
+}
