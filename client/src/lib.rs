@@ -103,7 +103,7 @@ pub struct FleetStatus {
 pub struct Client {
     conn: quinn::Connection,
     _endpoint: quinn::Endpoint,
-    tx: mpsc::UnboundedSender<ClientToCoordinator>,
+    tx: fleetmap_net::Outbox<ClientToCoordinator>,
     routes: Routes,
     next_request: AtomicU64,
     pub coordinator: String,
@@ -274,7 +274,7 @@ pub struct Job {
     pub nodes: u32,
     /// Chunks the client may send before it gets more credit.
     pub initial_credit: u32,
-    tx: mpsc::UnboundedSender<ClientToCoordinator>,
+    tx: fleetmap_net::Outbox<ClientToCoordinator>,
     events: mpsc::UnboundedReceiver<JobEvent>,
 }
 

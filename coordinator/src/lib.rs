@@ -12,4 +12,4 @@ pub mod scheduler;
 pub mod server;
 
 pub use credentials::Credentials;
-pub use server::{serve, CoordinatorConfig, RunningCoordinator};
+pub use server::{serve, CoordinatorConfig, Limits, RunningCoordinator};

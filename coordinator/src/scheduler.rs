@@ -39,6 +39,7 @@ use dispatch::PER_SLOT_WINDOW;
 pub use dispatch::SLOT_DEPTH;
 pub use placement::gib;
 use placement::Node;
+pub use recovery::MAX_CHUNK_LOSSES;
 
 /// The most slots one job may have.
 pub const MAX_SLOTS: u32 = 4000;
@@ -90,6 +91,12 @@ struct Job {
     in_flight: HashMap<ChunkId, (SlotId, InputChunk)>,
     /// Chunks the client has sent and that have not finished.
     in_system: u32,
+    /// The bytes of their payloads.
+    in_system_bytes: u64,
+    /// The client has more waiting than it reads: no credit until it drains.
+    backlogged: bool,
+    /// Per chunk, the nodes lost while it ran there.
+    losses: HashMap<ChunkId, Vec<String>>,
     received: u64,
     finished: u64,
     total_chunks: Option<u64>,
@@ -119,6 +126,9 @@ impl Job {
             queue: VecDeque::new(),
             in_flight: HashMap::new(),
             in_system: 0,
+            in_system_bytes: 0,
+            backlogged: false,
+            losses: HashMap::new(),
             received: 0,
             finished: 0,
             total_chunks: None,
@@ -126,18 +136,58 @@ impl Job {
     }
 }
 
+/// Slot `slot` of `job` if node `node` runs it; `None` if it is gone (given
+/// back, or its node lost); a violation if it belongs to another node or
+/// was never placed.
+fn owned_slot(j: &mut Job, job: JobId, slot: SlotId, node: NodeId) -> Result<Option<&mut Slot>, ProtocolViolation> {
+    let next_slot = j.next_slot;
+    match j.slots.get_mut(&slot) {
+        Some(s) if s.node == node => Ok(Some(s)),
+        Some(_) => Err(ProtocolViolation(format!(
+            "job {job}: node spoke for slot {slot}, which runs on another node"
+        ))),
+        None if slot.0 >= next_slot.0 => Err(ProtocolViolation(format!(
+            "job {job}: node spoke for slot {slot}, which was never placed"
+        ))),
+        None => Ok(None),
+    }
+}
+
 /// The coordinator's state: nodes, jobs, slots and queued inputs.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Scheduler {
     nodes: BTreeMap<NodeId, Node>,
     jobs: BTreeMap<JobId, Job>,
     next_job: JobId,
     out: VecDeque<Command>,
+    /// Clients with more waiting to be sent to them than they read.
+    backlogged: BTreeSet<ClientId>,
+    /// The largest input or output payload a peer may send: the message
+    /// limit less room for the message around it, so that a payload
+    /// accepted from one peer can always be passed on to the next.
+    max_payload: usize,
+}
+
+impl Default for Scheduler {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Scheduler {
     pub fn new() -> Self {
-        Self::default()
+        Self::with_max_payload(fleetmap_protocol::max_payload(fleetmap_protocol::DEFAULT_MAX_MESSAGE))
+    }
+
+    pub fn with_max_payload(max_payload: usize) -> Self {
+        Self {
+            nodes: BTreeMap::new(),
+            jobs: BTreeMap::new(),
+            next_job: JobId::default(),
+            out: VecDeque::new(),
+            backlogged: BTreeSet::new(),
+            max_payload,
+        }
     }
 
     /// The next message to deliver.
@@ -180,7 +230,7 @@ impl Scheduler {
         let Some(lost) = self.nodes.remove(&node) else {
             return;
         };
-        self.requeue_chunks_of_lost_node(node);
+        self.requeue_chunks_of_lost_node(node, &lost.name);
         self.fail_stranded_jobs(&lost.name);
         self.grow_jobs();
         self.dispatch_all();
@@ -195,7 +245,9 @@ impl Scheduler {
         }
         let id = self.next_job;
         self.next_job = JobId(id.0 + 1);
-        self.jobs.insert(id, Job::new(client, spec));
+        let mut job = Job::new(client, spec);
+        job.backlogged = self.backlogged.contains(&client);
+        self.jobs.insert(id, job);
         self.grow_jobs();
         let job = self.jobs.get_mut(&id).expect("job inserted above");
         job.announced = true;
@@ -212,6 +264,14 @@ impl Scheduler {
     }
 
     pub fn handle_inputs(&mut self, client: ClientId, job: JobId, chunk: InputChunk) -> Result<(), ProtocolViolation> {
+        if chunk.payload.len() > self.max_payload {
+            return Err(ProtocolViolation(format!(
+                "job {job}: chunk {} is {} bytes, over the limit of {} bytes per chunk of inputs",
+                chunk.chunk,
+                chunk.payload.len(),
+                self.max_payload
+            )));
+        }
         let Some(j) = self.client_job(client, job) else {
             return Ok(());
         };
@@ -232,6 +292,7 @@ impl Scheduler {
         }
         j.credit_out -= 1;
         j.in_system += 1;
+        j.in_system_bytes += chunk.payload.len() as u64;
         j.received += 1;
         j.queue.push_back(chunk);
         self.dispatch(job);
@@ -259,7 +320,33 @@ impl Scheduler {
         }
     }
 
+    /// The shell found that `client` has more waiting to be sent to it
+    /// than its budget (`over`), or that it has read it down again. While
+    /// over, its jobs get no credit, so it cannot make the coordinator hold
+    /// outputs it does not read.
+    pub fn handle_client_backlog(&mut self, client: ClientId, over: bool) {
+        let changed = if over {
+            self.backlogged.insert(client)
+        } else {
+            self.backlogged.remove(&client)
+        };
+        if !changed {
+            return;
+        }
+        let mut credits = Vec::new();
+        for (&id, job) in self.jobs.iter_mut().filter(|(_, j)| j.client == client) {
+            job.backlogged = over;
+            if !over && job.announced {
+                credits.push((id, job.top_up()));
+            }
+        }
+        for (job, chunks) in credits.into_iter().filter(|c| c.1 > 0) {
+            self.send_to_client(client, CoordinatorToClient::Credit { job, chunks });
+        }
+    }
+
     pub fn handle_client_lost(&mut self, client: ClientId) {
+        self.backlogged.remove(&client);
         let jobs: Vec<JobId> = self
             .jobs
             .iter()
@@ -275,28 +362,67 @@ impl Scheduler {
         self.grow_jobs();
     }
 
-    /// A node reports a finished chunk. Reports for jobs, slots or chunks the
-    /// scheduler no longer holds on that node (a stopped job, a slot already
-    /// given up) are dropped, so no input ever yields two outcomes.
-    pub fn handle_chunk_done(&mut self, node: NodeId, job: JobId, slot: SlotId, output: OutputChunk) {
-        let Some(j) = self.jobs.get_mut(&job) else {
-            return;
+    /// A node reports a finished chunk. Reports that cross a stop on the
+    /// wire (a job ended, a slot given back, the node already lost) are
+    /// dropped, so no input ever yields two outcomes. A report that no
+    /// honest node could send (another node's slot, a chunk this slot does
+    /// not hold, a payload over the limit) is a violation: the shell
+    /// disconnects the node and its chunks run elsewhere. What the client
+    /// gets names the chunk's inputs and node from the coordinator's own
+    /// record, never from the node's word.
+    pub fn handle_chunk_done(
+        &mut self,
+        node: NodeId,
+        job: JobId,
+        slot: SlotId,
+        mut output: OutputChunk,
+    ) -> Result<(), ProtocolViolation> {
+        let Some(node_name) = self.nodes.get(&node).map(|n| n.name.clone()) else {
+            return Ok(()); // Sent before the node was lost.
         };
-        let Some(s) = j.slots.get_mut(&slot) else {
-            return;
-        };
-        if s.node != node {
-            return;
+        if output.payload.len() > self.max_payload {
+            return Err(ProtocolViolation(format!(
+                "job {job}: the output of chunk {} is {} bytes, over the limit of {} bytes",
+                output.chunk,
+                output.payload.len(),
+                self.max_payload
+            )));
         }
-        let Some(pos) = s.chunks.iter().position(|&c| c == output.chunk) else {
-            return;
+        let Some(j) = self.jobs.get_mut(&job) else {
+            return Ok(());
         };
+        let inputs = j.in_flight.get(&output.chunk).map(|(_, c)| c.count);
+        let Some(s) = owned_slot(j, job, slot, node)? else {
+            return Ok(());
+        };
+        let (Some(pos), Some(inputs)) = (s.chunks.iter().position(|&c| c == output.chunk), inputs) else {
+            return Err(ProtocolViolation(format!(
+                "job {job}: node reported chunk {} done on slot {slot}, which does not hold it",
+                output.chunk
+            )));
+        };
+        // Checked before anything changes: the chunk must still be the
+        // slot's when the node is disconnected, so that it runs elsewhere.
+        if output.failed > inputs {
+            return Err(ProtocolViolation(format!(
+                "job {job}: node reported {} failures in chunk {} of {inputs} inputs",
+                output.failed, output.chunk
+            )));
+        }
         s.chunks.remove(pos);
         let release = s.draining && s.chunks.is_empty();
-        if !s.draining {
+        let draining = s.draining;
+        let Some((_, sent)) = j.in_flight.remove(&output.chunk) else {
+            unreachable!("chunk {} is held by a slot, so it is in flight", output.chunk);
+        };
+        output.first_input = sent.first_input;
+        output.count = sent.count;
+        output.node = node_name;
+        if !draining {
             j.ready.push_back(slot);
         }
-        j.in_flight.remove(&output.chunk);
+        j.in_system_bytes -= sent.payload.len() as u64;
+        j.losses.remove(&output.chunk);
         j.in_system -= 1;
         j.finished += 1;
         let client = j.client;
@@ -311,19 +437,29 @@ impl Scheduler {
             self.grow_jobs();
         }
         self.finish_if_done(job);
+        Ok(())
     }
 
     /// A slot's worker could not start or died. The job stops at its first
     /// failure, as a local map would.
-    pub fn handle_slot_failed(&mut self, node: NodeId, job: JobId, slot: SlotId, kind: FailureKind, reason: String) {
-        let owned = self
-            .jobs
-            .get(&job)
-            .and_then(|j| j.slots.get(&slot))
-            .is_some_and(|s| s.node == node);
-        if owned {
+    pub fn handle_slot_failed(
+        &mut self,
+        node: NodeId,
+        job: JobId,
+        slot: SlotId,
+        kind: FailureKind,
+        reason: String,
+    ) -> Result<(), ProtocolViolation> {
+        if !self.nodes.contains_key(&node) {
+            return Ok(());
+        }
+        let Some(j) = self.jobs.get_mut(&job) else {
+            return Ok(());
+        };
+        if owned_slot(j, job, slot, node)?.is_some() {
             self.fail_job(job, kind, reason);
         }
+        Ok(())
     }
 
     /// A client asks what the fleet looks like.
@@ -344,9 +480,19 @@ impl Scheduler {
         self.send_to_client(client, CoordinatorToClient::Status { request, nodes, jobs });
     }
 
-    /// A line a call printed goes to the job's client.
-    pub fn handle_log(&mut self, line: LogLine) {
-        if let Some(client) = self.client_of(line.job) {
+    /// A line a call printed goes to the job's client, if the node runs a
+    /// slot of that job (a line that crosses the slot's stop is dropped),
+    /// under the node's name as the coordinator knows it.
+    pub fn handle_log(&mut self, node: NodeId, mut line: LogLine) {
+        let Some(name) = self.nodes.get(&node).map(|n| &n.name) else {
+            return;
+        };
+        let Some(j) = self.jobs.get(&line.job) else {
+            return;
+        };
+        if j.slots.values().any(|s| s.node == node) {
+            line.node.clone_from(name);
+            let client = j.client;
             self.send_to_client(client, CoordinatorToClient::Log(line));
         }
     }

@@ -7,18 +7,18 @@
 //! closes that peer's connection with the reason; the coordinator carries on.
 
 use std::{
-    collections::HashMap,
-    net::SocketAddr,
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex},
     time::Duration,
 };
 
-use fleetmap_net::{accept_hello, CloseCode, NetError, Receiver, SessionError};
+use fleetmap_net::{accept_hello, CloseCode, NetError, Outbox, Receiver, SessionError};
 use fleetmap_protocol::{
-    ClientId, ClientToCoordinator, CoordinatorToClient, CoordinatorToNode, NodeId, NodeToCoordinator, Role,
-    DEFAULT_MAX_MESSAGE, SOFTWARE_VERSION,
+    max_payload, ClientId, ClientToCoordinator, CoordinatorToClient, CoordinatorToNode, JobId, LogLine, NodeId,
+    NodeToCoordinator, OutputStream, Role, WireSize, DEFAULT_MAX_MESSAGE, SOFTWARE_VERSION,
 };
-use tokio::{sync::mpsc, task::JoinHandle};
+use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use crate::{
@@ -29,12 +29,50 @@ use crate::{
 /// How long a new connection has to open its stream and say `Hello`.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How much a peer may make the coordinator hold for it, and how many peers
+/// may be at the door at once.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Connections open at once, authenticated or not.
+    pub max_connections: usize,
+    /// Connections still in their handshake (TLS, then `Hello`) at once.
+    pub max_handshakes: usize,
+    /// Connections in their handshake from one IP address at once.
+    pub max_handshakes_per_address: usize,
+    /// Handshakes in progress above which a new address must first prove
+    /// it receives at its address (a QUIC retry) before it costs anything.
+    pub retry_above: usize,
+    /// Bytes waiting for a client above which its printed lines are
+    /// dropped (and counted, and the count told to it once it reads again).
+    pub client_log_backlog: usize,
+    /// Bytes waiting for a client above which its jobs get no more credit
+    /// until it reads them down to half.
+    pub client_slow_backlog: usize,
+    /// Bytes waiting for a client above which it is disconnected.
+    pub client_max_backlog: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 10_000,
+            max_handshakes: 256,
+            max_handshakes_per_address: 16,
+            retry_above: 32,
+            client_log_backlog: 8 << 20,
+            client_slow_backlog: 64 << 20,
+            client_max_backlog: 2 << 30,
+        }
+    }
+}
+
 /// How to run a coordinator.
 #[derive(Debug, Clone)]
 pub struct CoordinatorConfig {
     pub listen: SocketAddr,
     pub credentials: Credentials,
     pub max_message: usize,
+    pub limits: Limits,
 }
 
 impl CoordinatorConfig {
@@ -43,35 +81,36 @@ impl CoordinatorConfig {
             listen,
             credentials,
             max_message: DEFAULT_MAX_MESSAGE,
+            limits: Limits::default(),
         }
     }
 }
 
+/// A connected client as the shell sees it.
+struct ClientPeer {
+    outbox: Outbox<CoordinatorToClient>,
+    conn: quinn::Connection,
+    /// Printed lines dropped per job while the client read too slowly.
+    dropped: BTreeMap<JobId, u64>,
+}
+
 struct Core {
     scheduler: Scheduler,
-    nodes: HashMap<NodeId, mpsc::UnboundedSender<CoordinatorToNode>>,
-    clients: HashMap<ClientId, mpsc::UnboundedSender<CoordinatorToClient>>,
+    nodes: HashMap<NodeId, Outbox<CoordinatorToNode>>,
+    clients: HashMap<ClientId, ClientPeer>,
     /// Ids for nodes and clients; the two live in separate, typed maps.
     next_peer: u64,
 }
 
-/// Adds a peer's sender under the next id.
-fn register<K: Copy + Eq + std::hash::Hash, M>(
-    peers: &mut HashMap<K, mpsc::UnboundedSender<M>>,
-    next: &mut u64,
-    id: fn(u64) -> K,
-    tx: mpsc::UnboundedSender<M>,
-) -> K {
-    *next += 1;
-    let key = id(*next);
-    peers.insert(key, tx);
-    key
-}
-
 impl Core {
+    fn next_id(&mut self) -> u64 {
+        self.next_peer += 1;
+        self.next_peer
+    }
+
     /// Delivers what the scheduler wants sent. A peer that has gone is
     /// skipped: its loss is an event of its own.
-    fn route(&mut self) {
+    fn route(&mut self, limits: &Limits) {
         while let Some(cmd) = self.scheduler.poll_command() {
             match cmd {
                 Command::ToNode { node, msg } => {
@@ -80,8 +119,10 @@ impl Core {
                     }
                 }
                 Command::ToClient { client, msg } => {
-                    if let Some(tx) = self.clients.get(&client) {
-                        let _ = tx.send(msg);
+                    if let Some(peer) = self.clients.get_mut(&client) {
+                        if peer.deliver(msg, limits) {
+                            self.scheduler.handle_client_backlog(client, true);
+                        }
                     }
                 }
             }
@@ -89,10 +130,55 @@ impl Core {
     }
 }
 
+impl ClientPeer {
+    /// Queues `msg` for the client within its budget; returns whether the
+    /// client has just gone over its slow backlog (its jobs' credit stops).
+    fn deliver(&mut self, msg: CoordinatorToClient, limits: &Limits) -> bool {
+        let queued = self.outbox.queued_bytes();
+        match &msg {
+            CoordinatorToClient::Log(line) if queued + msg.wire_size() > limits.client_log_backlog => {
+                *self.dropped.entry(line.job).or_default() += 1;
+                return false;
+            }
+            CoordinatorToClient::Log(LogLine { job, .. })
+            | CoordinatorToClient::JobFinished { job }
+            | CoordinatorToClient::JobFailed { job, .. } => {
+                if let Some(n) = self.dropped.remove(job) {
+                    let _ = self.outbox.send(CoordinatorToClient::Log(LogLine {
+                        job: *job,
+                        stream: OutputStream::Stderr,
+                        node: "coordinator".into(),
+                        text: format!(
+                            "[fleetmap] {n} printed lines of this job were dropped: the caller read them more \
+                             slowly than the job printed them"
+                        ),
+                    }));
+                }
+            }
+            _ => {}
+        }
+        let _ = self.outbox.send(msg);
+        let queued = self.outbox.queued_bytes();
+        if queued > limits.client_max_backlog {
+            CloseCode::Protocol.close(
+                &self.conn,
+                &format!(
+                    "the client left {} MiB unread, over the coordinator's limit of {} MiB per client",
+                    queued >> 20,
+                    limits.client_max_backlog >> 20
+                ),
+            );
+        }
+        queued > limits.client_slow_backlog
+    }
+}
+
 struct Shared {
     core: Mutex<Core>,
     credentials: Credentials,
     max_message: usize,
+    limits: Limits,
+    doors: Mutex<Doors>,
 }
 
 impl Shared {
@@ -100,7 +186,7 @@ impl Shared {
     fn with<R>(&self, f: impl FnOnce(&mut Scheduler) -> R) -> R {
         let mut core = self.lock();
         let r = f(&mut core.scheduler);
-        core.route();
+        core.route(&self.limits);
         r
     }
 
@@ -108,6 +194,97 @@ impl Shared {
         // A poisoned lock means a panic in the scheduler, a bug: stopping
         // every connection task by propagating it is the only safe outcome.
         self.core.lock().expect("scheduler lock poisoned")
+    }
+}
+
+/// Who is at the door: connections open, and those still in their
+/// handshake, in total and per address.
+#[derive(Default)]
+struct Doors {
+    open: usize,
+    handshaking: usize,
+    per_address: HashMap<IpAddr, usize>,
+}
+
+/// What a connection holds at the door while it lives; dropping it lets
+/// the next one in.
+struct Admission<'a> {
+    shared: &'a Shared,
+    address: IpAddr,
+    handshaking: bool,
+}
+
+impl Admission<'_> {
+    /// The handshake is over (authenticated, or about to be closed).
+    fn authenticated(&mut self) {
+        if std::mem::take(&mut self.handshaking) {
+            let mut doors = self.shared.doors();
+            doors.leave_handshake(self.address);
+        }
+    }
+}
+
+impl Drop for Admission<'_> {
+    fn drop(&mut self) {
+        let mut doors = self.shared.doors();
+        if self.handshaking {
+            doors.leave_handshake(self.address);
+        }
+        doors.open -= 1;
+    }
+}
+
+impl Doors {
+    fn leave_handshake(&mut self, address: IpAddr) {
+        self.handshaking -= 1;
+        if let Some(n) = self.per_address.get_mut(&address) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_address.remove(&address);
+            }
+        }
+    }
+}
+
+/// What to do with a connection attempt.
+enum Door {
+    Admit,
+    Retry,
+    Refuse,
+}
+
+impl Shared {
+    fn doors(&self) -> std::sync::MutexGuard<'_, Doors> {
+        self.doors.lock().expect("door lock poisoned")
+    }
+
+    fn door_for(&self, incoming: &quinn::Incoming) -> Door {
+        let doors = self.doors();
+        let limits = &self.limits;
+        let address = incoming.remote_address().ip();
+        let from_address = doors.per_address.get(&address).copied().unwrap_or(0);
+        if doors.open >= limits.max_connections
+            || doors.handshaking >= limits.max_handshakes
+            || from_address >= limits.max_handshakes_per_address
+        {
+            Door::Refuse
+        } else if doors.handshaking >= limits.retry_above && !incoming.remote_address_validated() {
+            Door::Retry
+        } else {
+            Door::Admit
+        }
+    }
+
+    fn admit(&self, address: IpAddr) -> Admission<'_> {
+        let mut doors = self.doors();
+        doors.open += 1;
+        doors.handshaking += 1;
+        *doors.per_address.entry(address).or_default() += 1;
+        Admission {
+            shared: self,
+            address,
+            handshaking: true,
+        }
     }
 }
 
@@ -157,13 +334,15 @@ pub async fn serve(config: CoordinatorConfig) -> Result<RunningCoordinator, NetE
     let local_addr = endpoint.local_addr()?;
     let shared = Arc::new(Shared {
         core: Mutex::new(Core {
-            scheduler: Scheduler::new(),
+            scheduler: Scheduler::with_max_payload(max_payload(config.max_message)),
             nodes: HashMap::new(),
             clients: HashMap::new(),
             next_peer: 0,
         }),
         credentials: config.credentials,
         max_message: config.max_message,
+        limits: config.limits,
+        doors: Mutex::new(Doors::default()),
     });
     let accept = tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
     info!("coordinator listening on {local_addr}");
@@ -175,14 +354,50 @@ pub async fn serve(config: CoordinatorConfig) -> Result<RunningCoordinator, NetE
     })
 }
 
+/// How often clients held back for reading slowly are looked at again.
+const BACKLOG_CHECK: Duration = Duration::from_millis(20);
+
 async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
+    let backlog = tokio::spawn(release_backlogged_clients(shared.clone()));
     while let Some(incoming) = endpoint.accept().await {
-        tokio::spawn(serve_connection(incoming, shared.clone()));
+        match shared.door_for(&incoming) {
+            // Nothing about the peer is logged: it has proved nothing yet.
+            Door::Refuse => incoming.refuse(),
+            Door::Retry => {
+                let _ = incoming.retry();
+            }
+            Door::Admit => {
+                tokio::spawn(serve_connection(incoming, shared.clone()));
+            }
+        }
+    }
+    backlog.abort();
+}
+
+/// Gives credit back to clients that have read their backlog down to half
+/// of the slow limit.
+async fn release_backlogged_clients(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(BACKLOG_CHECK);
+    loop {
+        tick.tick().await;
+        let half = shared.limits.client_slow_backlog / 2;
+        let mut core = shared.lock();
+        let drained: Vec<ClientId> = core
+            .clients
+            .iter()
+            .filter(|(_, peer)| peer.outbox.queued_bytes() <= half)
+            .map(|(&id, _)| id)
+            .collect();
+        for client in drained {
+            core.scheduler.handle_client_backlog(client, false);
+        }
+        core.route(&shared.limits);
     }
 }
 
 async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
     let remote = incoming.remote_address();
+    let mut admission = shared.admit(remote.ip());
     let conn = match incoming.await {
         Ok(conn) => conn,
         Err(e) => {
@@ -190,7 +405,7 @@ async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
             return;
         }
     };
-    match serve_peer(&conn, &shared).await {
+    match serve_peer(&conn, &shared, &mut admission).await {
         Ok(()) => CloseCode::Done.close(&conn, ""),
         // The refusal was sent and the connection closed with it.
         Err(SessionError::Refused(reason)) => warn!("{remote}: refused: {reason}"),
@@ -201,26 +416,41 @@ async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
     }
 }
 
-async fn serve_peer(conn: &quinn::Connection, shared: &Shared) -> Result<(), SessionError> {
+/// The connection window a peer gets once it has authenticated; before,
+/// it may send no more than [`fleetmap_net::HANDSHAKE_RECEIVE_WINDOW`].
+const RECEIVE_WINDOW: u32 = 64 << 20;
+
+async fn serve_peer(
+    conn: &quinn::Connection,
+    shared: &Shared,
+    admission: &mut Admission<'_>,
+) -> Result<(), SessionError> {
     let Some(handshake) = accept_hello(conn, HANDSHAKE_TIMEOUT).await? else {
         return Ok(());
     };
-    let refusal = match &handshake.hello.role {
-        Role::Node { token, name, .. } if !secrets_match(token, &shared.credentials.join_token) => Some(format!(
-            "node {name:?} presented a join token the coordinator does not accept; \
-             use the token from the coordinator's join-token file"
-        )),
-        Role::Client { api_key } if !secrets_match(api_key, &shared.credentials.api_key) => Some(
-            "the coordinator does not accept this API key; set FLEETMAP_API_KEY (or api_key=) \
-             to the key in the coordinator's api-key file"
-                .to_string(),
-        ),
-        _ => None,
+    let refusal = match handshake.hello.check() {
+        Err(reason) => Some(format!("bad Hello: {reason}")),
+        Ok(()) => match &handshake.hello.role {
+            // The name is the peer's word: it is bounded by `check`, and
+            // logged only quoted.
+            Role::Node { token, name, .. } if !secrets_match(token, &shared.credentials.join_token) => Some(format!(
+                "node {name:?} presented a join token the coordinator does not accept; \
+                     use the token from the coordinator's join-token file"
+            )),
+            Role::Client { api_key } if !secrets_match(api_key, &shared.credentials.api_key) => Some(
+                "the coordinator does not accept this API key; set FLEETMAP_API_KEY (or api_key=) \
+                 to the key in the coordinator's api-key file"
+                    .to_string(),
+            ),
+            _ => None,
+        },
     };
+    admission.authenticated();
     if let Some(reason) = refusal {
         handshake.refuse(&reason).await;
         return Err(SessionError::Refused(reason));
     }
+    conn.set_receive_window(quinn::VarInt::from_u32(RECEIVE_WINDOW));
     // Only an authenticated peer's version string is logged (and cut short).
     let version = &handshake.hello.software_version;
     if version != SOFTWARE_VERSION {
@@ -241,7 +471,9 @@ async fn serve_peer(conn: &quinn::Connection, shared: &Shared) -> Result<(), Ses
             let (tx, mut rx, writer) = handshake.welcome(SOFTWARE_VERSION, shared.max_message).await?;
             let node = {
                 let core = &mut *shared.lock();
-                register(&mut core.nodes, &mut core.next_peer, NodeId, tx)
+                let node = NodeId(core.next_id());
+                core.nodes.insert(node, tx);
+                node
             };
             info!(
                 "node {name} joined from {remote}: {} cores, {} memory, {} GPUs",
@@ -265,7 +497,14 @@ async fn serve_peer(conn: &quinn::Connection, shared: &Shared) -> Result<(), Ses
             let (tx, mut rx, writer) = handshake.welcome(SOFTWARE_VERSION, shared.max_message).await?;
             let client = {
                 let core = &mut *shared.lock();
-                register(&mut core.clients, &mut core.next_peer, ClientId, tx)
+                let client = ClientId(core.next_id());
+                let peer = ClientPeer {
+                    outbox: tx,
+                    conn: conn.clone(),
+                    dropped: BTreeMap::new(),
+                };
+                core.clients.insert(client, peer);
+                client
             };
             let r = client_loop(&mut rx, client, &principal, shared).await;
             shared.with(|s| s.handle_client_lost(client));
@@ -278,7 +517,7 @@ async fn serve_peer(conn: &quinn::Connection, shared: &Shared) -> Result<(), Ses
 
 async fn node_loop(rx: &mut Receiver<NodeToCoordinator>, node: NodeId, shared: &Shared) -> Result<(), SessionError> {
     while let Some(msg) = rx.recv().await? {
-        match msg {
+        let result = match msg {
             NodeToCoordinator::ChunkDone { job, slot, output } => {
                 shared.with(|s| s.handle_chunk_done(node, job, slot, output))
             }
@@ -288,8 +527,14 @@ async fn node_loop(rx: &mut Receiver<NodeToCoordinator>, node: NodeId, shared: &
                 kind,
                 reason,
             } => shared.with(|s| s.handle_slot_failed(node, job, slot, kind, reason)),
-            NodeToCoordinator::Log(line) => shared.with(|s| s.handle_log(line)),
-        }
+            NodeToCoordinator::Log(line) => {
+                shared.with(|s| s.handle_log(node, line));
+                Ok(())
+            }
+        };
+        // A node that speaks for what it does not hold is disconnected; its
+        // chunks run elsewhere (`handle_node_lost`).
+        result.map_err(|v| SessionError::Protocol(v.0))?;
     }
     Ok(())
 }

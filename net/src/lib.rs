@@ -16,11 +16,14 @@ pub use session::{accept_hello, dial, CloseCode, Handshake, Receiver, Session, S
 
 use std::{
     net::{SocketAddr, UdpSocket},
-    sync::{Arc, Once},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Once,
+    },
     time::Duration,
 };
 
-use fleetmap_protocol::{encode_frame, DecodeError, EncodeError, FrameDecoder};
+use fleetmap_protocol::{encode_frame, DecodeError, EncodeError, FrameDecoder, WireSize};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
 use serde::{de::DeserializeOwned, Serialize};
@@ -90,7 +93,23 @@ pub fn transport_config() -> quinn::TransportConfig {
     t.stream_receive_window(quinn::VarInt::from_u32(16 << 20));
     t.receive_window(quinn::VarInt::from_u32(64 << 20));
     t.send_window(64 << 20);
-    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(1024));
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(0));
+    t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
+    t
+}
+
+/// What a peer may send on a connection to the coordinator before it has
+/// authenticated; the coordinator widens the window once it has
+/// (`quinn::Connection::set_receive_window`).
+pub const HANDSHAKE_RECEIVE_WINDOW: u32 = 64 << 10;
+
+/// The coordinator's transport: as [`transport_config`], except that a
+/// peer may open one stream (the session's) and no other, and may send no
+/// more than [`HANDSHAKE_RECEIVE_WINDOW`] until it has authenticated.
+fn server_transport_config() -> quinn::TransportConfig {
+    let mut t = transport_config();
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(1));
+    t.receive_window(quinn::VarInt::from_u32(HANDSHAKE_RECEIVE_WINDOW));
     t
 }
 
@@ -130,7 +149,7 @@ pub fn server_endpoint(listen: SocketAddr, cert_pem: &[u8], key_pem: &[u8]) -> R
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| NetError::Tls(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    config.transport_config(Arc::new(transport_config()));
+    config.transport_config(Arc::new(server_transport_config()));
     let socket = udp_socket(listen)?;
     Ok(quinn::Endpoint::new(
         quinn::EndpointConfig::default(),
@@ -142,6 +161,17 @@ pub fn server_endpoint(listen: SocketAddr, cert_pem: &[u8], key_pem: &[u8]) -> R
 
 /// A QUIC client endpoint that trusts only the given CA (PEM).
 pub fn client_endpoint(ca_pem: &[u8], remote: SocketAddr) -> Result<quinn::Endpoint, NetError> {
+    let local: SocketAddr = if remote.is_ipv6() {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    client_endpoint_at(ca_pem, local)
+}
+
+/// As [`client_endpoint`], bound to `local` (tests dial from several
+/// loopback addresses).
+pub fn client_endpoint_at(ca_pem: &[u8], local: SocketAddr) -> Result<quinn::Endpoint, NetError> {
     install_crypto_provider();
     let mut roots = rustls::RootCertStore::empty();
     for cert in parse_certs(ca_pem)? {
@@ -158,11 +188,6 @@ pub fn client_endpoint(ca_pem: &[u8], remote: SocketAddr) -> Result<quinn::Endpo
     let crypto = QuicClientConfig::try_from(tls).map_err(|e| NetError::Tls(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     config.transport_config(Arc::new(transport_config()));
-    let local: SocketAddr = if remote.is_ipv6() {
-        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-    } else {
-        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
-    };
     let mut endpoint = quinn::Endpoint::new(
         quinn::EndpointConfig::default(),
         None,
@@ -210,27 +235,96 @@ impl<R: AsyncRead + Unpin> FramedReader<R> {
     }
 }
 
-/// Writes every message sent on `rx` to `out`, coalescing the messages that
-/// are already queued into one write so that a burst costs one syscall (or
-/// one QUIC stream write) rather than one per message.
-pub async fn write_frames<W, T>(
-    mut out: W,
-    mut rx: mpsc::UnboundedReceiver<T>,
-    max_message: usize,
-) -> Result<(), NetError>
+/// A connection's sending half: messages wait here for the writer task, and
+/// the bytes waiting (by [`WireSize`]) are counted, so that whoever sends
+/// can hold a peer that reads slowly to a budget rather than grow without
+/// bound. Cloning shares the queue.
+pub struct Outbox<T> {
+    tx: mpsc::UnboundedSender<T>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl<T> Clone for Outbox<T> {
+    fn clone(&self) -> Self {
+        Self {
+            tx: self.tx.clone(),
+            queued: self.queued.clone(),
+        }
+    }
+}
+
+/// What the writer task takes messages from; see [`outbox`].
+pub struct Inbox<T> {
+    rx: mpsc::UnboundedReceiver<T>,
+    queued: Arc<AtomicUsize>,
+}
+
+/// A new queue of messages for one writer.
+pub fn outbox<T>() -> (Outbox<T>, Inbox<T>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let queued = Arc::new(AtomicUsize::new(0));
+    (
+        Outbox {
+            tx,
+            queued: queued.clone(),
+        },
+        Inbox { rx, queued },
+    )
+}
+
+impl<T: WireSize> Outbox<T> {
+    /// Queues `msg`; gives it back if the writer has stopped.
+    pub fn send(&self, msg: T) -> Result<(), T> {
+        let size = msg.wire_size();
+        self.queued.fetch_add(size, Ordering::Relaxed);
+        self.tx.send(msg).map_err(|e| {
+            self.queued.fetch_sub(size, Ordering::Relaxed);
+            e.0
+        })
+    }
+
+    /// Bytes queued and not yet handed to the connection.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+
+    /// Whether the writer has stopped (the connection is gone).
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+}
+
+impl<T: WireSize> Inbox<T> {
+    async fn recv(&mut self) -> Option<T> {
+        let msg = self.rx.recv().await?;
+        self.queued.fetch_sub(msg.wire_size(), Ordering::Relaxed);
+        Some(msg)
+    }
+
+    fn try_recv(&mut self) -> Option<T> {
+        let msg = self.rx.try_recv().ok()?;
+        self.queued.fetch_sub(msg.wire_size(), Ordering::Relaxed);
+        Some(msg)
+    }
+}
+
+/// Writes every message from `inbox` to `out` as frames until every
+/// [`Outbox`] is dropped, then shuts `out` down. Messages waiting together
+/// are coalesced into one write.
+pub async fn write_frames<W, T>(mut out: W, mut inbox: Inbox<T>, max_message: usize) -> Result<(), NetError>
 where
     W: AsyncWrite + Unpin,
-    T: Serialize,
+    T: Serialize + WireSize,
 {
     const COALESCE: usize = 1 << 20;
     let mut buf = Vec::with_capacity(64 << 10);
-    while let Some(msg) = rx.recv().await {
+    while let Some(msg) = inbox.recv().await {
         buf.clear();
         encode_frame(&msg, max_message, &mut buf)?;
         while buf.len() < COALESCE {
-            match rx.try_recv() {
-                Ok(msg) => encode_frame(&msg, max_message, &mut buf)?,
-                Err(_) => break,
+            match inbox.try_recv() {
+                Some(msg) => encode_frame(&msg, max_message, &mut buf)?,
+                None => break,
             }
         }
         out.write_all(&buf).await?;
@@ -248,7 +342,7 @@ mod tests {
     #[tokio::test]
     async fn frames_cross_a_byte_stream() {
         let (a, b) = tokio::io::duplex(64);
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = outbox();
         let writer = tokio::spawn(write_frames(a, rx, DEFAULT_MAX_MESSAGE));
         for job in 0..100 {
             tx.send(Message::CancelJob { job: JobId(job) }).unwrap();

@@ -13,11 +13,11 @@
 
 use std::{marker::PhantomData, net::SocketAddr, time::Duration};
 
-use fleetmap_protocol::{encode_frame, Hello, HelloReply, HANDSHAKE_MAX_MESSAGE};
+use fleetmap_protocol::{encode_frame, Hello, HelloReply, WireSize, HANDSHAKE_MAX_MESSAGE};
 use serde::{de::DeserializeOwned, Serialize};
-use tokio::{sync::mpsc, task::JoinHandle};
+use tokio::task::JoinHandle;
 
-use crate::{write_frames, FramedReader, NetError};
+use crate::{outbox, write_frames, FramedReader, NetError, Outbox};
 
 /// Why fleetmap closes a connection: the QUIC application close code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,7 +146,7 @@ impl<Down: DeserializeOwned> Receiver<Down> {
 pub struct Session<Up, Down> {
     pub conn: quinn::Connection,
     /// Messages to the coordinator; a writer task frames and sends them.
-    pub tx: mpsc::UnboundedSender<Up>,
+    pub tx: Outbox<Up>,
     pub rx: Receiver<Down>,
     pub remote: SocketAddr,
     /// The fleetmap version the coordinator runs.
@@ -166,7 +166,7 @@ pub async fn dial<Up, Down>(
     timeout: Duration,
 ) -> Result<Session<Up, Down>, SessionError>
 where
-    Up: Serialize + Send + 'static,
+    Up: Serialize + WireSize + Send + 'static,
     Down: DeserializeOwned,
 {
     match tokio::time::timeout(timeout, dial_inner(addr, ca_pem, hello, max_message)).await {
@@ -185,7 +185,7 @@ async fn dial_inner<Up, Down>(
     max_message: usize,
 ) -> Result<Session<Up, Down>, SessionError>
 where
-    Up: Serialize + Send + 'static,
+    Up: Serialize + WireSize + Send + 'static,
     Down: DeserializeOwned,
 {
     let unreachable = |reason: String| SessionError::Unreachable {
@@ -232,8 +232,7 @@ where
         Err(e) => return Err(lost(&conn, e.to_string())),
     };
     reader.set_max_message(max_message);
-    let (tx, rx) = mpsc::unbounded_channel();
-    let writer = tokio::spawn(write_frames(send, rx, max_message));
+    let (tx, writer) = spawn_writer(&conn, send, max_message);
     Ok(Session {
         rx: Receiver {
             reader,
@@ -313,16 +312,9 @@ impl Handshake {
         mut self,
         coordinator_version: &str,
         max_message: usize,
-    ) -> Result<
-        (
-            mpsc::UnboundedSender<Up>,
-            Receiver<Down>,
-            JoinHandle<Result<(), NetError>>,
-        ),
-        SessionError,
-    >
+    ) -> Result<(Outbox<Up>, Receiver<Down>, JoinHandle<Result<(), NetError>>), SessionError>
     where
-        Up: Serialize + Send + 'static,
+        Up: Serialize + WireSize + Send + 'static,
         Down: DeserializeOwned,
     {
         let mut frame = Vec::new();
@@ -336,8 +328,7 @@ impl Handshake {
             .await
             .map_err(|e| SessionError::Lost(e.to_string()))?;
         self.reader.set_max_message(max_message);
-        let (tx, rx) = mpsc::unbounded_channel();
-        let writer = tokio::spawn(write_frames(self.send, rx, max_message));
+        let (tx, writer) = spawn_writer(&self.conn, self.send, max_message);
         let receiver = Receiver {
             reader: self.reader,
             conn: self.conn,
@@ -346,4 +337,28 @@ impl Handshake {
         };
         Ok((tx, receiver, writer))
     }
+}
+
+/// Starts the task that writes a session's messages. A message that cannot
+/// be sent (it does not encode within the limit, or the stream broke) ends
+/// the connection with the reason, so that both sides handle it like any
+/// other lost connection rather than one side waiting on a dead writer.
+fn spawn_writer<Up>(
+    conn: &quinn::Connection,
+    send: quinn::SendStream,
+    max_message: usize,
+) -> (Outbox<Up>, JoinHandle<Result<(), NetError>>)
+where
+    Up: Serialize + WireSize + Send + 'static,
+{
+    let (tx, inbox) = outbox();
+    let conn = conn.clone();
+    let writer = tokio::spawn(async move {
+        let r = write_frames(send, inbox, max_message).await;
+        if let Err(e) = &r {
+            CloseCode::Protocol.close(&conn, &format!("cannot send: {e}"));
+        }
+        r
+    });
+    (tx, writer)
 }

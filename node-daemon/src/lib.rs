@@ -74,6 +74,9 @@ pub struct NodeConfig {
     pub inherit_environment: bool,
     /// More variables of the daemon's environment that workers get.
     pub pass_env: Vec<String>,
+    /// The most bytes of printed lines one job's calls on this node send
+    /// to the caller; later lines are dropped and counted.
+    pub printed_limit_bytes: u64,
 }
 
 /// How slots are isolated.
@@ -116,6 +119,7 @@ impl NodeConfig {
             images: ImageConfig::default(),
             inherit_environment: false,
             pass_env: vec![],
+            printed_limit_bytes: slot::DEFAULT_PRINTED_LIMIT,
         }
     }
 
@@ -393,6 +397,8 @@ struct Node {
 struct JobSlots {
     chunks: HashMap<SlotId, mpsc::UnboundedSender<InputChunk>>,
     tasks: HashMap<SlotId, JoinHandle<()>>,
+    /// What the job's calls on this node have printed, against its budget.
+    printed: Arc<slot::Printed>,
 }
 
 impl JobSlots {
@@ -456,7 +462,7 @@ async fn session(
             resources: config.resources.clone(),
             isolation: NodeIsolation {
                 pinned: node.cgroups.is_some(),
-                description: node.isolation.clone(),
+                description: cut_to(&node.isolation, fleetmap_protocol::MAX_ISOLATION_DESCRIPTION),
             },
         },
         software_version: SOFTWARE_VERSION.into(),
@@ -535,6 +541,7 @@ async fn session(
                         sources: None,
                         images: node.images.clone(),
                         image: None,
+                        printed: entry.printed.clone(),
                     };
                     entry.tasks.insert(slot, tokio::spawn(run_slot(ctx, rx)));
                 }
@@ -568,4 +575,13 @@ async fn session(
     drop(up);
     writer.abort();
     result
+}
+
+/// `text`, cut at a character boundary to at most `limit` bytes.
+fn cut_to(text: &str, limit: usize) -> String {
+    let mut end = text.len().min(limit);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_string()
 }

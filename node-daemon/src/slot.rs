@@ -51,6 +51,65 @@ pub(crate) type Pool = WorkerPool<WorkerProcess>;
 /// are split.
 const MAX_LOG_LINE: usize = 64 << 10;
 
+/// The printed output one job may send from a node by default (64 MiB).
+pub const DEFAULT_PRINTED_LIMIT: u64 = 64 << 20;
+
+/// Printed lines waiting to go to the coordinator above which more are
+/// dropped (the coordinator, or the caller behind it, reads too slowly).
+const PRINTED_BACKLOG: usize = 16 << 20;
+
+/// What one job's calls on this node have printed, shared by its slots:
+/// the bytes sent against [`NodeConfig::printed_limit_bytes`], and the
+/// lines dropped since the caller was last told.
+#[derive(Default)]
+pub(crate) struct Printed {
+    sent: AtomicU64,
+    dropped: AtomicU64,
+}
+
+impl Printed {
+    /// Whether a line of `bytes` may go, counting it either way.
+    fn admit(&self, bytes: usize, limit: u64, backlog: usize) -> bool {
+        let sent = self.sent.load(Ordering::Relaxed);
+        if sent + bytes as u64 > limit || backlog > PRINTED_BACKLOG {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        self.sent.fetch_add(bytes as u64, Ordering::Relaxed);
+        true
+    }
+
+    /// Tells the caller how many lines were dropped since it was last told
+    /// (before the chunk's outcome, so it reads in order).
+    fn report_dropped(&self, ctx: &SlotContext) {
+        let dropped = self.dropped.swap(0, Ordering::Relaxed);
+        if dropped == 0 {
+            return;
+        }
+        let limit = ctx.config.printed_limit_bytes;
+        let text = if self.sent.load(Ordering::Relaxed) >= limit.saturating_sub(MAX_LOG_LINE as u64) {
+            format!(
+                "[fleetmap] {dropped} lines printed by this job on node {} were dropped: over the node's \
+                 limit of {} MiB of printed output per job. Write large output to files or return it",
+                ctx.config.name,
+                limit >> 20
+            )
+        } else {
+            format!(
+                "[fleetmap] {dropped} lines printed by this job on node {} were dropped: they were printed \
+                 faster than the fleet could carry them to the caller",
+                ctx.config.name
+            )
+        };
+        let _ = ctx.up.send(NodeToCoordinator::Log(LogLine {
+            job: ctx.job,
+            stream: OutputStream::Stderr,
+            node: ctx.config.name.clone(),
+            text,
+        }));
+    }
+}
+
 pub(crate) struct SlotContext {
     pub job: JobId,
     pub slot: SlotId,
@@ -58,7 +117,7 @@ pub(crate) struct SlotContext {
     pub config: Arc<NodeConfig>,
     pub cgroups: Option<Arc<CgroupTree>>,
     pub placement: Placement,
-    pub up: mpsc::UnboundedSender<NodeToCoordinator>,
+    pub up: fleetmap_net::Outbox<NodeToCoordinator>,
     pub pool: Arc<Pool>,
     /// Every core of the node, for the workers started ahead of any job.
     pub node_cpus: Arc<Vec<u32>>,
@@ -73,6 +132,8 @@ pub(crate) struct SlotContext {
     pub images: Arc<Images>,
     /// The job's image on this node, once prepared.
     pub image: Option<SlotImage>,
+    /// What the job's calls on this node have printed.
+    pub printed: Arc<Printed>,
 }
 
 /// What a slot's workers need to run in the job's image.
@@ -379,6 +440,7 @@ async fn drive_slot(
                     // outputs (and so before the job can end).
                     worker.stdout.drain_written(ctx).await;
                     worker.stderr.drain_written(ctx).await;
+                    ctx.printed.report_dropped(ctx);
                     let Some(p) = pending.pop_front().filter(|p| p.chunk.chunk == chunk) else {
                         return Err(format!(
                             "the worker (pid {}) on node {} answered for chunk {chunk}, which it was not running",
@@ -460,7 +522,7 @@ fn learn_from_death(front: &mut Pending, death: Death, ctx: &SlotContext) -> Res
 pub(crate) struct WorkerProcess {
     pid: u32,
     reader: FramedReader<OwnedReadHalf>,
-    to_worker: mpsc::UnboundedSender<ToWorker>,
+    to_worker: fleetmap_net::Outbox<ToWorker>,
     writer: JoinHandle<Result<(), fleetmap_net::NetError>>,
     stdout: LineForwarder<tokio::process::ChildStdout>,
     stderr: LineForwarder<tokio::process::ChildStderr>,
@@ -632,7 +694,7 @@ impl WorkerProcess {
         );
         let (rd, wr): (OwnedReadHalf, OwnedWriteHalf) =
             process.channel.take().expect("channel of a new worker").into_split();
-        let (to_worker, rx) = mpsc::unbounded_channel();
+        let (to_worker, rx) = fleetmap_net::outbox();
         let worker = WorkerProcess {
             pid: process.pid,
             reader: FramedReader::new(rd, config.max_message),
@@ -1022,11 +1084,35 @@ impl<R: AsyncRead + AsRawFd + Unpin> LineForwarder<R> {
     }
 
     fn send(&self, line: &[u8], ctx: &SlotContext) {
+        if !ctx
+            .printed
+            .admit(line.len(), ctx.config.printed_limit_bytes, ctx.up.queued_bytes())
+        {
+            return;
+        }
         let _ = ctx.up.send(NodeToCoordinator::Log(LogLine {
             job: ctx.job,
             stream: self.stream,
             node: ctx.config.name.clone(),
             text: String::from_utf8_lossy(line).into_owned(),
         }));
+    }
+}
+
+#[cfg(test)]
+mod printed_tests {
+    use super::*;
+
+    #[test]
+    fn printed_lines_stop_at_the_job_limit_and_when_the_coordinator_falls_behind() {
+        let printed = Printed::default();
+        assert!(printed.admit(600, 1000, 0));
+        assert!(!printed.admit(600, 1000, 0), "over the job's limit");
+        assert!(printed.admit(400, 1000, 0), "exactly up to the limit");
+        let fresh = Printed::default();
+        assert!(!fresh.admit(10, 1000, PRINTED_BACKLOG + 1), "the coordinator is behind");
+        assert_eq!(printed.dropped.load(Ordering::Relaxed), 1);
+        assert_eq!(fresh.dropped.load(Ordering::Relaxed), 1);
+        assert_eq!(printed.sent.load(Ordering::Relaxed), 1000);
     }
 }

@@ -43,8 +43,31 @@ pub const PROTOCOL_VERSION: u16 = 4;
 pub const DEFAULT_MAX_MESSAGE: usize = 1 << 30;
 
 /// The largest message accepted before a peer has authenticated: a `Hello`
-/// holds a name, a secret and a node's inventory, never megabytes.
-pub const HANDSHAKE_MAX_MESSAGE: usize = 64 << 10;
+/// holds a name, a secret and a node's inventory (see [`Hello::check`]),
+/// never more than a few KiB.
+pub const HANDSHAKE_MAX_MESSAGE: usize = 16 << 10;
+
+/// Room kept in every message for what wraps a payload (ids, names, a
+/// pickled function's metadata): see [`max_payload`].
+pub const ENVELOPE_BYTES: usize = 64 << 10;
+
+/// The largest payload (a chunk of inputs or outputs) under a message limit
+/// of `max_message`: small enough that any message carrying it encodes
+/// within the limit, so a payload accepted from one peer can always be
+/// passed on to the next.
+pub const fn max_payload(max_message: usize) -> usize {
+    max_message.saturating_sub(ENVELOPE_BYTES)
+}
+
+/// The most GPUs one node may advertise.
+pub const MAX_NODE_GPUS: usize = 256;
+
+/// The longest name, secret or version string a `Hello` may carry.
+pub const MAX_HELLO_FIELD: usize = 256;
+
+/// The longest description of a node's isolation (it may carry the reason
+/// cgroups could not be used, and what to do).
+pub const MAX_ISOLATION_DESCRIPTION: usize = 2048;
 
 /// The software version, sent in the handshake so that mismatches are named.
 pub const SOFTWARE_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -297,6 +320,134 @@ pub struct LogLine {
     pub stream: OutputStream,
     pub node: String,
     pub text: String,
+}
+
+impl Hello {
+    /// Checks every field against its bound before anything else reads
+    /// the `Hello` (it comes from a peer that has not authenticated yet).
+    /// The error names the field and its limit, never the peer's bytes.
+    pub fn check(&self) -> Result<(), String> {
+        let bounded = |what: &str, value: &str, limit: usize| {
+            if value.len() > limit {
+                Err(format!("{what} is {} bytes, over the limit of {limit}", value.len()))
+            } else {
+                Ok(())
+            }
+        };
+        let field = |what: &str, value: &str| bounded(what, value, MAX_HELLO_FIELD);
+        field("the software version", &self.software_version)?;
+        match &self.role {
+            Role::Client { api_key } => field("the API key", api_key),
+            Role::Node {
+                token,
+                name,
+                resources,
+                isolation,
+            } => {
+                field("the join token", token)?;
+                field("the node name", name)?;
+                if name.is_empty() || name.chars().any(|c| c.is_control()) {
+                    return Err("the node name must be non-empty and printable".into());
+                }
+                bounded(
+                    "the isolation description",
+                    &isolation.description,
+                    MAX_ISOLATION_DESCRIPTION,
+                )?;
+                if resources.gpus.len() > MAX_NODE_GPUS {
+                    return Err(format!(
+                        "the node advertises {} GPUs, over the limit of {MAX_NODE_GPUS}",
+                        resources.gpus.len()
+                    ));
+                }
+                resources.gpus.iter().try_for_each(|g| field("a GPU's UUID", &g.uuid))
+            }
+        }
+    }
+}
+
+/// A message's size on the wire, closely enough to budget queues by: the
+/// bytes of its payloads and strings plus a constant for the rest. Counting
+/// it costs nothing next to sending it (no encoding).
+pub trait WireSize {
+    fn wire_size(&self) -> usize;
+}
+
+/// What every message costs beyond its payloads and strings.
+const MESSAGE_OVERHEAD: usize = 64;
+
+impl WireSize for JobSpec {
+    fn wire_size(&self) -> usize {
+        let RuntimeSpec::Python {
+            function,
+            environment,
+            sources,
+            ..
+        } = &self.runtime;
+        MESSAGE_OVERHEAD
+            + function.len()
+            + sources.as_ref().map_or(0, |s| s.zip.len())
+            + environment
+                .as_ref()
+                .map_or(0, |e| e.requirements.iter().map(String::len).sum())
+    }
+}
+
+impl WireSize for LogLine {
+    fn wire_size(&self) -> usize {
+        MESSAGE_OVERHEAD + self.text.len() + self.node.len()
+    }
+}
+
+impl WireSize for CoordinatorToClient {
+    fn wire_size(&self) -> usize {
+        MESSAGE_OVERHEAD
+            + match self {
+                CoordinatorToClient::Output { output, .. } => output.payload.len() + output.node.len(),
+                CoordinatorToClient::Log(line) => line.wire_size(),
+                CoordinatorToClient::JobRejected { reason, .. } | CoordinatorToClient::JobFailed { reason, .. } => {
+                    reason.len()
+                }
+                CoordinatorToClient::Status { nodes, .. } => nodes
+                    .iter()
+                    .map(|n| MESSAGE_OVERHEAD + n.name.len() + n.isolation.len())
+                    .sum(),
+                _ => 0,
+            }
+    }
+}
+
+impl WireSize for CoordinatorToNode {
+    fn wire_size(&self) -> usize {
+        MESSAGE_OVERHEAD
+            + match self {
+                CoordinatorToNode::RunChunk { chunk, .. } => chunk.payload.len(),
+                CoordinatorToNode::StartSlots { spec, slots, .. } => spec.wire_size() + slots.len() * 8,
+                _ => 0,
+            }
+    }
+}
+
+impl WireSize for NodeToCoordinator {
+    fn wire_size(&self) -> usize {
+        MESSAGE_OVERHEAD
+            + match self {
+                NodeToCoordinator::ChunkDone { output, .. } => output.payload.len() + output.node.len(),
+                NodeToCoordinator::SlotFailed { reason, .. } => reason.len(),
+                NodeToCoordinator::Log(line) => line.wire_size(),
+            }
+    }
+}
+
+impl WireSize for ClientToCoordinator {
+    fn wire_size(&self) -> usize {
+        MESSAGE_OVERHEAD
+            + match self {
+                ClientToCoordinator::Inputs { chunk, .. } => chunk.payload.len(),
+                ClientToCoordinator::SubmitJob { spec, .. } => spec.wire_size(),
+                _ => 0,
+            }
+    }
 }
 
 /// The coordinator's answer to a [`Hello`].

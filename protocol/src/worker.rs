@@ -91,3 +91,12 @@ pub enum FromWorker {
         payload: Vec<u8>,
     },
 }
+
+impl crate::WireSize for ToWorker {
+    fn wire_size(&self) -> usize {
+        64 + match self {
+            ToWorker::Load { function, .. } => function.len(),
+            ToWorker::Run { chunk, .. } => chunk.payload.len(),
+        }
+    }
+}

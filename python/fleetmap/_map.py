@@ -455,6 +455,27 @@ def _chunk_outcomes(
         scope.__exit__(None, None, None)
 
 
+def _check_outcomes(
+    outstanding: Dict[int, int], first: int, count: int, outputs: Any, failures: Any, node: str
+) -> None:
+    """Checks that an answer is the one expected for a chunk still
+    outstanding: its inputs, as many outputs as inputs, failures among them.
+    Takes the chunk off ``outstanding``; anything else fails the job."""
+    expected = outstanding.get(first)
+    if (
+        expected != count
+        or not isinstance(outputs, list)
+        or len(outputs) != count
+        or any(not first <= f.index < first + count for f in failures)
+    ):
+        raise JobFailed(
+            f"node {node} answered for inputs {first}..{first + count - 1} with outcomes that do not "
+            "match a chunk this job is waiting for; no output was taken from it. Report the node to "
+            "the fleet's operator"
+        )
+    del outstanding[first]
+
+
 def _chunk_size(chunk_id: int, slots: int, cap: int, per_input: Optional[float], left: Optional[int]) -> int:
     """How many inputs the next chunk takes: one at first, doubling with
     every round of slots, up to ``cap``; once calls are timed
@@ -489,6 +510,9 @@ def _run(
     credit = job.credit
     chunk_id = done = 0
     inputs_done = False
+    # Chunks sent and not yet answered, by first input: each answer must
+    # match one exactly, so every input gets exactly one outcome.
+    outstanding: Dict[int, int] = {}
     while True:
         while credit > 0 and not source.exhausted():
             first = source.next_index
@@ -507,6 +531,7 @@ def _run(
                     input_index=first,
                 )
             job.send_chunk(chunk_id, first, len(chunk), payload)
+            outstanding[first] = len(chunk)
             source.consume(len(chunk))
             chunk_id += 1
             credit -= 1
@@ -518,6 +543,7 @@ def _run(
             if kind == "output":
                 _, first, count, failed, node, payload = event
                 outputs, failures, seconds = pickle.loads(payload)
+                _check_outcomes(outstanding, first, count, outputs, failures, node)
                 sample = seconds / max(count, 1)
                 per_input = sample if per_input is None else 0.7 * per_input + 0.3 * sample
                 if failed and not return_exceptions:
@@ -533,6 +559,13 @@ def _run(
                 _, stream, _node, text = event
                 progress.print_line(text, sys.stderr if stream == "stderr" else sys.stdout)
             elif kind == "finished":
+                if outstanding:
+                    missing = min(outstanding)
+                    raise JobFailed(
+                        f"the fleet ended the job without outcomes for inputs {missing}.."
+                        f"{missing + outstanding[missing] - 1} ({len(outstanding)} chunks in all); "
+                        "this is a fleet bug: run the job again and report it"
+                    )
                 return
             elif kind == "failed":
                 error = {"environment": EnvironmentSetupError, "image": ImageError}.get(event[2], JobFailed)

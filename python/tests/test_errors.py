@@ -300,3 +300,28 @@ def test_the_native_core_raises_fleetmap_classes_that_pickle(tmp_path):
         again = pickle.loads(pickle.dumps(exc))
         assert type(again) is type(exc) and str(again) == str(exc)
     assert again.kind == "invalid"
+
+
+def test_an_answer_that_matches_no_outstanding_chunk_fails_the_job_and_is_not_taken():
+    from fleetmap._map import _check_outcomes
+    from fleetmap._remote import RemoteFailure
+
+    def failure(index: int) -> RemoteFailure:
+        return RemoteFailure.capture(index, ValueError("x"), __file__, with_traceback=False)
+
+    outstanding = {0: 2, 2: 3}
+    bad = [
+        (5, 1, [None], []),  # no chunk starts at input 5
+        (0, 3, [None] * 3, []),  # a chunk of 2 answered as 3
+        (0, 2, [None], []),  # fewer outputs than inputs
+        (0, 2, (None, None), []),  # not a list
+        (0, 2, [None, None], [failure(2)]),  # a failure outside the chunk
+    ]
+    for first, count, outputs, failures in bad:
+        with pytest.raises(fleetmap.JobFailed, match="node n-1 answered for inputs"):
+            _check_outcomes(outstanding, first, count, outputs, failures, "n-1")
+    assert outstanding == {0: 2, 2: 3}, "nothing was taken"
+    _check_outcomes(outstanding, 2, 3, [None] * 3, [failure(4)], "n-1")
+    assert outstanding == {0: 2}
+    with pytest.raises(fleetmap.JobFailed):
+        _check_outcomes(outstanding, 2, 3, [None] * 3, [], "n-1")  # the same chunk twice

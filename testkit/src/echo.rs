@@ -85,7 +85,19 @@ impl EchoNode {
         stop: impl Future<Output = ()>,
     ) -> Result<u64, SessionError> {
         let role = node_role(&access.join_token, &self.name, self.cores);
-        let mut peer = NodePeer::join(&access, role).await?;
+        // A coordinator turns away connections beyond its handshake limits
+        // (a whole emulated fleet joins from one address at once); like a
+        // real daemon, the node tries again.
+        let mut attempts = 0;
+        let mut peer = loop {
+            match NodePeer::join(&access, role.clone()).await {
+                Err(SessionError::Unreachable { .. }) if attempts < 200 => {
+                    attempts += 1;
+                    tokio::time::sleep(Duration::from_millis(50 + (attempts % 7) * 20)).await;
+                }
+                other => break other?,
+            }
+        };
         stats.joined.fetch_add(1, Ordering::Relaxed);
 
         // When each slot's emulated worker is free again: a slot runs its

@@ -26,5 +26,5 @@ mod spec;
 
 pub use coordinator::{connect_client, start_coordinator, CoordinatorAccess};
 pub use echo::{EchoNode, EchoStats, SlotsStarted};
-pub use peer::{node_role, open_raw, ClientPeer, NodePeer, Peer};
+pub use peer::{node_role, open_raw, open_raw_from, ClientPeer, NodePeer, Peer};
 pub use spec::{job_spec, ONE_CORE};

@@ -6,10 +6,10 @@ use std::time::Duration;
 use fleetmap_net::{CloseCode, NetError, Receiver, Session, SessionError};
 use fleetmap_protocol::{
     ClientToCoordinator, CoordinatorToClient, CoordinatorToNode, Hello, NodeIsolation, NodeToCoordinator, Resources,
-    Role, DEFAULT_MAX_MESSAGE, SOFTWARE_VERSION,
+    Role, WireSize, DEFAULT_MAX_MESSAGE, SOFTWARE_VERSION,
 };
 use serde::{de::DeserializeOwned, Serialize};
-use tokio::{sync::mpsc, task::JoinHandle};
+use tokio::task::JoinHandle;
 
 use crate::CoordinatorAccess;
 
@@ -27,7 +27,7 @@ const NEXT_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Peer<Up, Down> {
     pub conn: quinn::Connection,
     /// Messages to the coordinator; a writer task frames and sends them.
-    pub tx: mpsc::UnboundedSender<Up>,
+    pub tx: fleetmap_net::Outbox<Up>,
     pub rx: Receiver<Down>,
     writer: JoinHandle<Result<(), NetError>>,
     /// The endpoint must live as long as the connection.
@@ -39,7 +39,7 @@ pub type NodePeer = Peer<NodeToCoordinator, CoordinatorToNode>;
 /// A client speaking the protocol by hand.
 pub type ClientPeer = Peer<ClientToCoordinator, CoordinatorToClient>;
 
-impl<Up: Serialize + Send + 'static, Down: DeserializeOwned> Peer<Up, Down> {
+impl<Up: Serialize + WireSize + Send + 'static, Down: DeserializeOwned> Peer<Up, Down> {
     /// Dials, says `Hello` as `role` and waits to be welcomed.
     pub async fn join(access: &CoordinatorAccess, role: Role) -> Result<Self, SessionError> {
         let hello = Hello {
@@ -108,7 +108,16 @@ pub fn node_role(join_token: &str, name: &str, cores: u32) -> Role {
 pub async fn open_raw(
     access: &CoordinatorAccess,
 ) -> anyhow::Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream, quinn::Endpoint)> {
-    let endpoint = fleetmap_net::client_endpoint(&access.ca_pem, access.addr)?;
+    open_raw_from(access, std::net::Ipv4Addr::UNSPECIFIED.into()).await
+}
+
+/// As [`open_raw`], from the local address `from` (any loopback address
+/// `127.x.y.z` reaches a coordinator on `127.0.0.1`).
+pub async fn open_raw_from(
+    access: &CoordinatorAccess,
+    from: std::net::IpAddr,
+) -> anyhow::Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream, quinn::Endpoint)> {
+    let endpoint = fleetmap_net::client_endpoint_at(&access.ca_pem, (from, 0).into())?;
     let conn = endpoint.connect(access.addr, fleetmap_net::SERVER_NAME)?.await?;
     let (send, recv) = conn.open_bi().await?;
     Ok((conn, send, recv, endpoint))

@@ -9,10 +9,12 @@ use fleetmap_coordinator::{Credentials, RunningCoordinator};
 use fleetmap_net::{CloseCode, FramedReader};
 use fleetmap_node_daemon::{NodeConfig, NodeError};
 use fleetmap_protocol::{
-    ClientToCoordinator, CoordinatorToClient, FailureKind, Hello, JobId, NodeToCoordinator, Role, SlotId,
-    HANDSHAKE_MAX_MESSAGE, PROTOCOL_VERSION,
+    ChunkId, ClientToCoordinator, CoordinatorToClient, CoordinatorToNode, FailureKind, Hello, JobId, NodeToCoordinator,
+    OutputChunk, Role, SlotId, HANDSHAKE_MAX_MESSAGE, PROTOCOL_VERSION,
 };
-use fleetmap_testkit::{connect_client, open_raw, start_coordinator, CoordinatorAccess, Peer};
+use fleetmap_testkit::{
+    connect_client, node_role, open_raw, open_raw_from, start_coordinator, CoordinatorAccess, NodePeer, Peer,
+};
 use rand::{RngExt, SeedableRng};
 
 use crate::protocol_peers;
@@ -235,4 +237,119 @@ async fn a_node_daemon_survives_a_coordinator_that_sends_garbage() {
     assert!(closed.to_string().contains("malformed"), "{closed}");
     assert!(!daemon.is_finished());
     daemon.abort();
+}
+
+/// Waits for `conn` to be closed by the coordinator as a protocol
+/// violation; returns the reason it gave.
+async fn closed_as_violation(conn: &quinn::Connection) -> String {
+    match tokio::time::timeout(Duration::from_secs(10), conn.closed())
+        .await
+        .expect("the coordinator closes the connection")
+    {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            assert_eq!(CloseCode::of(c.error_code), Some(CloseCode::Protocol), "{c:?}");
+            String::from_utf8_lossy(&c.reason).into_owned()
+        }
+        other => panic!("unexpected close: {other}"),
+    }
+}
+
+#[tokio::test]
+async fn a_node_that_answers_for_a_chunk_it_does_not_hold_is_disconnected_and_outputs_stay_exact() {
+    let (coordinator, access) = start_coordinator().await.unwrap();
+    let mut liar = NodePeer::join(&access, node_role(&access.join_token, "liar", 1))
+        .await
+        .unwrap();
+    let honest = protocol_peers::echo_node(&access, "honest", None);
+    assert!(coordinator.wait_for_nodes(2, Duration::from_secs(10)).await);
+    let client = connect_client(&access).await.unwrap();
+    let job = tokio::spawn(async move { protocol_peers::run_echo_job(&client, 200).await });
+
+    let (job_id, slot) = loop {
+        if let CoordinatorToNode::StartSlots { job, slots, .. } = liar.next().await {
+            break (job, slots[0]);
+        }
+    };
+    let held = loop {
+        if let CoordinatorToNode::RunChunk { chunk, .. } = liar.next().await {
+            break chunk;
+        }
+    };
+    // Outputs for a chunk far ahead, which no slot of this node holds,
+    // with a payload of its choosing.
+    let forged = OutputChunk {
+        chunk: ChunkId(held.chunk.0 + 1000),
+        first_input: held.first_input,
+        count: held.count,
+        failed: 0,
+        node: "honest".into(),
+        payload: b"forged".to_vec(),
+    };
+    liar.tx
+        .send(NodeToCoordinator::ChunkDone {
+            job: job_id,
+            slot,
+            output: forged,
+        })
+        .unwrap();
+    let reason = closed_as_violation(&liar.conn).await;
+    assert!(reason.contains("does not hold"), "{reason}");
+
+    // The chunks the liar held ran on the honest node: every chunk has
+    // exactly one outcome, its own payload.
+    let outputs = job.await.unwrap();
+    assert_eq!(outputs.len(), 200);
+    for (chunk, outs) in &outputs {
+        assert_eq!(outs.len(), 1, "chunk {chunk} answered once");
+        assert_eq!(outs[0].0, chunk.to_le_bytes().to_vec(), "chunk {chunk}'s own payload");
+        assert_eq!(outs[0].1, "honest");
+    }
+    honest.abort();
+    coordinator.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_hello_with_a_field_over_its_bound_is_refused_naming_it() {
+    let (coordinator, access) = start_coordinator().await.unwrap();
+    let mut role = node_role(&access.join_token, "n", 1);
+    if let Role::Node { name, .. } = &mut role {
+        *name = "x".repeat(1000);
+    }
+    let err = NodePeer::join(&access, role).await.err().expect("refused");
+    assert!(err.to_string().contains("the node name is 1000 bytes"), "{err}");
+    let mut role = node_role(&access.join_token, "n", 1);
+    if let Role::Node { resources, .. } = &mut role {
+        resources.gpus = (0..300)
+            .map(|minor| fleetmap_protocol::Gpu {
+                minor,
+                uuid: String::new(),
+                numa_node: None,
+            })
+            .collect();
+    }
+    let err = NodePeer::join(&access, role).await.err().expect("refused");
+    assert!(err.to_string().contains("300 GPUs"), "{err}");
+    assert_eq!(coordinator.node_count(), 0);
+    still_serves(&coordinator, &access).await;
+    coordinator.shutdown().await;
+}
+
+#[tokio::test]
+async fn one_address_may_hold_only_a_few_handshakes_and_others_still_get_in() {
+    let (coordinator, access) = start_coordinator().await.unwrap();
+    let limit = fleetmap_coordinator::Limits::default().max_handshakes_per_address;
+    let attacker: std::net::IpAddr = [127, 0, 0, 7].into();
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for _ in 0..limit + 8 {
+        // A connection that opens its stream and never says Hello.
+        match tokio::time::timeout(Duration::from_secs(5), open_raw_from(&access, attacker)).await {
+            Ok(Ok(open)) => held.push(open),
+            _ => refused += 1,
+        }
+    }
+    assert_eq!(held.len(), limit, "{refused} refused");
+    // Another address is let in while those are held.
+    still_serves(&coordinator, &access).await;
+    coordinator.shutdown().await;
 }

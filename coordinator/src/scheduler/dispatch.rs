@@ -21,12 +21,34 @@ pub const SLOT_DEPTH: usize = 2;
 /// queued at the coordinator, so no slot waits on the client.
 pub(super) const PER_SLOT_WINDOW: u32 = SLOT_DEPTH as u32 + 1;
 
+/// Bytes of inputs each slot adds to its job's byte window: room for its
+/// share of the chunk window at the size clients aim for (1 MiB), twice
+/// over, so that only chunks far larger than usual are held back by it.
+pub(super) const BYTES_PER_SLOT: u64 = 2 * PER_SLOT_WINDOW as u64 * (1 << 20);
+
+/// The smallest byte window of a job.
+pub(super) const MIN_BYTE_WINDOW: u64 = 64 << 20;
+
 impl Job {
     /// Grants the client what fits in the window: returns the new credit.
+    /// Credit counts bytes as well as chunks: none is granted while the
+    /// job's inputs in the coordinator hold more than its byte window, nor
+    /// while its client has more output waiting than it reads.
     pub(super) fn top_up(&mut self) -> u32 {
+        if self.backlogged || self.in_system_bytes >= self.byte_window() {
+            return 0;
+        }
         let room = self.window.saturating_sub(self.in_system + self.credit_out);
         self.credit_out += room;
         room
+    }
+
+    /// The bytes of inputs the job may hold in the coordinator:
+    /// [`BYTES_PER_SLOT`] for each slot, and never less than
+    /// [`MIN_BYTE_WINDOW`]. A chunk sent within credit is accepted even if
+    /// it overshoots; the next credit waits until the job is back inside.
+    fn byte_window(&self) -> u64 {
+        (u64::from(self.active_slots) * BYTES_PER_SLOT).max(MIN_BYTE_WINDOW)
     }
 
     /// Takes the window's share of `slots` slots that are gone. Credit

@@ -19,11 +19,20 @@ use fleetmap_protocol::{CoordinatorToClient, CoordinatorToNode, FailureKind, Job
 
 use super::{Command, Scheduler};
 
+/// Nodes a chunk may be lost with before its job fails.
+pub const MAX_CHUNK_LOSSES: usize = 3;
+
 impl Scheduler {
     /// Removes every slot on `node`, which is gone, and puts the chunks they
     /// held back at the front of their job's queue, in chunk order.
-    pub(super) fn requeue_chunks_of_lost_node(&mut self, node: NodeId) {
-        for job in self.jobs.values_mut() {
+    ///
+    /// A chunk that was running on [`MAX_CHUNK_LOSSES`] lost nodes fails its
+    /// job instead: it may be what takes nodes down (a call that exhausts
+    /// the machine, say), and running it again would take down the fleet
+    /// one node at a time.
+    pub(super) fn requeue_chunks_of_lost_node(&mut self, node: NodeId, name: &str) {
+        let mut poisoned = Vec::new();
+        for (&id, job) in self.jobs.iter_mut() {
             let gone: Vec<SlotId> = job
                 .slots
                 .iter()
@@ -42,6 +51,11 @@ impl Scheduler {
                 }
                 for chunk in s.chunks {
                     if let Some((_, c)) = job.in_flight.remove(&chunk) {
+                        let lost_with = job.losses.entry(chunk).or_default();
+                        lost_with.push(name.to_string());
+                        if lost_with.len() >= MAX_CHUNK_LOSSES {
+                            poisoned.push((id, c.first_input.0, c.count, lost_with.join(", ")));
+                        }
                         requeue.push(c);
                     }
                 }
@@ -50,6 +64,15 @@ impl Scheduler {
             for c in requeue.into_iter().rev() {
                 job.queue.push_front(c);
             }
+        }
+        for (job, first, count, nodes) in poisoned {
+            let last = first + u64::from(count).saturating_sub(1);
+            let reason = format!(
+                "inputs {first}..={last} were running on {MAX_CHUNK_LOSSES} nodes that were lost ({nodes}); \
+                 the job is stopped rather than run them on another. Check those inputs (a call that \
+                 exhausts its machine, say) and the nodes' logs"
+            );
+            self.fail_job(job, FailureKind::Job, reason);
         }
     }
 

@@ -752,7 +752,7 @@ impl World {
                     eprintln!("{:>6} {from:?} -> scheduler: {msg:?}", self.now);
                 }
                 let late = !self.nodes[&node].alive;
-                match msg {
+                let handled = match msg {
                     NodeToCoordinator::ChunkDone { job, slot, output } => {
                         self.sched.handle_chunk_done(node, job, slot, output)
                     }
@@ -763,6 +763,9 @@ impl World {
                         reason,
                     } => self.sched.handle_slot_failed(node, job, slot, kind, reason),
                     other => fail!(self, "the simulated node sent {}", other.kind()),
+                };
+                if let Err(violation) = handled {
+                    fail!(self, "an honest node's message was refused as a violation: {violation}");
                 }
                 let outputs = self.drain();
                 if late {

@@ -240,7 +240,7 @@ fn every_chunk_runs_once_and_the_job_finishes() {
             assert!(pending.iter().filter(|p| p.1 == slot).count() <= SLOT_DEPTH);
         }
         if let Some((node, slot, c)) = (!pending.is_empty()).then(|| pending.remove(0)) {
-            s.handle_chunk_done(node, job, slot, output(&c));
+            s.handle_chunk_done(node, job, slot, output(&c)).unwrap();
         }
     }
     outputs.sort();
@@ -266,7 +266,8 @@ fn chunks_of_a_lost_node_run_again_elsewhere_and_its_late_results_are_dropped() 
 
     s.handle_node_lost(NodeId(1));
     // A result from the lost node that arrives late must not count.
-    s.handle_chunk_done(NodeId(1), job, on_a[0].1, output(&on_a[0].2));
+    s.handle_chunk_done(NodeId(1), job, on_a[0].1, output(&on_a[0].2))
+        .unwrap();
     let cmds = drain(&mut s);
     assert!(!cmds.iter().any(|c| matches!(
         c,
@@ -280,7 +281,7 @@ fn chunks_of_a_lost_node_run_again_elsewhere_and_its_late_results_are_dropped() 
     let mut pending: Vec<_> = first.iter().filter(|r| r.0 == NodeId(2)).cloned().collect();
     while let Some((node, slot, c)) = pending.pop() {
         assert_eq!(node, NodeId(2));
-        s.handle_chunk_done(node, job, slot, output(&c));
+        s.handle_chunk_done(node, job, slot, output(&c)).unwrap();
         for cmd in drain(&mut s) {
             match cmd {
                 Command::ToClient {
@@ -336,7 +337,7 @@ fn a_second_job_gets_its_fair_share_and_the_rest_when_the_first_ends() {
     let mut pending: VecDeque<_> = running.into();
     while stopped < 2 {
         let (node, slot, c) = pending.pop_front().expect("the first job still has chunks running");
-        s.handle_chunk_done(node, first, slot, output(&c));
+        s.handle_chunk_done(node, first, slot, output(&c)).unwrap();
         for cmd in drain(&mut s) {
             match cmd {
                 Command::ToNode {
@@ -378,7 +379,10 @@ fn a_failed_slot_fails_the_job_with_its_reason() {
     s.handle_node_joined(NodeId(1), "a".into(), resources(1, 64), NodeIsolation::default());
     s.handle_submit(ClientId(9), RequestId(0), spec(1, 1, None, 10));
     let (job, _, _) = accepted(&drain(&mut s));
-    s.handle_slot_failed(NodeId(2), job, SlotId(0), FailureKind::Job, "not this node".into());
+    s.handle_node_joined(NodeId(2), "b".into(), resources(1, 64), NodeIsolation::default());
+    drain(&mut s);
+    let refused = s.handle_slot_failed(NodeId(2), job, SlotId(0), FailureKind::Job, "not this node".into());
+    assert!(refused.unwrap_err().0.contains("another node"));
     assert_eq!(s.job_count(), 1, "a node cannot fail another node's slot");
     s.handle_slot_failed(
         NodeId(1),
@@ -386,7 +390,8 @@ fn a_failed_slot_fails_the_job_with_its_reason() {
         SlotId(0),
         FailureKind::Environment,
         "worker died".into(),
-    );
+    )
+    .unwrap();
     let cmds = drain(&mut s);
     assert!(cmds.contains(&Command::ToClient {
         client: ClientId(9),
@@ -444,7 +449,7 @@ fn the_credit_window_shrinks_with_lost_slots() {
     let mut pending: Vec<_> = first.into_iter().filter(|r| r.0 == NodeId(2)).collect();
     for _ in 0..5 {
         let (node, slot, c) = pending.remove(0);
-        s.handle_chunk_done(node, job, slot, output(&c));
+        s.handle_chunk_done(node, job, slot, output(&c)).unwrap();
         for cmd in drain(&mut s) {
             match cmd {
                 Command::ToClient {
@@ -480,6 +485,198 @@ fn chunks_out_of_sequence_are_a_violation() {
 /// (id, cores), each with 64 GiB, and jobs (ids from 0) as (cores per call,
 /// slots as (node, whether the slot holds a chunk)). Every job wants more
 /// slots.
+/// A job of `chunks` chunks on two one-core nodes, `a` (1) and `b` (2), with
+/// every chunk sent and the first ones dispatched: (scheduler, job, runs).
+fn two_node_job(chunks: u64) -> (Scheduler, JobId, Vec<(NodeId, SlotId, InputChunk)>) {
+    let mut s = Scheduler::new();
+    s.handle_node_joined(NodeId(1), "a".into(), resources(1, 64), NodeIsolation::default());
+    s.handle_node_joined(NodeId(2), "b".into(), resources(1, 64), NodeIsolation::default());
+    s.handle_submit(ClientId(9), RequestId(0), spec(1, 1, None, chunks * 10));
+    let (job, _, _) = accepted(&drain(&mut s));
+    for i in 0..chunks {
+        s.handle_inputs(ClientId(9), job, chunk(i)).unwrap();
+    }
+    s.handle_inputs_done(ClientId(9), job, chunks).unwrap();
+    let runs = runs(&drain(&mut s));
+    (s, job, runs)
+}
+
+fn outputs_of(cmds: &[Command]) -> Vec<OutputChunk> {
+    cmds.iter()
+        .filter_map(|c| match c {
+            Command::ToClient {
+                msg: CoordinatorToClient::Output { output, .. },
+                ..
+            } => Some(output.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn what_a_node_says_of_a_chunk_is_checked_against_the_record() {
+    let (mut s, job, runs) = two_node_job(4);
+    let (node, slot, c) = runs.iter().find(|r| r.0 == NodeId(1)).cloned().unwrap();
+    let (other, other_slot, other_chunk) = runs.iter().find(|r| r.0 == NodeId(2)).cloned().unwrap();
+
+    // Another node's slot, a slot never placed, a chunk the slot does not
+    // hold, more failures than inputs: each a violation, changing nothing.
+    let lie = |s: &mut Scheduler, slot, out: OutputChunk| s.handle_chunk_done(node, job, slot, out).unwrap_err().0;
+    assert!(lie(&mut s, other_slot, output(&other_chunk)).contains("another node"));
+    assert!(lie(&mut s, SlotId(99), output(&c)).contains("never placed"));
+    assert!(lie(&mut s, slot, output(&other_chunk)).contains("does not hold"));
+    let mut too_many = output(&c);
+    too_many.failed = c.count + 1;
+    assert!(lie(&mut s, slot, too_many).contains("failures"));
+    assert!(outputs_of(&drain(&mut s)).is_empty());
+
+    // An honest report's inputs and node come from the record.
+    let mut forged = output(&c);
+    forged.first_input = InputIndex(123_456);
+    forged.count = 1;
+    forged.node = "somebody-else".into();
+    s.handle_chunk_done(node, job, slot, forged).unwrap();
+    let out = outputs_of(&drain(&mut s));
+    assert_eq!(out.len(), 1);
+    assert_eq!((out[0].first_input, out[0].count), (c.first_input, c.count));
+    assert_eq!(out[0].node, "a");
+
+    // The same report again is a violation: each chunk has one outcome.
+    assert!(lie(&mut s, slot, output(&c)).contains("does not hold"));
+    s.handle_chunk_done(other, job, other_slot, output(&other_chunk))
+        .unwrap();
+    assert_eq!(outputs_of(&drain(&mut s)).len(), 1);
+}
+
+#[test]
+fn printed_lines_reach_the_client_only_from_nodes_running_the_job() {
+    let (mut s, job, _) = two_node_job(1);
+    s.handle_node_joined(NodeId(3), "idle".into(), resources(1, 64), NodeIsolation::default());
+    drain(&mut s);
+    let line = |node: &str| LogLine {
+        job,
+        stream: fleetmap_protocol::OutputStream::Stdout,
+        node: node.into(),
+        text: "hello".into(),
+    };
+    s.handle_log(NodeId(3), line("a"));
+    assert!(
+        drain(&mut s).is_empty(),
+        "a node without a slot of the job prints nothing"
+    );
+    s.handle_log(NodeId(1), line("forged"));
+    let cmds = drain(&mut s);
+    assert!(
+        matches!(&cmds[..], [Command::ToClient { msg: CoordinatorToClient::Log(l), .. }] if l.node == "a"),
+        "one line, under the node's own name"
+    );
+}
+
+#[test]
+fn a_chunk_lost_with_three_nodes_fails_its_job() {
+    let mut s = Scheduler::new();
+    s.handle_submit(ClientId(9), RequestId(0), spec(1, 1, None, 10));
+    // Nothing can host it yet: rejected. Start with one node.
+    drain(&mut s);
+    s.handle_node_joined(NodeId(1), "n1".into(), resources(1, 64), NodeIsolation::default());
+    s.handle_submit(ClientId(9), RequestId(1), spec(1, 1, None, 10));
+    let (job, _, _) = accepted(&drain(&mut s));
+    s.handle_inputs(ClientId(9), job, chunk(0)).unwrap();
+    s.handle_inputs_done(ClientId(9), job, 1).unwrap();
+    for n in 1..=MAX_CHUNK_LOSSES as u64 {
+        let cmds = drain(&mut s);
+        assert_eq!(runs(&cmds).len(), 1, "chunk 0 runs on node {n}");
+        // The next node joins before this one is lost, so the job is not stranded.
+        s.handle_node_joined(
+            NodeId(n + 1),
+            format!("n{}", n + 1),
+            resources(1, 64),
+            NodeIsolation::default(),
+        );
+        s.handle_node_lost(NodeId(n));
+    }
+    let cmds = drain(&mut s);
+    let failed = cmds.iter().find_map(|c| match c {
+        Command::ToClient {
+            msg: CoordinatorToClient::JobFailed { reason, .. },
+            ..
+        } => Some(reason.clone()),
+        _ => None,
+    });
+    let reason = failed.expect("the job failed");
+    assert!(
+        reason.contains("inputs 0..=9") && reason.contains("n1, n2, n3"),
+        "{reason}"
+    );
+    assert_eq!(s.job_count(), 0);
+}
+
+#[test]
+fn a_client_that_does_not_read_gets_no_credit_until_it_does() {
+    let (mut s, job, runs) = two_node_job(4);
+    s.handle_client_backlog(ClientId(9), true);
+    for (node, slot, c) in &runs[..2] {
+        s.handle_chunk_done(*node, job, *slot, output(c)).unwrap();
+    }
+    assert_eq!(credit_granted(&drain(&mut s)), 0, "no credit while backlogged");
+    s.handle_client_backlog(ClientId(9), false);
+    assert!(credit_granted(&drain(&mut s)) > 0, "credit once it has read");
+}
+
+fn credit_granted(cmds: &[Command]) -> u32 {
+    cmds.iter()
+        .filter_map(|c| match c {
+            Command::ToClient {
+                msg: CoordinatorToClient::Credit { chunks, .. },
+                ..
+            } => Some(*chunks),
+            _ => None,
+        })
+        .sum()
+}
+
+#[test]
+fn credit_counts_bytes_as_well_as_chunks() {
+    let mut s = Scheduler::new();
+    s.handle_node_joined(NodeId(1), "a".into(), resources(1, 64), NodeIsolation::default());
+    s.handle_submit(ClientId(9), RequestId(0), spec(1, 1, None, 1000));
+    let (job, _, credit) = accepted(&drain(&mut s));
+    assert!(credit >= 2);
+    let mut big = chunk(0);
+    big.payload = vec![0; 100 << 20];
+    s.handle_inputs(ClientId(9), job, big).unwrap();
+    s.handle_inputs(ClientId(9), job, chunk(1)).unwrap();
+    let sent = runs(&drain(&mut s));
+    assert_eq!(sent.len(), 2, "both chunks are at the slot");
+    // The small chunk finishes first: by chunks there is room again, by
+    // bytes (100 MiB held, over the window) there is not.
+    let (node, slot, small) = sent.iter().find(|r| r.2.chunk == ChunkId(1)).cloned().unwrap();
+    s.handle_chunk_done(node, job, slot, output(&small)).unwrap();
+    assert_eq!(
+        credit_granted(&drain(&mut s)),
+        0,
+        "no credit while the bytes are over the window"
+    );
+    let (node, slot, big) = sent.iter().find(|r| r.2.chunk == ChunkId(0)).cloned().unwrap();
+    s.handle_chunk_done(node, job, slot, output(&big)).unwrap();
+    assert!(
+        credit_granted(&drain(&mut s)) > 0,
+        "credit once the large chunk is done"
+    );
+}
+
+#[test]
+fn an_oversized_payload_is_a_violation_before_it_is_passed_on() {
+    let mut s = Scheduler::with_max_payload(1000);
+    s.handle_node_joined(NodeId(1), "a".into(), resources(1, 64), NodeIsolation::default());
+    s.handle_submit(ClientId(9), RequestId(0), spec(1, 1, None, 10));
+    let (job, _, _) = accepted(&drain(&mut s));
+    let mut c = chunk(0);
+    c.payload = vec![0; 1001];
+    let err = s.handle_inputs(ClientId(9), job, c).unwrap_err();
+    assert!(err.0.contains("over the limit of 1000 bytes"), "{}", err.0);
+}
+
 fn hand_built(nodes: &[(u64, u32)], jobs: &[(u32, &[(u64, bool)])]) -> Scheduler {
     let mut s = Scheduler::new();
     for &(id, cores) in nodes {
