@@ -23,8 +23,8 @@ use std::{
 
 use fleetmap_net::{Receiver, Session, SessionError};
 use fleetmap_protocol::{
-    ClientToCoordinator, CoordinatorToClient, FailureKind, Hello, InputChunk, JobId, JobSpec, LogLine, NodeStatus,
-    OutputChunk, RequestId, Role, DEFAULT_MAX_MESSAGE, SOFTWARE_VERSION,
+    ClientToCoordinator, CoordinatorToClient, FailureKind, Hello, InputChunk, JobId, JobSpec, JobStatus, LogLine,
+    NodeStatus, OutputChunk, RequestId, Role, DEFAULT_MAX_MESSAGE, SOFTWARE_VERSION,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -80,6 +80,7 @@ struct Routing {
     jobs: HashMap<JobId, mpsc::UnboundedSender<JobEvent>>,
     submits: HashMap<RequestId, oneshot::Sender<Result<Accepted, ClientError>>>,
     statuses: HashMap<RequestId, oneshot::Sender<FleetStatus>>,
+    job_lists: HashMap<RequestId, oneshot::Sender<Vec<JobStatus>>>,
     /// Set once the connection is gone, with why.
     closed: Option<String>,
 }
@@ -172,6 +173,24 @@ impl Client {
             .map_err(|_| ClientError::Disconnected("the connection closed during a status request".into()))
     }
 
+    /// The running jobs of this client's principal (the owner of its API
+    /// key), whichever connection submitted them.
+    pub async fn jobs(&self) -> Result<Vec<JobStatus>, ClientError> {
+        let (done, jobs) = oneshot::channel();
+        let request = self.register(|routes, request| {
+            routes.job_lists.insert(request, done);
+        })?;
+        let _ = self.tx.send(ClientToCoordinator::ListJobs { request });
+        jobs.await
+            .map_err(|_| ClientError::Disconnected("the connection closed while listing jobs".into()))
+    }
+
+    /// Cancels a job of this client's principal, submitted on any
+    /// connection; a job of another principal is left alone.
+    pub fn cancel(&self, job: JobId) {
+        let _ = self.tx.send(ClientToCoordinator::CancelJob { job });
+    }
+
     /// Takes a request number and records where its answer goes, unless the
     /// connection is already gone.
     fn register(&self, route: impl FnOnce(&mut Routing, RequestId)) -> Result<RequestId, ClientError> {
@@ -237,6 +256,12 @@ async fn read_loop(mut rx: Receiver<CoordinatorToClient>, routes: Routes) {
                 }
                 continue;
             }
+            CoordinatorToClient::Jobs { request, jobs } => {
+                if let Some(done) = r.job_lists.remove(&request) {
+                    let _ = done.send(jobs);
+                }
+                continue;
+            }
             CoordinatorToClient::Output { job, output } => (job, JobEvent::Output(output)),
             CoordinatorToClient::Log(line) => (line.job, JobEvent::Log(line)),
             CoordinatorToClient::Credit { job, chunks } => (job, JobEvent::Credit(chunks)),
@@ -263,6 +288,7 @@ async fn read_loop(mut rx: Receiver<CoordinatorToClient>, routes: Routes) {
     }
     // Dropping the senders tells waiting status requests the connection is gone.
     r.statuses.clear();
+    r.job_lists.clear();
     r.closed = Some(reason);
 }
 

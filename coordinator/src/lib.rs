@@ -8,8 +8,10 @@
 //! coordinator never runs user code and never unpickles anything.
 
 pub mod credentials;
+pub mod keys;
 pub mod scheduler;
 pub mod server;
 
 pub use credentials::Credentials;
+pub use keys::{KeyStore, Quota};
 pub use server::{serve, CoordinatorConfig, Limits, RunningCoordinator};

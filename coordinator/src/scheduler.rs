@@ -31,9 +31,11 @@ mod recovery;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use fleetmap_protocol::{
-    ChunkId, ClientId, CoordinatorToClient, CoordinatorToNode, FailureKind, InputChunk, JobId, JobSpec, LogLine,
-    NodeId, NodeIsolation, NodeStatus, OutputChunk, RequestId, Resources, SlotId,
+    ChunkId, ClientId, CoordinatorToClient, CoordinatorToNode, FailureKind, InputChunk, JobId, JobSpec, JobStatus,
+    LogLine, NodeId, NodeIsolation, NodeStatus, OutputChunk, RequestId, Resources, SlotId,
 };
+
+use crate::keys::Quota;
 
 use dispatch::PER_SLOT_WINDOW;
 pub use dispatch::SLOT_DEPTH;
@@ -99,6 +101,8 @@ struct Job {
     losses: HashMap<ChunkId, Vec<String>>,
     received: u64,
     finished: u64,
+    /// Inputs with an outcome.
+    inputs_done: u64,
     total_chunks: Option<u64>,
 }
 
@@ -131,6 +135,7 @@ impl Job {
             losses: HashMap::new(),
             received: 0,
             finished: 0,
+            inputs_done: 0,
             total_chunks: None,
         }
     }
@@ -162,6 +167,8 @@ pub struct Scheduler {
     out: VecDeque<Command>,
     /// Clients with more waiting to be sent to them than they read.
     backlogged: BTreeSet<ClientId>,
+    /// Each principal's quota, as the shell last told it.
+    quotas: BTreeMap<String, Quota>,
     /// The largest input or output payload a peer may send: the message
     /// limit less room for the message around it, so that a payload
     /// accepted from one peer can always be passed on to the next.
@@ -186,6 +193,7 @@ impl Scheduler {
             next_job: JobId::default(),
             out: VecDeque::new(),
             backlogged: BTreeSet::new(),
+            quotas: BTreeMap::new(),
             max_payload,
         }
     }
@@ -236,9 +244,46 @@ impl Scheduler {
         self.dispatch_all();
     }
 
+    /// Refuses a submission for a reason the shell found (a revoked key).
+    pub fn reject(&mut self, client: ClientId, request: RequestId, reason: String) {
+        self.send_to_client(client, CoordinatorToClient::JobRejected { request, reason });
+    }
+
+    /// What `principal` may hold from now on (the shell reads it from the
+    /// key the client authenticated with, before each submission).
+    pub fn set_quota(&mut self, principal: &str, quota: Quota) {
+        if quota == Quota::default() {
+            self.quotas.remove(principal);
+        } else {
+            self.quotas.insert(principal.to_string(), quota);
+        }
+    }
+
+    /// A principal's quota, if it has one.
+    pub(super) fn quota_of(&self, principal: &str) -> Quota {
+        self.quotas.get(principal).copied().unwrap_or_default()
+    }
+
     /// A client submits a job. It is accepted (and gets the slots that are
-    /// free) or rejected at once when no node could ever host one call.
+    /// free) or rejected at once when no node could ever host one call, or
+    /// when its principal already runs as many jobs as its quota allows.
     pub fn handle_submit(&mut self, client: ClientId, request: RequestId, spec: JobSpec) {
+        if let Some(max) = self.quota_of(&spec.principal).max_jobs {
+            let running = self
+                .jobs
+                .values()
+                .filter(|j| j.spec.principal == spec.principal)
+                .count();
+            if running >= max as usize {
+                let reason = format!(
+                    "{} already runs {running} jobs, its quota's limit (max jobs {max}); wait for one to end, \
+                     or ask the fleet's operator to raise it (fleetmap keys create --max-jobs)",
+                    spec.principal
+                );
+                self.send_to_client(client, CoordinatorToClient::JobRejected { request, reason });
+                return;
+            }
+        }
         if let Err(reason) = self.check_placeable(&spec.call) {
             self.send_to_client(client, CoordinatorToClient::JobRejected { request, reason });
             return;
@@ -314,10 +359,45 @@ impl Scheduler {
         Ok(())
     }
 
-    pub fn handle_cancel(&mut self, client: ClientId, job: JobId) {
-        if self.client_of(job) == Some(client) {
-            self.stop_job(job, false);
+    /// Cancels `job` if it belongs to `principal`, whichever of its
+    /// connections asks; the client that submitted it, if another, is told.
+    pub fn handle_cancel(&mut self, client: ClientId, principal: &str, job: JobId) {
+        let Some(j) = self.jobs.get(&job).filter(|j| j.spec.principal == principal) else {
+            return;
+        };
+        let owner = j.client;
+        self.stop_job(job, false);
+        if owner != client {
+            let reason = format!("job {job} was cancelled by another client of {principal} (fleetmap jobs cancel)");
+            self.send_to_client(
+                owner,
+                CoordinatorToClient::JobFailed {
+                    job,
+                    kind: FailureKind::Job,
+                    reason,
+                },
+            );
         }
+    }
+
+    /// A client asks for its principal's jobs; no other principal's job is
+    /// named in the answer.
+    pub fn handle_list_jobs(&mut self, client: ClientId, principal: &str, request: RequestId) {
+        let jobs = self
+            .jobs
+            .iter()
+            .filter(|(_, j)| j.spec.principal == principal)
+            .map(|(&job, j)| JobStatus {
+                job,
+                principal: j.spec.principal.clone(),
+                slots: j.active_slots,
+                nodes: j.slots.values().map(|s| s.node).collect::<BTreeSet<_>>().len() as u32,
+                inputs_done: j.inputs_done,
+                total_inputs: j.spec.total_inputs,
+                call: j.spec.call,
+            })
+            .collect();
+        self.send_to_client(client, CoordinatorToClient::Jobs { request, jobs });
     }
 
     /// The shell found that `client` has more waiting to be sent to it
@@ -422,6 +502,7 @@ impl Scheduler {
             j.ready.push_back(slot);
         }
         j.in_system_bytes -= sent.payload.len() as u64;
+        j.inputs_done += u64::from(sent.count);
         j.losses.remove(&output.chunk);
         j.in_system -= 1;
         j.finished += 1;

@@ -23,6 +23,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     credentials::{secrets_match, Credentials},
+    keys::{KeyStore, Principal},
     scheduler::{Command, Scheduler},
 };
 
@@ -71,6 +72,9 @@ impl Default for Limits {
 pub struct CoordinatorConfig {
     pub listen: SocketAddr,
     pub credentials: Credentials,
+    /// The API keys clients may present; by default only the credentials'
+    /// own key, as principal `default`.
+    pub keys: Arc<KeyStore>,
     pub max_message: usize,
     pub limits: Limits,
 }
@@ -79,6 +83,7 @@ impl CoordinatorConfig {
     pub fn new(listen: SocketAddr, credentials: Credentials) -> Self {
         Self {
             listen,
+            keys: Arc::new(KeyStore::single(&credentials.api_key)),
             credentials,
             max_message: DEFAULT_MAX_MESSAGE,
             limits: Limits::default(),
@@ -176,6 +181,7 @@ impl ClientPeer {
 struct Shared {
     core: Mutex<Core>,
     credentials: Credentials,
+    keys: Arc<KeyStore>,
     max_message: usize,
     limits: Limits,
     doors: Mutex<Doors>,
@@ -340,6 +346,7 @@ pub async fn serve(config: CoordinatorConfig) -> Result<RunningCoordinator, NetE
             next_peer: 0,
         }),
         credentials: config.credentials,
+        keys: config.keys,
         max_message: config.max_message,
         limits: config.limits,
         doors: Mutex::new(Doors::default()),
@@ -428,6 +435,7 @@ async fn serve_peer(
     let Some(handshake) = accept_hello(conn, HANDSHAKE_TIMEOUT).await? else {
         return Ok(());
     };
+    let mut principal = None;
     let refusal = match handshake.hello.check() {
         Err(reason) => Some(format!("bad Hello: {reason}")),
         Ok(()) => match &handshake.hello.role {
@@ -437,11 +445,15 @@ async fn serve_peer(
                 "node {name:?} presented a join token the coordinator does not accept; \
                      use the token from the coordinator's join-token file"
             )),
-            Role::Client { api_key } if !secrets_match(api_key, &shared.credentials.api_key) => Some(
-                "the coordinator does not accept this API key; set FLEETMAP_API_KEY (or api_key=) \
-                 to the key in the coordinator's api-key file"
-                    .to_string(),
-            ),
+            Role::Client { api_key } => {
+                principal = shared.principal(api_key);
+                principal.is_none().then(|| {
+                    "the coordinator does not accept this API key (unknown or revoked); set \
+                     FLEETMAP_API_KEY (or api_key=) to a key from `fleetmap keys create NAME` or the \
+                     coordinator's api-key file"
+                        .to_string()
+                })
+            }
             _ => None,
         },
     };
@@ -493,7 +505,8 @@ async fn serve_peer(
             r
         }
         Role::Client { api_key } => {
-            let principal = principal_of(&api_key);
+            let principal = principal.expect("an admitted client has a principal");
+            info!("client of {} connected from {remote}", principal.name);
             let (tx, mut rx, writer) = handshake.welcome(SOFTWARE_VERSION, shared.max_message).await?;
             let client = {
                 let core = &mut *shared.lock();
@@ -506,7 +519,7 @@ async fn serve_peer(
                 core.clients.insert(client, peer);
                 client
             };
-            let r = client_loop(&mut rx, client, &principal, shared).await;
+            let r = client_loop(&mut rx, client, &api_key, &principal.name, shared).await;
             shared.with(|s| s.handle_client_lost(client));
             shared.lock().clients.remove(&client);
             writer.abort();
@@ -539,27 +552,35 @@ async fn node_loop(rx: &mut Receiver<NodeToCoordinator>, node: NodeId, shared: &
     Ok(())
 }
 
-/// Who a client is, from the key it authenticated with: a name that never
-/// reveals the key (a warm worker serves only its principal's jobs).
-fn principal_of(api_key: &str) -> String {
-    use sha2::{Digest, Sha256};
-    let digest = Sha256::digest(api_key.as_bytes());
-    let hex: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
-    format!("key-{hex}")
-}
-
 async fn client_loop(
     rx: &mut Receiver<ClientToCoordinator>,
     client: ClientId,
+    api_key: &str,
     principal: &str,
     shared: &Shared,
 ) -> Result<(), SessionError> {
     while let Some(msg) = rx.recv().await? {
         let result = match msg {
             ClientToCoordinator::SubmitJob { request, mut spec } => {
-                // The coordinator's record, never the client's word.
-                spec.principal = principal.to_string();
-                shared.with(|s| s.handle_submit(client, request, *spec));
+                // The key is checked again for every job: one revoked
+                // since the connection opened takes no more.
+                match shared.principal(api_key) {
+                    Some(now) => {
+                        // The coordinator's record, never the client's word.
+                        spec.principal = now.name;
+                        shared.with(|s| {
+                            s.set_quota(&spec.principal, now.quota);
+                            s.handle_submit(client, request, *spec)
+                        });
+                    }
+                    None => {
+                        let reason = format!(
+                            "the API key of {principal} was revoked (or removed) since this connection opened; \
+                             ask the fleet's operator for a new one"
+                        );
+                        shared.with(|s| s.reject(client, request, reason));
+                    }
+                }
                 Ok(())
             }
             ClientToCoordinator::Inputs { job, chunk } => shared.with(|s| s.handle_inputs(client, job, chunk)),
@@ -567,15 +588,32 @@ async fn client_loop(
                 shared.with(|s| s.handle_inputs_done(client, job, chunks))
             }
             ClientToCoordinator::CancelJob { job } => {
-                shared.with(|s| s.handle_cancel(client, job));
+                shared.with(|s| s.handle_cancel(client, principal, job));
                 Ok(())
             }
             ClientToCoordinator::StatusRequest { request } => {
                 shared.with(|s| s.handle_status(client, request));
                 Ok(())
             }
+            ClientToCoordinator::ListJobs { request } => {
+                shared.with(|s| s.handle_list_jobs(client, principal, request));
+                Ok(())
+            }
         };
         result.map_err(|v| SessionError::Protocol(v.0))?;
     }
     Ok(())
+}
+
+impl Shared {
+    /// Who `api_key` belongs to now (the key file is read again if it
+    /// changed); a key file that cannot be read is logged and the keys last
+    /// read stand.
+    fn principal(&self, api_key: &str) -> Option<Principal> {
+        let (principal, error) = self.keys.authenticate(api_key);
+        if let Some(e) = error {
+            warn!("API keys: {e}; the keys read before stand");
+        }
+        principal
+    }
 }

@@ -34,8 +34,9 @@ use serde::{Deserialize, Serialize};
 ///
 /// Version 2: messages split per direction, postcard encoding.
 /// Version 3: job environments (`EnvironmentSpec`), source bundles and
-/// failure kinds.
-pub const PROTOCOL_VERSION: u16 = 4;
+/// failure kinds. Version 4: images and node isolation. Version 5: job
+/// listing and cancelling by principal (`ListJobs`, `Jobs`).
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// The largest message accepted by default (1 GiB): a chunk of inputs or
 /// outputs, or a pickled function, must fit in one message. Messages larger
@@ -412,6 +413,9 @@ impl WireSize for CoordinatorToClient {
                     .iter()
                     .map(|n| MESSAGE_OVERHEAD + n.name.len() + n.isolation.len())
                     .sum(),
+                CoordinatorToClient::Jobs { jobs, .. } => {
+                    jobs.iter().map(|j| MESSAGE_OVERHEAD + j.principal.len()).sum()
+                }
                 _ => 0,
             }
     }
@@ -473,10 +477,16 @@ pub enum ClientToCoordinator {
         job: JobId,
         chunks: u64,
     },
+    /// Cancels a job of this client's principal, whichever connection
+    /// submitted it.
     CancelJob {
         job: JobId,
     },
     StatusRequest {
+        request: RequestId,
+    },
+    /// The jobs of this client's principal.
+    ListJobs {
         request: RequestId,
     },
 }
@@ -518,6 +528,26 @@ pub enum CoordinatorToClient {
         kind: FailureKind,
         reason: String,
     },
+    /// The answer to `ListJobs`.
+    Jobs {
+        request: RequestId,
+        jobs: Vec<JobStatus>,
+    },
+}
+
+/// One running job as `fleetmap jobs` shows it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct JobStatus {
+    pub job: JobId,
+    pub principal: String,
+    /// Slots it holds, and on how many nodes.
+    pub slots: u32,
+    pub nodes: u32,
+    /// Inputs with an outcome, and how many there are (when known).
+    pub inputs_done: u64,
+    pub total_inputs: Option<u64>,
+    /// What every call gets.
+    pub call: CallRequest,
 }
 
 /// What the coordinator sends a node daemon after the handshake.

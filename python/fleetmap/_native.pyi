@@ -22,6 +22,9 @@ __all__ = [
     "start_coordinator",
     "start_node",
     "connect",
+    "keys_create",
+    "keys_list",
+    "keys_revoke",
     "worker_main",
     "LocalHandle",
     "CoordinatorHandle",
@@ -98,6 +101,35 @@ def start_node(
     The daemon runs in the background: :meth:`NodeHandle.wait` reports why it
     stopped. Raises :class:`fleetmap.ConfigurationError` when ``run_as``
     names no user."""
+
+@type_check_only
+class KeyInfo(TypedDict):
+    """One named API key as :func:`keys_list` reports it (a plain ``dict``)."""
+
+    name: str
+    #: Unix seconds.
+    created: int
+    revoked: Optional[int]
+    max_slots: Optional[int]
+    max_jobs: Optional[int]
+
+def keys_create(
+    state_dir: Union[str, "os.PathLike[str]"], name: str, max_slots: Optional[int] = None, max_jobs: Optional[int] = None
+) -> str:
+    """Makes an API key for principal ``name`` in the coordinator state
+    directory ``state_dir``, with an optional quota, and returns it (only
+    its SHA-256 is kept). A running coordinator accepts it at once.
+
+    Raises :class:`fleetmap.ConfigurationError` when ``state_dir`` holds no
+    coordinator, the name is malformed, or ``name`` already has a key."""
+
+def keys_list(state_dir: Union[str, "os.PathLike[str]"]) -> list[KeyInfo]:
+    """Every key in ``state_dir``, revoked ones included."""
+
+def keys_revoke(state_dir: Union[str, "os.PathLike[str]"], name: str) -> None:
+    """Revokes ``name``'s key: the coordinator refuses its next job and
+    connection. Raises :class:`fleetmap.ConfigurationError` when ``name``
+    has no key in force."""
 
 def connect(addr: str, ca_pem: bytes, api_key: str) -> Connection:
     """Connects to the coordinator at ``addr`` (``host:port``), verifying its
@@ -182,6 +214,20 @@ class NodeStatus(TypedDict):
     #: How slots are isolated, e.g. whether calls are pinned.
     isolation: str
 
+@type_check_only
+class JobInfo(TypedDict):
+    """One running job as :meth:`Connection.jobs` reports it (a plain ``dict``)."""
+
+    job: int
+    principal: str
+    slots: int
+    nodes: int
+    inputs_done: int
+    total_inputs: Optional[int]
+    cores: int
+    memory_bytes: int
+    gpus: int
+
 @final
 class Connection:
     """An authenticated connection to a coordinator, shared by the calls of a process."""
@@ -222,6 +268,12 @@ class Connection:
     def status(self) -> Tuple[list[NodeStatus], int]:
         """The fleet's nodes and the number of running jobs; raises like
         :meth:`submit` when the connection is gone."""
+    def jobs(self) -> list[JobInfo]:
+        """The running jobs of this connection's principal (the owner of its
+        API key), whichever connection submitted them; no other principal's."""
+    def cancel(self, job: int) -> None:
+        """Cancels job ``job`` if it belongs to this connection's principal;
+        the connection that submitted it raises :class:`fleetmap.JobFailed`."""
 
 #: What :meth:`Job.events` returns, one tuple per event. The first item says
 #: which:

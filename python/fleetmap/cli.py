@@ -232,20 +232,30 @@ def cmd_up(args: argparse.Namespace) -> int:
     return _wait_forever(cluster.stop)
 
 
-def cmd_status(args: argparse.Namespace) -> int:
+def _connect(command: str, api_key: Optional[str]) -> Optional[Tuple[str, _native.Connection]]:
+    """The configured fleet's address and a connection to it, or ``None``
+    (having said why) when no fleet is configured."""
     from . import _fleet
 
-    fleet = _fleet.configured_fleet(args.api_key)
+    fleet = _fleet.configured_fleet(api_key)
     if fleet is None:
         print(
-            "fleetmap status: no fleet is configured; set FLEETMAP_COORDINATOR, FLEETMAP_CA and "
+            f"fleetmap {command}: no fleet is configured; set FLEETMAP_COORDINATOR, FLEETMAP_CA and "
             f"FLEETMAP_API_KEY (or write {_fleet.config_path()})",
             file=sys.stderr,
         )
+        return None
+    return fleet.coordinator, _fleet.connection(fleet)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    connected = _connect("status", args.api_key)
+    if connected is None:
         return 1
-    nodes, jobs = _fleet.connection(fleet).status()
+    coordinator, connection = connected
+    nodes, jobs = connection.status()
     gib = float(1 << 30)
-    print(f"fleet at {fleet.coordinator}: {len(nodes)} node(s), {jobs} running job(s)")
+    print(f"fleet at {coordinator}: {len(nodes)} node(s), {jobs} running job(s)")
     print(f"{'node':<24} {'cores free/all':>14} {'memory free/all GiB':>20} {'GPUs free/all':>14}  isolation")
     for n in nodes:
         print(
@@ -253,6 +263,63 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{n['free_memory_bytes'] / gib:>9.1f}/{n['memory_bytes'] / gib:<10.1f} "
             f"{n['free_gpus']:>6}/{len(n['gpus']):<7}  {n['isolation']}"
         )
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    connected = _connect("jobs", args.api_key)
+    if connected is None:
+        return 1
+    coordinator, connection = connected
+    if args.action == "cancel":
+        if args.job is None:
+            print("fleetmap jobs cancel: give the job's id (fleetmap jobs lists them)", file=sys.stderr)
+            return 2
+        if not any(j["job"] == args.job for j in connection.jobs()):
+            print(f"fleetmap jobs cancel: no running job {args.job} of yours", file=sys.stderr)
+            return 1
+        connection.cancel(args.job)
+        # The cancel and this listing travel in order on one connection.
+        if any(j["job"] == args.job for j in connection.jobs()):
+            print(f"fleetmap jobs cancel: job {args.job} is still running", file=sys.stderr)
+            return 1
+        print(f"cancelled job {args.job}")
+        return 0
+    jobs = connection.jobs()
+    print(f"{len(jobs)} running job(s) of yours at {coordinator}")
+    if jobs:
+        print(f"{'job':>6} {'principal':<16} {'slots':>6} {'nodes':>6} {'inputs done':>20}  per call")
+    gib = float(1 << 30)
+    for j in jobs:
+        total = "?" if j["total_inputs"] is None else str(j["total_inputs"])
+        done = f"{j['inputs_done']}/{total}"
+        call = f"{j['cores']} cores, {j['memory_bytes'] / gib:.1f} GiB, {j['gpus']} GPUs"
+        print(f"{j['job']:>6} {j['principal']:<16} {j['slots']:>6} {j['nodes']:>6} {done:>20}  {call}")
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    state = Path(args.state_dir)
+    if args.action == "create":
+        key = _native.keys_create(state, args.name, args.max_slots, args.max_jobs)
+        print(key)
+        print(
+            f"(the key of {args.name}: it is shown only now; the coordinator keeps its hash. "
+            "Give it to its user as FLEETMAP_API_KEY.)",
+            file=sys.stderr,
+        )
+        return 0
+    if args.action == "revoke":
+        _native.keys_revoke(state, args.name)
+        print(f"revoked the key of {args.name}; its next job is refused")
+        return 0
+    print(f"{'name':<24} {'created (UTC)':<20} {'revoked (UTC)':<20} {'max slots':>9} {'max jobs':>8}")
+    for k in _native.keys_list(state):
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(k["created"]))
+        revoked = "-" if k["revoked"] is None else time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(k["revoked"]))
+        slots = "-" if k["max_slots"] is None else str(k["max_slots"])
+        jobs = "-" if k["max_jobs"] is None else str(k["max_jobs"])
+        print(f"{k['name']:<24} {created:<20} {revoked:<20} {slots:>9} {jobs:>8}")
     return 0
 
 
@@ -355,6 +422,32 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = sub.add_parser("status", help="show the configured fleet's nodes, free resources and isolation")
     p.add_argument("--api-key", help="the fleet's API key (default: FLEETMAP_API_KEY or the config file)")
     p.set_defaults(run=cmd_status)
+
+    p = sub.add_parser("jobs", help="list your running jobs, or cancel one (fleetmap jobs cancel ID)")
+    p.add_argument("action", nargs="?", choices=["list", "cancel"], default="list")
+    p.add_argument("job", nargs="?", type=int, help="the job to cancel")
+    p.add_argument("--api-key", help="your API key (default: FLEETMAP_API_KEY or the config file)")
+    p.set_defaults(run=cmd_jobs)
+
+    p = sub.add_parser("keys", help="create, list or revoke named API keys (on the coordinator's machine)")
+    keys = p.add_subparsers(dest="action", required=True)
+    for action, help_text in [
+        ("create", "make a key for NAME and print it (once)"),
+        ("list", "list the keys, revoked ones included"),
+        ("revoke", "revoke NAME's key; its next job is refused"),
+    ]:
+        k = keys.add_parser(action, help=help_text)
+        if action != "list":
+            k.add_argument("name", help="who the key is for (letters, digits, - _ . @)")
+        if action == "create":
+            k.add_argument("--max-slots", type=int, help="the most slots NAME's jobs may hold at once")
+            k.add_argument("--max-jobs", type=int, help="the most jobs NAME may run at once")
+        k.add_argument(
+            "--state-dir",
+            default=str(_default_state_dir()),
+            help="the coordinator's --state-dir (default: the coordinator's default)",
+        )
+    p.set_defaults(run=cmd_keys)
 
     args = parser.parse_args(argv)
     run: Callable[[argparse.Namespace], int] = args.run

@@ -127,6 +127,34 @@ impl Connection {
         }
         Ok((nodes, status.jobs))
     }
+
+    /// The running jobs of this connection's principal, as dicts: job,
+    /// principal, slots, nodes, inputs_done, total_inputs (or None), cores,
+    /// memory_bytes, gpus.
+    fn jobs<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        let client = self.client.clone();
+        let jobs = py.detach(|| runtime().block_on(client.jobs())).map_err(client_error)?;
+        let mut out = Vec::new();
+        for j in jobs {
+            let d = PyDict::new(py);
+            d.set_item("job", j.job.0)?;
+            d.set_item("principal", j.principal)?;
+            d.set_item("slots", j.slots)?;
+            d.set_item("nodes", j.nodes)?;
+            d.set_item("inputs_done", j.inputs_done)?;
+            d.set_item("total_inputs", j.total_inputs)?;
+            d.set_item("cores", j.call.cores)?;
+            d.set_item("memory_bytes", j.call.memory_bytes)?;
+            d.set_item("gpus", j.call.gpus)?;
+            out.push(d);
+        }
+        Ok(out)
+    }
+
+    /// Cancels job `job` if it belongs to this connection's principal.
+    fn cancel(&self, job: u64) {
+        self.client.cancel(fleetmap_protocol::JobId(job));
+    }
 }
 
 /// A running job.

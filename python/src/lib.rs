@@ -3,7 +3,7 @@
 //! decisions of its own. Blocking calls release the GIL.
 //!
 //! This file only registers the module; each other file has one job:
-//! `client` (connections and jobs), `servers` (the coordinator, node daemon
+//! `client` (connections and jobs), `keys` (named API keys), `servers` (the coordinator, node daemon
 //! and local cluster embedded in the interpreter), `worker` (a slot's worker
 //! entry point), `wasm` (WebAssembly functions), `errors` (which `fleetmap`
 //! exception class each Rust error raises) and `process` (the tokio runtime
@@ -17,6 +17,7 @@
 
 mod client;
 mod errors;
+mod keys;
 mod process;
 mod servers;
 mod wasm;
@@ -30,6 +31,8 @@ mod _native {
 
     #[pymodule_export]
     use crate::client::{connect, Connection, PyJob};
+    #[pymodule_export]
+    use crate::keys::{keys_create, keys_list, keys_revoke};
     #[pymodule_export]
     use crate::process::init_logging;
     #[pymodule_export]

@@ -12,7 +12,9 @@ use std::{
 };
 
 use fleetmap_client::local::LocalCluster;
-use fleetmap_coordinator::{credentials::CredentialPaths, CoordinatorConfig, Credentials, RunningCoordinator};
+use fleetmap_coordinator::{
+    credentials::CredentialPaths, CoordinatorConfig, Credentials, KeyStore, RunningCoordinator,
+};
 use fleetmap_node_daemon::{EnvironmentConfig, Isolation, NodeConfig, NodeError};
 use fleetmap_protocol::EnvironmentSpec;
 use pyo3::{prelude::*, types::PyDict};
@@ -117,10 +119,11 @@ pub(crate) fn start_coordinator(py: Python<'_>, listen: &str, state_dir: PathBuf
     let listen = parse_addr(listen)?;
     let credentials = Credentials::load_or_create(&state_dir).map_err(configuration_error)?;
     let paths = CredentialPaths::in_dir(&state_dir);
+    let keys = KeyStore::open(&state_dir, &credentials.api_key).map_err(configuration_error)?;
+    let mut config = CoordinatorConfig::new(listen, credentials);
+    config.keys = std::sync::Arc::new(keys);
     let running = py
-        .detach(|| {
-            runtime().block_on(async { fleetmap_coordinator::serve(CoordinatorConfig::new(listen, credentials)).await })
-        })
+        .detach(|| runtime().block_on(async { fleetmap_coordinator::serve(config).await }))
         .map_err(|e| configuration_error(format!("cannot listen on {listen}: {e}")))?;
     Ok(CoordinatorHandle {
         addr: running.local_addr.to_string(),

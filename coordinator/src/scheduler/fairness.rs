@@ -1,11 +1,14 @@
 //! Fair share: how the fleet's resources are divided between jobs.
 //!
-//! - **Growth is max-min fair.** Free resources go one slot at a time to the
-//!   job holding the fewest cores (the oldest among equals) of those that
-//!   want more slots, up to each job's target; placement (`placement.rs`)
+//! - **Growth is max-min fair, between principals first.** Free resources
+//!   go one slot at a time to the principal (the owner of an API key)
+//!   holding the fewest cores, and to its job holding the fewest (the
+//!   oldest among equals) of those that want more slots, up to each job's
+//!   target and the principal's slot quota; placement (`placement.rs`)
 //!   picks the node.
-//! - **Room is reclaimed for a fair share.** Every running job is entitled
-//!   to an equal part of the fleet's cores. A job that wants more slots, is
+//! - **Room is reclaimed for a fair share.** Every principal with running
+//!   jobs is entitled to an equal part of the fleet's cores, and each of its
+//!   jobs to an equal part of that. A job that wants more slots, is
 //!   below its share by at least one call and finds no free room gets room
 //!   on one node by draining slots of jobs that stay at or above their share
 //!   without them. Draining slots finish the chunks they hold, take no more,
@@ -22,6 +25,7 @@ use fleetmap_protocol::{JobId, NodeId, SlotId};
 
 use super::placement::{most_room, Node, Room};
 use super::{Job, Scheduler};
+use crate::keys::Quota;
 
 impl Job {
     /// Cores held by slots that are not being given back.
@@ -54,28 +58,40 @@ impl Scheduler {
     /// reclaims some from jobs above it.
     pub(super) fn grow_jobs(&mut self) {
         self.grow_pass();
-        let reclaims = plan_reclaims(&self.jobs, &self.nodes);
+        let reclaims = plan_reclaims(&self.jobs, &self.nodes, &self.quotas);
         if self.apply_reclaims(&reclaims) {
             self.grow_pass();
         }
     }
 
-    /// Gives free resources away one slot at a time, always to the job that
-    /// holds the fewest cores (the oldest among equals): max-min fairness
-    /// over the jobs that want more slots.
+    /// Gives free resources away one slot at a time, always to the
+    /// principal that holds the fewest cores, and of its jobs to the one
+    /// that holds the fewest (the oldest among equals): max-min fairness
+    /// between principals, then between a principal's jobs. A principal at
+    /// its quota's slot limit gets no more.
     fn grow_pass(&mut self) {
         let mut placed: BTreeMap<JobId, BTreeMap<NodeId, Vec<SlotId>>> = BTreeMap::new();
         loop {
-            let mut order: Vec<(u64, JobId)> = self
+            let mut by_principal: BTreeMap<&str, (u64, u32)> = BTreeMap::new();
+            for j in self.jobs.values() {
+                let e = by_principal.entry(&j.spec.principal).or_default();
+                e.0 += j.held_cores();
+                e.1 += j.active_slots;
+            }
+            let mut order: Vec<(u64, u64, JobId)> = self
                 .jobs
                 .iter()
                 .filter(|(_, j)| j.wants_slots())
-                .map(|(&id, j)| (j.held_cores(), id))
+                .filter(|(_, j)| {
+                    let slots = by_principal[j.spec.principal.as_str()].1;
+                    self.quota_of(&j.spec.principal).max_slots.is_none_or(|max| slots < max)
+                })
+                .map(|(&id, j)| (by_principal[j.spec.principal.as_str()].0, j.held_cores(), id))
                 .collect();
             order.sort_unstable();
             let Some((node, id)) = order
                 .iter()
-                .find_map(|&(_, id)| self.best_node(id).map(|node| (node, id)))
+                .find_map(|&(_, _, id)| self.best_node(id).map(|node| (node, id)))
             else {
                 break;
             };
@@ -117,13 +133,31 @@ impl Scheduler {
 /// order would: its slots drain, their jobs hold fewer cores, and its idle
 /// slots leave free room (so a later job that finds that room waits for the
 /// growth instead of draining more).
-pub(super) fn plan_reclaims(jobs: &BTreeMap<JobId, Job>, nodes: &BTreeMap<NodeId, Node>) -> Vec<Reclaim> {
+pub(super) fn plan_reclaims(
+    jobs: &BTreeMap<JobId, Job>,
+    nodes: &BTreeMap<NodeId, Node>,
+    quotas: &BTreeMap<String, Quota>,
+) -> Vec<Reclaim> {
     let mut plan = Vec::new();
     if jobs.len() < 2 {
         return plan;
     }
     let fleet_cores: u64 = nodes.values().map(|n| n.total.cores as u64).sum();
-    let share = fleet_cores / jobs.len() as u64;
+    // Each principal is entitled to an equal part of the fleet, and each of
+    // its jobs to an equal part of that.
+    let mut jobs_of: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut slots_of: BTreeMap<&str, u32> = BTreeMap::new();
+    for j in jobs.values() {
+        *jobs_of.entry(&j.spec.principal).or_default() += 1;
+        *slots_of.entry(&j.spec.principal).or_default() += j.active_slots;
+    }
+    // A principal at its slot quota could not use the room.
+    let may_grow = |j: &Job| {
+        let max = quotas.get(&j.spec.principal).and_then(|q| q.max_slots);
+        max.is_none_or(|max| slots_of[j.spec.principal.as_str()] < max)
+    };
+    let principals = jobs_of.len() as u64;
+    let share_of = |j: &Job| fleet_cores / principals / jobs_of[j.spec.principal.as_str()];
     // The state as the reclaims planned so far leave it.
     let mut held: BTreeMap<JobId, u64> = jobs.iter().map(|(&k, j)| (k, j.held_cores())).collect();
     let mut free: BTreeMap<NodeId, Room> = nodes.iter().map(|(&k, n)| (k, n.free)).collect();
@@ -132,7 +166,7 @@ pub(super) fn plan_reclaims(jobs: &BTreeMap<JobId, Job>, nodes: &BTreeMap<NodeId
     // below its share can give, so none stops or starts being below it.
     let needy = jobs
         .iter()
-        .filter(|(_, j)| j.wants_slots() && j.held_cores() + j.spec.call.cores as u64 <= share);
+        .filter(|(_, j)| j.wants_slots() && may_grow(j) && j.held_cores() + j.spec.call.cores as u64 <= share_of(j));
     for (&id, job) in needy {
         let call = job.spec.call;
         // Only the nodes that may run this job's calls.
@@ -159,7 +193,7 @@ pub(super) fn plan_reclaims(jobs: &BTreeMap<JobId, Job>, nodes: &BTreeMap<NodeId
                     if room.fits(&call) {
                         break;
                     }
-                    if donor_held < share + cores {
+                    if donor_held < share_of(j) + cores {
                         break; // The donor would fall below its share.
                     }
                     donor_held -= cores;

@@ -287,6 +287,7 @@ impl Kind for CoordinatorToClient {
             CoordinatorToClient::Log(_) => "Log",
             CoordinatorToClient::JobFinished { .. } => "JobFinished",
             CoordinatorToClient::JobFailed { .. } => "JobFailed",
+            CoordinatorToClient::Jobs { .. } => "Jobs",
         }
     }
 }
@@ -300,7 +301,9 @@ impl AboutJob for CoordinatorToClient {
             | CoordinatorToClient::JobFinished { job }
             | CoordinatorToClient::JobFailed { job, .. } => Some(*job),
             CoordinatorToClient::Log(line) => Some(line.job),
-            CoordinatorToClient::Status { .. } | CoordinatorToClient::JobRejected { .. } => None,
+            CoordinatorToClient::Status { .. }
+            | CoordinatorToClient::JobRejected { .. }
+            | CoordinatorToClient::Jobs { .. } => None,
         }
     }
 }
@@ -323,6 +326,7 @@ impl Kind for ClientToCoordinator {
             ClientToCoordinator::InputsDone { .. } => "InputsDone",
             ClientToCoordinator::CancelJob { .. } => "CancelJob",
             ClientToCoordinator::StatusRequest { .. } => "StatusRequest",
+            ClientToCoordinator::ListJobs { .. } => "ListJobs",
         }
     }
 }
@@ -872,7 +876,9 @@ impl World {
                                 self.ended.insert(*job);
                             }
                         }
-                        CoordinatorToClient::Status { .. } | CoordinatorToClient::Log(_) => {
+                        CoordinatorToClient::Status { .. }
+                        | CoordinatorToClient::Log(_)
+                        | CoordinatorToClient::Jobs { .. } => {
                             fail!(self, "{kind} sent to client {client}")
                         }
                     }

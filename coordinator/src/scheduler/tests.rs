@@ -1,6 +1,7 @@
 use super::fairness::{plan_reclaims, Reclaim};
 use super::placement::Node;
 use super::*;
+use crate::keys::Quota;
 use fleetmap_protocol::{CallRequest, InputIndex, RuntimeSpec};
 
 const GIB: u64 = 1 << 30;
@@ -311,9 +312,9 @@ fn inputs_beyond_the_credit_are_a_violation() {
         s.handle_inputs(ClientId(9), job, chunk(i)).unwrap();
     }
     assert!(s.handle_inputs(ClientId(9), job, chunk(99)).is_err());
-    // Another client cannot feed or cancel the job.
+    // Another client cannot feed the job, nor cancel it for another principal.
     assert!(s.handle_inputs(ClientId(8), job, chunk(100)).is_ok());
-    s.handle_cancel(ClientId(8), job);
+    s.handle_cancel(ClientId(8), "someone-else", job);
     assert_eq!(s.job_count(), 1);
 }
 
@@ -714,7 +715,7 @@ fn the_fair_share_plan_makes_room_for_each_job_below_its_share() {
         |busy: &[u32]| -> Vec<(u64, bool)> { (0..8).map(|slot| (1 + slot as u64 / 4, busy.contains(&slot))).collect() };
     let s = hand_built(&[(1, 4), (2, 4)], &[(1, &job_0(&[0, 1])), (1, &[]), (1, &[])]);
     assert_eq!(
-        plan_reclaims(&s.jobs, &s.nodes),
+        plan_reclaims(&s.jobs, &s.nodes, &s.quotas),
         [reclaim(1, 1, &[(0, 0)]), reclaim(2, 1, &[(0, 1)])],
         "slot 0 is busy, so it frees no room yet and job 2 drains slot 1 rather than count on it again"
     );
@@ -723,7 +724,7 @@ fn the_fair_share_plan_makes_room_for_each_job_below_its_share() {
     // core is what job 2 finds, so nothing more is drained for it (the
     // growth that follows gives the core to job 1, the older of the two).
     let s = hand_built(&[(1, 4), (2, 4)], &[(1, &job_0(&[1])), (1, &[]), (1, &[])]);
-    assert_eq!(plan_reclaims(&s.jobs, &s.nodes), [reclaim(1, 1, &[(0, 0)])]);
+    assert_eq!(plan_reclaims(&s.jobs, &s.nodes, &s.quotas), [reclaim(1, 1, &[(0, 0)])]);
 }
 
 #[test]
@@ -733,9 +734,108 @@ fn the_fair_share_plan_drains_no_job_below_its_share() {
     // at its share, not two, so job 1 gives the other.
     let three: &[(u64, bool)] = &[(1, true), (1, true), (2, true)];
     let s = hand_built(&[(1, 4), (2, 2)], &[(1, three), (1, three), (2, &[])]);
-    assert_eq!(plan_reclaims(&s.jobs, &s.nodes), [reclaim(2, 1, &[(0, 0), (1, 0)])]);
+    assert_eq!(
+        plan_reclaims(&s.jobs, &s.nodes, &s.quotas),
+        [reclaim(2, 1, &[(0, 0), (1, 0)])]
+    );
 
     // With a single job there is no one to share with.
     let s = hand_built(&[(1, 2)], &[(1, &[(1, true), (1, true)])]);
-    assert_eq!(plan_reclaims(&s.jobs, &s.nodes), []);
+    assert_eq!(plan_reclaims(&s.jobs, &s.nodes, &s.quotas), []);
+}
+
+fn spec_of(principal: &str, total: u64) -> JobSpec {
+    let mut s = spec(1, 1, None, total);
+    s.principal = principal.into();
+    s
+}
+
+fn submitted(s: &mut Scheduler, client: u64, request: u64, spec: JobSpec) -> JobId {
+    s.handle_submit(ClientId(client), RequestId(request), spec);
+    accepted(&drain(s)).0
+}
+
+fn slot_count(s: &Scheduler, job: JobId) -> u32 {
+    s.slots_of(job).values().sum()
+}
+
+#[test]
+fn the_fleet_is_shared_between_principals_first_then_between_their_jobs() {
+    let mut s = Scheduler::new();
+    s.handle_node_joined(NodeId(1), "small".into(), resources(1, 64), NodeIsolation::default());
+    let a1 = submitted(&mut s, 9, 0, spec_of("alice", 100));
+    let a2 = submitted(&mut s, 9, 1, spec_of("alice", 100));
+    let b1 = submitted(&mut s, 10, 0, spec_of("bob", 100));
+    assert_eq!(slot_count(&s, a1), 1, "the first job took the small node");
+    // Five more cores: max-min between principals gives bob three of them
+    // and alice two (one to the job that held none, then one to the
+    // older). Between jobs alone, each of the three would have ended with
+    // two.
+    s.handle_node_joined(NodeId(2), "big".into(), resources(5, 64), NodeIsolation::default());
+    drain(&mut s);
+    let (a1, a2, b1) = (slot_count(&s, a1), slot_count(&s, a2), slot_count(&s, b1));
+    assert_eq!((a1 + a2, b1), (3, 3), "alice and bob hold half each");
+    assert_eq!((a1, a2), (2, 1), "alice's half split between her jobs, the older first");
+}
+
+#[test]
+fn a_principal_s_quota_caps_its_slots_and_its_jobs() {
+    let mut s = Scheduler::new();
+    s.handle_node_joined(NodeId(1), "a".into(), resources(8, 64), NodeIsolation::default());
+    let quota = Quota {
+        max_slots: Some(3),
+        max_jobs: Some(2),
+    };
+    s.set_quota("alice", quota);
+    let a1 = submitted(&mut s, 9, 0, spec_of("alice", 100));
+    assert_eq!(slot_count(&s, a1), 3, "max slots 3, though 8 cores are free");
+    let a2 = submitted(&mut s, 9, 1, spec_of("alice", 100));
+    assert_eq!(slot_count(&s, a1) + slot_count(&s, a2), 3, "over all of alice's jobs");
+    s.handle_submit(ClientId(9), RequestId(2), spec_of("alice", 100));
+    let rejected = drain(&mut s).into_iter().find_map(|c| match c {
+        Command::ToClient {
+            msg: CoordinatorToClient::JobRejected { reason, .. },
+            ..
+        } => Some(reason),
+        _ => None,
+    });
+    assert!(rejected.expect("a third job is rejected").contains("max jobs 2"));
+    let b1 = submitted(&mut s, 10, 0, spec_of("bob", 100));
+    assert_eq!(slot_count(&s, b1), 5, "bob has no quota and takes the rest");
+}
+
+#[test]
+fn a_principal_lists_and_cancels_its_own_jobs_only() {
+    let mut s = Scheduler::new();
+    s.handle_node_joined(NodeId(1), "a".into(), resources(4, 64), NodeIsolation::default());
+    let job = submitted(&mut s, 9, 0, spec_of("alice", 100));
+    let listed = |s: &mut Scheduler, client: u64, principal: &str| {
+        s.handle_list_jobs(ClientId(client), principal, RequestId(7));
+        match &drain(s)[..] {
+            [Command::ToClient {
+                msg: CoordinatorToClient::Jobs { jobs, .. },
+                ..
+            }] => jobs.iter().map(|j| j.job).collect::<Vec<_>>(),
+            other => panic!("{} commands", other.len()),
+        }
+    };
+    assert_eq!(listed(&mut s, 10, "bob"), [], "bob sees none of alice's jobs");
+    assert_eq!(
+        listed(&mut s, 11, "alice"),
+        [job],
+        "alice sees hers from any connection"
+    );
+    s.handle_cancel(ClientId(10), "bob", job);
+    assert!(drain(&mut s).is_empty());
+    assert_eq!(s.job_count(), 1, "bob cannot cancel it");
+    s.handle_cancel(ClientId(11), "alice", job);
+    let cmds = drain(&mut s);
+    assert_eq!(s.job_count(), 0, "alice can, from another connection");
+    assert!(cmds.iter().any(|c| matches!(
+        c,
+        Command::ToClient {
+            client: ClientId(9),
+            msg: CoordinatorToClient::JobFailed { reason, .. },
+        } if reason.contains("cancelled by another client of alice")
+    )));
 }

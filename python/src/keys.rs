@@ -1,0 +1,63 @@
+//! `fleetmap keys`: the named API keys in a coordinator's state directory
+//! (`fleetmap_coordinator::keys`). A running coordinator picks up every
+//! change before its next admission or job.
+
+use std::path::Path;
+
+use fleetmap_coordinator::{
+    credentials::Credentials,
+    keys::{KeyStore, Quota},
+};
+use pyo3::{prelude::*, types::PyDict};
+
+use crate::errors::configuration_error;
+
+fn store(state_dir: &Path) -> PyResult<KeyStore> {
+    if !state_dir.join("ca.pem").exists() {
+        return Err(configuration_error(format!(
+            "{} holds no coordinator state; give the --state-dir of `fleetmap coordinator`",
+            state_dir.display()
+        )));
+    }
+    let credentials = Credentials::load_or_create(state_dir).map_err(configuration_error)?;
+    KeyStore::open(state_dir, &credentials.api_key).map_err(configuration_error)
+}
+
+/// Makes a key for `name` and returns it; only its hash is kept.
+#[pyfunction]
+#[pyo3(signature = (state_dir, name, max_slots=None, max_jobs=None))]
+pub(crate) fn keys_create(
+    state_dir: std::path::PathBuf,
+    name: &str,
+    max_slots: Option<u32>,
+    max_jobs: Option<u32>,
+) -> PyResult<String> {
+    store(&state_dir)?
+        .create(name, Quota { max_slots, max_jobs })
+        .map_err(configuration_error)
+}
+
+/// Every key as a dict: name, created, revoked (or None), max_slots,
+/// max_jobs (or None each).
+#[pyfunction]
+pub(crate) fn keys_list(py: Python<'_>, state_dir: std::path::PathBuf) -> PyResult<Vec<Bound<'_, PyDict>>> {
+    let entries = store(&state_dir)?.list().map_err(configuration_error)?;
+    entries
+        .into_iter()
+        .map(|e| {
+            let d = PyDict::new(py);
+            d.set_item("name", e.name)?;
+            d.set_item("created", e.created)?;
+            d.set_item("revoked", e.revoked)?;
+            d.set_item("max_slots", e.quota.max_slots)?;
+            d.set_item("max_jobs", e.quota.max_jobs)?;
+            Ok(d)
+        })
+        .collect()
+}
+
+/// Revokes the keys of `name`.
+#[pyfunction]
+pub(crate) fn keys_revoke(state_dir: std::path::PathBuf, name: &str) -> PyResult<()> {
+    store(&state_dir)?.revoke(name).map_err(configuration_error)
+}
