@@ -60,6 +60,7 @@ impl LocalCluster {
         // environment variables, as local code would.
         config.private_tmp = false;
         config.inherit_environment = true;
+        config.fleet_access = false;
         // Every process's embedded cluster owns its own cgroup subtree, so
         // that one never cleans up another's slots.
         config.isolation = match fleetmap_node_daemon::enclosing_slot() {

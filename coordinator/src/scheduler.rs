@@ -141,6 +141,15 @@ impl Job {
     }
 }
 
+/// How job keys are held: their SHA-256, so the table holds no credential.
+fn key_hash(key: &str) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(key.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// Slot `slot` of `job` if node `node` runs it; `None` if it is gone (given
 /// back, or its node lost); a violation if it belongs to another node or
 /// was never placed.
@@ -169,6 +178,8 @@ pub struct Scheduler {
     backlogged: BTreeSet<ClientId>,
     /// Each principal's quota, as the shell last told it.
     quotas: BTreeMap<String, Quota>,
+    /// Running jobs by the SHA-256 of their `job_key`.
+    job_keys: HashMap<String, JobId>,
     /// The largest input or output payload a peer may send: the message
     /// limit less room for the message around it, so that a payload
     /// accepted from one peer can always be passed on to the next.
@@ -194,6 +205,7 @@ impl Scheduler {
             out: VecDeque::new(),
             backlogged: BTreeSet::new(),
             quotas: BTreeMap::new(),
+            job_keys: HashMap::new(),
             max_payload,
         }
     }
@@ -259,6 +271,13 @@ impl Scheduler {
         }
     }
 
+    /// The running job whose `job_key` is `key`, and its principal: a
+    /// call of that job submitting one of its own. `None` once it ended.
+    pub fn job_of_key(&self, key: &str) -> Option<(JobId, String)> {
+        let id = *self.job_keys.get(&key_hash(key))?;
+        self.jobs.get(&id).map(|j| (id, j.spec.principal.clone()))
+    }
+
     /// A principal's quota, if it has one.
     pub(super) fn quota_of(&self, principal: &str) -> Quota {
         self.quotas.get(principal).copied().unwrap_or_default()
@@ -290,6 +309,9 @@ impl Scheduler {
         }
         let id = self.next_job;
         self.next_job = JobId(id.0 + 1);
+        if !spec.job_key.is_empty() {
+            self.job_keys.insert(key_hash(&spec.job_key), id);
+        }
         let mut job = Job::new(client, spec);
         job.backlogged = self.backlogged.contains(&client);
         self.jobs.insert(id, job);

@@ -23,7 +23,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     credentials::{secrets_match, Credentials},
-    keys::{KeyStore, Principal},
+    keys::{KeyStore, Principal, Quota},
     scheduler::{Command, Scheduler},
 };
 
@@ -446,11 +446,11 @@ async fn serve_peer(
                      use the token from the coordinator's join-token file"
             )),
             Role::Client { api_key } => {
-                principal = shared.principal(api_key);
+                principal = shared.caller(api_key);
                 principal.is_none().then(|| {
-                    "the coordinator does not accept this API key (unknown or revoked); set \
-                     FLEETMAP_API_KEY (or api_key=) to a key from `fleetmap keys create NAME` or the \
-                     coordinator's api-key file"
+                    "the coordinator does not accept this API key (unknown or revoked, or the credential \
+                     of a job that has ended); set FLEETMAP_API_KEY (or api_key=) to a key from \
+                     `fleetmap keys create NAME` or the coordinator's api-key file"
                         .to_string()
                 })
             }
@@ -506,7 +506,13 @@ async fn serve_peer(
         }
         Role::Client { api_key } => {
             let principal = principal.expect("an admitted client has a principal");
-            info!("client of {} connected from {remote}", principal.name);
+            match principal.parent {
+                Some(job) => info!(
+                    "client of {} connected from {remote} for a call of job {job}",
+                    principal.name
+                ),
+                None => info!("client of {} connected from {remote}", principal.name),
+            }
             let (tx, mut rx, writer) = handshake.welcome(SOFTWARE_VERSION, shared.max_message).await?;
             let client = {
                 let core = &mut *shared.lock();
@@ -563,13 +569,18 @@ async fn client_loop(
         let result = match msg {
             ClientToCoordinator::SubmitJob { request, mut spec } => {
                 // The key is checked again for every job: one revoked
-                // since the connection opened takes no more.
-                match shared.principal(api_key) {
+                // (or a job's credential whose job ended) since the
+                // connection opened takes no more.
+                match shared.caller(api_key) {
                     Some(now) => {
                         // The coordinator's record, never the client's word.
                         spec.principal = now.name;
+                        spec.parent = now.parent;
+                        spec.job_key = new_job_key();
                         shared.with(|s| {
-                            s.set_quota(&spec.principal, now.quota);
+                            if let Some(quota) = now.quota {
+                                s.set_quota(&spec.principal, quota);
+                            }
                             s.handle_submit(client, request, *spec)
                         });
                     }
@@ -605,15 +616,49 @@ async fn client_loop(
     Ok(())
 }
 
+/// Who a client is: its principal, and the job whose call it is, if it
+/// authenticated with a job's credential.
+struct Caller {
+    name: String,
+    /// The principal's quota as its key says; `None` for a job's
+    /// credential, whose principal's quota stands as last set.
+    quota: Option<Quota>,
+    parent: Option<JobId>,
+}
+
+/// The prefix of the credential a job's calls get for jobs of their own.
+const JOB_KEY_PREFIX: &str = "fmjob_";
+
+/// A fresh credential for a job's calls (from the OS's randomness).
+fn new_job_key() -> String {
+    let mut bytes = [0u8; 24];
+    // No randomness means no safe credential: refuse to go on.
+    getrandom::fill(&mut bytes).expect("the operating system's randomness");
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{JOB_KEY_PREFIX}{hex}")
+}
+
 impl Shared {
-    /// Who `api_key` belongs to now (the key file is read again if it
-    /// changed); a key file that cannot be read is logged and the keys last
-    /// read stand.
-    fn principal(&self, api_key: &str) -> Option<Principal> {
+    /// Who `api_key` belongs to now: a named key (the key file is read
+    /// again if it changed; one that cannot be read is logged and the keys
+    /// last read stand), or the credential of a job still running.
+    fn caller(&self, api_key: &str) -> Option<Caller> {
+        if api_key.starts_with(JOB_KEY_PREFIX) {
+            let (job, name) = self.with(|s| s.job_of_key(api_key))?;
+            return Some(Caller {
+                name,
+                quota: None,
+                parent: Some(job),
+            });
+        }
         let (principal, error) = self.keys.authenticate(api_key);
         if let Some(e) = error {
             warn!("API keys: {e}; the keys read before stand");
         }
-        principal
+        principal.map(|p: Principal| Caller {
+            name: p.name,
+            quota: Some(p.quota),
+            parent: None,
+        })
     }
 }

@@ -77,6 +77,12 @@ pub struct NodeConfig {
     /// The most bytes of printed lines one job's calls on this node send
     /// to the caller; later lines are dropped and counted.
     pub printed_limit_bytes: u64,
+    /// A call that runs `remote_parallel_map` reaches this node's fleet, as
+    /// its job's principal, through the job's credential (the coordinator's
+    /// address, its CA and the job's key in the call's environment). The
+    /// embedded cluster turns it off: there a nested call runs inside the
+    /// calling slot.
+    pub fleet_access: bool,
 }
 
 /// How slots are isolated.
@@ -120,6 +126,7 @@ impl NodeConfig {
             inherit_environment: false,
             pass_env: vec![],
             printed_limit_bytes: slot::DEFAULT_PRINTED_LIMIT,
+            fleet_access: true,
         }
     }
 

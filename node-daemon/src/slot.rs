@@ -824,9 +824,12 @@ pub(crate) fn default_program(spec: &JobSpec, config: &NodeConfig) -> String {
     }
 }
 
-/// The environment variables that depend on the slot's job: its GPUs and
-/// its cores. A fresh worker starts with them; a warm one gets them with
-/// the job's function, before any of the job's code runs.
+/// The environment variables that depend on the slot's job: its GPUs, its
+/// cores and its credential for jobs of its own (the coordinator's address
+/// and CA, the job's key and id: a call's `remote_parallel_map` reaches the
+/// fleet as the job's principal, until the job ends). A fresh worker starts
+/// with them; a warm one gets them with the job's function, before any of
+/// the job's code runs.
 fn job_environment(ctx: &SlotContext) -> Vec<(String, String)> {
     // CUDA numbers devices in its own order; UUIDs (or PCI order) name
     // exactly the slot's GPUs.
@@ -851,6 +854,17 @@ fn job_environment(ctx: &SlotContext) -> Vec<(String, String)> {
     if !ctx.placement.cpus.is_empty() {
         // Thread pools (OpenMP, BLAS) size themselves to the slot's cores.
         env.push(("OMP_NUM_THREADS".to_string(), ctx.placement.cpus.len().to_string()));
+    }
+    if ctx.config.fleet_access && !ctx.spec.job_key.is_empty() {
+        env.extend([
+            ("FLEETMAP_COORDINATOR".to_string(), ctx.config.coordinator.clone()),
+            (
+                "FLEETMAP_CA_PEM".to_string(),
+                String::from_utf8_lossy(&ctx.config.ca_pem).into_owned(),
+            ),
+            ("FLEETMAP_API_KEY".to_string(), ctx.spec.job_key.clone()),
+            ("FLEETMAP_JOB".to_string(), ctx.job.0.to_string()),
+        ]);
     }
     env
 }

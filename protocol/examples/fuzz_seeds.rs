@@ -44,7 +44,9 @@ fn chunk() -> InputChunk {
 
 fn spec() -> JobSpec {
     JobSpec {
-        principal: "key-0011223344556677".into(),
+        principal: "alice".into(),
+        job_key: "fmjob_00112233".into(),
+        parent: Some(JobId(0)),
         call: CallRequest {
             cores: 2,
             memory_bytes: 1 << 30,

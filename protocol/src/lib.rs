@@ -241,6 +241,16 @@ pub struct JobSpec {
     /// A warm worker serves only jobs of the principal it served before.
     #[serde(default)]
     pub principal: String,
+    /// A credential for this job's calls to submit jobs of their own, as
+    /// the same principal, valid until this job ends: set by the
+    /// coordinator (whatever a client puts here is replaced) and handed by
+    /// nodes to the job's workers, never the principal's API key.
+    #[serde(default)]
+    pub job_key: String,
+    /// The job whose call submitted this one, when a call did (set by the
+    /// coordinator from the credential the client authenticated with).
+    #[serde(default)]
+    pub parent: Option<JobId>,
     pub call: CallRequest,
     /// The most calls that may run at once; `None` means as many as fit.
     pub parallelism: Option<u32>,

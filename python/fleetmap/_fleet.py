@@ -68,15 +68,21 @@ def configured_fleet(api_key: Optional[str]) -> Optional[FleetAddress]:
         return None
     source = "FLEETMAP_COORDINATOR" if os.environ.get("FLEETMAP_COORDINATOR") else str(config_path())
     ca = os.environ.get("FLEETMAP_CA") or settings.get("ca")
-    if not ca:
+    # A node gives its calls the CA itself (their file system may be an
+    # image's, without the node's files).
+    pem = os.environ.get("FLEETMAP_CA_PEM")
+    if pem:
+        ca_pem = pem.encode()
+    elif not ca:
         raise ConfigurationError(
             f"the coordinator {coordinator} (from {source}) needs its CA certificate: set FLEETMAP_CA "
             "to the path of the coordinator's ca.pem (or `ca = PATH` in the config file)"
         )
-    try:
-        ca_pem = Path(ca).expanduser().read_bytes()
-    except OSError as exc:
-        raise ConfigurationError(f"cannot read the CA certificate {ca}: {exc}") from None
+    else:
+        try:
+            ca_pem = Path(ca).expanduser().read_bytes()
+        except OSError as exc:
+            raise ConfigurationError(f"cannot read the CA certificate {ca}: {exc}") from None
     key = api_key or os.environ.get("FLEETMAP_API_KEY") or settings.get("api_key")
     if not key:
         raise ConfigurationError(

@@ -14,6 +14,7 @@ import site
 import sys
 import sysconfig
 import types
+import warnings
 from typing import Any, Callable, ContextManager, Dict, Generator, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from . import _environment, _fleet, _native, _sources
@@ -110,6 +111,15 @@ def remote_parallel_map(
     except BaseException:
         scope.__exit__(*sys.exc_info())
         raise
+    outer = os.environ.get("FLEETMAP_JOB")
+    if outer and job.slots == 0 and not fleet.embedded:
+        warnings.warn(
+            f"this call of job {outer} submitted a job of its own, which got no slot yet: it waits for "
+            f"room on the fleet. If every slot is held by calls that wait like this one, none will come; "
+            "give the outer call a smaller parallelism= to leave room",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     progress = Progress(source.total, enabled=verbose, where=fleet.description, slots=job.slots, nodes=job.nodes)
     chunks = _chunk_outcomes(job, source, progress, return_exceptions, scope)
     if generator:

@@ -66,6 +66,8 @@ impl Connection {
     ) -> PyResult<PyJob> {
         let spec = JobSpec {
             principal: String::new(),
+            job_key: String::new(),
+            parent: None,
             call: CallRequest {
                 cores,
                 memory_bytes,

@@ -17,6 +17,8 @@ pub const ONE_CORE: CallRequest = CallRequest {
 pub fn job_spec(inputs: u64, call: CallRequest) -> JobSpec {
     JobSpec {
         principal: String::new(),
+        job_key: String::new(),
+        parent: None,
         call,
         parallelism: None,
         total_inputs: Some(inputs),

@@ -114,6 +114,8 @@ impl Scheduler {
         let Some(job) = self.jobs.remove(&id) else {
             return;
         };
+        // Its calls' credential ends with it.
+        self.job_keys.retain(|_, j| *j != id);
         let mut nodes = BTreeSet::new();
         for slot in job.slots.values() {
             if let Some(n) = self.nodes.get_mut(&slot.node) {

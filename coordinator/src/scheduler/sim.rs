@@ -396,6 +396,8 @@ impl World {
                     let inputs_per_chunk = w.rng.random_range(1..=8);
                     let spec = JobSpec {
                         principal: String::new(),
+                        job_key: String::new(),
+                        parent: None,
                         call: CallRequest {
                             cores: w.rng.random_range(1..=2),
                             memory_bytes: w.rng.random_range(1..=2) * GIB,
@@ -1295,6 +1297,8 @@ fn resources(cores: u32, memory_gib: u64) -> Resources {
 fn two_core_job() -> JobSpec {
     JobSpec {
         principal: String::new(),
+        job_key: String::new(),
+        parent: None,
         call: CallRequest {
             cores: 2,
             memory_bytes: GIB,

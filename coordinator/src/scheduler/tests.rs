@@ -17,6 +17,8 @@ fn resources(cores: u32, memory_gib: u64) -> Resources {
 fn spec(cores: u32, memory_gib: u64, parallelism: Option<u32>, total: u64) -> JobSpec {
     JobSpec {
         principal: String::new(),
+        job_key: String::new(),
+        parent: None,
         call: CallRequest {
             cores,
             memory_bytes: memory_gib * GIB,
@@ -838,4 +840,17 @@ fn a_principal_lists_and_cancels_its_own_jobs_only() {
             msg: CoordinatorToClient::JobFailed { reason, .. },
         } if reason.contains("cancelled by another client of alice")
     )));
+}
+
+#[test]
+fn a_job_s_credential_names_it_and_its_principal_until_it_ends() {
+    let mut s = Scheduler::new();
+    s.handle_node_joined(NodeId(1), "a".into(), resources(4, 64), NodeIsolation::default());
+    let mut with_key = spec_of("alice", 100);
+    with_key.job_key = "fmjob_0123".into();
+    let job = submitted(&mut s, 9, 0, with_key);
+    assert_eq!(s.job_of_key("fmjob_0123"), Some((job, "alice".to_string())));
+    assert_eq!(s.job_of_key("fmjob_0124"), None);
+    s.handle_cancel(ClientId(9), "alice", job);
+    assert_eq!(s.job_of_key("fmjob_0123"), None, "the credential ends with the job");
 }
