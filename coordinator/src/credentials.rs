@@ -36,6 +36,10 @@ pub struct Credentials {
     pub key_pem: String,
     pub join_token: String,
     pub api_key: String,
+    /// The CA that signs node certificates (see `nodes.rs`), apart from the
+    /// one that signs the coordinator's, and its private key.
+    pub node_ca_pem: String,
+    pub node_ca_key_pem: String,
 }
 
 impl std::fmt::Debug for Credentials {
@@ -53,6 +57,8 @@ pub struct CredentialPaths {
     pub key: PathBuf,
     pub join_token: PathBuf,
     pub api_key: PathBuf,
+    pub node_ca: PathBuf,
+    pub node_ca_key: PathBuf,
 }
 
 impl CredentialPaths {
@@ -63,8 +69,30 @@ impl CredentialPaths {
             key: dir.join("server.key"),
             join_token: dir.join("join-token"),
             api_key: dir.join("api-key"),
+            node_ca: dir.join("node-ca.pem"),
+            node_ca_key: dir.join("node-ca.key"),
         }
     }
+}
+
+/// The distinguished name of the CA that signs node certificates: fixed, so
+/// that the issuer rebuilt from its key (`nodes::NodeCa`) names the same CA.
+pub const NODE_CA_NAME: &str = "fleetmap node CA";
+
+/// The parameters of the node CA's certificate.
+pub fn node_ca_params() -> Result<CertificateParams, rcgen::Error> {
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.distinguished_name.push(DnType::CommonName, NODE_CA_NAME);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    Ok(params)
+}
+
+/// A new node CA: (certificate, private key), PEM.
+fn node_ca() -> Result<(String, String), CredentialsError> {
+    let key = KeyPair::generate()?;
+    let cert = node_ca_params()?.self_signed(&key)?;
+    Ok((cert.pem(), key.serialize_pem()))
 }
 
 fn secret(prefix: &str) -> Result<String, CredentialsError> {
@@ -96,12 +124,15 @@ impl Credentials {
             .push(SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()));
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &ca, &ca_key)?;
+        let (node_ca_pem, node_ca_key_pem) = node_ca()?;
         Ok(Self {
             ca_pem: ca.pem(),
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
             join_token: secret("fmjoin_")?,
             api_key: secret("fmkey_")?,
+            node_ca_pem,
+            node_ca_key_pem,
         })
     }
 
@@ -114,18 +145,6 @@ impl Credentials {
             let path = path.to_path_buf();
             move |source| CredentialsError::Io { path, source }
         };
-        if paths.ca.exists() {
-            let read = |p: &Path| fs::read_to_string(p).map(|s| s.trim().to_string()).map_err(io(p));
-            return Ok(Self {
-                ca_pem: read(&paths.ca)?,
-                cert_pem: read(&paths.cert)?,
-                key_pem: read(&paths.key)?,
-                join_token: read(&paths.join_token)?,
-                api_key: read(&paths.api_key)?,
-            });
-        }
-        fs::create_dir_all(dir).map_err(io(dir))?;
-        let creds = Self::generate()?;
         let write = |p: &Path, text: &str, mode: u32| {
             fs::OpenOptions::new()
                 .write(true)
@@ -136,10 +155,34 @@ impl Credentials {
                 .and_then(|mut f| f.write_all(text.as_bytes()))
                 .map_err(io(p))
         };
+        if paths.ca.exists() {
+            let read = |p: &Path| fs::read_to_string(p).map(|s| s.trim().to_string()).map_err(io(p));
+            if !paths.node_ca.exists() {
+                // A state directory from before node certificates: it gets
+                // its node CA now (the key first: the certificate marks it
+                // complete).
+                let (cert, key) = node_ca()?;
+                write(&paths.node_ca_key, &key, 0o600)?;
+                write(&paths.node_ca, &cert, 0o644)?;
+            }
+            return Ok(Self {
+                ca_pem: read(&paths.ca)?,
+                cert_pem: read(&paths.cert)?,
+                key_pem: read(&paths.key)?,
+                join_token: read(&paths.join_token)?,
+                api_key: read(&paths.api_key)?,
+                node_ca_pem: read(&paths.node_ca)?,
+                node_ca_key_pem: read(&paths.node_ca_key)?,
+            });
+        }
+        fs::create_dir_all(dir).map_err(io(dir))?;
+        let creds = Self::generate()?;
         write(&paths.cert, &creds.cert_pem, 0o644)?;
         write(&paths.key, &creds.key_pem, 0o600)?;
         write(&paths.join_token, &creds.join_token, 0o600)?;
         write(&paths.api_key, &creds.api_key, 0o600)?;
+        write(&paths.node_ca_key, &creds.node_ca_key_pem, 0o600)?;
+        write(&paths.node_ca, &creds.node_ca_pem, 0o644)?;
         // The CA goes last: its presence marks the set as complete.
         write(&paths.ca, &creds.ca_pem, 0o644)?;
         Ok(creds)

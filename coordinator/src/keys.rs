@@ -17,15 +17,13 @@
 
 use std::{
     collections::HashMap,
-    fs,
-    io::Write,
-    os::unix::fs::{MetadataExt, OpenOptionsExt},
     path::{Path, PathBuf},
     sync::Mutex,
-    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use sha2::{Digest, Sha256};
+
+use crate::statefile::{self, now, optional, show, Stamp, StateFileError};
 
 /// The name the coordinator's original API key gets.
 pub const DEFAULT_KEY_NAME: &str = "default";
@@ -63,12 +61,8 @@ pub struct Principal {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum KeyError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    File(#[from] StateFileError),
     #[error("{path}, line {line}: {reason}")]
     Malformed { path: PathBuf, line: usize, reason: String },
     #[error("a key name must be 1 to 64 letters, digits, '-', '_', '.' or '@', got {0:?}")]
@@ -79,8 +73,8 @@ pub enum KeyError {
     Unknown(String),
     #[error("the operating system has no randomness to make a key from: {0}")]
     NoRandomness(String),
-    #[error("{0}: another `fleetmap keys` has held the lock for 10 s; remove it if no such command runs")]
-    Locked(PathBuf),
+    #[error("an embedded cluster has one key, kept in memory")]
+    InMemory,
 }
 
 fn hash(key: &str) -> String {
@@ -88,10 +82,6 @@ fn hash(key: &str) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
-}
-
-fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 fn check_name(name: &str) -> Result<(), KeyError> {
@@ -105,20 +95,6 @@ fn check_name(name: &str) -> Result<(), KeyError> {
     } else {
         Err(KeyError::BadName(name.into()))
     }
-}
-
-fn optional<T: std::str::FromStr>(field: &str) -> Result<Option<T>, String> {
-    if field == "-" {
-        return Ok(None);
-    }
-    field
-        .parse()
-        .map(Some)
-        .map_err(|_| format!("{field:?} is not a number or '-'"))
-}
-
-fn show<T: std::fmt::Display>(value: Option<T>) -> String {
-    value.map_or("-".into(), |v| v.to_string())
 }
 
 fn parse(path: &Path, text: &str) -> Result<Vec<KeyEntry>, KeyError> {
@@ -177,7 +153,7 @@ fn render(entries: &[KeyEntry]) -> String {
 /// What the store last read, and when the file last changed.
 #[derive(Default)]
 struct Loaded {
-    stamp: Option<(SystemTime, u64, u64)>,
+    stamp: Option<Stamp>,
     by_hash: HashMap<String, KeyEntry>,
 }
 
@@ -305,29 +281,15 @@ impl KeyStore {
             let loaded = self.loaded.lock().expect("key store lock poisoned");
             return Ok(loaded.by_hash.values().cloned().collect());
         };
-        match fs::read_to_string(path) {
-            Ok(text) => parse(path, &text),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-            Err(source) => Err(KeyError::Io {
-                path: path.clone(),
-                source,
-            }),
-        }
+        parse(path, &statefile::read(path)?)
     }
 
-    /// Reads the file again if its modification time or size changed.
+    /// Reads the file again if it changed.
     fn refresh(&self) -> Result<(), KeyError> {
         let Some(path) = &self.path else {
             return Ok(());
         };
-        let io = |source| KeyError::Io {
-            path: path.clone(),
-            source,
-        };
-        let meta = fs::metadata(path).map_err(io)?;
-        // Every edit renames a new file into place: a new inode, whatever
-        // the clock's resolution.
-        let stamp = (meta.modified().map_err(io)?, meta.len(), meta.ino());
+        let stamp = Stamp::of(path)?;
         if self.loaded.lock().expect("key store lock poisoned").stamp == Some(stamp) {
             return Ok(());
         }
@@ -338,62 +300,23 @@ impl KeyStore {
         Ok(())
     }
 
-    /// Changes the file under a lock (one `fleetmap keys` at a time), and
-    /// replaces it whole (written beside it, then renamed), so a coordinator
-    /// reading it never sees half of it.
+    /// Changes the file (see [`statefile::edit`]).
     fn edit(&self, change: impl FnOnce(&mut Vec<KeyEntry>) -> Result<(), KeyError>) -> Result<(), KeyError> {
         let Some(path) = &self.path else {
-            return Err(KeyError::Unknown(
-                "(an embedded cluster has one key and keeps it in memory)".into(),
-            ));
+            return Err(KeyError::InMemory);
         };
-        let lock = path.with_extension("lock");
-        let io = |p: &Path| {
-            let p = p.to_path_buf();
-            move |source| KeyError::Io { path: p, source }
-        };
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            match fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&lock)
-            {
-                Ok(_) => break,
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    if std::time::Instant::now() > deadline {
-                        return Err(KeyError::Locked(lock));
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                Err(e) => return Err(io(&lock)(e)),
-            }
-        }
-        let result = (|| {
-            let mut entries = self.read()?;
+        statefile::edit(path, |text| {
+            let mut entries = parse(path, text)?;
             change(&mut entries)?;
-            let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-            fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)
-                .and_then(|mut f| {
-                    f.write_all(render(&entries).as_bytes())?;
-                    f.sync_all()
-                })
-                .map_err(io(&tmp))?;
-            fs::rename(&tmp, path).map_err(io(path))
-        })();
-        let _ = fs::remove_file(&lock);
-        result
+            Ok(render(&entries))
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::fs;
+
     use super::*;
 
     #[test]

@@ -9,9 +9,12 @@
 
 pub mod credentials;
 pub mod keys;
+pub mod nodes;
 pub mod scheduler;
 pub mod server;
+pub mod statefile;
 
 pub use credentials::Credentials;
 pub use keys::{KeyStore, Quota};
-pub use server::{serve, CoordinatorConfig, Limits, RunningCoordinator};
+pub use nodes::NodeRegistry;
+pub use server::{serve, CoordinatorConfig, Limits, NodeLimit, RunningCoordinator};

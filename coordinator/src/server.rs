@@ -16,7 +16,7 @@ use std::{
 use fleetmap_net::{accept_hello, CloseCode, NetError, Outbox, Receiver, SessionError};
 use fleetmap_protocol::{
     max_payload, ClientId, ClientToCoordinator, CoordinatorToClient, CoordinatorToNode, JobId, LogLine, NodeId,
-    NodeToCoordinator, OutputStream, Role, WireSize, DEFAULT_MAX_MESSAGE, SOFTWARE_VERSION,
+    NodeToCoordinator, OutputStream, Resources, Role, WireSize, DEFAULT_MAX_MESSAGE, SOFTWARE_VERSION,
 };
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
@@ -24,6 +24,7 @@ use tracing::{debug, info, warn};
 use crate::{
     credentials::{secrets_match, Credentials},
     keys::{KeyStore, Principal, Quota},
+    nodes::{Issued, NodeCa, NodeIdentityError, NodeRegistry, DEFAULT_NODE_CERT_VALIDITY},
     scheduler::{Command, Scheduler},
 };
 
@@ -75,8 +76,40 @@ pub struct CoordinatorConfig {
     /// The API keys clients may present; by default only the credentials'
     /// own key, as principal `default`.
     pub keys: Arc<KeyStore>,
+    /// The fleet's nodes: their certificates, and which are revoked; by
+    /// default kept in memory.
+    pub nodes: Arc<NodeRegistry>,
+    /// How long a node certificate is valid.
+    pub node_cert_validity: Duration,
+    /// The most a node may offer: what it advertises beyond is not used.
+    pub node_limit: NodeLimit,
     pub max_message: usize,
     pub limits: Limits,
+}
+
+/// Caps on what one node may advertise (`None`: no cap).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NodeLimit {
+    pub cores: Option<u32>,
+    pub memory_bytes: Option<u64>,
+    pub gpus: Option<u32>,
+}
+
+impl NodeLimit {
+    /// `resources` within the caps; whether anything was cut.
+    fn apply(&self, resources: &mut Resources) -> bool {
+        let before = resources.clone();
+        if let Some(cores) = self.cores {
+            resources.cores = resources.cores.min(cores);
+        }
+        if let Some(memory) = self.memory_bytes {
+            resources.memory_bytes = resources.memory_bytes.min(memory);
+        }
+        if let Some(gpus) = self.gpus {
+            resources.gpus.truncate(gpus as usize);
+        }
+        *resources != before
+    }
 }
 
 impl CoordinatorConfig {
@@ -84,6 +117,9 @@ impl CoordinatorConfig {
         Self {
             listen,
             keys: Arc::new(KeyStore::single(&credentials.api_key)),
+            nodes: Arc::new(NodeRegistry::in_memory()),
+            node_cert_validity: DEFAULT_NODE_CERT_VALIDITY,
+            node_limit: NodeLimit::default(),
             credentials,
             max_message: DEFAULT_MAX_MESSAGE,
             limits: Limits::default(),
@@ -99,9 +135,16 @@ struct ClientPeer {
     dropped: BTreeMap<JobId, u64>,
 }
 
+/// A connected node as the shell sees it.
+struct NodePeer {
+    outbox: Outbox<CoordinatorToNode>,
+    conn: quinn::Connection,
+    name: String,
+}
+
 struct Core {
     scheduler: Scheduler,
-    nodes: HashMap<NodeId, Outbox<CoordinatorToNode>>,
+    nodes: HashMap<NodeId, NodePeer>,
     clients: HashMap<ClientId, ClientPeer>,
     /// Ids for nodes and clients; the two live in separate, typed maps.
     next_peer: u64,
@@ -119,8 +162,8 @@ impl Core {
         while let Some(cmd) = self.scheduler.poll_command() {
             match cmd {
                 Command::ToNode { node, msg } => {
-                    if let Some(tx) = self.nodes.get(&node) {
-                        let _ = tx.send(msg);
+                    if let Some(peer) = self.nodes.get(&node) {
+                        let _ = peer.outbox.send(msg);
                     }
                 }
                 Command::ToClient { client, msg } => {
@@ -182,6 +225,9 @@ struct Shared {
     core: Mutex<Core>,
     credentials: Credentials,
     keys: Arc<KeyStore>,
+    nodes: Arc<NodeRegistry>,
+    node_ca: NodeCa,
+    node_limit: NodeLimit,
     max_message: usize,
     limits: Limits,
     doors: Mutex<Doors>,
@@ -311,6 +357,12 @@ impl RunningCoordinator {
         self.shared.with(|s| s.job_count())
     }
 
+    /// The registry of the fleet's nodes (revoking one there disconnects
+    /// it within a second).
+    pub fn node_registry(&self) -> Arc<NodeRegistry> {
+        self.shared.nodes.clone()
+    }
+
     /// Waits until at least `n` nodes have joined, up to `timeout`.
     pub async fn wait_for_nodes(&self, n: usize, timeout: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
@@ -336,7 +388,14 @@ impl RunningCoordinator {
 /// Binds the coordinator's endpoint and serves until shut down.
 pub async fn serve(config: CoordinatorConfig) -> Result<RunningCoordinator, NetError> {
     let creds = &config.credentials;
-    let endpoint = fleetmap_net::server_endpoint(config.listen, creds.cert_pem.as_bytes(), creds.key_pem.as_bytes())?;
+    let endpoint = fleetmap_net::server_endpoint_verifying(
+        config.listen,
+        creds.cert_pem.as_bytes(),
+        creds.key_pem.as_bytes(),
+        Some(creds.node_ca_pem.as_bytes()),
+    )?;
+    let node_ca = NodeCa::new(creds, config.node_cert_validity)
+        .map_err(|e| NetError::Tls(format!("the node CA in the credentials: {e}")))?;
     let local_addr = endpoint.local_addr()?;
     let shared = Arc::new(Shared {
         core: Mutex::new(Core {
@@ -347,6 +406,9 @@ pub async fn serve(config: CoordinatorConfig) -> Result<RunningCoordinator, NetE
         }),
         credentials: config.credentials,
         keys: config.keys,
+        nodes: config.nodes,
+        node_ca,
+        node_limit: config.node_limit,
         max_message: config.max_message,
         limits: config.limits,
         doors: Mutex::new(Doors::default()),
@@ -385,8 +447,13 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
 /// of the slow limit.
 async fn release_backlogged_clients(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(BACKLOG_CHECK);
+    let mut ticks = 0u64;
     loop {
         tick.tick().await;
+        ticks += 1;
+        if ticks.is_multiple_of(REVOCATION_CHECK_TICKS) {
+            disconnect_revoked_nodes(&shared);
+        }
         let half = shared.limits.client_slow_backlog / 2;
         let mut core = shared.lock();
         let drained: Vec<ClientId> = core
@@ -399,6 +466,81 @@ async fn release_backlogged_clients(shared: Arc<Shared>) {
             core.scheduler.handle_client_backlog(client, false);
         }
         core.route(&shared.limits);
+    }
+}
+
+/// Every this many backlog checks (half a second), connected nodes are
+/// checked against the registry: a node revoked meanwhile is disconnected.
+const REVOCATION_CHECK_TICKS: u64 = 25;
+
+fn disconnect_revoked_nodes(shared: &Shared) {
+    let entries = match shared.nodes.list() {
+        Ok(entries) => entries,
+        Err(e) => {
+            warn!("nodes: {e}");
+            return;
+        }
+    };
+    let core = shared.lock();
+    for peer in core.nodes.values() {
+        if entries.iter().any(|e| e.name == peer.name && e.revoked.is_some()) {
+            CloseCode::Refused.close(
+                &peer.conn,
+                &format!("node {} was revoked (fleetmap nodes revoke)", peer.name),
+            );
+        }
+    }
+}
+
+/// What the coordinator makes of a node's credentials: the certificate to
+/// issue it (on enrollment or renewal), or why it is refused.
+fn admit_node(
+    shared: &Shared,
+    conn: &quinn::Connection,
+    name: &str,
+    token: &str,
+    public_key: &[u8],
+) -> Result<Option<Issued>, String> {
+    let registry_error = |e: NodeIdentityError| format!("the coordinator cannot read its node registry: {e}");
+    let entry = shared.nodes.entry(name).map_err(registry_error)?;
+    if entry.as_ref().is_some_and(|e| e.revoked.is_some()) {
+        return Err(format!(
+            "node {name:?} was revoked (fleetmap nodes revoke); it may not join, with its certificate or the join token"
+        ));
+    }
+    let issue = || {
+        let issued = shared.node_ca.certify(name, public_key).map_err(|e| e.to_string())?;
+        shared.nodes.record(name, &issued).map_err(registry_error)?;
+        Ok(Some(issued))
+    };
+    match fleetmap_net::peer_certificate(conn) {
+        Some(der) => {
+            // Signed by the node CA and within its validity (the TLS
+            // handshake checked both); the registry says whose it is.
+            let fingerprint = crate::nodes::fingerprint(&der);
+            let current = entry.filter(|e| e.fingerprint.as_deref() == Some(fingerprint.as_str()));
+            let Some(current) = current else {
+                return Err(format!(
+                    "the certificate node {name:?} presented is not its current one (superseded, or issued \
+                     for another node); remove the node's certificate (node.pem in its --state-dir) to \
+                     enroll again with the join token"
+                ));
+            };
+            let renew_after = current
+                .expires
+                .unwrap_or(0)
+                .saturating_sub(shared.node_ca.validity().as_secs() / 3);
+            if crate::statefile::now() >= renew_after {
+                issue()
+            } else {
+                Ok(None)
+            }
+        }
+        None if !secrets_match(token, &shared.credentials.join_token) => Err(format!(
+            "node {name:?} presented neither a certificate of this fleet nor the join token it accepts; \
+             use the token from the coordinator's join-token file"
+        )),
+        None => issue(),
     }
 }
 
@@ -436,15 +578,24 @@ async fn serve_peer(
         return Ok(());
     };
     let mut principal = None;
+    let mut certificate: Option<Issued> = None;
     let refusal = match handshake.hello.check() {
         Err(reason) => Some(format!("bad Hello: {reason}")),
         Ok(()) => match &handshake.hello.role {
             // The name is the peer's word: it is bounded by `check`, and
             // logged only quoted.
-            Role::Node { token, name, .. } if !secrets_match(token, &shared.credentials.join_token) => Some(format!(
-                "node {name:?} presented a join token the coordinator does not accept; \
-                     use the token from the coordinator's join-token file"
-            )),
+            Role::Node {
+                token,
+                name,
+                public_key,
+                ..
+            } => match admit_node(shared, conn, name, token, public_key) {
+                Ok(issued) => {
+                    certificate = issued;
+                    None
+                }
+                Err(reason) => Some(reason),
+            },
             Role::Client { api_key } => {
                 principal = shared.caller(api_key);
                 principal.is_none().then(|| {
@@ -454,7 +605,6 @@ async fn serve_peer(
                         .to_string()
                 })
             }
-            _ => None,
         },
     };
     admission.authenticated();
@@ -476,15 +626,30 @@ async fn serve_peer(
     match handshake.hello.role.clone() {
         Role::Node {
             name,
-            resources,
+            mut resources,
             isolation,
             ..
         } => {
-            let (tx, mut rx, writer) = handshake.welcome(SOFTWARE_VERSION, shared.max_message).await?;
+            if let Some(issued) = &certificate {
+                info!(
+                    "node {name}: issued a certificate valid until {} (Unix time), SHA-256 {}",
+                    issued.expires, issued.fingerprint
+                );
+            }
+            if shared.node_limit.apply(&mut resources) {
+                info!("node {name}: offers more than the per-node limit; using {resources:?}");
+            }
+            let pem = certificate.map(|c| c.pem);
+            let (tx, mut rx, writer) = handshake.welcome(SOFTWARE_VERSION, pem, shared.max_message).await?;
             let node = {
                 let core = &mut *shared.lock();
                 let node = NodeId(core.next_id());
-                core.nodes.insert(node, tx);
+                let peer = NodePeer {
+                    outbox: tx,
+                    conn: conn.clone(),
+                    name: name.clone(),
+                };
+                core.nodes.insert(node, peer);
                 node
             };
             info!(
@@ -513,7 +678,7 @@ async fn serve_peer(
                 ),
                 None => info!("client of {} connected from {remote}", principal.name),
             }
-            let (tx, mut rx, writer) = handshake.welcome(SOFTWARE_VERSION, shared.max_message).await?;
+            let (tx, mut rx, writer) = handshake.welcome(SOFTWARE_VERSION, None, shared.max_message).await?;
             let client = {
                 let core = &mut *shared.lock();
                 let client = ClientId(core.next_id());

@@ -12,7 +12,7 @@
 
 pub mod session;
 
-pub use session::{accept_hello, dial, CloseCode, Handshake, Receiver, Session, SessionError};
+pub use session::{accept_hello, dial, dial_as, CloseCode, Handshake, Receiver, Session, SessionError};
 
 use std::{
     net::{SocketAddr, UdpSocket},
@@ -125,6 +125,29 @@ fn udp_socket(addr: SocketAddr) -> Result<UdpSocket, NetError> {
 }
 
 /// Parses PEM certificates.
+/// The certificates of a PEM bundle as a root store.
+fn roots(ca_pem: &[u8]) -> Result<rustls::RootCertStore, NetError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in parse_certs(ca_pem)? {
+        roots
+            .add(cert)
+            .map_err(|e| NetError::Tls(format!("bad CA certificate: {e}")))?;
+    }
+    Ok(roots)
+}
+
+fn private_key(key_pem: &[u8]) -> Result<PrivateKeyDer<'static>, NetError> {
+    PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| NetError::Tls(format!("bad PEM private key: {e}")))
+}
+
+/// The DER of the certificate the peer presented in the TLS handshake, if
+/// it presented one (it has been verified by then).
+pub fn peer_certificate(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    let identity = conn.peer_identity()?;
+    let certs = identity.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    certs.first().map(|c| c.as_ref().to_vec())
+}
+
 pub fn parse_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, NetError> {
     let certs = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
@@ -137,13 +160,36 @@ pub fn parse_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, NetError>
 
 /// A QUIC server endpoint with the given certificate chain and key (PEM).
 pub fn server_endpoint(listen: SocketAddr, cert_pem: &[u8], key_pem: &[u8]) -> Result<quinn::Endpoint, NetError> {
+    server_endpoint_verifying(listen, cert_pem, key_pem, None)
+}
+
+/// As [`server_endpoint`]; with `client_ca_pem`, a peer may present a
+/// certificate, which must then be signed by that CA and within its
+/// validity (a node's); peers without one (clients, nodes enrolling) are
+/// still admitted to the handshake, where they authenticate otherwise.
+pub fn server_endpoint_verifying(
+    listen: SocketAddr,
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    client_ca_pem: Option<&[u8]>,
+) -> Result<quinn::Endpoint, NetError> {
     install_crypto_provider();
     let certs = parse_certs(cert_pem)?;
-    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| NetError::Tls(format!("bad PEM private key: {e}")))?;
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+    let key = private_key(key_pem)?;
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| NetError::Tls(e.to_string()))?
-        .with_no_client_auth()
+        .map_err(|e| NetError::Tls(e.to_string()))?;
+    let builder = match client_ca_pem {
+        None => builder.with_no_client_auth(),
+        Some(pem) => {
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots(pem)?.into(), provider())
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| NetError::Tls(e.to_string()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut tls = builder
         .with_single_cert(certs, key)
         .map_err(|e| NetError::Tls(e.to_string()))?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
@@ -172,18 +218,41 @@ pub fn client_endpoint(ca_pem: &[u8], remote: SocketAddr) -> Result<quinn::Endpo
 /// As [`client_endpoint`], bound to `local` (tests dial from several
 /// loopback addresses).
 pub fn client_endpoint_at(ca_pem: &[u8], local: SocketAddr) -> Result<quinn::Endpoint, NetError> {
-    install_crypto_provider();
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in parse_certs(ca_pem)? {
-        roots
-            .add(cert)
-            .map_err(|e| NetError::Tls(format!("bad CA certificate: {e}")))?;
+    client_endpoint_as(ca_pem, local, None)
+}
+
+/// A certificate and its private key, PEM, that a peer presents in the TLS
+/// handshake (a node's, signed by the cluster's node CA).
+#[derive(Clone)]
+pub struct ClientIdentity {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+}
+
+impl std::fmt::Debug for ClientIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The key stays out of logs.
+        f.debug_struct("ClientIdentity").finish_non_exhaustive()
     }
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+}
+
+/// As [`client_endpoint_at`], presenting `identity` if given.
+pub fn client_endpoint_as(
+    ca_pem: &[u8],
+    local: SocketAddr,
+    identity: Option<&ClientIdentity>,
+) -> Result<quinn::Endpoint, NetError> {
+    install_crypto_provider();
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| NetError::Tls(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots(ca_pem)?);
+    let mut tls = match identity {
+        None => builder.with_no_client_auth(),
+        Some(id) => builder
+            .with_client_auth_cert(parse_certs(&id.cert_pem)?, private_key(&id.key_pem)?)
+            .map_err(|e| NetError::Tls(format!("bad node certificate: {e}")))?,
+    };
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let crypto = QuicClientConfig::try_from(tls).map_err(|e| NetError::Tls(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));

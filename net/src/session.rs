@@ -144,6 +144,8 @@ impl<Down: DeserializeOwned> Receiver<Down> {
 
 /// An open, authenticated connection to the coordinator.
 pub struct Session<Up, Down> {
+    /// A node's new certificate, when the coordinator issued one.
+    pub node_certificate: Option<String>,
     pub conn: quinn::Connection,
     /// Messages to the coordinator; a writer task frames and sends them.
     pub tx: Outbox<Up>,
@@ -169,7 +171,24 @@ where
     Up: Serialize + WireSize + Send + 'static,
     Down: DeserializeOwned,
 {
-    match tokio::time::timeout(timeout, dial_inner(addr, ca_pem, hello, max_message)).await {
+    dial_as(addr, ca_pem, None, hello, max_message, timeout).await
+}
+
+/// As [`dial`], presenting `identity` (a node's certificate) in the TLS
+/// handshake.
+pub async fn dial_as<Up, Down>(
+    addr: &str,
+    ca_pem: &[u8],
+    identity: Option<&crate::ClientIdentity>,
+    hello: &Hello,
+    max_message: usize,
+    timeout: Duration,
+) -> Result<Session<Up, Down>, SessionError>
+where
+    Up: Serialize + WireSize + Send + 'static,
+    Down: DeserializeOwned,
+{
+    match tokio::time::timeout(timeout, dial_inner(addr, ca_pem, identity, hello, max_message)).await {
         Ok(r) => r,
         Err(_) => Err(SessionError::Unreachable {
             addr: addr.into(),
@@ -181,6 +200,7 @@ where
 async fn dial_inner<Up, Down>(
     addr: &str,
     ca_pem: &[u8],
+    identity: Option<&crate::ClientIdentity>,
     hello: &Hello,
     max_message: usize,
 ) -> Result<Session<Up, Down>, SessionError>
@@ -197,7 +217,12 @@ where
         .map_err(|e| unreachable(e.to_string()))?
         .next()
         .ok_or_else(|| unreachable("the name has no address".into()))?;
-    let endpoint = crate::client_endpoint(ca_pem, remote).map_err(|e| match e {
+    let local: SocketAddr = if remote.is_ipv6() {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    let endpoint = crate::client_endpoint_as(ca_pem, local, identity).map_err(|e| match e {
         NetError::Tls(t) => SessionError::Tls(t),
         other => unreachable(other.to_string()),
     })?;
@@ -219,8 +244,11 @@ where
     };
     send.write_all(&frame).await.map_err(|e| lost(&conn, e.to_string()))?;
     let mut reader = FramedReader::new(recv, HANDSHAKE_MAX_MESSAGE);
-    let coordinator_version = match reader.recv::<HelloReply>().await {
-        Ok(Some(HelloReply::Welcome { coordinator_version })) => coordinator_version,
+    let (coordinator_version, node_certificate) = match reader.recv::<HelloReply>().await {
+        Ok(Some(HelloReply::Welcome {
+            coordinator_version,
+            node_certificate,
+        })) => (coordinator_version, node_certificate),
         Ok(Some(HelloReply::Refused { reason })) => return Err(SessionError::Refused(reason)),
         Ok(None) => return Err(lost(&conn, "the coordinator ended the stream before answering".into())),
         Err(NetError::Decode(e)) => {
@@ -240,6 +268,7 @@ where
             peer: format!("the coordinator at {addr}"),
             _down: PhantomData,
         },
+        node_certificate,
         conn,
         tx,
         remote,
@@ -311,6 +340,7 @@ impl Handshake {
     pub async fn welcome<Up, Down>(
         mut self,
         coordinator_version: &str,
+        node_certificate: Option<String>,
         max_message: usize,
     ) -> Result<(Outbox<Up>, Receiver<Down>, JoinHandle<Result<(), NetError>>), SessionError>
     where
@@ -320,6 +350,7 @@ impl Handshake {
         let mut frame = Vec::new();
         let welcome = HelloReply::Welcome {
             coordinator_version: coordinator_version.into(),
+            node_certificate,
         };
         encode_frame(&welcome, HANDSHAKE_MAX_MESSAGE, &mut frame)
             .map_err(|e| SessionError::Protocol(format!("cannot say Welcome: {e}")))?;

@@ -14,6 +14,7 @@
 
 mod cache;
 mod environments;
+pub mod identity;
 mod images;
 pub mod inventory;
 mod pool;
@@ -32,6 +33,7 @@ use fleetmap_protocol::{
     Resources, Role, SlotId, DEFAULT_MAX_MESSAGE, SOFTWARE_VERSION,
 };
 use fleetmap_sandbox::cgroup::CgroupTree;
+use identity::Identity;
 use images::Images;
 use inventory::Inventory;
 use slot::{default_program, prestart, run_slot, Pool, SlotContext};
@@ -83,6 +85,9 @@ pub struct NodeConfig {
     /// embedded cluster turns it off: there a nested call runs inside the
     /// calling slot.
     pub fleet_access: bool,
+    /// Where the node keeps its key and certificate (`node.key`,
+    /// `node.pem`); `None` keeps them in memory (the embedded cluster).
+    pub identity_dir: Option<std::path::PathBuf>,
 }
 
 /// How slots are isolated.
@@ -127,6 +132,7 @@ impl NodeConfig {
             pass_env: vec![],
             printed_limit_bytes: slot::DEFAULT_PRINTED_LIMIT,
             fleet_access: true,
+            identity_dir: None,
         }
     }
 
@@ -164,6 +170,8 @@ pub enum NodeError {
     Net(#[from] NetError),
     #[error(transparent)]
     Session(SessionError),
+    #[error(transparent)]
+    Identity(#[from] identity::IdentityError),
     #[error(
         "node {node} cannot pin calls to their cores, memory, processes and GPUs: {reason}. Run the daemon as \
          root or in a delegated cgroup (systemd Delegate=yes); or start it with --allow-unisolated to run calls \
@@ -333,7 +341,9 @@ pub async fn run_until(
         &config.environments.cache_dir,
         config.name.clone(),
     ));
+    let identity = Identity::load_or_create(config.identity_dir.as_deref())?;
     let node = Node {
+        identity,
         environments,
         images,
         pool: Arc::new(Pool::new(config.warm)),
@@ -387,6 +397,8 @@ pub async fn run_until(
 /// What lives as long as the daemon.
 struct Node {
     config: Arc<NodeConfig>,
+    /// Its key and certificate.
+    identity: Identity,
     inventory: Inventory,
     cgroups: Option<Arc<CgroupTree>>,
     /// How slots are isolated, as `fleetmap status` shows it.
@@ -462,9 +474,17 @@ async fn session(
     shutdown: &mut tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), NodeError> {
     let config = &node.config;
+    // With a certificate the node proves who it is in the TLS handshake;
+    // the join token is only for enrolling.
+    let client_identity = node.identity.client();
+    let token = match client_identity {
+        Some(_) => String::new(),
+        None => config.token.clone(),
+    };
     let hello = Hello {
         role: Role::Node {
-            token: config.token.clone(),
+            token,
+            public_key: node.identity.public_key(),
             name: config.name.clone(),
             resources: config.resources.clone(),
             isolation: NodeIsolation {
@@ -477,10 +497,33 @@ async fn session(
     // A stop asked for while the coordinator is unreachable does not wait
     // for the join to time out.
     let dialled = tokio::select! {
-        dialled = fleetmap_net::dial(&config.coordinator, &config.ca_pem, &hello, config.max_message, JOIN_TIMEOUT) => dialled,
+        dialled = fleetmap_net::dial_as(
+            &config.coordinator,
+            &config.ca_pem,
+            client_identity.as_ref(),
+            &hello,
+            config.max_message,
+            JOIN_TIMEOUT,
+        ) => dialled,
         _ = shutdown.changed() => return Ok(()),
     };
-    let session: Session<NodeToCoordinator, CoordinatorToNode> = dialled?;
+    let session: Session<NodeToCoordinator, CoordinatorToNode> = match dialled {
+        Err(SessionError::Tls(reason)) if client_identity.is_some() && !config.token.is_empty() => {
+            // Expired, or from a coordinator whose state was reset.
+            warn!(
+                "node {}: the coordinator's TLS handshake refused this node's certificate ({reason}); \
+                 enrolling again with the join token",
+                config.name
+            );
+            node.identity.forget_certificate();
+            return Err(NodeError::Session(SessionError::Tls(reason)));
+        }
+        other => other?,
+    };
+    if let Some(pem) = &session.node_certificate {
+        node.identity.store(pem.clone())?;
+        info!("node {}: the coordinator issued this node a certificate", config.name);
+    }
     let Session {
         conn,
         tx: up,

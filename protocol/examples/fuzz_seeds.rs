@@ -214,6 +214,7 @@ fn main() {
         0,
         stream(&[hello(Role::Node {
             token: "fmjoin_0011".into(),
+            public_key: [4u8; 65].to_vec(),
             name: "gpu-03".into(),
             resources,
             isolation: NodeIsolation {
@@ -239,6 +240,7 @@ fn main() {
         stream(&[
             HelloReply::Welcome {
                 coordinator_version: "0.1.0".into(),
+                node_certificate: Some("-----BEGIN CERTIFICATE-----".into()),
             },
             HelloReply::Refused {
                 reason: "wrong token".into(),

@@ -263,11 +263,17 @@ pub struct JobSpec {
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub enum Role {
     Node {
+        /// The join token: only to enroll (a node with a certificate of
+        /// the cluster presents that in the TLS handshake instead, and
+        /// sends an empty token).
         token: String,
         name: String,
         resources: Resources,
         /// How the node isolates its slots.
         isolation: NodeIsolation,
+        /// The node's public key (raw ECDSA P-256 point), for the
+        /// coordinator to certify when it enrolls or renews the node.
+        public_key: Vec<u8>,
     },
     Client {
         api_key: String,
@@ -354,8 +360,15 @@ impl Hello {
                 name,
                 resources,
                 isolation,
+                public_key,
             } => {
                 field("the join token", token)?;
+                if public_key.len() > MAX_HELLO_FIELD {
+                    return Err(format!(
+                        "the public key is {} bytes, over the limit of {MAX_HELLO_FIELD}",
+                        public_key.len()
+                    ));
+                }
                 field("the node name", name)?;
                 if name.is_empty() || name.chars().any(|c| c.is_control()) {
                     return Err("the node name must be non-empty and printable".into());
@@ -467,8 +480,16 @@ impl WireSize for ClientToCoordinator {
 /// The coordinator's answer to a [`Hello`].
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub enum HelloReply {
-    Welcome { coordinator_version: String },
-    Refused { reason: String },
+    Welcome {
+        coordinator_version: String,
+        /// A node's new certificate (PEM), signed by the cluster's node CA
+        /// for its name and public key: on enrollment, and when the one it
+        /// presented nears its end.
+        node_certificate: Option<String>,
+    },
+    Refused {
+        reason: String,
+    },
 }
 
 /// What a client sends the coordinator after the handshake.

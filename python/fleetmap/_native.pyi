@@ -25,6 +25,8 @@ __all__ = [
     "keys_create",
     "keys_list",
     "keys_revoke",
+    "nodes_list",
+    "nodes_revoke",
     "worker_main",
     "LocalHandle",
     "CoordinatorHandle",
@@ -54,9 +56,18 @@ def start_local_cluster(
     Raises :class:`fleetmap.ConfigurationError` for a bad address and
     :class:`fleetmap.FleetmapError` when the cluster cannot start."""
 
-def start_coordinator(listen: str, state_dir: Union[str, "os.PathLike[str]"]) -> CoordinatorHandle:
-    """Starts a coordinator serving QUIC on ``listen``, with its CA, join token
-    and API key loaded from (or created in) ``state_dir``.
+def start_coordinator(
+    listen: str,
+    state_dir: Union[str, "os.PathLike[str]"],
+    node_cert_days: float = 30.0,
+    max_node_cores: Optional[int] = None,
+    max_node_memory_bytes: Optional[int] = None,
+    max_node_gpus: Optional[int] = None,
+) -> CoordinatorHandle:
+    """Starts a coordinator serving QUIC on ``listen``, with its CA, join token,
+    API keys and node registry loaded from (or created in) ``state_dir``.
+    Node certificates are valid ``node_cert_days``; a node may offer at most
+    the ``max_node_*`` given (what it advertises beyond is not used).
 
     Raises :class:`fleetmap.ConfigurationError` when the address is bad, the
     credentials cannot be read or written, or the address is taken."""
@@ -79,9 +90,13 @@ def start_node(
     environments: Optional[Dict[str, Any]] = None,
     pass_env: Sequence[str] = (),
     allow_unisolated: bool = False,
+    identity_dir: Union[str, "os.PathLike[str]", None] = None,
 ) -> NodeHandle:
     """Starts a node daemon in this process that joins ``coordinator``
     (``host:port``) with the join ``token``, trusting the CA in ``ca_pem``.
+    The node keeps its key and certificate in ``identity_dir`` (in memory
+    if ``None``): once enrolled it joins with its certificate, and
+    ``token`` may be empty.
 
     ``None`` leaves a setting at its default: the host name, every core, all
     memory, the caller's interpreter for jobs, the NVIDIA driver's GPUs
@@ -122,6 +137,24 @@ def keys_create(
 
     Raises :class:`fleetmap.ConfigurationError` when ``state_dir`` holds no
     coordinator, the name is malformed, or ``name`` already has a key."""
+
+@type_check_only
+class NodeInfo(TypedDict):
+    """One node as :func:`nodes_list` reports it (a plain ``dict``); times
+    in Unix seconds."""
+
+    name: str
+    enrolled: int
+    expires: Optional[int]
+    revoked: Optional[int]
+
+def nodes_list(state_dir: Union[str, "os.PathLike[str]"]) -> list[NodeInfo]:
+    """Every node the coordinator in ``state_dir`` enrolled, revoked ones included."""
+
+def nodes_revoke(state_dir: Union[str, "os.PathLike[str]"], name: str) -> None:
+    """Revokes node ``name``: a running coordinator disconnects it within a
+    second, and refuses its certificate and its name (the join token cannot
+    enroll it again)."""
 
 def keys_list(state_dir: Union[str, "os.PathLike[str]"]) -> list[KeyInfo]:
     """Every key in ``state_dir``, revoked ones included."""

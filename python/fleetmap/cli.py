@@ -43,7 +43,14 @@ def _wait_forever(stop: Callable[[], None]) -> int:
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
     _native.init_logging("info")
-    handle = _native.start_coordinator(args.listen, Path(args.state_dir))
+    handle = _native.start_coordinator(
+        args.listen,
+        Path(args.state_dir),
+        args.node_cert_days,
+        args.max_node_cores,
+        int(args.max_node_memory_gib * (1 << 30)) if args.max_node_memory_gib else None,
+        args.max_node_gpus,
+    )
     print(f"fleetmap coordinator listening on {handle.addr} (QUIC, TLS 1.3)")
     print(f"  CA certificate: {handle.ca_path}")
     print(f"  join token:     {handle.join_token_path}")
@@ -57,11 +64,17 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
 
 def cmd_node(args: argparse.Namespace) -> int:
     _native.init_logging("info")
+    import socket
+
+    identity = Path(args.state_dir) / (args.name or socket.gethostname())
     try:
         token = _join_token(args.token_file)
     except (OSError, ValueError) as exc:
-        print(f"fleetmap node: {exc}", file=sys.stderr)
-        return 2
+        if not (identity / "node.pem").is_file():
+            print(f"fleetmap node: {exc}", file=sys.stderr)
+            return 2
+        # Enrolled already: the node's certificate is its credential.
+        token = ""
     ca_pem = Path(args.ca).read_bytes()
     memory = int(args.memory_gib * (1 << 30)) if args.memory_gib else None
     gpus = None
@@ -118,6 +131,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         environments,
         args.pass_env or [],
         args.allow_unisolated,
+        identity,
     )
     print(f"fleetmap node {node.name} joining {args.coordinator}")
     sys.stdout.flush()
@@ -298,6 +312,22 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_nodes(args: argparse.Namespace) -> int:
+    state = Path(args.state_dir)
+    if args.action == "revoke":
+        _native.nodes_revoke(state, args.name)
+        print(f"revoked node {args.name}: the coordinator disconnects it and refuses it from now on")
+        return 0
+
+    def when(t: Optional[int]) -> str:
+        return "-" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t))
+
+    print(f"{'node':<24} {'enrolled (UTC)':<20} {'certificate expires':<20} {'revoked (UTC)':<20}")
+    for n in _native.nodes_list(state):
+        print(f"{n['name']:<24} {when(n['enrolled']):<20} {when(n['expires']):<20} {when(n['revoked']):<20}")
+    return 0
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     state = Path(args.state_dir)
     if args.action == "create":
@@ -331,6 +361,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = sub.add_parser("coordinator", help="run a coordinator for a fleet")
     p.add_argument("--listen", default="0.0.0.0:7070", help="UDP address to serve QUIC on (default 0.0.0.0:7070)")
     p.add_argument("--state-dir", default=str(_default_state_dir()), help="where the CA, join token and API key live")
+    p.add_argument(
+        "--node-cert-days", type=float, default=30.0, help="how long node certificates are valid (default 30 days)"
+    )
+    p.add_argument("--max-node-cores", type=int, help="the most cores one node may offer (more are not used)")
+    p.add_argument("--max-node-memory-gib", type=float, help="the most memory one node may offer, in GiB")
+    p.add_argument("--max-node-gpus", type=int, help="the most GPUs one node may offer")
     p.set_defaults(run=cmd_coordinator)
 
     # No abbreviations: `--token SECRET` must not pass for `--token-file`.
@@ -343,6 +379,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     p.add_argument("--ca", required=True, help="the coordinator's ca.pem")
     p.add_argument("--name", help="the node's name (default: the host name)")
+    p.add_argument(
+        "--state-dir",
+        default=str(_default_state_dir().parent / "node"),
+        help="where the node keeps its key and certificate, in a folder per node name",
+    )
     p.add_argument("--cores", type=int, help="cores to offer (default: all)")
     p.add_argument("--memory-gib", type=float, help="memory to offer in GiB (default: all)")
     p.add_argument(
@@ -428,6 +469,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("job", nargs="?", type=int, help="the job to cancel")
     p.add_argument("--api-key", help="your API key (default: FLEETMAP_API_KEY or the config file)")
     p.set_defaults(run=cmd_jobs)
+
+    p = sub.add_parser("nodes", help="list the enrolled nodes or revoke one (on the coordinator's machine)")
+    nodes = p.add_subparsers(dest="action", required=True)
+    for action, help_text in [
+        ("list", "list the nodes, their certificates and revocations"),
+        ("revoke", "revoke NAME: disconnected at once, refused from now on (certificate and join token)"),
+    ]:
+        n = nodes.add_parser(action, help=help_text)
+        if action == "revoke":
+            n.add_argument("name", help="the node's name")
+        n.add_argument(
+            "--state-dir",
+            default=str(_default_state_dir()),
+            help="the coordinator's --state-dir (default: the coordinator's default)",
+        )
+    p.set_defaults(run=cmd_nodes)
 
     p = sub.add_parser("keys", help="create, list or revoke named API keys (on the coordinator's machine)")
     keys = p.add_subparsers(dest="action", required=True)

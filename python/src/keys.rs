@@ -1,12 +1,14 @@
-//! `fleetmap keys`: the named API keys in a coordinator's state directory
-//! (`fleetmap_coordinator::keys`). A running coordinator picks up every
-//! change before its next admission or job.
+//! `fleetmap keys` and `fleetmap nodes`: the named API keys and the node
+//! registry in a coordinator's state directory (`fleetmap_coordinator::keys`
+//! and `::nodes`). A running coordinator picks up every change before its
+//! next admission or job (keys) or within a second (revoked nodes).
 
 use std::path::Path;
 
 use fleetmap_coordinator::{
     credentials::Credentials,
     keys::{KeyStore, Quota},
+    NodeRegistry,
 };
 use pyo3::{prelude::*, types::PyDict};
 
@@ -54,6 +56,33 @@ pub(crate) fn keys_list(py: Python<'_>, state_dir: std::path::PathBuf) -> PyResu
             Ok(d)
         })
         .collect()
+}
+
+/// Every node the coordinator in `state_dir` enrolled, as a dict: name,
+/// enrolled, expires (or None), revoked (or None).
+#[pyfunction]
+pub(crate) fn nodes_list(py: Python<'_>, state_dir: std::path::PathBuf) -> PyResult<Vec<Bound<'_, PyDict>>> {
+    store(&state_dir)?;
+    let entries = NodeRegistry::open(&state_dir).list().map_err(configuration_error)?;
+    entries
+        .into_iter()
+        .map(|e| {
+            let d = PyDict::new(py);
+            d.set_item("name", e.name)?;
+            d.set_item("enrolled", e.enrolled)?;
+            d.set_item("expires", e.expires)?;
+            d.set_item("revoked", e.revoked)?;
+            Ok(d)
+        })
+        .collect()
+}
+
+/// Revokes node `name`: its certificate and its name are refused, and a
+/// running coordinator disconnects it within a second.
+#[pyfunction]
+pub(crate) fn nodes_revoke(state_dir: std::path::PathBuf, name: &str) -> PyResult<()> {
+    store(&state_dir)?;
+    NodeRegistry::open(&state_dir).revoke(name).map_err(configuration_error)
 }
 
 /// Revokes the keys of `name`.

@@ -13,7 +13,7 @@ use std::{
 
 use fleetmap_client::local::LocalCluster;
 use fleetmap_coordinator::{
-    credentials::CredentialPaths, CoordinatorConfig, Credentials, KeyStore, RunningCoordinator,
+    credentials::CredentialPaths, CoordinatorConfig, Credentials, KeyStore, NodeLimit, NodeRegistry, RunningCoordinator,
 };
 use fleetmap_node_daemon::{EnvironmentConfig, Isolation, NodeConfig, NodeError};
 use fleetmap_protocol::EnvironmentSpec;
@@ -113,15 +113,38 @@ impl CoordinatorHandle {
     }
 }
 
-/// Starts a coordinator on `listen`, keeping its credentials in `state_dir`.
+/// Starts a coordinator on `listen`, keeping its credentials, keys and
+/// node registry in `state_dir`; node certificates are valid
+/// `node_cert_days`, and a node may offer at most the `max_node_*` given.
 #[pyfunction]
-pub(crate) fn start_coordinator(py: Python<'_>, listen: &str, state_dir: PathBuf) -> PyResult<CoordinatorHandle> {
+#[pyo3(signature = (listen, state_dir, node_cert_days=30.0, max_node_cores=None, max_node_memory_bytes=None, max_node_gpus=None))]
+pub(crate) fn start_coordinator(
+    py: Python<'_>,
+    listen: &str,
+    state_dir: PathBuf,
+    node_cert_days: f64,
+    max_node_cores: Option<u32>,
+    max_node_memory_bytes: Option<u64>,
+    max_node_gpus: Option<u32>,
+) -> PyResult<CoordinatorHandle> {
     let listen = parse_addr(listen)?;
+    if !(node_cert_days > 0.0 && node_cert_days <= 3650.0) {
+        return Err(configuration_error(format!(
+            "node certificates must be valid between a moment and ten years, not {node_cert_days} days"
+        )));
+    }
     let credentials = Credentials::load_or_create(&state_dir).map_err(configuration_error)?;
     let paths = CredentialPaths::in_dir(&state_dir);
     let keys = KeyStore::open(&state_dir, &credentials.api_key).map_err(configuration_error)?;
     let mut config = CoordinatorConfig::new(listen, credentials);
     config.keys = std::sync::Arc::new(keys);
+    config.nodes = std::sync::Arc::new(NodeRegistry::open(&state_dir));
+    config.node_cert_validity = std::time::Duration::from_secs_f64(node_cert_days * 86400.0);
+    config.node_limit = NodeLimit {
+        cores: max_node_cores,
+        memory_bytes: max_node_memory_bytes,
+        gpus: max_node_gpus,
+    };
     let running = py
         .detach(|| runtime().block_on(async { fleetmap_coordinator::serve(config).await }))
         .map_err(|e| configuration_error(format!("cannot listen on {listen}: {e}")))?;
@@ -178,7 +201,7 @@ impl NodeHandle {
 
 /// Starts a node daemon that joins `coordinator`.
 #[pyfunction]
-#[pyo3(signature = (coordinator, token, ca_pem, name=None, cores=None, memory_bytes=None, python=None, gpus=None, cgroups=true, cgroup_subtree=None, cgroup_mount=None, pids_per_slot=None, run_as=None, private_tmp=true, environments=None, pass_env=Vec::new(), allow_unisolated=false))]
+#[pyo3(signature = (coordinator, token, ca_pem, name=None, cores=None, memory_bytes=None, python=None, gpus=None, cgroups=true, cgroup_subtree=None, cgroup_mount=None, pids_per_slot=None, run_as=None, private_tmp=true, environments=None, pass_env=Vec::new(), allow_unisolated=false, identity_dir=None))]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn start_node(
     coordinator: String,
@@ -198,8 +221,10 @@ pub(crate) fn start_node(
     environments: Option<Bound<'_, PyDict>>,
     pass_env: Vec<String>,
     allow_unisolated: bool,
+    identity_dir: Option<PathBuf>,
 ) -> PyResult<NodeHandle> {
     let mut config = NodeConfig::new(coordinator, ca_pem, token);
+    config.identity_dir = identity_dir;
     if let Some(name) = name {
         config.name = name;
     }

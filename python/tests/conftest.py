@@ -188,19 +188,24 @@ class Processes:
         extra: Optional[List[str]] = None,
         root_calls: bool = True,
         env: Optional[Dict[str, str]] = None,
+        with_token: bool = True,
     ) -> Proc:
         """Starts ``fleetmap node`` (inside ``netns`` if given) and waits
-        until the coordinator logs that it joined."""
+        until the coordinator logs that it joined. Without ``with_token``
+        the node has only the certificate it got when it enrolled."""
+        token = ["--token-file", str(token_file or coordinator.token_path)] if with_token else []
         argv = fleetmap_command() + [
             "node",
             "--coordinator",
             f"{host}:{coordinator.port}",
-            "--token-file",
-            str(token_file or coordinator.token_path),
+            *token,
             "--ca",
             str(coordinator.ca_path),
             "--name",
             name,
+            # Each test node's key and certificate apart from every other's.
+            "--state-dir",
+            str(self.workdir / "node-identities"),
         ]
         if cores is not None:
             argv += ["--cores", str(cores)]

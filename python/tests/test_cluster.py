@@ -252,3 +252,50 @@ def test_fleetmap_up_serves_other_processes(processes, tmp_path):
     r = run_client("from fleetmap import remote_parallel_map\nRESULT = remote_parallel_map(abs, range(-5, 5), verbose=False)", env=env)
     assert r["returncode"] == 0, r["stderr"]
     assert r["result"] == [abs(x) for x in range(-5, 5)]
+
+
+def test_a_node_rejoins_with_its_certificate_alone_and_a_revoked_node_stops(processes):
+    coordinator = processes.start_coordinator("127.0.0.1:0")
+    first = processes.start_node(coordinator, "cert-node", cores=1)
+    identity = processes.workdir / "node-identities" / "cert-node"
+    assert (identity / "node.pem").read_text().startswith("-----BEGIN CERTIFICATE-----")
+    assert os.stat(identity / "node.key").st_mode & 0o077 == 0, "the node's key is its owner's only"
+    first.popen.terminate()
+    first.popen.wait(timeout=10)
+
+    # No token this time: the certificate it enrolled with is its credential.
+    env = {k: v for k, v in os.environ.items() if k != "FLEETMAP_JOIN_TOKEN"}
+    second = processes.start_node(coordinator, "cert-node", cores=1, env=env, with_token=False, wait=False)
+    wait_for(
+        lambda: coordinator.proc.stderr().count("node cert-node joined") == 2 or not second.alive(),
+        30,
+        "the node to join again with its certificate",
+        second.describe,
+    )
+    assert second.alive(), second.describe()
+    check_job_on(coordinator, "cert-node")
+    listed = subprocess.run(
+        fleetmap_command() + ["nodes", "list", "--state-dir", str(coordinator.state_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert listed.returncode == 0 and "cert-node" in listed.stdout, listed.stderr
+
+    revoked = subprocess.run(
+        fleetmap_command() + ["nodes", "revoke", "cert-node", "--state-dir", str(coordinator.state_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert revoked.returncode == 0, revoked.stderr
+    # Disconnected at once; refused on its way back in; the daemon stops and says why.
+    second.popen.wait(timeout=30)
+    assert second.popen.returncode != 0
+    assert "revoked" in second.stderr(), second.describe()
+
+
+def check_job_on(coordinator, node: str) -> None:
+    r = run_client(JOB.format(n=20), env=coordinator.client_env())
+    assert r["returncode"] == 0, r["stderr"]
+    assert {o[1] for o in r["result"]} == {node}

@@ -33,9 +33,19 @@ impl std::fmt::Debug for CoordinatorAccess {
 /// that wants the coordinator on threads of its own calls this from there
 /// (`runtime.block_on(start_coordinator())`).
 pub async fn start_coordinator() -> anyhow::Result<(RunningCoordinator, CoordinatorAccess)> {
+    start_coordinator_with(|_| {}).await
+}
+
+/// As [`start_coordinator`], with the configuration changed by `configure`
+/// first.
+pub async fn start_coordinator_with(
+    configure: impl FnOnce(&mut CoordinatorConfig),
+) -> anyhow::Result<(RunningCoordinator, CoordinatorAccess)> {
     let creds = Credentials::generate()?;
     let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
-    let running = serve(CoordinatorConfig::new(loopback, creds.clone())).await?;
+    let mut config = CoordinatorConfig::new(loopback, creds.clone());
+    configure(&mut config);
+    let running = serve(config).await?;
     let access = CoordinatorAccess {
         addr: running.local_addr,
         ca_pem: creds.ca_pem.into_bytes(),

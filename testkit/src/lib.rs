@@ -24,7 +24,7 @@ mod echo;
 mod peer;
 mod spec;
 
-pub use coordinator::{connect_client, start_coordinator, CoordinatorAccess};
+pub use coordinator::{connect_client, start_coordinator, start_coordinator_with, CoordinatorAccess};
 pub use echo::{EchoNode, EchoStats, SlotsStarted};
-pub use peer::{node_role, open_raw, open_raw_from, ClientPeer, NodePeer, Peer};
+pub use peer::{node_key, node_role, node_role_with_key, open_raw, open_raw_from, ClientPeer, NodePeer, Peer};
 pub use spec::{job_spec, ONE_CORE};

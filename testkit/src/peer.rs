@@ -26,6 +26,8 @@ const NEXT_TIMEOUT: Duration = Duration::from_secs(10);
 /// a client.
 pub struct Peer<Up, Down> {
     pub conn: quinn::Connection,
+    /// The certificate the coordinator issued, when it issued one.
+    pub node_certificate: Option<String>,
     /// Messages to the coordinator; a writer task frames and sends them.
     pub tx: fleetmap_net::Outbox<Up>,
     pub rx: Receiver<Down>,
@@ -42,19 +44,31 @@ pub type ClientPeer = Peer<ClientToCoordinator, CoordinatorToClient>;
 impl<Up: Serialize + WireSize + Send + 'static, Down: DeserializeOwned> Peer<Up, Down> {
     /// Dials, says `Hello` as `role` and waits to be welcomed.
     pub async fn join(access: &CoordinatorAccess, role: Role) -> Result<Self, SessionError> {
+        Self::join_as(access, None, role).await
+    }
+
+    /// As [`Peer::join`], presenting `identity` (a node's certificate) in
+    /// the TLS handshake.
+    pub async fn join_as(
+        access: &CoordinatorAccess,
+        identity: Option<&fleetmap_net::ClientIdentity>,
+        role: Role,
+    ) -> Result<Self, SessionError> {
         let hello = Hello {
             role,
             software_version: SOFTWARE_VERSION.into(),
         };
-        let session: Session<Up, Down> = fleetmap_net::dial(
+        let session: Session<Up, Down> = fleetmap_net::dial_as(
             &access.addr.to_string(),
             &access.ca_pem,
+            identity,
             &hello,
             DEFAULT_MAX_MESSAGE,
             JOIN_TIMEOUT,
         )
         .await?;
         Ok(Peer {
+            node_certificate: session.node_certificate,
             conn: session.conn,
             tx: session.tx,
             rx: session.rx,
@@ -88,7 +102,18 @@ impl<Up: Serialize + WireSize + Send + 'static, Down: DeserializeOwned> Peer<Up,
 /// The role of a node named `name` that offers `cores` cores and 2 GiB per
 /// core, no GPU: one slot per core for [`ONE_CORE`](crate::ONE_CORE) calls.
 pub fn node_role(join_token: &str, name: &str, cores: u32) -> Role {
+    node_role_with_key(join_token, name, cores, &node_key())
+}
+
+/// A node's key pair, as a daemon makes one.
+pub fn node_key() -> rcgen::KeyPair {
+    rcgen::KeyPair::generate().expect("a P-256 key pair")
+}
+
+/// [`node_role`] with the public key of `key`.
+pub fn node_role_with_key(join_token: &str, name: &str, cores: u32, key: &rcgen::KeyPair) -> Role {
     Role::Node {
+        public_key: key.public_key_raw().to_vec(),
         token: join_token.into(),
         name: name.into(),
         resources: Resources {

@@ -222,7 +222,7 @@ async fn a_node_daemon_survives_a_coordinator_that_sends_garbage() {
         .unwrap()
         .expect("the daemon says Hello");
     let (tx, _rx, _writer) = handshake
-        .welcome::<CoordinatorToClient, ClientToCoordinator>("x", 1 << 20)
+        .welcome::<CoordinatorToClient, ClientToCoordinator>("x", None, 1 << 20)
         .await
         .unwrap();
     tx.send(CoordinatorToClient::JobFailed {

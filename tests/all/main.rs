@@ -7,4 +7,5 @@
 
 mod dependencies;
 mod hostile_peers;
+mod node_identity;
 mod protocol_peers;

@@ -1,0 +1,170 @@
+//! Node identity over real QUIC: a node enrolls once with the join token and
+//! then joins with its certificate alone (mutual TLS); only its current
+//! certificate is accepted; a revoked node is disconnected and refused,
+//! with its certificate or the token; certificates are renewed in the last
+//! third of their life and fail the handshake once expired; what a node
+//! offers beyond the per-node limit is not used.
+
+use std::time::Duration;
+
+use fleetmap_coordinator::{nodes::NodeCa, CoordinatorConfig, Credentials, NodeLimit};
+use fleetmap_net::{ClientIdentity, CloseCode, SessionError};
+use fleetmap_testkit::{
+    connect_client, node_key, node_role_with_key, start_coordinator, start_coordinator_with, CoordinatorAccess,
+    NodePeer,
+};
+use rcgen::KeyPair;
+
+fn identity(key: &KeyPair, cert: &str) -> ClientIdentity {
+    ClientIdentity {
+        cert_pem: cert.as_bytes().to_vec(),
+        key_pem: key.serialize_pem().into_bytes(),
+    }
+}
+
+/// Enrolls node `name` with the join token: its key and certificate.
+async fn enroll(access: &CoordinatorAccess, name: &str) -> (KeyPair, String) {
+    let key = node_key();
+    let peer = NodePeer::join(access, node_role_with_key(&access.join_token, name, 1, &key))
+        .await
+        .unwrap();
+    let cert = peer.node_certificate.clone().expect("a certificate on enrollment");
+    peer.leave("enrolled").await;
+    (key, cert)
+}
+
+/// Joins as `name` with its certificate and no token.
+async fn join_with_certificate(
+    access: &CoordinatorAccess,
+    name: &str,
+    key: &KeyPair,
+    cert: &str,
+) -> Result<NodePeer, SessionError> {
+    NodePeer::join_as(access, Some(&identity(key, cert)), node_role_with_key("", name, 1, key)).await
+}
+
+fn refused(result: Result<NodePeer, SessionError>) -> String {
+    match result {
+        Err(SessionError::Refused(reason)) => reason,
+        Err(other) => panic!("expected a refusal, got {other}"),
+        Ok(_) => panic!("expected a refusal, the node was welcomed"),
+    }
+}
+
+#[tokio::test]
+async fn a_node_enrolls_with_the_token_then_joins_with_its_certificate_alone() {
+    let (coordinator, access) = start_coordinator().await.unwrap();
+    let (key, cert) = enroll(&access, "n1").await;
+    let peer = join_with_certificate(&access, "n1", &key, &cert).await.unwrap();
+    assert!(peer.node_certificate.is_none(), "far from its end, no new certificate");
+    assert!(coordinator.wait_for_nodes(1, Duration::from_secs(10)).await);
+
+    // Neither a certificate nor the token.
+    let reason = refused(NodePeer::join(&access, node_role_with_key("", "n2", 1, &node_key())).await);
+    assert!(reason.contains("neither a certificate"), "{reason}");
+    // Its certificate under another name.
+    let reason = refused(join_with_certificate(&access, "n3", &key, &cert).await);
+    assert!(reason.contains("not its current one"), "{reason}");
+    // A certificate signed by another fleet's node CA fails TLS.
+    let other = Credentials::generate().unwrap();
+    let forged = NodeCa::new(&other, Duration::from_secs(3600))
+        .unwrap()
+        .certify("n1", key.public_key_raw())
+        .unwrap();
+    assert!(matches!(
+        join_with_certificate(&access, "n1", &key, &forged.pem).await,
+        Err(SessionError::Tls(_))
+    ));
+    peer.leave("done").await;
+    coordinator.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_revoked_node_is_disconnected_and_refused_with_its_certificate_or_the_token() {
+    let (coordinator, access) = start_coordinator().await.unwrap();
+    let (key, cert) = enroll(&access, "doomed").await;
+    let peer = join_with_certificate(&access, "doomed", &key, &cert).await.unwrap();
+    coordinator.node_registry().revoke("doomed").unwrap();
+    match tokio::time::timeout(Duration::from_secs(5), peer.conn.closed())
+        .await
+        .expect("the coordinator disconnects a revoked node within a second or so")
+    {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            assert_eq!(CloseCode::of(c.error_code), Some(CloseCode::Refused));
+            assert!(String::from_utf8_lossy(&c.reason).contains("revoked"));
+        }
+        other => panic!("unexpected close: {other}"),
+    }
+    let reason = refused(join_with_certificate(&access, "doomed", &key, &cert).await);
+    assert!(reason.contains("revoked"), "{reason}");
+    let with_token = NodePeer::join(
+        &access,
+        node_role_with_key(&access.join_token, "doomed", 1, &node_key()),
+    )
+    .await;
+    assert!(
+        refused(with_token).contains("join token"),
+        "the token cannot enroll it again"
+    );
+    assert_eq!(coordinator.node_count(), 0);
+    coordinator.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_certificate_is_renewed_in_the_last_third_of_its_life_and_refused_once_expired() {
+    let (coordinator, access) = start_coordinator_with(|config: &mut CoordinatorConfig| {
+        // Whole seconds on the wire: long enough that rounding never makes it
+        // expire before the renewal below.
+        config.node_cert_validity = Duration::from_secs(6);
+    })
+    .await
+    .unwrap();
+    let (key, cert) = enroll(&access, "short").await;
+    let peer = join_with_certificate(&access, "short", &key, &cert).await.unwrap();
+    assert!(peer.node_certificate.is_none(), "early in its life: kept");
+    peer.leave("again later").await;
+    tokio::time::sleep(Duration::from_millis(4300)).await;
+    let peer = join_with_certificate(&access, "short", &key, &cert).await.unwrap();
+    let renewed = peer.node_certificate.clone().expect("renewed in its last third");
+    peer.leave("renewed").await;
+    let reason = refused(join_with_certificate(&access, "short", &key, &cert).await);
+    assert!(
+        reason.contains("not its current one"),
+        "the old one is superseded: {reason}"
+    );
+    tokio::time::sleep(Duration::from_millis(7000)).await;
+    assert!(
+        matches!(
+            join_with_certificate(&access, "short", &key, &renewed).await,
+            Err(SessionError::Tls(_))
+        ),
+        "an expired certificate fails the TLS handshake"
+    );
+    coordinator.shutdown().await;
+}
+
+#[tokio::test]
+async fn what_a_node_offers_beyond_the_per_node_limit_is_not_used() {
+    let (coordinator, access) = start_coordinator_with(|config: &mut CoordinatorConfig| {
+        config.node_limit = NodeLimit {
+            cores: Some(4),
+            memory_bytes: Some(1 << 30),
+            gpus: None,
+        };
+    })
+    .await
+    .unwrap();
+    let peer = NodePeer::join(
+        &access,
+        node_role_with_key(&access.join_token, "big", 1000, &node_key()),
+    )
+    .await
+    .unwrap();
+    let client = connect_client(&access).await.unwrap();
+    let status = client.status().await.unwrap();
+    assert_eq!(status.nodes.len(), 1);
+    assert_eq!(status.nodes[0].resources.cores, 4);
+    assert_eq!(status.nodes[0].resources.memory_bytes, 1 << 30);
+    peer.leave("done").await;
+    coordinator.shutdown().await;
+}
