@@ -148,7 +148,10 @@ pub struct NodeEntry {
     pub expires: Option<u64>,
     /// When it was revoked, if it was.
     pub revoked: Option<u64>,
-    /// When it first enrolled.
+    /// When it was approved (`None`: waiting for `fleetmap nodes approve`,
+    /// on a coordinator that holds new nodes for approval).
+    pub approved: Option<u64>,
+    /// When it first asked to enroll.
     pub enrolled: u64,
 }
 
@@ -164,14 +167,15 @@ fn parse(path: &Path, text: &str) -> Result<Vec<NodeEntry>, NodeIdentityError> {
             reason,
         };
         let fields: Vec<&str> = line.split('\t').collect();
-        let [name, fingerprint, expires, revoked, enrolled] = fields[..] else {
-            return Err(malformed(format!("{} fields, 5 expected", fields.len())));
+        let [name, fingerprint, expires, revoked, approved, enrolled] = fields[..] else {
+            return Err(malformed(format!("{} fields, 6 expected", fields.len())));
         };
         entries.push(NodeEntry {
             name: name.into(),
             fingerprint: optional(fingerprint).map_err(malformed)?,
             expires: optional(expires).map_err(malformed)?,
             revoked: optional(revoked).map_err(malformed)?,
+            approved: optional(approved).map_err(malformed)?,
             enrolled: enrolled
                 .parse()
                 .map_err(|_| malformed(format!("bad time {enrolled:?}")))?,
@@ -182,15 +186,16 @@ fn parse(path: &Path, text: &str) -> Result<Vec<NodeEntry>, NodeIdentityError> {
 
 fn render(entries: &[NodeEntry]) -> String {
     let mut out = String::from(
-        "# fleetmap nodes: name, SHA-256 of its certificate, expires, revoked, enrolled (times in Unix seconds)\n",
+        "# fleetmap nodes: name, SHA-256 of its certificate, expires, revoked, approved, enrolled (times in Unix seconds)\n",
     );
     for e in entries {
         out += &format!(
-            "{}\t{}\t{}\t{}\t{}\n",
+            "{}\t{}\t{}\t{}\t{}\t{}\n",
             e.name,
             show(e.fingerprint.as_ref()),
             show(e.expires),
             show(e.revoked),
+            show(e.approved),
             e.enrolled
         );
     }
@@ -261,9 +266,41 @@ impl NodeRegistry {
                     fingerprint: Some(issued.fingerprint.clone()),
                     expires: Some(issued.expires),
                     revoked: None,
+                    approved: Some(now()),
                     enrolled: now(),
                 }),
             }
+            Ok(())
+        })
+    }
+
+    /// Records that node `name` asked to enroll and waits for approval.
+    pub fn request(&self, name: &str) -> Result<(), NodeIdentityError> {
+        self.edit(|entries| {
+            if !entries.iter().any(|e| e.name == name) {
+                entries.push(NodeEntry {
+                    name: name.into(),
+                    fingerprint: None,
+                    expires: None,
+                    revoked: None,
+                    approved: None,
+                    enrolled: now(),
+                });
+            }
+            Ok(())
+        })
+    }
+
+    /// Approves node `name`: it may enroll with the join token. A revoked
+    /// node approved again may enroll anew (with a new certificate).
+    pub fn approve(&self, name: &str) -> Result<(), NodeIdentityError> {
+        self.edit(|entries| {
+            let e = entries
+                .iter_mut()
+                .find(|e| e.name == name)
+                .ok_or_else(|| NodeIdentityError::Unknown(name.into()))?;
+            e.approved = Some(now());
+            e.revoked = None;
             Ok(())
         })
     }

@@ -83,6 +83,9 @@ pub struct CoordinatorConfig {
     pub node_cert_validity: Duration,
     /// The most a node may offer: what it advertises beyond is not used.
     pub node_limit: NodeLimit,
+    /// A node enrolling with the join token waits until the operator
+    /// approves it (`fleetmap nodes approve NAME`).
+    pub approve_nodes: bool,
     pub max_message: usize,
     pub limits: Limits,
 }
@@ -120,6 +123,7 @@ impl CoordinatorConfig {
             nodes: Arc::new(NodeRegistry::in_memory()),
             node_cert_validity: DEFAULT_NODE_CERT_VALIDITY,
             node_limit: NodeLimit::default(),
+            approve_nodes: false,
             credentials,
             max_message: DEFAULT_MAX_MESSAGE,
             limits: Limits::default(),
@@ -228,6 +232,7 @@ struct Shared {
     nodes: Arc<NodeRegistry>,
     node_ca: NodeCa,
     node_limit: NodeLimit,
+    approve_nodes: bool,
     max_message: usize,
     limits: Limits,
     doors: Mutex<Doors>,
@@ -409,6 +414,7 @@ pub async fn serve(config: CoordinatorConfig) -> Result<RunningCoordinator, NetE
         nodes: config.nodes,
         node_ca,
         node_limit: config.node_limit,
+        approve_nodes: config.approve_nodes,
         max_message: config.max_message,
         limits: config.limits,
         doors: Mutex::new(Doors::default()),
@@ -492,21 +498,36 @@ fn disconnect_revoked_nodes(shared: &Shared) {
     }
 }
 
+/// Why a node is not admitted.
+enum NotAdmitted {
+    Refused(String),
+    /// Waiting for the operator's approval.
+    Pending(String),
+}
+
+impl From<String> for NotAdmitted {
+    fn from(reason: String) -> Self {
+        NotAdmitted::Refused(reason)
+    }
+}
+
 /// What the coordinator makes of a node's credentials: the certificate to
-/// issue it (on enrollment or renewal), or why it is refused.
+/// issue it (on enrollment or renewal), or why it is not admitted.
 fn admit_node(
     shared: &Shared,
     conn: &quinn::Connection,
     name: &str,
     token: &str,
     public_key: &[u8],
-) -> Result<Option<Issued>, String> {
+) -> Result<Option<Issued>, NotAdmitted> {
     let registry_error = |e: NodeIdentityError| format!("the coordinator cannot read its node registry: {e}");
     let entry = shared.nodes.entry(name).map_err(registry_error)?;
     if entry.as_ref().is_some_and(|e| e.revoked.is_some()) {
         return Err(format!(
-            "node {name:?} was revoked (fleetmap nodes revoke); it may not join, with its certificate or the join token"
-        ));
+            "node {name:?} was revoked (fleetmap nodes revoke); it may not join, with its certificate or the join \
+             token, unless the operator approves it again (fleetmap nodes approve)"
+        )
+        .into());
     }
     let issue = || {
         let issued = shared.node_ca.certify(name, public_key).map_err(|e| e.to_string())?;
@@ -520,11 +541,11 @@ fn admit_node(
             let fingerprint = crate::nodes::fingerprint(&der);
             let current = entry.filter(|e| e.fingerprint.as_deref() == Some(fingerprint.as_str()));
             let Some(current) = current else {
-                return Err(format!(
+                return Err(NotAdmitted::Refused(format!(
                     "the certificate node {name:?} presented is not its current one (superseded, or issued \
                      for another node); remove the node's certificate (node.pem in its --state-dir) to \
                      enroll again with the join token"
-                ));
+                )));
             };
             let renew_after = current
                 .expires
@@ -536,10 +557,17 @@ fn admit_node(
                 Ok(None)
             }
         }
-        None if !secrets_match(token, &shared.credentials.join_token) => Err(format!(
+        None if !secrets_match(token, &shared.credentials.join_token) => Err(NotAdmitted::Refused(format!(
             "node {name:?} presented neither a certificate of this fleet nor the join token it accepts; \
              use the token from the coordinator's join-token file"
-        )),
+        ))),
+        None if shared.approve_nodes && entry.is_none_or(|e| e.approved.is_none()) => {
+            shared.nodes.request(name).map_err(registry_error)?;
+            Err(NotAdmitted::Pending(format!(
+                "node {name:?} waits for the operator's approval: run `fleetmap nodes approve {name}` on the \
+                 coordinator's machine; the node keeps trying"
+            )))
+        }
         None => issue(),
     }
 }
@@ -594,7 +622,13 @@ async fn serve_peer(
                     certificate = issued;
                     None
                 }
-                Err(reason) => Some(reason),
+                Err(NotAdmitted::Refused(reason)) => Some(reason),
+                Err(NotAdmitted::Pending(reason)) => {
+                    admission.authenticated();
+                    info!("{reason}");
+                    handshake.hold(&reason).await;
+                    return Err(SessionError::Pending(reason));
+                }
             },
             Role::Client { api_key } => {
                 principal = shared.caller(api_key);

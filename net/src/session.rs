@@ -29,6 +29,8 @@ pub enum CloseCode {
     Refused = 1,
     /// The peer broke the protocol (a malformed frame, a message out of turn).
     Protocol = 2,
+    /// Not admitted yet (a node waiting for approval): try again later.
+    Pending = 3,
 }
 
 impl CloseCode {
@@ -42,9 +44,14 @@ impl CloseCode {
 
     /// The code a peer closed with, if it is one of fleetmap's.
     pub fn of(code: quinn::VarInt) -> Option<CloseCode> {
-        [CloseCode::Done, CloseCode::Refused, CloseCode::Protocol]
-            .into_iter()
-            .find(|c| c.code() == code)
+        [
+            CloseCode::Done,
+            CloseCode::Refused,
+            CloseCode::Protocol,
+            CloseCode::Pending,
+        ]
+        .into_iter()
+        .find(|c| c.code() == code)
     }
 
     /// Closes `conn` with this code and `reason`, cut to a sane length.
@@ -67,6 +74,9 @@ pub enum SessionError {
     Tls(String),
     #[error("{0}")]
     Refused(String),
+    /// Not admitted yet; worth trying again later.
+    #[error("{0}")]
+    Pending(String),
     #[error("protocol error: {0}")]
     Protocol(String),
     #[error("no Hello within {0:?}")]
@@ -87,6 +97,7 @@ impl SessionError {
                 let reason = reason_text(&close.reason);
                 match CloseCode::of(close.error_code) {
                     Some(CloseCode::Refused) => SessionError::Refused(reason),
+                    Some(CloseCode::Pending) => SessionError::Pending(reason),
                     Some(CloseCode::Protocol) => {
                         SessionError::Protocol(format!("the peer closed the connection: {reason}"))
                     }
@@ -250,6 +261,7 @@ where
             node_certificate,
         })) => (coordinator_version, node_certificate),
         Ok(Some(HelloReply::Refused { reason })) => return Err(SessionError::Refused(reason)),
+        Ok(Some(HelloReply::Pending { reason })) => return Err(SessionError::Pending(reason)),
         Ok(None) => return Err(lost(&conn, "the coordinator ended the stream before answering".into())),
         Err(NetError::Decode(e)) => {
             let reason = format!("bad handshake from the coordinator: {e}");
@@ -319,9 +331,28 @@ pub async fn accept_hello(conn: &quinn::Connection, timeout: Duration) -> Result
 impl Handshake {
     /// Refuses the peer: the reason reaches it as a `Refused` answer and as
     /// the connection's close reason, whichever it reads first.
-    pub async fn refuse(mut self, reason: &str) {
+    pub async fn refuse(self, reason: &str) {
+        self.turn_away(
+            HelloReply::Refused { reason: reason.into() },
+            CloseCode::Refused,
+            reason,
+        )
+        .await
+    }
+
+    /// Does not admit the peer yet (a node waiting for approval): it should
+    /// try again later.
+    pub async fn hold(self, reason: &str) {
+        self.turn_away(
+            HelloReply::Pending { reason: reason.into() },
+            CloseCode::Pending,
+            reason,
+        )
+        .await
+    }
+
+    async fn turn_away(mut self, refused: HelloReply, code: CloseCode, reason: &str) {
         let mut frame = Vec::new();
-        let refused = HelloReply::Refused { reason: reason.into() };
         if encode_frame(&refused, HANDSHAKE_MAX_MESSAGE, &mut frame).is_ok() {
             // Let the answer reach the peer before the close overtakes it; a
             // peer that does not read gets only the close.
@@ -332,7 +363,7 @@ impl Handshake {
             };
             let _ = tokio::time::timeout(Duration::from_secs(1), send).await;
         }
-        CloseCode::Refused.close(&self.conn, reason);
+        code.close(&self.conn, reason);
     }
 
     /// Welcomes the peer and opens its session: messages of type `Up` to it,

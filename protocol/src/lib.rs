@@ -490,6 +490,11 @@ pub enum HelloReply {
     Refused {
         reason: String,
     },
+    /// Not refused, not admitted yet: a node waiting for the operator's
+    /// approval, which should try again later.
+    Pending {
+        reason: String,
+    },
 }
 
 /// What a client sends the coordinator after the handshake.

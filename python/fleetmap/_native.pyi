@@ -25,6 +25,7 @@ __all__ = [
     "keys_create",
     "keys_list",
     "keys_revoke",
+    "nodes_approve",
     "nodes_list",
     "nodes_revoke",
     "worker_main",
@@ -63,11 +64,14 @@ def start_coordinator(
     max_node_cores: Optional[int] = None,
     max_node_memory_bytes: Optional[int] = None,
     max_node_gpus: Optional[int] = None,
+    approve_nodes: bool = False,
 ) -> CoordinatorHandle:
     """Starts a coordinator serving QUIC on ``listen``, with its CA, join token,
     API keys and node registry loaded from (or created in) ``state_dir``.
     Node certificates are valid ``node_cert_days``; a node may offer at most
-    the ``max_node_*`` given (what it advertises beyond is not used).
+    the ``max_node_*`` given (what it advertises beyond is not used); with
+    ``approve_nodes`` a node enrolling with the join token waits until
+    :func:`nodes_approve` approves it.
 
     Raises :class:`fleetmap.ConfigurationError` when the address is bad, the
     credentials cannot be read or written, or the address is taken."""
@@ -147,6 +151,12 @@ class NodeInfo(TypedDict):
     enrolled: int
     expires: Optional[int]
     revoked: Optional[int]
+    #: ``None`` while the node waits for approval.
+    approved: Optional[int]
+
+def nodes_approve(state_dir: Union[str, "os.PathLike[str]"], name: str) -> None:
+    """Approves node ``name``, waiting to enroll or revoked: it may enroll
+    with the join token (at its next try, within seconds)."""
 
 def nodes_list(state_dir: Union[str, "os.PathLike[str]"]) -> list[NodeInfo]:
     """Every node the coordinator in ``state_dir`` enrolled, revoked ones included."""

@@ -50,6 +50,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         args.max_node_cores,
         int(args.max_node_memory_gib * (1 << 30)) if args.max_node_memory_gib else None,
         args.max_node_gpus,
+        args.approve_nodes,
     )
     print(f"fleetmap coordinator listening on {handle.addr} (QUIC, TLS 1.3)")
     print(f"  CA certificate: {handle.ca_path}")
@@ -318,13 +319,21 @@ def cmd_nodes(args: argparse.Namespace) -> int:
         _native.nodes_revoke(state, args.name)
         print(f"revoked node {args.name}: the coordinator disconnects it and refuses it from now on")
         return 0
+    if args.action == "approve":
+        _native.nodes_approve(state, args.name)
+        print(f"approved node {args.name}: it enrolls at its next try")
+        return 0
 
     def when(t: Optional[int]) -> str:
         return "-" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t))
 
-    print(f"{'node':<24} {'enrolled (UTC)':<20} {'certificate expires':<20} {'revoked (UTC)':<20}")
+    print(f"{'node':<24} {'state':<9} {'enrolled (UTC)':<20} {'certificate expires':<20} {'revoked (UTC)':<20}")
     for n in _native.nodes_list(state):
-        print(f"{n['name']:<24} {when(n['enrolled']):<20} {when(n['expires']):<20} {when(n['revoked']):<20}")
+        state_name = "revoked" if n["revoked"] else "pending" if n["approved"] is None else "active"
+        print(
+            f"{n['name']:<24} {state_name:<9} {when(n['enrolled']):<20} {when(n['expires']):<20} "
+            f"{when(n['revoked']):<20}"
+        )
     return 0
 
 
@@ -367,6 +376,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--max-node-cores", type=int, help="the most cores one node may offer (more are not used)")
     p.add_argument("--max-node-memory-gib", type=float, help="the most memory one node may offer, in GiB")
     p.add_argument("--max-node-gpus", type=int, help="the most GPUs one node may offer")
+    p.add_argument(
+        "--approve-nodes",
+        action="store_true",
+        help="hold each new node until `fleetmap nodes approve NAME` (it keeps trying meanwhile)",
+    )
     p.set_defaults(run=cmd_coordinator)
 
     # No abbreviations: `--token SECRET` must not pass for `--token-file`.
@@ -475,9 +489,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     for action, help_text in [
         ("list", "list the nodes, their certificates and revocations"),
         ("revoke", "revoke NAME: disconnected at once, refused from now on (certificate and join token)"),
+        ("approve", "let NAME enroll (waiting under --approve-nodes, or revoked before)"),
     ]:
         n = nodes.add_parser(action, help=help_text)
-        if action == "revoke":
+        if action != "list":
             n.add_argument("name", help="the node's name")
         n.add_argument(
             "--state-dir",

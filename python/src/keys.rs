@@ -72,9 +72,20 @@ pub(crate) fn nodes_list(py: Python<'_>, state_dir: std::path::PathBuf) -> PyRes
             d.set_item("enrolled", e.enrolled)?;
             d.set_item("expires", e.expires)?;
             d.set_item("revoked", e.revoked)?;
+            d.set_item("approved", e.approved)?;
             Ok(d)
         })
         .collect()
+}
+
+/// Approves node `name` (waiting to enroll, or revoked): it may enroll
+/// with the join token.
+#[pyfunction]
+pub(crate) fn nodes_approve(state_dir: std::path::PathBuf, name: &str) -> PyResult<()> {
+    store(&state_dir)?;
+    NodeRegistry::open(&state_dir)
+        .approve(name)
+        .map_err(configuration_error)
 }
 
 /// Revokes node `name`: its certificate and its name are refused, and a

@@ -32,7 +32,7 @@ mod _native {
     #[pymodule_export]
     use crate::client::{connect, Connection, PyJob};
     #[pymodule_export]
-    use crate::keys::{keys_create, keys_list, keys_revoke, nodes_list, nodes_revoke};
+    use crate::keys::{keys_create, keys_list, keys_revoke, nodes_approve, nodes_list, nodes_revoke};
     #[pymodule_export]
     use crate::process::init_logging;
     #[pymodule_export]

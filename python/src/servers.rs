@@ -115,9 +115,11 @@ impl CoordinatorHandle {
 
 /// Starts a coordinator on `listen`, keeping its credentials, keys and
 /// node registry in `state_dir`; node certificates are valid
-/// `node_cert_days`, and a node may offer at most the `max_node_*` given.
+/// `node_cert_days`, a node may offer at most the `max_node_*` given, and
+/// with `approve_nodes` a new node waits for `fleetmap nodes approve`.
 #[pyfunction]
-#[pyo3(signature = (listen, state_dir, node_cert_days=30.0, max_node_cores=None, max_node_memory_bytes=None, max_node_gpus=None))]
+#[pyo3(signature = (listen, state_dir, node_cert_days=30.0, max_node_cores=None, max_node_memory_bytes=None, max_node_gpus=None, approve_nodes=false))]
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn start_coordinator(
     py: Python<'_>,
     listen: &str,
@@ -126,6 +128,7 @@ pub(crate) fn start_coordinator(
     max_node_cores: Option<u32>,
     max_node_memory_bytes: Option<u64>,
     max_node_gpus: Option<u32>,
+    approve_nodes: bool,
 ) -> PyResult<CoordinatorHandle> {
     let listen = parse_addr(listen)?;
     if !(node_cert_days > 0.0 && node_cert_days <= 3650.0) {
@@ -145,6 +148,7 @@ pub(crate) fn start_coordinator(
         memory_bytes: max_node_memory_bytes,
         gpus: max_node_gpus,
     };
+    config.approve_nodes = approve_nodes;
     let running = py
         .detach(|| runtime().block_on(async { fleetmap_coordinator::serve(config).await }))
         .map_err(|e| configuration_error(format!("cannot listen on {listen}: {e}")))?;

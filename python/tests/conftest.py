@@ -149,7 +149,13 @@ class Processes:
     def describe(self) -> str:
         return "\n".join(p.describe() for p in self.procs)
 
-    def start_coordinator(self, listen: str = "127.0.0.1:0", name: str = "coordinator", env: Optional[Dict[str, str]] = None) -> Coordinator:
+    def start_coordinator(
+        self,
+        listen: str = "127.0.0.1:0",
+        name: str = "coordinator",
+        env: Optional[Dict[str, str]] = None,
+        extra: Optional[List[str]] = None,
+    ) -> Coordinator:
         """Starts ``fleetmap coordinator`` and waits for its listening line."""
         host, port = listen.rsplit(":", 1)
         if port == "0":
@@ -158,7 +164,7 @@ class Processes:
         state.mkdir(exist_ok=True)
         proc = self.start(
             name,
-            fleetmap_command() + ["coordinator", "--listen", f"{host}:{port}", "--state-dir", str(state)],
+            fleetmap_command() + ["coordinator", "--listen", f"{host}:{port}", "--state-dir", str(state)] + (extra or []),
             env=env,
         )
         wait_for(

@@ -299,3 +299,24 @@ def check_job_on(coordinator, node: str) -> None:
     r = run_client(JOB.format(n=20), env=coordinator.client_env())
     assert r["returncode"] == 0, r["stderr"]
     assert {o[1] for o in r["result"]} == {node}
+
+
+def test_a_new_node_waits_for_approval_then_joins(processes):
+    coordinator = processes.start_coordinator("127.0.0.1:0", extra=["--approve-nodes"])
+    node = processes.start_node(coordinator, "newcomer", cores=1, wait=False)
+    wait_for(
+        lambda: "waits for the operator's approval" in coordinator.proc.stderr() or not node.alive(),
+        30,
+        "the node to ask for approval",
+        node.describe,
+    )
+    assert node.alive() and not coordinator.joined("newcomer"), node.describe()
+    nodes = fleetmap_command() + ["nodes"]
+    state = ["--state-dir", str(coordinator.state_dir)]
+    listed = subprocess.run(nodes + ["list"] + state, capture_output=True, text=True, timeout=60)
+    assert any(l.split()[:2] == ["newcomer", "pending"] for l in listed.stdout.splitlines()), listed.stdout
+    approved = subprocess.run(nodes + ["approve", "newcomer"] + state, capture_output=True, text=True, timeout=60)
+    assert approved.returncode == 0, approved.stderr
+    # The daemon kept trying; it joins without being restarted.
+    wait_for(lambda: coordinator.joined("newcomer"), 30, "the approved node to join", node.describe)
+    check_job_on(coordinator, "newcomer")

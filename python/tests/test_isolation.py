@@ -579,8 +579,9 @@ UNPRIVILEGED_PROBE = """
 import os
 from fleetmap import remote_parallel_map
 
-def probe(x):
+def probe(secrets):
     import os
+    import stat
     status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
     attempts = {}
     def attempt(name, path):
@@ -598,15 +599,48 @@ def probe(x):
         if controllers in ("memory", ""):
             base = "/sys/fs/cgroup/memory" if controllers == "memory" else "/sys/fs/cgroup"
             attempt("cgroup", base + path + "/cgroup.procs")
+            # And the root of the hierarchy: outside every slot.
+            attempt("root cgroup", base + "/cgroup.procs")
             break
+    # The daemon that started it.
+    try:
+        os.kill(os.getppid(), 0)
+        attempts["signal daemon"] = "allowed"
+    except OSError as e:
+        attempts["signal daemon"] = type(e).__name__
+    # Every block device of the machine.
+    blocks = {}
+    for name in os.listdir("/dev"):
+        path = "/dev/" + name
+        try:
+            if stat.S_ISBLK(os.stat(path).st_mode):
+                with open(path, "rb"):
+                    blocks[name] = "opened"
+        except OSError as e:
+            blocks[name] = type(e).__name__
+    # The fleet's secrets, wherever a call could read them.
+    leaks = [k for k, v in os.environ.items() if any(s in v for s in secrets)]
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        for what in ("cmdline", "environ"):
+            try:
+                with open(f"/proc/{pid}/{what}", "rb") as f:
+                    text = f.read().decode(errors="replace")
+            except OSError:
+                continue
+            leaks += [f"/proc/{pid}/{what}" for s in secrets if s in text]
     return {
         "uid": os.getuid(),
         "caps": {k: status[k].strip() for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")},
         "no_new_privs": status["NoNewPrivs"].strip(),
         "attempts": attempts,
+        "blocks": blocks,
+        "leaks": leaks,
     }
 
-RESULT = remote_parallel_map(probe, [1], packages=[], verbose=False)[0]
+SECRETS = [open(p).read().strip() for p in os.environ["PROBE_SECRET_FILES"].split(":")]
+RESULT = remote_parallel_map(probe, [SECRETS], packages=[], verbose=False)[0]
 """
 
 
@@ -648,7 +682,11 @@ def _run_unprivileged_probe(processes, cache: Path, system_python: Path, path: s
         root_calls=False,
         extra=["--python", str(system_python), "--cache-dir", str(cache)],
     )
-    env = dict(coordinator.client_env(), PYTHONPATH=path)
+    env = dict(
+        coordinator.client_env(),
+        PYTHONPATH=path,
+        PROBE_SECRET_FILES=f"{coordinator.token_path}:{coordinator.state_dir / 'api-key'}",
+    )
     # packages=[]: an environment of nothing but the node's interpreter and
     # fleetmap's runtime, built (as the unprivileged user) on the node.
     r = run_client(UNPRIVILEGED_PROBE, env=env, python=str(system_python))
@@ -659,6 +697,11 @@ def _run_unprivileged_probe(processes, cache: Path, system_python: Path, path: s
     assert result["no_new_privs"] == "1"
     assert result["attempts"]["etc"] == "PermissionError", result
     assert result["attempts"].get("cgroup") == "PermissionError", result
+    assert result["attempts"].get("root cgroup") == "PermissionError", result
+    assert result["attempts"]["signal daemon"] == "PermissionError", result
+    assert result["blocks"], "this machine has block devices to try"
+    assert set(result["blocks"].values()) == {"PermissionError"}, result["blocks"]
+    assert result["leaks"] == [], "the join token and API key appear nowhere a call can read"
     assert not Path("/etc/fleetmap-written-by-a-call").exists()
     status = subprocess.run(
         fleetmap_command() + ["status"], env=coordinator.client_env(), capture_output=True, text=True, timeout=60

@@ -168,3 +168,32 @@ async fn what_a_node_offers_beyond_the_per_node_limit_is_not_used() {
     peer.leave("done").await;
     coordinator.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_new_node_waits_for_approval_and_keeps_trying_until_approved() {
+    let (coordinator, access) = start_coordinator_with(|config: &mut CoordinatorConfig| {
+        config.approve_nodes = true;
+    })
+    .await
+    .unwrap();
+    let key = node_key();
+    let role = || node_role_with_key(&access.join_token, "newcomer", 1, &key);
+    match NodePeer::join(&access, role()).await {
+        Err(SessionError::Pending(reason)) => {
+            assert!(reason.contains("fleetmap nodes approve newcomer"), "{reason}")
+        }
+        Err(other) => panic!("expected to wait for approval, got {other}"),
+        Ok(_) => panic!("admitted before approval"),
+    }
+    let entry = coordinator.node_registry().entry("newcomer").unwrap().unwrap();
+    assert_eq!(
+        (entry.approved, entry.fingerprint),
+        (None, None),
+        "listed as pending, no certificate"
+    );
+    coordinator.node_registry().approve("newcomer").unwrap();
+    let peer = NodePeer::join(&access, role()).await.unwrap();
+    assert!(peer.node_certificate.is_some(), "approved: enrolled");
+    peer.leave("done").await;
+    coordinator.shutdown().await;
+}
