@@ -19,6 +19,7 @@ mod images;
 pub mod inventory;
 mod pool;
 mod slot;
+pub mod uids;
 
 pub use environments::EnvironmentConfig;
 pub use images::ImageConfig;
@@ -60,6 +61,10 @@ pub struct NodeConfig {
     pub pids_per_slot: u64,
     /// Run workers as this `(uid, gid)`; `None`: as the daemon's user.
     pub run_as: Option<(u32, u32)>,
+    /// A uid of its own for every worker (`--slot-uids`), instead of
+    /// `run_as`'s one user for all; environments are still built as
+    /// `run_as`.
+    pub slot_uids: Option<Arc<uids::SlotUids>>,
     /// Give each worker an empty /tmp of its own (where slots are pinned,
     /// which needs root anyway).
     pub private_tmp: bool,
@@ -124,6 +129,7 @@ impl NodeConfig {
             },
             pids_per_slot: 4096,
             run_as: None,
+            slot_uids: None,
             private_tmp: true,
             warm: WarmPolicy::default(),
             environments: EnvironmentConfig::new(EnvironmentConfig::default_cache_dir()),
@@ -311,10 +317,17 @@ pub async fn run_until(
         _ => (None, "NOT pinned (CPU affinity only): cgroups turned off".to_string()),
     };
     // Whose calls these are, as `fleetmap status` shows it.
-    let isolation = match config.run_as {
-        Some((uid, gid)) => format!("{isolation}; calls as uid {uid}:{gid}, no capabilities"),
-        None if nix::unistd::geteuid().is_root() => format!("{isolation}; calls as ROOT (--allow-root-calls)"),
-        None => format!("{isolation}; calls as the daemon's user"),
+    let isolation = match (&config.slot_uids, config.run_as) {
+        (Some(uids), _) => format!(
+            "{isolation}; calls as a uid of their own each ({}-{}), no capabilities",
+            uids.range().start(),
+            uids.range().end()
+        ),
+        (None, run_as) => match run_as {
+            Some((uid, gid)) => format!("{isolation}; calls as uid {uid}:{gid}, no capabilities"),
+            None if nix::unistd::geteuid().is_root() => format!("{isolation}; calls as ROOT (--allow-root-calls)"),
+            None => format!("{isolation}; calls as the daemon's user"),
+        },
     };
     let mut cpus = match &cgroups {
         Some(tree) => tree.cpus().unwrap_or_else(|_| allowed_cpus()),

@@ -531,6 +531,8 @@ pub(crate) struct WorkerProcess {
     cgroup: Option<SlotCgroup>,
     /// Its job's environment stays on the node while the worker lives.
     lease: Option<Lease>,
+    /// Its own uid (`--slot-uids`), held until it is gone (dropped last).
+    _uid: Option<crate::uids::UidLease>,
 }
 
 impl Drop for WorkerProcess {
@@ -682,6 +684,21 @@ impl WorkerProcess {
                 .procs_files()
                 .map_err(|e| format!("could not enter its cgroup on node {node}: {e}"))?;
         }
+        let uid = match &config.slot_uids {
+            Some(pool) => {
+                let lease = pool.take().ok_or_else(|| {
+                    format!(
+                        "no uid left for another worker on node {node}: every uid of its --slot-uids range ({}-{}) \
+                         is taken; give it a larger range",
+                        pool.range().start(),
+                        pool.range().end()
+                    )
+                })?;
+                cmd.run_as = Some((lease.uid, lease.uid));
+                Some(lease)
+            }
+            None => None,
+        };
         let mut process = spawn_worker(&cmd).map_err(|e| format!("on node {node}: {e}"))?;
         // spawn_worker fills all three; take each once.
         let stdout = LineForwarder::new(
@@ -705,6 +722,7 @@ impl WorkerProcess {
             process,
             cgroup,
             lease: None,
+            _uid: uid,
         };
         Ok(worker)
     }

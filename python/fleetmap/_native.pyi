@@ -95,12 +95,14 @@ def start_node(
     pass_env: Sequence[str] = (),
     allow_unisolated: bool = False,
     identity_dir: Union[str, "os.PathLike[str]", None] = None,
+    slot_uids: Optional[str] = None,
 ) -> NodeHandle:
     """Starts a node daemon in this process that joins ``coordinator``
     (``host:port``) with the join ``token``, trusting the CA in ``ca_pem``.
     The node keeps its key and certificate in ``identity_dir`` (in memory
     if ``None``): once enrolled it joins with its certificate, and
-    ``token`` may be empty.
+    ``token`` may be empty. With ``slot_uids`` (``"FIRST-LAST"``, as root)
+    every worker runs as a uid of its own from that range.
 
     ``None`` leaves a setting at its default: the host name, every core, all
     memory, the caller's interpreter for jobs, the NVIDIA driver's GPUs

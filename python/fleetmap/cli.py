@@ -92,6 +92,9 @@ def cmd_node(args: argparse.Namespace) -> int:
     except LookupError as exc:
         print(f"fleetmap node: {exc}", file=sys.stderr)
         return 2
+    if args.slot_uids and (os.geteuid() != 0 or args.allow_root_calls):
+        print("fleetmap node: --slot-uids needs a daemon running as root, and not --allow-root-calls", file=sys.stderr)
+        return 2
 
     pythons = args.python or [sys.executable]
     try:
@@ -133,6 +136,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         args.pass_env or [],
         args.allow_unisolated,
         identity,
+        args.slot_uids,
     )
     print(f"fleetmap node {node.name} joining {args.coordinator}")
     sys.stdout.flush()
@@ -458,6 +462,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         action="store_true",
         help="let a daemon running as root run calls as root, with every capability (default: an unprivileged "
         "user with none)",
+    )
+    p.add_argument(
+        "--slot-uids",
+        metavar="FIRST-LAST",
+        help="run each worker as a uid of its own from this unused range (e.g. 2000000-2065535), so that calls of "
+        "different slots and tenants cannot signal or read each other (environments are still built as --run-as)",
     )
     p.add_argument(
         "--pass-env",

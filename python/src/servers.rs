@@ -205,7 +205,7 @@ impl NodeHandle {
 
 /// Starts a node daemon that joins `coordinator`.
 #[pyfunction]
-#[pyo3(signature = (coordinator, token, ca_pem, name=None, cores=None, memory_bytes=None, python=None, gpus=None, cgroups=true, cgroup_subtree=None, cgroup_mount=None, pids_per_slot=None, run_as=None, private_tmp=true, environments=None, pass_env=Vec::new(), allow_unisolated=false, identity_dir=None))]
+#[pyo3(signature = (coordinator, token, ca_pem, name=None, cores=None, memory_bytes=None, python=None, gpus=None, cgroups=true, cgroup_subtree=None, cgroup_mount=None, pids_per_slot=None, run_as=None, private_tmp=true, environments=None, pass_env=Vec::new(), allow_unisolated=false, identity_dir=None, slot_uids=None))]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn start_node(
     coordinator: String,
@@ -226,9 +226,13 @@ pub(crate) fn start_node(
     pass_env: Vec<String>,
     allow_unisolated: bool,
     identity_dir: Option<PathBuf>,
+    slot_uids: Option<String>,
 ) -> PyResult<NodeHandle> {
     let mut config = NodeConfig::new(coordinator, ca_pem, token);
     config.identity_dir = identity_dir;
+    if let Some(range) = slot_uids {
+        config.slot_uids = Some(fleetmap_node_daemon::uids::SlotUids::parse(&range).map_err(configuration_error)?);
+    }
     if let Some(name) = name {
         config.name = name;
     }

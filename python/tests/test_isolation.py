@@ -717,3 +717,72 @@ def _user(name: str):
         return pwd.getpwnam(name)
     except KeyError:
         return None
+
+
+SLOT_UIDS_PROBE = """
+import os
+from fleetmap import remote_parallel_map
+
+def probe(x):
+    import os, time
+    first, last = map(int, os.environ["PROBE_RANGE"].split("-"))
+    time.sleep(1.5)  # both calls alive at once
+    others, results = [], {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            uid = os.stat(f"/proc/{pid}").st_uid
+        except OSError:
+            continue
+        if first <= uid <= last and uid != os.getuid():
+            others.append(uid)
+            try:
+                os.kill(int(pid), 0)
+                results[pid] = "allowed"
+            except OSError as e:
+                results[pid] = type(e).__name__
+    return os.getuid(), sorted(set(others)), sorted(set(results.values()))
+
+RESULT = remote_parallel_map(probe, [0, 1], packages=[], verbose=False)
+"""
+
+
+def test_with_slot_uids_each_worker_runs_as_a_uid_of_its_own_that_others_cannot_signal(processes, tmp_path):
+    require_cgroups()
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    system_python = Path(f"/usr/bin/python{version}")
+    if not system_python.exists():
+        need_privileges(f"no system Python {version} that any user can run")
+    import cloudpickle
+    import tempfile
+
+    path = f"{Path(fleetmap.__file__).parent.parent}:{Path(cloudpickle.__file__).parent.parent}"
+    cache = Path(tempfile.mkdtemp(prefix="fleetmap-slot-uids-", dir="/tmp"))
+    cache.chmod(0o755)
+    uids = "3100000-3100099"
+    try:
+        coordinator = processes.start_coordinator()
+        node = processes.start_node(
+            coordinator,
+            "slot-uids",
+            cores=2,
+            root_calls=False,
+            extra=["--python", str(system_python), "--cache-dir", str(cache), "--slot-uids", uids,
+                   "--pass-env", "PROBE_RANGE"],
+            env=dict(os.environ, PROBE_RANGE=uids),
+        )
+        r = run_client(SLOT_UIDS_PROBE, env=dict(coordinator.client_env(), PYTHONPATH=path, PROBE_RANGE=uids),
+                       python=str(system_python))
+        assert r["returncode"] == 0, r["stderr"] + node.describe()
+        (uid_a, others_a, kills_a), (uid_b, others_b, kills_b) = r["result"]
+        assert uid_a != uid_b and all(3100000 <= u <= 3100099 for u in (uid_a, uid_b)), r["result"]
+        assert uid_b in others_a and uid_a in others_b, "each saw the other's worker"
+        assert kills_a == kills_b == ["PermissionError"], "and could not signal it"
+        status = subprocess.run(
+            fleetmap_command() + ["status"], env=coordinator.client_env(), capture_output=True, text=True, timeout=60
+        )
+        assert "calls as a uid of their own each (3100000-3100099)" in status.stdout, status.stdout
+    finally:
+        processes.stop_all()
+        shutil.rmtree(cache, ignore_errors=True)
