@@ -725,24 +725,26 @@ from fleetmap import remote_parallel_map
 
 def probe(x):
     import os, time
-    first, last = map(int, os.environ["PROBE_RANGE"].split("-"))
+    # Each call leaves its pid where the other can read it (/tmp and
+    # /dev/shm are the call's own), then tries to signal the other.
+    board = os.environ["PROBE_BOARD"]
+    with open(f"{board}/{os.getuid()}", "w") as f:
+        f.write(str(os.getpid()))
     time.sleep(1.5)  # both calls alive at once
-    others, results = [], {}
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
+    others, kills, visible = [], [], []
+    for name in os.listdir(board):
+        if int(name) == os.getuid():
             continue
+        pid = int(open(f"{board}/{name}").read())
+        others.append(int(name))
+        visible.append(os.path.exists(f"/proc/{pid}"))
         try:
-            uid = os.stat(f"/proc/{pid}").st_uid
-        except OSError:
-            continue
-        if first <= uid <= last and uid != os.getuid():
-            others.append(uid)
-            try:
-                os.kill(int(pid), 0)
-                results[pid] = "allowed"
-            except OSError as e:
-                results[pid] = type(e).__name__
-    return os.getuid(), sorted(set(others)), sorted(set(results.values()))
+            os.kill(pid, 0)
+            kills.append("allowed")
+        except OSError as e:
+            kills.append(type(e).__name__)
+    daemon_visible = os.path.exists(f"/proc/{os.getppid()}")
+    return os.getuid(), others, kills, visible, daemon_visible, os.listdir("/dev/shm")
 
 RESULT = remote_parallel_map(probe, [0, 1], packages=[], verbose=False)
 """
@@ -758,8 +760,12 @@ def test_with_slot_uids_each_worker_runs_as_a_uid_of_its_own_that_others_cannot_
     import tempfile
 
     path = f"{Path(fleetmap.__file__).parent.parent}:{Path(cloudpickle.__file__).parent.parent}"
-    cache = Path(tempfile.mkdtemp(prefix="fleetmap-slot-uids-", dir="/tmp"))
+    # Outside /tmp: a job whose interpreter lives under /tmp keeps the host's.
+    cache = Path(tempfile.mkdtemp(prefix="fleetmap-slot-uids-", dir="/var/tmp"))
     cache.chmod(0o755)
+    board = Path(tempfile.mkdtemp(prefix="fleetmap-slot-uids-", dir="/var/tmp"))
+    board.chmod(0o1777)
+    (Path("/dev/shm") / "fleetmap-host-only").write_text("x")
     uids = "3100000-3100099"
     try:
         coordinator = processes.start_coordinator()
@@ -769,16 +775,21 @@ def test_with_slot_uids_each_worker_runs_as_a_uid_of_its_own_that_others_cannot_
             cores=2,
             root_calls=False,
             extra=["--python", str(system_python), "--cache-dir", str(cache), "--slot-uids", uids,
-                   "--pass-env", "PROBE_RANGE"],
-            env=dict(os.environ, PROBE_RANGE=uids),
+                   "--pass-env", "PROBE_BOARD"],
+            env=dict(os.environ, PROBE_BOARD=str(board)),
         )
-        r = run_client(SLOT_UIDS_PROBE, env=dict(coordinator.client_env(), PYTHONPATH=path, PROBE_RANGE=uids),
+        r = run_client(SLOT_UIDS_PROBE, env=dict(coordinator.client_env(), PYTHONPATH=path),
                        python=str(system_python))
         assert r["returncode"] == 0, r["stderr"] + node.describe()
-        (uid_a, others_a, kills_a), (uid_b, others_b, kills_b) = r["result"]
+        (uid_a, others_a, kills_a, seen_a, daemon_a, shm_a), (uid_b, others_b, kills_b, seen_b, daemon_b, shm_b) = r[
+            "result"
+        ]
         assert uid_a != uid_b and all(3100000 <= u <= 3100099 for u in (uid_a, uid_b)), r["result"]
-        assert uid_b in others_a and uid_a in others_b, "each saw the other's worker"
-        assert kills_a == kills_b == ["PermissionError"], "and could not signal it"
+        assert others_a == [uid_b] and others_b == [uid_a], r["result"]
+        assert kills_a == kills_b == ["PermissionError"], "neither can signal the other"
+        assert seen_a == seen_b == [False], "nor see it in /proc"
+        assert not daemon_a and not daemon_b, "nor the daemon"
+        assert "fleetmap-host-only" not in shm_a + shm_b, "/dev/shm is the call's own"
         status = subprocess.run(
             fleetmap_command() + ["status"], env=coordinator.client_env(), capture_output=True, text=True, timeout=60
         )
@@ -786,3 +797,5 @@ def test_with_slot_uids_each_worker_runs_as_a_uid_of_its_own_that_others_cannot_
     finally:
         processes.stop_all()
         shutil.rmtree(cache, ignore_errors=True)
+        shutil.rmtree(board, ignore_errors=True)
+        (Path("/dev/shm") / "fleetmap-host-only").unlink(missing_ok=True)

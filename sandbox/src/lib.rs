@@ -95,8 +95,10 @@ pub struct WorkerCommand {
     /// Run as this `(uid, gid)` rather than the daemon's user (no
     /// supplementary groups). The cgroup is joined first, as the daemon.
     pub run_as: Option<(u32, u32)>,
-    /// Give the worker its own mount namespace with an empty tmpfs on
-    /// `/tmp`, so calls of different jobs never see each other's files.
+    /// Give the worker its own mount namespace with empty tmpfs on `/tmp`
+    /// and `/dev/shm`, so calls of different jobs never see each other's
+    /// files; a worker that runs as another user (`run_as`) also gets a
+    /// `/proc` showing only its user's processes (`hidepid=2`).
     pub private_tmp: bool,
     /// Run in this image's file system, made the worker's `/` in a mount
     /// namespace of its own (with a private `/tmp` whatever `private_tmp`
@@ -283,6 +285,27 @@ impl ChildSetup {
                 MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
                 Some(c"mode=1777"),
             )?;
+            // POSIX shared memory too: nothing a call leaves there reaches
+            // another.
+            mount(
+                Some(c"tmpfs"),
+                c"/dev/shm",
+                Some(c"tmpfs"),
+                MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+                Some(c"mode=1777"),
+            )?;
+            if self.run_as.is_some() {
+                // A /proc of its own that shows only the processes of the
+                // call's own user: not the daemon's, not another slot's
+                // (with per-slot uids), nor their command lines.
+                mount(
+                    Some(c"proc"),
+                    c"/proc",
+                    Some(c"proc"),
+                    MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+                    Some(c"hidepid=2"),
+                )?;
+            }
         }
         if let Some((uid, gid)) = self.run_as {
             // Every capability out of the bounding and ambient sets while
