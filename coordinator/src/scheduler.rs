@@ -395,7 +395,7 @@ impl Scheduler {
                 owner,
                 CoordinatorToClient::JobFailed {
                     job,
-                    kind: FailureKind::Job,
+                    kind: FailureKind::Cancelled,
                     reason,
                 },
             );

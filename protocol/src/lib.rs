@@ -231,6 +231,9 @@ pub enum FailureKind {
     Environment,
     /// A node could not pull, unpack or use the job's image.
     Image,
+    /// Another client of the job's principal cancelled it
+    /// (`fleetmap jobs cancel`).
+    Cancelled,
 }
 
 /// A job as the client submits it.

@@ -50,6 +50,11 @@ class JobFailed(FleetmapError):
     """The job stopped without an exception from the function: a worker died, a node was lost."""
 
 
+class JobCancelled(JobFailed):
+    """Someone else stopped the job: another process of the same principal
+    (``fleetmap jobs cancel ID``). The message says who."""
+
+
 class EnvironmentSetupError(FleetmapError):
     """A node could not prepare the job's environment (``packages=`` or the
     caller's replicated one): a requirement that cannot be resolved or

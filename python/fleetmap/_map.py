@@ -18,7 +18,7 @@ import warnings
 from typing import Any, Callable, ContextManager, Dict, Generator, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from . import _environment, _fleet, _native, _sources
-from ._errors import CoordinatorUnreachable, EnvironmentSetupError, ImageError, InputError, JobFailed
+from ._errors import CoordinatorUnreachable, EnvironmentSetupError, ImageError, InputError, JobCancelled, JobFailed
 from ._inspect import describe_size, describe_unpicklable
 from ._progress import Progress
 
@@ -578,6 +578,8 @@ def _run(
                     )
                 return
             elif kind == "failed":
-                error = {"environment": EnvironmentSetupError, "image": ImageError}.get(event[2], JobFailed)
+                error = {"environment": EnvironmentSetupError, "image": ImageError, "cancelled": JobCancelled}.get(
+                    event[2], JobFailed
+                )
                 raise error(event[1])
         progress.tick()

@@ -305,6 +305,11 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         print(f"cancelled job {args.job}")
         return 0
     jobs = connection.jobs()
+    if args.json:
+        import json
+
+        print(json.dumps(jobs))
+        return 0
     print(f"{len(jobs)} running job(s) of yours at {coordinator}")
     if jobs:
         print(f"{'job':>6} {'principal':<16} {'slots':>6} {'nodes':>6} {'inputs done':>20}  per call")
@@ -491,6 +496,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = sub.add_parser("jobs", help="list your running jobs, or cancel one (fleetmap jobs cancel ID)")
     p.add_argument("action", nargs="?", choices=["list", "cancel"], default="list")
     p.add_argument("job", nargs="?", type=int, help="the job to cancel")
+    p.add_argument("--json", action="store_true", help="print the jobs as a JSON list")
     p.add_argument("--api-key", help="your API key (default: FLEETMAP_API_KEY or the config file)")
     p.set_defaults(run=cmd_jobs)
 

@@ -259,6 +259,7 @@ fn event_to_py(py: Python<'_>, event: JobEvent) -> PyResult<Py<PyAny>> {
                 FailureKind::Job => "job",
                 FailureKind::Environment => "environment",
                 FailureKind::Image => "image",
+                FailureKind::Cancelled => "cancelled",
             };
             ("failed", reason, kind).into_pyobject(py)?.into_any()
         }

@@ -263,6 +263,7 @@ def test_error_classes_form_one_hierarchy():
         fleetmap.RemoteError,
     ):
         assert issubclass(cls, fleetmap.FleetmapError)
+    assert issubclass(fleetmap.JobCancelled, fleetmap.JobFailed)
 
 
 def test_a_function_too_large_to_send_names_what_it_captures(monkeypatch):

@@ -90,6 +90,8 @@ RESULT = "finished"
         job_id = int(listing.splitlines()[2].split()[0])
         assert "1 running job(s) of yours" in listing
         assert "0 running job(s) of yours" in jobs(fleet, bob).stdout, "bob sees none of alice's jobs"
+        listed = json.loads(jobs(fleet, alice, "--json").stdout)
+        assert [(j["job"], j["principal"], j["total_inputs"]) for j in listed] == [(job_id, "alice", 2)]
         refused = jobs(fleet, bob, "cancel", str(job_id))
         assert refused.returncode == 1 and "no running job" in refused.stderr
         assert client.poll() is None, "alice's job still runs"
@@ -97,7 +99,7 @@ RESULT = "finished"
         assert cancelled.returncode == 0, cancelled.stderr
         _, err = client.communicate(timeout=30)
         assert client.returncode != 0
-        assert "cancelled by another client of alice" in err, err
+        assert "fleetmap._errors.JobCancelled" in err and "cancelled by another client of alice" in err, err
     finally:
         client.kill()
         client.wait()
