@@ -350,6 +350,8 @@ pub struct RunningCoordinator {
     pub local_addr: SocketAddr,
     endpoint: quinn::Endpoint,
     accept: JoinHandle<()>,
+    /// The ticker that releases backlogged clients and sweeps revoked nodes.
+    ticker: JoinHandle<()>,
     shared: Arc<Shared>,
 }
 
@@ -385,6 +387,7 @@ impl RunningCoordinator {
         self.endpoint
             .close(CloseCode::Done.code(), b"coordinator shutting down");
         self.accept.abort();
+        self.ticker.abort();
         // Give peers a moment to see the close; a dead peer never answers.
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
     }
@@ -420,11 +423,13 @@ pub async fn serve(config: CoordinatorConfig) -> Result<RunningCoordinator, NetE
         doors: Mutex::new(Doors::default()),
     });
     let accept = tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
+    let ticker = tokio::spawn(release_backlogged_clients(shared.clone()));
     info!("coordinator listening on {local_addr}");
     Ok(RunningCoordinator {
         local_addr,
         endpoint,
         accept,
+        ticker,
         shared,
     })
 }
@@ -433,7 +438,6 @@ pub async fn serve(config: CoordinatorConfig) -> Result<RunningCoordinator, NetE
 const BACKLOG_CHECK: Duration = Duration::from_millis(20);
 
 async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
-    let backlog = tokio::spawn(release_backlogged_clients(shared.clone()));
     while let Some(incoming) = endpoint.accept().await {
         match shared.door_for(&incoming) {
             // Nothing about the peer is logged: it has proved nothing yet.
@@ -446,7 +450,6 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
             }
         }
     }
-    backlog.abort();
 }
 
 /// Gives credit back to clients that have read their backlog down to half
@@ -798,7 +801,11 @@ async fn client_loop(
                 shared.with(|s| s.handle_inputs_done(client, job, chunks))
             }
             ClientToCoordinator::CancelJob { job } => {
-                shared.with(|s| s.handle_cancel(client, principal, job));
+                // A key revoked (or a job credential ended) since the
+                // connection opened cancels nothing.
+                if shared.caller(api_key).is_some() {
+                    shared.with(|s| s.handle_cancel(client, principal, job));
+                }
                 Ok(())
             }
             ClientToCoordinator::StatusRequest { request } => {
@@ -806,7 +813,12 @@ async fn client_loop(
                 Ok(())
             }
             ClientToCoordinator::ListJobs { request } => {
-                shared.with(|s| s.handle_list_jobs(client, principal, request));
+                let allowed = if shared.caller(api_key).is_some() {
+                    principal
+                } else {
+                    ""
+                };
+                shared.with(|s| s.handle_list_jobs(client, allowed, request));
                 Ok(())
             }
         };

@@ -740,7 +740,7 @@ impl WorkerProcess {
                 memory_limit_bytes: ctx.spec.call.memory_bytes,
                 // Room for the envelope around the pickled outputs.
                 max_output_bytes: ctx.config.max_message.saturating_sub(64 << 10) as u64,
-                environment: job_environment(ctx),
+                environment: job_environment(ctx).into_iter().chain(fleet_credentials(ctx)).collect(),
                 sources: match (&ctx.image, &ctx.sources) {
                     (Some(_), Some(path)) => Path::new(path)
                         .file_name()
@@ -842,12 +842,9 @@ pub(crate) fn default_program(spec: &JobSpec, config: &NodeConfig) -> String {
     }
 }
 
-/// The environment variables that depend on the slot's job: its GPUs, its
-/// cores and its credential for jobs of its own (the coordinator's address
-/// and CA, the job's key and id: a call's `remote_parallel_map` reaches the
-/// fleet as the job's principal, until the job ends). A fresh worker starts
-/// with them; a warm one gets them with the job's function, before any of
-/// the job's code runs.
+/// The environment variables that depend on the slot's job: its GPUs and
+/// its cores. A fresh worker starts with them; a warm one gets them with
+/// the job's function, before any of the job's code runs.
 fn job_environment(ctx: &SlotContext) -> Vec<(String, String)> {
     // CUDA numbers devices in its own order; UUIDs (or PCI order) name
     // exactly the slot's GPUs.
@@ -873,6 +870,16 @@ fn job_environment(ctx: &SlotContext) -> Vec<(String, String)> {
         // Thread pools (OpenMP, BLAS) size themselves to the slot's cores.
         env.push(("OMP_NUM_THREADS".to_string(), ctx.placement.cpus.len().to_string()));
     }
+    env
+}
+
+/// The job's credential for jobs of its own calls submit (the
+/// coordinator's address and CA, the job's key and id). It goes to the
+/// worker only in its `Load` message, never in the environment it is
+/// started with: `/proc/PID/environ` shows that to every process of the
+/// same user, other slots' calls included.
+fn fleet_credentials(ctx: &SlotContext) -> Vec<(String, String)> {
+    let mut env = Vec::new();
     if ctx.config.fleet_access && !ctx.spec.job_key.is_empty() {
         env.extend([
             ("FLEETMAP_COORDINATOR".to_string(), ctx.config.coordinator.clone()),

@@ -52,7 +52,11 @@ impl Scheduler {
                 for chunk in s.chunks {
                     if let Some((_, c)) = job.in_flight.remove(&chunk) {
                         let lost_with = job.losses.entry(chunk).or_default();
-                        lost_with.push(name.to_string());
+                        // Distinct nodes: one node that keeps coming back
+                        // and dropping counts once.
+                        if !lost_with.iter().any(|n| n == name) {
+                            lost_with.push(name.to_string());
+                        }
                         if lost_with.len() >= MAX_CHUNK_LOSSES {
                             poisoned.push((id, c.first_input.0, c.count, lost_with.join(", ")));
                         }
