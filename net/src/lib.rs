@@ -207,12 +207,16 @@ pub fn server_endpoint_verifying(
 
 /// A QUIC client endpoint that trusts only the given CA (PEM).
 pub fn client_endpoint(ca_pem: &[u8], remote: SocketAddr) -> Result<quinn::Endpoint, NetError> {
-    let local: SocketAddr = if remote.is_ipv6() {
+    client_endpoint_at(ca_pem, any_local_for(remote))
+}
+
+/// Any local address of `remote`'s family, any port: where a client binds.
+pub(crate) fn any_local_for(remote: SocketAddr) -> SocketAddr {
+    if remote.is_ipv6() {
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
     } else {
         (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
-    };
-    client_endpoint_at(ca_pem, local)
+    }
 }
 
 /// As [`client_endpoint`], bound to `local` (tests dial from several

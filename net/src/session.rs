@@ -228,12 +228,7 @@ where
         .map_err(|e| unreachable(e.to_string()))?
         .next()
         .ok_or_else(|| unreachable("the name has no address".into()))?;
-    let local: SocketAddr = if remote.is_ipv6() {
-        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-    } else {
-        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
-    };
-    let endpoint = crate::client_endpoint_as(ca_pem, local, identity).map_err(|e| match e {
+    let endpoint = crate::client_endpoint_as(ca_pem, crate::any_local_for(remote), identity).map_err(|e| match e {
         NetError::Tls(t) => SessionError::Tls(t),
         other => unreachable(other.to_string()),
     })?;
