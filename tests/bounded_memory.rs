@@ -28,9 +28,10 @@ fn rss() -> u64 {
     kib * 1024
 }
 
-/// One job of 20 chunks through an echo node and the client library.
-async fn a_job_runs(coordinator: &RunningCoordinator, access: &CoordinatorAccess) {
-    let node = tokio::spawn(EchoNode::new("after", 2).run(access.clone(), Default::default(), std::future::pending()));
+/// One job of 20 chunks through a new echo node `name` and the client
+/// library.
+async fn a_job_runs(coordinator: &RunningCoordinator, access: &CoordinatorAccess, name: &str) {
+    let node = tokio::spawn(EchoNode::new(name, 2).run(access.clone(), Default::default(), std::future::pending()));
     assert!(coordinator.wait_for_nodes(1, Duration::from_secs(20)).await);
     let client = connect_client(access).await.unwrap();
     let mut job = client.submit(job_spec(20, ONE_CORE)).await.unwrap();
@@ -99,7 +100,7 @@ async fn unauthenticated_connections_cost_little(coordinator: &RunningCoordinato
     );
     assert!(grown < 20 * MIB, "grew by {} MiB", grown / MIB);
     // And a job still runs beside them.
-    a_job_runs(coordinator, access).await;
+    a_job_runs(coordinator, access, "beside-strangers").await;
     drop(held);
 }
 
@@ -224,7 +225,7 @@ async fn a_client_that_never_reads_costs_a_bounded_amount(access: &CoordinatorAc
 async fn the_coordinator_stays_within_its_memory_whatever_its_peers_do() {
     let (coordinator, access) = start_coordinator().await.unwrap();
     // Warm up allocators and the first connections' buffers.
-    a_job_runs(&coordinator, &access).await;
+    a_job_runs(&coordinator, &access, "after-a-backlog").await;
     unauthenticated_connections_cost_little(&coordinator, &access).await;
     a_client_that_never_reads_costs_a_bounded_amount(&access).await;
     coordinator.shutdown().await;

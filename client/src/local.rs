@@ -59,6 +59,7 @@ impl LocalCluster {
         // The caller's own machine: calls share its /tmp and its
         // environment variables, as local code would.
         config.private_tmp = false;
+        config.own_namespaces = false;
         config.inherit_environment = true;
         config.fleet_access = false;
         // Every process's embedded cluster owns its own cgroup subtree, so

@@ -146,10 +146,16 @@ pub struct NodeEntry {
     pub fingerprint: Option<String>,
     /// When that certificate expires (Unix seconds).
     pub expires: Option<u64>,
+    /// The certificate it held when its current one was issued in a
+    /// renewal, accepted until the node first uses the new one: a renewal
+    /// whose answer never reached the node does not lock it out.
+    pub previous: Option<String>,
     /// When it was revoked, if it was.
     pub revoked: Option<u64>,
     /// When it was approved (`None`: waiting for `fleetmap nodes approve`,
-    /// on a coordinator that holds new nodes for approval).
+    /// on a coordinator that holds new nodes for approval, or because the
+    /// join token asked to enroll it again while it holds a valid
+    /// certificate).
     pub approved: Option<u64>,
     /// When it first asked to enroll.
     pub enrolled: u64,
@@ -167,13 +173,22 @@ fn parse(path: &Path, text: &str) -> Result<Vec<NodeEntry>, NodeIdentityError> {
             reason,
         };
         let fields: Vec<&str> = line.split('\t').collect();
-        let [name, fingerprint, expires, revoked, approved, enrolled] = fields[..] else {
-            return Err(malformed(format!("{} fields, 6 expected", fields.len())));
+        // Registries written before renewals kept the previous certificate
+        // have six fields.
+        let (name, fingerprint, expires, revoked, approved, enrolled, previous) = match fields[..] {
+            [name, fingerprint, expires, revoked, approved, enrolled] => {
+                (name, fingerprint, expires, revoked, approved, enrolled, "-")
+            }
+            [name, fingerprint, expires, revoked, approved, enrolled, previous] => {
+                (name, fingerprint, expires, revoked, approved, enrolled, previous)
+            }
+            _ => return Err(malformed(format!("{} fields, 7 expected", fields.len()))),
         };
         entries.push(NodeEntry {
             name: name.into(),
             fingerprint: optional(fingerprint).map_err(malformed)?,
             expires: optional(expires).map_err(malformed)?,
+            previous: optional(previous).map_err(malformed)?,
             revoked: optional(revoked).map_err(malformed)?,
             approved: optional(approved).map_err(malformed)?,
             enrolled: enrolled
@@ -186,17 +201,19 @@ fn parse(path: &Path, text: &str) -> Result<Vec<NodeEntry>, NodeIdentityError> {
 
 fn render(entries: &[NodeEntry]) -> String {
     let mut out = String::from(
-        "# fleetmap nodes: name, SHA-256 of its certificate, expires, revoked, approved, enrolled (times in Unix seconds)\n",
+        "# fleetmap nodes: name, SHA-256 of its certificate, expires, revoked, approved, enrolled, SHA-256 of the \
+         certificate it renewed (times in Unix seconds)\n",
     );
     for e in entries {
         out += &format!(
-            "{}\t{}\t{}\t{}\t{}\t{}\n",
+            "{}\t{}\t{}\t{}\t{}\t{}\t{}\n",
             e.name,
             show(e.fingerprint.as_ref()),
             show(e.expires),
             show(e.revoked),
             show(e.approved),
-            e.enrolled
+            e.enrolled,
+            show(e.previous.as_ref()),
         );
     }
     out
@@ -252,19 +269,22 @@ impl NodeRegistry {
             .find(|e| e.fingerprint.as_deref() == Some(fingerprint)))
     }
 
-    /// Records node `name`'s new certificate; the one before it is no
-    /// longer accepted.
-    pub fn record(&self, name: &str, issued: &Issued) -> Result<(), NodeIdentityError> {
+    /// Records node `name`'s new certificate. `held`: the fingerprint of
+    /// the certificate it renews, still accepted until the new one is used
+    /// ([`Self::confirm`]); any other is no longer accepted.
+    pub fn record(&self, name: &str, issued: &Issued, held: Option<&str>) -> Result<(), NodeIdentityError> {
         self.edit(|entries| {
             match entries.iter_mut().find(|e| e.name == name) {
                 Some(e) => {
                     e.fingerprint = Some(issued.fingerprint.clone());
                     e.expires = Some(issued.expires);
+                    e.previous = held.map(String::from);
                 }
                 None => entries.push(NodeEntry {
                     name: name.into(),
                     fingerprint: Some(issued.fingerprint.clone()),
                     expires: Some(issued.expires),
+                    previous: None,
                     revoked: None,
                     approved: Some(now()),
                     enrolled: now(),
@@ -274,31 +294,57 @@ impl NodeRegistry {
         })
     }
 
-    /// Records that node `name` asked to enroll and waits for approval.
+    /// Node `name` used its new certificate: the one it renewed is no
+    /// longer accepted.
+    pub fn confirm(&self, name: &str) -> Result<(), NodeIdentityError> {
+        self.edit(|entries| {
+            if let Some(e) = entries.iter_mut().find(|e| e.name == name) {
+                e.previous = None;
+            }
+            Ok(())
+        })
+    }
+
+    /// Records that node `name` asked to enroll with the join token and
+    /// waits for approval: a new node, or one that holds a valid
+    /// certificate (which keeps working until the approval retires it).
     pub fn request(&self, name: &str) -> Result<(), NodeIdentityError> {
         self.edit(|entries| {
-            if !entries.iter().any(|e| e.name == name) {
-                entries.push(NodeEntry {
+            match entries.iter_mut().find(|e| e.name == name) {
+                Some(e) => {
+                    if e.fingerprint.is_some() {
+                        e.approved = None;
+                    }
+                }
+                None => entries.push(NodeEntry {
                     name: name.into(),
                     fingerprint: None,
                     expires: None,
+                    previous: None,
                     revoked: None,
                     approved: None,
                     enrolled: now(),
-                });
+                }),
             }
             Ok(())
         })
     }
 
     /// Approves node `name`: it may enroll with the join token. A revoked
-    /// node approved again may enroll anew (with a new certificate).
+    /// node approved again may enroll anew (with a new certificate), and so
+    /// may one that asked to enroll again while it held a valid
+    /// certificate, which is retired.
     pub fn approve(&self, name: &str) -> Result<(), NodeIdentityError> {
         self.edit(|entries| {
             let e = entries
                 .iter_mut()
                 .find(|e| e.name == name)
                 .ok_or_else(|| NodeIdentityError::Unknown(name.into()))?;
+            if e.approved.is_none() {
+                e.fingerprint = None;
+                e.expires = None;
+                e.previous = None;
+            }
             e.approved = Some(now());
             e.revoked = None;
             Ok(())
@@ -373,15 +419,39 @@ mod tests {
 
         let dir = tempfile::tempdir().unwrap();
         let registry = NodeRegistry::open(dir.path());
-        registry.record("gpu-03", &first).unwrap();
+        registry.record("gpu-03", &first, None).unwrap();
         assert_eq!(
             registry.by_fingerprint(&first.fingerprint).unwrap().unwrap().name,
             "gpu-03"
         );
         let renewed = ca.certify("gpu-03", key.public_key_raw()).unwrap();
         assert_ne!(renewed.fingerprint, first.fingerprint);
-        registry.record("gpu-03", &renewed).unwrap();
+        registry.record("gpu-03", &renewed, Some(&first.fingerprint)).unwrap();
+        let entry = registry.entry("gpu-03").unwrap().unwrap();
+        assert_eq!(
+            entry.previous.as_deref(),
+            Some(first.fingerprint.as_str()),
+            "kept until used"
+        );
+        registry.confirm("gpu-03").unwrap();
+        assert_eq!(registry.entry("gpu-03").unwrap().unwrap().previous, None);
         assert_eq!(registry.by_fingerprint(&first.fingerprint).unwrap(), None, "superseded");
+
+        // The join token asking to enroll it again holds it for approval;
+        // its certificate keeps working until the approval retires it.
+        registry.request("gpu-03").unwrap();
+        let entry = registry.entry("gpu-03").unwrap().unwrap();
+        assert_eq!(
+            (entry.approved, entry.fingerprint.as_deref()),
+            (None, Some(renewed.fingerprint.as_str()))
+        );
+        registry.approve("gpu-03").unwrap();
+        let entry = registry.entry("gpu-03").unwrap().unwrap();
+        assert!(entry.approved.is_some() && entry.fingerprint.is_none(), "{entry:?}");
+        registry.record("gpu-03", &renewed, None).unwrap();
+        // Approving a node that waits for nothing retires nothing.
+        registry.approve("gpu-03").unwrap();
+        assert!(registry.entry("gpu-03").unwrap().unwrap().fingerprint.is_some());
 
         // Another process (the command line) revokes it; this one sees it.
         NodeRegistry::open(dir.path()).revoke("gpu-03").unwrap();

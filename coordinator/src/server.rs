@@ -144,6 +144,11 @@ struct NodePeer {
     outbox: Outbox<CoordinatorToNode>,
     conn: quinn::Connection,
     name: String,
+    /// Its public key, certified again when its certificate is renewed.
+    public_key: Vec<u8>,
+    /// The fingerprint of the certificate it holds now (`None`: the
+    /// registry is not consulted, as where the node has none).
+    fingerprint: Option<String>,
 }
 
 struct Core {
@@ -265,13 +270,13 @@ struct Doors {
 
 /// What a connection holds at the door while it lives; dropping it lets
 /// the next one in.
-struct Admission<'a> {
-    shared: &'a Shared,
+struct Admission {
+    shared: Arc<Shared>,
     address: IpAddr,
     handshaking: bool,
 }
 
-impl Admission<'_> {
+impl Admission {
     /// The handshake is over (authenticated, or about to be closed).
     fn authenticated(&mut self) {
         if std::mem::take(&mut self.handshaking) {
@@ -281,7 +286,7 @@ impl Admission<'_> {
     }
 }
 
-impl Drop for Admission<'_> {
+impl Drop for Admission {
     fn drop(&mut self) {
         let mut doors = self.shared.doors();
         if self.handshaking {
@@ -305,18 +310,28 @@ impl Doors {
 
 /// What to do with a connection attempt.
 enum Door {
-    Admit,
+    /// Counted at the door already, under the same lock as the check: a
+    /// burst of attempts cannot all pass before any is counted.
+    Admit(Admission),
     Retry,
     Refuse,
 }
 
 impl Shared {
+    /// How many bytes wait in `client`'s queue.
+    fn client_backlog(&self, client: ClientId) -> usize {
+        self.lock()
+            .clients
+            .get(&client)
+            .map_or(0, |peer| peer.outbox.queued_bytes())
+    }
+
     fn doors(&self) -> std::sync::MutexGuard<'_, Doors> {
         self.doors.lock().expect("door lock poisoned")
     }
 
-    fn door_for(&self, incoming: &quinn::Incoming) -> Door {
-        let doors = self.doors();
+    fn door_for(self: &Arc<Self>, incoming: &quinn::Incoming) -> Door {
+        let mut doors = self.doors();
         let limits = &self.limits;
         let address = incoming.remote_address().ip();
         let from_address = doors.per_address.get(&address).copied().unwrap_or(0);
@@ -328,19 +343,14 @@ impl Shared {
         } else if doors.handshaking >= limits.retry_above && !incoming.remote_address_validated() {
             Door::Retry
         } else {
-            Door::Admit
-        }
-    }
-
-    fn admit(&self, address: IpAddr) -> Admission<'_> {
-        let mut doors = self.doors();
-        doors.open += 1;
-        doors.handshaking += 1;
-        *doors.per_address.entry(address).or_default() += 1;
-        Admission {
-            shared: self,
-            address,
-            handshaking: true,
+            doors.open += 1;
+            doors.handshaking += 1;
+            *doors.per_address.entry(address).or_default() += 1;
+            Door::Admit(Admission {
+                shared: self.clone(),
+                address,
+                handshaking: true,
+            })
         }
     }
 }
@@ -445,8 +455,8 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
             Door::Retry => {
                 let _ = incoming.retry();
             }
-            Door::Admit => {
-                tokio::spawn(serve_connection(incoming, shared.clone()));
+            Door::Admit(admission) => {
+                tokio::spawn(serve_connection(incoming, shared.clone(), admission));
             }
         }
     }
@@ -461,7 +471,10 @@ async fn release_backlogged_clients(shared: Arc<Shared>) {
         tick.tick().await;
         ticks += 1;
         if ticks.is_multiple_of(REVOCATION_CHECK_TICKS) {
-            disconnect_revoked_nodes(&shared);
+            // The registry is a file: read and written off the runtime's
+            // threads.
+            let shared = shared.clone();
+            let _ = tokio::task::spawn_blocking(move || check_node_certificates(&shared)).await;
         }
         let half = shared.limits.client_slow_backlog / 2;
         let mut core = shared.lock();
@@ -479,10 +492,12 @@ async fn release_backlogged_clients(shared: Arc<Shared>) {
 }
 
 /// Every this many backlog checks (half a second), connected nodes are
-/// checked against the registry: a node revoked meanwhile is disconnected.
+/// checked against the registry: a node revoked meanwhile is disconnected,
+/// and one whose certificate has entered the last third of its life gets a
+/// new one.
 const REVOCATION_CHECK_TICKS: u64 = 25;
 
-fn disconnect_revoked_nodes(shared: &Shared) {
+fn check_node_certificates(shared: &Shared) {
     let entries = match shared.nodes.list() {
         Ok(entries) => entries,
         Err(e) => {
@@ -490,15 +505,60 @@ fn disconnect_revoked_nodes(shared: &Shared) {
             return;
         }
     };
-    let core = shared.lock();
-    for peer in core.nodes.values() {
-        if entries.iter().any(|e| e.name == peer.name && e.revoked.is_some()) {
-            CloseCode::Refused.close(
-                &peer.conn,
-                &format!("node {} was revoked (fleetmap nodes revoke)", peer.name),
-            );
+    let now = crate::statefile::now();
+    let mut due = Vec::new();
+    {
+        let core = shared.lock();
+        for (&id, peer) in &core.nodes {
+            let Some(entry) = entries.iter().find(|e| e.name == peer.name) else {
+                continue;
+            };
+            if entry.revoked.is_some() {
+                CloseCode::Refused.close(
+                    &peer.conn,
+                    &format!("node {} was revoked (fleetmap nodes revoke)", peer.name),
+                );
+            } else if peer.fingerprint.is_some()
+                && entry.fingerprint == peer.fingerprint
+                && now >= renew_after(shared, entry.expires)
+            {
+                due.push((id, peer.name.clone(), peer.public_key.clone(), peer.fingerprint.clone()));
+            }
         }
     }
+    // A node that stays connected for weeks is renewed where it is, so
+    // that it never has to fall back on the join token (which it may no
+    // longer have). The registry is written without the core's lock.
+    for (id, name, public_key, held) in due {
+        let issued = match shared.node_ca.certify(&name, &public_key) {
+            Ok(issued) => issued,
+            Err(e) => {
+                warn!("node {name}: could not renew its certificate: {e}");
+                continue;
+            }
+        };
+        if let Err(e) = shared.nodes.record(&name, &issued, held.as_deref()) {
+            warn!("node {name}: could not record its renewed certificate: {e}");
+            continue;
+        }
+        info!(
+            "node {name}: renewed its certificate on its open connection, valid until {} (Unix time), SHA-256 {}",
+            issued.expires, issued.fingerprint
+        );
+        let mut core = shared.lock();
+        if let Some(peer) = core.nodes.get_mut(&id) {
+            peer.fingerprint = Some(issued.fingerprint);
+            let _ = peer.outbox.send(CoordinatorToNode::Certificate { pem: issued.pem });
+        }
+    }
+}
+
+/// When a certificate that expires at `expires` is renewed: in the last
+/// third of its life.
+fn renew_after(shared: &Shared, expires: Option<u64>) -> u64 {
+    expires
+        .unwrap_or(0)
+        .saturating_sub(shared.node_ca.validity().as_secs() / 3)
 }
 
 /// Why a node is not admitted.
@@ -532,17 +592,24 @@ fn admit_node(
         )
         .into());
     }
-    let issue = || {
+    let issue = |held: Option<&str>| {
         let issued = shared.node_ca.certify(name, public_key).map_err(|e| e.to_string())?;
-        shared.nodes.record(name, &issued).map_err(registry_error)?;
+        shared.nodes.record(name, &issued, held).map_err(registry_error)?;
         Ok(Some(issued))
     };
     match fleetmap_net::peer_certificate(conn) {
         Some(der) => {
             // Signed by the node CA and within its validity (the TLS
-            // handshake checked both); the registry says whose it is.
+            // handshake checked both); the registry says whose it is: its
+            // current one, or the one it renewed if the renewal never
+            // reached it (then it is renewed again).
             let fingerprint = crate::nodes::fingerprint(&der);
-            let current = entry.filter(|e| e.fingerprint.as_deref() == Some(fingerprint.as_str()));
+            let presented = Some(fingerprint.as_str());
+            if entry.as_ref().is_some_and(|e| e.previous.as_deref() == presented) {
+                info!("node {name:?} presented the certificate it renewed: renewing it again");
+                return issue(presented);
+            }
+            let current = entry.filter(|e| e.fingerprint.as_deref() == presented);
             let Some(current) = current else {
                 return Err(NotAdmitted::Refused(format!(
                     "the certificate node {name:?} presented is not its current one (superseded, or issued \
@@ -550,12 +617,11 @@ fn admit_node(
                      enroll again with the join token"
                 )));
             };
-            let renew_after = current
-                .expires
-                .unwrap_or(0)
-                .saturating_sub(shared.node_ca.validity().as_secs() / 3);
-            if crate::statefile::now() >= renew_after {
-                issue()
+            if current.previous.is_some() {
+                shared.nodes.confirm(name).map_err(registry_error)?;
+            }
+            if crate::statefile::now() >= renew_after(shared, current.expires) {
+                issue(presented)
             } else {
                 Ok(None)
             }
@@ -564,6 +630,20 @@ fn admit_node(
             "node {name:?} presented neither a certificate of this fleet nor the join token it accepts; \
              use the token from the coordinator's join-token file"
         ))),
+        // The token does not take over a name that holds a valid
+        // certificate: enrolling it anew (a new machine, a lost
+        // --state-dir) is the operator's decision.
+        None if entry
+            .as_ref()
+            .is_some_and(|e| e.fingerprint.is_some() && e.expires.is_some_and(|t| t > crate::statefile::now())) =>
+        {
+            shared.nodes.request(name).map_err(registry_error)?;
+            Err(NotAdmitted::Pending(format!(
+                "node {name:?} holds a valid certificate of this fleet, and the join token asks to enroll it \
+                 again (a new machine, or a lost --state-dir): run `fleetmap nodes approve {name}` on the \
+                 coordinator's machine to retire the old certificate and let it enroll; the node keeps trying"
+            )))
+        }
         None if shared.approve_nodes && entry.is_none_or(|e| e.approved.is_none()) => {
             shared.nodes.request(name).map_err(registry_error)?;
             Err(NotAdmitted::Pending(format!(
@@ -571,13 +651,28 @@ fn admit_node(
                  coordinator's machine; the node keeps trying"
             )))
         }
-        None => issue(),
+        None => issue(None),
     }
 }
 
-async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
+/// [`admit_node`] on the blocking pool: the registry is a file (read, and
+/// written on enrollment and renewal), kept off the runtime's threads.
+async fn admit_node_off_thread(
+    shared: &Arc<Shared>,
+    conn: &quinn::Connection,
+    name: &str,
+    token: &str,
+    public_key: &[u8],
+) -> Result<Option<Issued>, NotAdmitted> {
+    let (shared, conn) = (shared.clone(), conn.clone());
+    let (name, token, public_key) = (name.to_string(), token.to_string(), public_key.to_vec());
+    tokio::task::spawn_blocking(move || admit_node(&shared, &conn, &name, &token, &public_key))
+        .await
+        .unwrap_or_else(|e| Err(NotAdmitted::Refused(format!("the coordinator could not check it: {e}"))))
+}
+
+async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>, mut admission: Admission) {
     let remote = incoming.remote_address();
-    let mut admission = shared.admit(remote.ip());
     let conn = match incoming.await {
         Ok(conn) => conn,
         Err(e) => {
@@ -602,8 +697,8 @@ const RECEIVE_WINDOW: u32 = 64 << 20;
 
 async fn serve_peer(
     conn: &quinn::Connection,
-    shared: &Shared,
-    admission: &mut Admission<'_>,
+    shared: &Arc<Shared>,
+    admission: &mut Admission,
 ) -> Result<(), SessionError> {
     let Some(handshake) = accept_hello(conn, HANDSHAKE_TIMEOUT).await? else {
         return Ok(());
@@ -620,7 +715,7 @@ async fn serve_peer(
                 name,
                 public_key,
                 ..
-            } => match admit_node(shared, conn, name, token, public_key) {
+            } => match admit_node_off_thread(shared, conn, name, token, public_key).await {
                 Ok(issued) => {
                     certificate = issued;
                     None
@@ -665,6 +760,7 @@ async fn serve_peer(
             name,
             mut resources,
             isolation,
+            public_key,
             ..
         } => {
             if let Some(issued) = &certificate {
@@ -676,6 +772,12 @@ async fn serve_peer(
             if shared.node_limit.apply(&mut resources) {
                 info!("node {name}: offers more than the per-node limit; using {resources:?}");
             }
+            // The certificate the node holds from now on: the one just
+            // issued, or the one it connected with.
+            let fingerprint = match &certificate {
+                Some(issued) => Some(issued.fingerprint.clone()),
+                None => fleetmap_net::peer_certificate(conn).map(|der| crate::nodes::fingerprint(&der)),
+            };
             let pem = certificate.map(|c| c.pem);
             let (tx, mut rx, writer) = handshake.welcome(SOFTWARE_VERSION, pem, shared.max_message).await?;
             let node = {
@@ -685,6 +787,8 @@ async fn serve_peer(
                     outbox: tx,
                     conn: conn.clone(),
                     name: name.clone(),
+                    public_key,
+                    fingerprint,
                 };
                 core.nodes.insert(node, peer);
                 node
@@ -807,6 +911,17 @@ async fn client_loop(
                     shared.with(|s| s.handle_cancel(client, principal, job));
                 }
                 Ok(())
+            }
+            // A reply is queued only for a client that reads its replies:
+            // one that asks again and again and reads nothing would grow
+            // its queue up to the hard limit.
+            ClientToCoordinator::StatusRequest { .. } | ClientToCoordinator::ListJobs { .. }
+                if shared.client_backlog(client) > shared.limits.client_slow_backlog =>
+            {
+                Err(crate::scheduler::ProtocolViolation(format!(
+                    "the client asked for more while leaving over {} MiB of replies unread",
+                    shared.limits.client_slow_backlog >> 20
+                )))
             }
             ClientToCoordinator::StatusRequest { request } => {
                 shared.with(|s| s.handle_status(client, request));

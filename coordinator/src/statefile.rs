@@ -76,6 +76,16 @@ pub fn edit<E: From<StateFileError>>(path: &Path, change: impl FnOnce(&str) -> R
     }
     let result = (|| {
         let text = change(&read(path)?)?;
+        // The file keeps its owner (the directory's, for a new file): root
+        // editing it from the command line must not lock out a coordinator
+        // that runs as its own user.
+        let owner = fs::metadata(path)
+            .or_else(|_| {
+                let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+                fs::metadata(dir.unwrap_or(Path::new(".")))
+            })
+            .map(|m| (m.uid(), m.gid()))
+            .map_err(io(path))?;
         let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
         fs::OpenOptions::new()
             .write(true)
@@ -84,10 +94,17 @@ pub fn edit<E: From<StateFileError>>(path: &Path, change: impl FnOnce(&str) -> R
             .mode(0o600)
             .open(&tmp)
             .and_then(|mut f| {
+                let made = f.metadata()?;
+                if (made.uid(), made.gid()) != owner {
+                    std::os::unix::fs::fchown(&f, Some(owner.0), Some(owner.1))?;
+                }
                 f.write_all(text.as_bytes())?;
                 f.sync_all()
             })
-            .map_err(io(&tmp))?;
+            .map_err(|e| {
+                let _ = fs::remove_file(&tmp);
+                io(&tmp)(e)
+            })?;
         fs::rename(&tmp, path).map_err(io(path))?;
         Ok(())
     })();
@@ -116,4 +133,41 @@ pub fn now() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// As root: an edit keeps the file's owner, and a new file gets the
+    /// directory's, so that a coordinator running as its own user can still
+    /// read what root wrote from the command line.
+    #[test]
+    fn an_edit_keeps_the_owner_of_the_file() {
+        if !nix_is_root() {
+            // CI runs as root: there, not being root is a failure.
+            assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "this test needs root");
+            eprintln!("an_edit_keeps_the_owner_of_the_file: not root, not run");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        std::os::unix::fs::chown(dir.path(), Some(65534), Some(65534)).unwrap();
+        let path = dir.path().join("keys.tsv");
+        edit::<StateFileError>(&path, |_| Ok("one\n".into())).unwrap();
+        let meta = fs::metadata(&path).unwrap();
+        assert_eq!(
+            (meta.uid(), meta.gid()),
+            (65534, 65534),
+            "a new file: the directory's owner"
+        );
+        std::os::unix::fs::chown(&path, Some(1234), Some(4321)).unwrap();
+        edit::<StateFileError>(&path, |text| Ok(format!("{text}two\n"))).unwrap();
+        let meta = fs::metadata(&path).unwrap();
+        assert_eq!((meta.uid(), meta.gid()), (1234, 4321), "an edited file keeps its owner");
+        assert_eq!(read(&path).unwrap(), "one\ntwo\n");
+    }
+
+    fn nix_is_root() -> bool {
+        fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
+    }
 }

@@ -68,6 +68,11 @@ pub struct NodeConfig {
     /// Give each worker an empty /tmp of its own (where slots are pinned,
     /// which needs root anyway).
     pub private_tmp: bool,
+    /// Give each worker PID and cgroup namespaces of its own, a fresh
+    /// `/proc`, a read-only `/sys` and its private `/tmp` (else `/`) as its working
+    /// directory (where the daemon manages cgroups, which needs root). The
+    /// embedded cluster, whose calls are the caller's own, turns it off.
+    pub own_namespaces: bool,
     /// How workers stay warm between jobs of the same principal.
     pub warm: WarmPolicy,
     /// Where and how job environments are built.
@@ -131,6 +136,7 @@ impl NodeConfig {
             run_as: None,
             slot_uids: None,
             private_tmp: true,
+            own_namespaces: true,
             warm: WarmPolicy::default(),
             environments: EnvironmentConfig::new(EnvironmentConfig::default_cache_dir()),
             images: ImageConfig::default(),
@@ -184,6 +190,13 @@ pub enum NodeError {
          pinned to cores only, without memory, process or device limits"
     )]
     Unisolated { node: String, reason: String },
+    #[error(
+        "node {node} cannot start a call's process with the confinement it is configured for: {reason}. Check \
+         that the daemon runs as root with mount and PID namespaces allowed (not inside a container that forbids \
+         them), that --run-as or --slot-uids name users that exist, and that --python runs; or start it with \
+         --allow-unisolated to run calls without namespaces of their own"
+    )]
+    Unconfined { node: String, reason: String },
 }
 
 impl From<SessionError> for NodeError {
@@ -316,6 +329,43 @@ pub async fn run_until(
         },
         _ => (None, "NOT pinned (CPU affinity only): cgroups turned off".to_string()),
     };
+    let mut cpus = match &cgroups {
+        Some(tree) => tree.cpus().unwrap_or_else(|_| allowed_cpus()),
+        None => allowed_cpus(),
+    };
+    cpus.truncate(config.resources.cores as usize);
+    // Fail closed: a node joins only if it can start a call's process with
+    // every confinement it is configured for.
+    let mut isolation = isolation;
+    let confines = config.own_namespaces || config.private_tmp || config.run_as.is_some() || config.slot_uids.is_some();
+    let probed = match &cgroups {
+        Some(tree) if confines => slot::probe_confinement(&config, Some(tree), &cpus).await,
+        _ => Ok(()),
+    };
+    if let Err(e) = probed {
+        let allowed = matches!(
+            config.isolation,
+            Isolation::Cgroups {
+                allow_unisolated: true,
+                ..
+            }
+        );
+        if !allowed {
+            return Err(NodeError::Unconfined {
+                node: config.name.clone(),
+                reason: e,
+            });
+        }
+        warn!(
+            "node {}: calls get no namespaces and no private /tmp of their own (--allow-unisolated): {e}",
+            config.name
+        );
+        config.own_namespaces = false;
+        config.private_tmp = false;
+        isolation += "; NO namespaces or private /tmp";
+    } else if config.own_namespaces && cgroups.is_some() {
+        isolation += "; PID and cgroup namespaces, read-only /sys";
+    }
     // Whose calls these are, as `fleetmap status` shows it.
     let isolation = match (&config.slot_uids, config.run_as) {
         (Some(uids), _) => format!(
@@ -329,11 +379,6 @@ pub async fn run_until(
             None => format!("{isolation}; calls as the daemon's user"),
         },
     };
-    let mut cpus = match &cgroups {
-        Some(tree) => tree.cpus().unwrap_or_else(|_| allowed_cpus()),
-        None => allowed_cpus(),
-    };
-    cpus.truncate(config.resources.cores as usize);
     config.resources.cores = cpus.len() as u32;
     if config.environments.pythons.is_empty() {
         config.environments.pythons.push(config.python.clone());
@@ -628,6 +673,10 @@ async fn session(
                     slots.stop_slot(slot).await;
                 }
             }
+            CoordinatorToNode::Certificate { pem } => match node.identity.store(pem) {
+                Ok(()) => info!("node {}: stored its renewed certificate", config.name),
+                Err(e) => warn!("node {}: could not store its renewed certificate: {e}", config.name),
+            },
         }
     };
     // Slots do not outlive the connection: the coordinator re-runs their

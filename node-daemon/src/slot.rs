@@ -290,6 +290,49 @@ async fn prepare_environment(ctx: &mut SlotContext) -> Result<(), String> {
 /// policy asks (at most one per core): the node's interpreter, every core,
 /// no memory limit yet and no GPU, until a job takes one and its cgroup is
 /// rewritten for that job.
+/// Starts one process the way every worker starts (its cgroup, its user,
+/// its namespaces and mounts) and waits for it to run the interpreter: a
+/// node that cannot confine calls as it is configured to finds out before
+/// it joins, not at its first job.
+pub(crate) async fn probe_confinement(
+    config: &NodeConfig,
+    cgroups: Option<&CgroupTree>,
+    cpus: &[u32],
+) -> Result<(), String> {
+    let limits = SlotLimits {
+        cpus: cpus.to_vec(),
+        mems: None,
+        memory_bytes: u64::MAX,
+        pids_max: config.pids_per_slot,
+        gpus: Some(GpuAccess { allowed_minors: vec![] }),
+    };
+    let cmd = WorkerCommand {
+        program: config.python.clone().into(),
+        args: vec!["-c".into(), "pass".into()],
+        env: base_environment(config),
+        cgroup_procs: vec![],
+        cpu_affinity: cpus.to_vec(),
+        run_as: config.run_as,
+        private_tmp: private_tmp(config, cgroups.is_some(), &config.python),
+        image: None,
+        own_namespaces: false,
+    };
+    let mut probe = WorkerProcess::spawn_with(config, cgroups, &limits, cmd)?;
+    let status = tokio::time::timeout(Duration::from_secs(60), probe.process.child.wait())
+        .await
+        .map_err(|_| format!("{} -c pass did not end within 60 s in a slot", config.python))?
+        .map_err(|e| e.to_string())?;
+    if !status.success() {
+        return Err(format!(
+            "{} -c pass {} in a slot",
+            config.python,
+            fleetmap_sandbox::describe_exit(status)
+        ));
+    }
+    probe.shut_down().await;
+    Ok(())
+}
+
 pub(crate) fn prestart(config: &NodeConfig, cgroups: Option<&CgroupTree>, cpus: &[u32], pool: &Pool) {
     let wanted = pool.policy().prestart.min(cpus.len());
     prestart_n(config, cgroups, cpus, pool, wanted.saturating_sub(pool.pristine()));
@@ -315,6 +358,7 @@ fn prestart_n(config: &NodeConfig, cgroups: Option<&CgroupTree>, cpus: &[u32], p
             run_as: config.run_as,
             private_tmp: private_tmp(config, cgroups.is_some(), &config.python),
             image: None,
+            own_namespaces: false,
         };
         match WorkerProcess::spawn_with(config, cgroups, &limits, cmd) {
             Ok(worker) => pool.give_back(
@@ -521,6 +565,10 @@ fn learn_from_death(front: &mut Pending, death: Death, ctx: &SlotContext) -> Res
 /// A running worker: the process, its cgroup, its channel and its pipes.
 pub(crate) struct WorkerProcess {
     pid: u32,
+    /// How many processes it is while it runs nothing else (its PID
+    /// namespace's keeper and init besides the interpreter, where it has
+    /// one).
+    own_processes: usize,
     reader: FramedReader<OwnedReadHalf>,
     to_worker: fleetmap_net::Outbox<ToWorker>,
     writer: JoinHandle<Result<(), fleetmap_net::NetError>>,
@@ -625,7 +673,15 @@ impl WorkerProcess {
         if ctx.placement.cpus.is_empty() {
             return Ok(());
         }
-        fleetmap_sandbox::pin_process(self.pid, &ctx.placement.cpus).map_err(|e| e.to_string())
+        let pids = match &self.cgroup {
+            // The interpreter is not the process the daemon started.
+            Some(cg) if self.own_processes > 1 => cg.pids(),
+            _ => vec![self.pid],
+        };
+        for pid in pids {
+            fleetmap_sandbox::pin_process(pid, &ctx.placement.cpus).map_err(|e| e.to_string())?;
+        }
+        Ok(())
     }
 
     /// Whether the worker may serve another job: alive, never touched by
@@ -637,7 +693,10 @@ impl WorkerProcess {
             return false;
         }
         match &self.cgroup {
-            Some(cg) => cg.oom_kills() == 0 && cg.pids() == [self.pid],
+            Some(cg) => {
+                let pids = cg.pids();
+                cg.oom_kills() == 0 && pids.len() == self.own_processes && pids.contains(&self.pid)
+            }
             None => fleetmap_sandbox::process_group_members(self.pid) == [self.pid],
         }
     }
@@ -699,6 +758,14 @@ impl WorkerProcess {
             }
             None => None,
         };
+        // Namespaces of its own where the daemon confines calls and manages
+        // their cgroups (which needs root, as namespaces do).
+        cmd.own_namespaces = config.own_namespaces && cgroup.is_some();
+        let own_processes = if cmd.own_namespaces {
+            fleetmap_sandbox::CONFINED_WORKER_PROCESSES
+        } else {
+            1
+        };
         let mut process = spawn_worker(&cmd).map_err(|e| format!("on node {node}: {e}"))?;
         // spawn_worker fills all three; take each once.
         let stdout = LineForwarder::new(
@@ -714,6 +781,7 @@ impl WorkerProcess {
         let (to_worker, rx) = fleetmap_net::outbox();
         let worker = WorkerProcess {
             pid: process.pid,
+            own_processes,
             reader: FramedReader::new(rd, config.max_message),
             writer: tokio::spawn(write_frames(wr, rx, config.max_message)),
             to_worker,
@@ -955,6 +1023,7 @@ fn worker_command(ctx: &SlotContext) -> WorkerCommand {
         run_as: ctx.config.run_as,
         private_tmp: private_tmp(&ctx.config, ctx.cgroups.is_some(), &program),
         image: None,
+        own_namespaces: false,
     }
 }
 
@@ -1040,6 +1109,7 @@ fn image_worker_command(ctx: &SlotContext, slot_image: &SlotImage) -> WorkerComm
             workdir: image.workdir.clone().into(),
             rootless: !nix::unistd::geteuid().is_root(),
         }),
+        own_namespaces: false,
     }
 }
 

@@ -201,6 +201,9 @@ fn main() {
             },
             CoordinatorToNode::StopSlot { job, slot },
             CoordinatorToNode::StopJob { job, finished: true },
+            CoordinatorToNode::Certificate {
+                pem: "-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n".into(),
+            },
         ]),
     );
     let hello = |role| Hello {

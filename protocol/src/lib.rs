@@ -35,8 +35,10 @@ use serde::{Deserialize, Serialize};
 /// Version 2: messages split per direction, postcard encoding.
 /// Version 3: job environments (`EnvironmentSpec`), source bundles and
 /// failure kinds. Version 4: images and node isolation. Version 5: job
-/// listing and cancelling by principal (`ListJobs`, `Jobs`).
-pub const PROTOCOL_VERSION: u16 = 5;
+/// listing and cancelling by principal (`ListJobs`, `Jobs`). Version 6:
+/// node certificates renewed on a live connection
+/// (`CoordinatorToNode::Certificate`).
+pub const PROTOCOL_VERSION: u16 = 6;
 
 /// The largest message accepted by default (1 GiB): a chunk of inputs or
 /// outputs, or a pickled function, must fit in one message. Messages larger
@@ -453,6 +455,7 @@ impl WireSize for CoordinatorToNode {
             + match self {
                 CoordinatorToNode::RunChunk { chunk, .. } => chunk.payload.len(),
                 CoordinatorToNode::StartSlots { spec, slots, .. } => spec.wire_size() + slots.len() * 8,
+                CoordinatorToNode::Certificate { pem } => pem.len(),
                 _ => 0,
             }
     }
@@ -609,6 +612,10 @@ pub enum CoordinatorToNode {
     /// Stop one slot of a job (given back for another job's fair share);
     /// it holds no chunk.
     StopSlot { job: JobId, slot: SlotId },
+    /// A renewed certificate for this node (PEM), sent while it stays
+    /// connected into the last third of its certificate's life: the node
+    /// keeps it for its next connection.
+    Certificate { pem: String },
 }
 
 /// What a node daemon sends the coordinator after the handshake.

@@ -95,6 +95,16 @@ def cmd_node(args: argparse.Namespace) -> int:
     if args.slot_uids and (os.geteuid() != 0 or args.allow_root_calls):
         print("fleetmap node: --slot-uids needs a daemon running as root, and not --allow-root-calls", file=sys.stderr)
         return 2
+    if args.slot_uids and args.no_cgroups:
+        # Without a cgroup per slot, a process a call leaves behind (one
+        # that left its process group) could outlive the worker and meet
+        # the next call given the same uid.
+        print(
+            "fleetmap node: --slot-uids needs every slot in a cgroup of its own (which tears down all a call "
+            "left running before its uid serves another): drop --no-cgroups",
+            file=sys.stderr,
+        )
+        return 2
 
     pythons = args.python or [sys.executable]
     try:
@@ -346,6 +356,17 @@ def cmd_nodes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _at_least_one(text: str) -> int:
+    """A quota: a whole number of at least 1 (0 would refuse every job)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} would refuse every job; give at least 1, or no quota")
+    return value
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     state = Path(args.state_dir)
     if args.action == "create":
@@ -528,8 +549,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if action != "list":
             k.add_argument("name", help="who the key is for (letters, digits, - _ . @)")
         if action == "create":
-            k.add_argument("--max-slots", type=int, help="the most slots NAME's jobs may hold at once")
-            k.add_argument("--max-jobs", type=int, help="the most jobs NAME may run at once")
+            k.add_argument("--max-slots", type=_at_least_one, help="the most slots NAME's jobs may hold at once")
+            k.add_argument("--max-jobs", type=_at_least_one, help="the most jobs NAME may run at once")
         k.add_argument(
             "--state-dir",
             default=str(_default_state_dir()),

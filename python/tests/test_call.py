@@ -110,9 +110,13 @@ CTRL_C_JOB = """
 import os, sys, time
 from fleetmap import remote_parallel_map
 
-def slow(x, pids=sys.argv[1]):
-    import os, time
-    open(os.path.join(pids, str(os.getpid())), "w").close()
+def slow(x, marks=sys.argv[1]):
+    import os, subprocess, time
+    # A process of its own the host can find by its command line (a call
+    # on a fleet node is PID 2 of its own namespace: its pid names nothing
+    # outside).
+    subprocess.Popen(["sleep", f"300.{x + 1}"])
+    open(os.path.join(marks, str(x + 1)), "w").close()
     time.sleep(30)
     return x
 
@@ -126,11 +130,14 @@ def test_ctrl_c_in_the_caller_kills_every_remote_process_of_the_job(processes, t
     # A shared /tmp, so that the calls can say which workers run them (the
     # node also keeps workers started ahead of jobs, which must not count).
     processes.start_node(coordinator, "ctrl-c-node", cores=2, extra=["--shared-tmp"])
-    pids = tmp_path / "pids"
-    pids.mkdir()
-    client = processes.start("client", [sys.executable, "-c", CTRL_C_JOB, str(pids)], env=coordinator.client_env())
-    wait_for(lambda: len(os.listdir(pids)) >= 2, 30, "the job's calls to start", client.describe)
-    workers = [int(p) for p in os.listdir(pids)]
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    client = processes.start("client", [sys.executable, "-c", CTRL_C_JOB, str(marks)], env=coordinator.client_env())
+    wait_for(lambda: len(os.listdir(marks)) >= 2, 30, "the job's calls to start", client.describe)
+    # Each call's sleep, and its parent: the call's worker.
+    sleeps = [p for p in _pids() if _cmdline(p) in ([b"sleep", f"300.{m}".encode()] for m in os.listdir(marks))]
+    assert len(sleeps) >= 2, [_cmdline(p) for p in _pids()]
+    workers = sleeps + [_ppid(p) for p in sleeps]
     client.popen.send_signal(signal.SIGINT)
     client.popen.wait(timeout=10)
     assert client.popen.returncode != 0
@@ -140,6 +147,21 @@ def test_ctrl_c_in_the_caller_kills_every_remote_process_of_the_job(processes, t
         return [p for p in workers if os.path.exists(f"/proc/{p}") and not _is_zombie(p)]
 
     wait_for(lambda: not alive(), 5, "the job's workers to be killed", lambda: str(alive()))
+
+
+def _pids() -> list:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
+def _cmdline(pid: int) -> list:
+    try:
+        return open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")[:-1]
+    except OSError:
+        return []
+
+
+def _ppid(pid: int) -> int:
+    return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
 
 
 def _is_zombie(pid: int) -> bool:

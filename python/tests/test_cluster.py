@@ -154,6 +154,8 @@ def test_node_with_a_wrong_token_exits_with_a_clear_message(cluster, tmp_path):
             str(cluster.ca_path),
             "--name",
             "intruder",
+            # This test's interpreter may live where only root can run it.
+            "--allow-root-calls",
         ],
         capture_output=True,
         text=True,

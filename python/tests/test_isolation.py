@@ -579,9 +579,11 @@ UNPRIVILEGED_PROBE = """
 import os
 from fleetmap import remote_parallel_map
 
-def probe(secrets):
+def probe(arg):
+    import errno
     import os
     import stat
+    secrets, daemon_pid = arg
     status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
     attempts = {}
     def attempt(name, path):
@@ -590,7 +592,7 @@ def probe(secrets):
                 f.write(str(os.getpid()))
             attempts[name] = "written"
         except OSError as e:
-            attempts[name] = type(e).__name__
+            attempts[name] = errno.errorcode[e.errno]
     attempt("etc", "/etc/fleetmap-written-by-a-call")
     # Its own cgroup's process list: joining another cgroup, or leaving
     # its own, is the daemon's business.
@@ -602,12 +604,19 @@ def probe(secrets):
             # And the root of the hierarchy: outside every slot.
             attempt("root cgroup", base + "/cgroup.procs")
             break
-    # The daemon that started it.
+    # Its parent, and the daemon that started it.
+    for name, pid in (("signal parent", os.getppid()), ("signal daemon", daemon_pid)):
+        try:
+            os.kill(pid, 0)
+            attempts[name] = "allowed"
+        except OSError as e:
+            attempts[name] = errno.errorcode[e.errno]
+    # The cgroup tree and the rest of /sys are read-only.
     try:
-        os.kill(os.getppid(), 0)
-        attempts["signal daemon"] = "allowed"
+        os.mkdir("/sys/fs/cgroup/fleetmap-made-by-a-call")
+        attempts["mkdir cgroup"] = "made"
     except OSError as e:
-        attempts["signal daemon"] = type(e).__name__
+        attempts["mkdir cgroup"] = errno.errorcode[e.errno]
     # Every block device of the machine.
     blocks = {}
     for name in os.listdir("/dev"):
@@ -631,6 +640,9 @@ def probe(secrets):
                 continue
             leaks += [f"/proc/{pid}/{what}" for s in secrets if s in text]
     return {
+        "pid": os.getpid(),
+        "cwd": os.getcwd(),
+        "cgroups": sorted({line.strip().split(":", 2)[2] for line in open("/proc/self/cgroup")}),
         "uid": os.getuid(),
         "caps": {k: status[k].strip() for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")},
         "no_new_privs": status["NoNewPrivs"].strip(),
@@ -640,7 +652,8 @@ def probe(secrets):
     }
 
 SECRETS = [open(p).read().strip() for p in os.environ["PROBE_SECRET_FILES"].split(":")]
-RESULT = remote_parallel_map(probe, [SECRETS], packages=[], verbose=False)[0]
+DAEMON = int(os.environ["PROBE_DAEMON_PID"])
+RESULT = remote_parallel_map(probe, [(SECRETS, DAEMON)], packages=[], verbose=False)[0]
 """
 
 
@@ -663,8 +676,9 @@ def test_a_root_daemon_runs_calls_unprivileged_by_default(processes, tmp_path):
     path = f"{Path(fleetmap.__file__).parent.parent}:{Path(cloudpickle.__file__).parent.parent}"
     import tempfile
 
-    # A cache the unprivileged user can reach (the test's tmp_path is root's).
-    cache = Path(tempfile.mkdtemp(prefix="fleetmap-unprivileged-", dir="/tmp"))
+    # A cache the unprivileged user can reach (the test's tmp_path is root's),
+    # outside /tmp: a node whose cache lives under /tmp shares the host's.
+    cache = Path(tempfile.mkdtemp(prefix="fleetmap-unprivileged-", dir="/var/tmp"))
     cache.chmod(0o755)
     try:
         _run_unprivileged_probe(processes, cache, system_python, path, user)
@@ -686,6 +700,7 @@ def _run_unprivileged_probe(processes, cache: Path, system_python: Path, path: s
         coordinator.client_env(),
         PYTHONPATH=path,
         PROBE_SECRET_FILES=f"{coordinator.token_path}:{coordinator.state_dir / 'api-key'}",
+        PROBE_DAEMON_PID=str(node.popen.pid),
     )
     # packages=[]: an environment of nothing but the node's interpreter and
     # fleetmap's runtime, built (as the unprivileged user) on the node.
@@ -695,12 +710,21 @@ def _run_unprivileged_probe(processes, cache: Path, system_python: Path, path: s
     assert result["uid"] == user.pw_uid, (result, user)
     assert all(int(v, 16) == 0 for v in result["caps"].values()), result["caps"]
     assert result["no_new_privs"] == "1"
-    assert result["attempts"]["etc"] == "PermissionError", result
-    assert result["attempts"].get("cgroup") == "PermissionError", result
-    assert result["attempts"].get("root cgroup") == "PermissionError", result
-    assert result["attempts"]["signal daemon"] == "PermissionError", result
+    # PID and cgroup namespaces of its own: it is PID 2 (its namespace's
+    # init, root's, is its parent), it cannot even name the daemon, and its
+    # cgroup is its "/", in a read-only tree.
+    assert result["pid"] == 2, result
+    assert result["cgroups"] == ["/"], result
+    assert result["cwd"] == "/tmp", result
+    assert result["attempts"]["etc"] == "EACCES", result
+    assert result["attempts"].get("cgroup") == "EROFS", result
+    assert result["attempts"].get("root cgroup") == "EROFS", result
+    assert result["attempts"]["mkdir cgroup"] == "EROFS", result
+    assert result["attempts"]["signal parent"] == "EPERM", result
+    assert result["attempts"]["signal daemon"] == "ESRCH", result
     assert result["blocks"], "this machine has block devices to try"
     assert set(result["blocks"].values()) == {"PermissionError"}, result["blocks"]
+    assert not Path("/sys/fs/cgroup/fleetmap-made-by-a-call").exists()
     assert result["leaks"] == [], "the join token and API key appear nowhere a call can read"
     assert not Path("/etc/fleetmap-written-by-a-call").exists()
     status = subprocess.run(
@@ -708,6 +732,7 @@ def _run_unprivileged_probe(processes, cache: Path, system_python: Path, path: s
     )
     line = next(l for l in status.stdout.splitlines() if l.startswith("default-user"))
     assert f"calls as uid {user.pw_uid}:{user.pw_gid}, no capabilities" in line, status.stdout
+    assert "PID and cgroup namespaces, read-only /sys" in line, status.stdout
 
 
 def _user(name: str):
@@ -725,26 +750,25 @@ from fleetmap import remote_parallel_map
 
 def probe(x):
     import os, time
-    # Each call leaves its pid where the other can read it (/tmp and
-    # /dev/shm are the call's own), then tries to signal the other.
+    # Each call leaves its uid where the other can read it (/tmp and
+    # /dev/shm are the call's own), then tries to signal every process it
+    # can name.
     board = os.environ["PROBE_BOARD"]
     with open(f"{board}/{os.getuid()}", "w") as f:
         f.write(str(os.getpid()))
     time.sleep(1.5)  # both calls alive at once
-    others, kills, visible = [], [], []
-    for name in os.listdir(board):
-        if int(name) == os.getuid():
+    others = sorted(int(name) for name in os.listdir(board) if int(name) != os.getuid())
+    signalable = []
+    for pid in range(1, 4096):
+        if pid == os.getpid():
             continue
-        pid = int(open(f"{board}/{name}").read())
-        others.append(int(name))
-        visible.append(os.path.exists(f"/proc/{pid}"))
         try:
             os.kill(pid, 0)
-            kills.append("allowed")
-        except OSError as e:
-            kills.append(type(e).__name__)
-    daemon_visible = os.path.exists(f"/proc/{os.getppid()}")
-    return os.getuid(), others, kills, visible, daemon_visible, os.listdir("/dev/shm")
+            signalable.append(pid)
+        except OSError:
+            pass
+    visible = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
+    return os.getuid(), others, os.getpid(), signalable, visible, os.listdir("/dev/shm")
 
 RESULT = remote_parallel_map(probe, [0, 1], packages=[], verbose=False)
 """
@@ -781,14 +805,17 @@ def test_with_slot_uids_each_worker_runs_as_a_uid_of_its_own_that_others_cannot_
         r = run_client(SLOT_UIDS_PROBE, env=dict(coordinator.client_env(), PYTHONPATH=path),
                        python=str(system_python))
         assert r["returncode"] == 0, r["stderr"] + node.describe()
-        (uid_a, others_a, kills_a, seen_a, daemon_a, shm_a), (uid_b, others_b, kills_b, seen_b, daemon_b, shm_b) = r[
+        (uid_a, others_a, pid_a, kills_a, seen_a, shm_a), (uid_b, others_b, pid_b, kills_b, seen_b, shm_b) = r[
             "result"
         ]
         assert uid_a != uid_b and all(3100000 <= u <= 3100099 for u in (uid_a, uid_b)), r["result"]
         assert others_a == [uid_b] and others_b == [uid_a], r["result"]
-        assert kills_a == kills_b == ["PermissionError"], "neither can signal the other"
-        assert seen_a == seen_b == [False], "nor see it in /proc"
-        assert not daemon_a and not daemon_b, "nor the daemon"
+        # Each in a PID namespace of its own, as a uid of its own: there is
+        # no process it may signal but itself, and /proc shows no other
+        # (not the other call's, not the daemon's, not its own init, root's).
+        assert pid_a == pid_b == 2, r["result"]
+        assert kills_a == kills_b == [], "neither can signal anything"
+        assert seen_a == seen_b == [2], "nor see anything but itself in /proc"
         assert "fleetmap-host-only" not in shm_a + shm_b, "/dev/shm is the call's own"
         status = subprocess.run(
             fleetmap_command() + ["status"], env=coordinator.client_env(), capture_output=True, text=True, timeout=60

@@ -46,17 +46,24 @@ def jobs(coordinator, key: str, *args: str) -> subprocess.CompletedProcess:
     )
 
 
-PID = """
-import os
+# Which worker process ran a call: a mark it leaves in its interpreter
+# (every worker on a fleet node is PID 2 of a namespace of its own, so its
+# pid names none).
+WORKER = """
 from fleetmap import remote_parallel_map
-RESULT = remote_parallel_map(lambda _: os.getpid(), [0], verbose=False)[0]
+
+def worker_mark(_):
+    import sys, uuid
+    return sys.__dict__.setdefault("_fleetmap_test_worker", uuid.uuid4().hex)
+
+RESULT = remote_parallel_map(worker_mark, [0], verbose=False)[0]
 """
 
 
-def pid_of_a_call(coordinator, key: str) -> int:
-    r = run_client(PID, env=coordinator.client_env(api_key=key))
+def worker_of_a_call(coordinator, key: str) -> str:
+    r = run_client(WORKER, env=coordinator.client_env(api_key=key))
     assert r["returncode"] == 0, r["stderr"]
-    return int(r["result"])
+    return str(r["result"])
 
 
 def test_keys_are_listed_without_secrets_and_the_original_key_keeps_working(fleet):
@@ -70,7 +77,7 @@ def test_keys_are_listed_without_secrets_and_the_original_key_keeps_working(flee
     assert key not in listed.stdout and key not in (fleet.state_dir / "keys.tsv").read_text()
     again = keys(fleet, "create", "lister")
     assert again.returncode == 1 and "already exists" in again.stderr
-    pid_of_a_call(fleet, fleet.api_key)
+    worker_of_a_call(fleet, fleet.api_key)
 
 
 def test_a_principal_sees_and_cancels_only_its_own_jobs(fleet):
@@ -107,9 +114,9 @@ RESULT = "finished"
 
 def test_a_warm_worker_serves_only_the_principal_whose_code_it_ran(fleet):
     carol, dave = make_key(fleet, "carol"), make_key(fleet, "dave")
-    first = pid_of_a_call(fleet, carol)
-    assert pid_of_a_call(fleet, dave) != first, "carol's warm worker is not dave's"
-    assert pid_of_a_call(fleet, carol) == first, "carol gets her own warm worker back"
+    first = worker_of_a_call(fleet, carol)
+    assert worker_of_a_call(fleet, dave) != first, "carol's warm worker is not dave's"
+    assert worker_of_a_call(fleet, carol) == first, "carol gets her own warm worker back"
 
 
 def test_a_revoked_key_is_refused_at_once_even_on_an_open_connection(fleet):
@@ -152,7 +159,7 @@ print(json.dumps(RESULT), flush=True)
         client.kill()
         client.wait()
     # A new connection with the key is refused too.
-    r = run_client(PID, env=fleet.client_env(api_key=erin))
+    r = run_client(WORKER, env=fleet.client_env(api_key=erin))
     assert r["returncode"] != 0 and "AuthenticationError" in r["stderr"], r["stderr"]
     listed = keys(fleet, "list").stdout
     erin_line = next(line for line in listed.splitlines() if line.startswith("erin"))

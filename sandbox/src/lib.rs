@@ -104,7 +104,23 @@ pub struct WorkerCommand {
     /// namespace of its own (with a private `/tmp` whatever `private_tmp`
     /// says). `program` is a path inside the image.
     pub image: Option<image_root::ImageRoot>,
+    /// Confine the worker further, as a fleet node's calls are (needs
+    /// root): PID and cgroup namespaces of its own (it sees only its own
+    /// processes, cannot name the daemon's, and its cgroup is its `/`), a
+    /// fresh `/proc`, `/sys` (the cgroup tree included) read-only, and its
+    /// private `/tmp` (or, without one, `/`) as its working directory.
+    ///
+    /// The worker is then three processes: a keeper in the daemon's PID
+    /// namespace (the [`Worker::pid`] the daemon knows, which exits as the
+    /// interpreter does), the new namespace's init (PID 1, which reaps
+    /// whatever the call orphans), and the interpreter (PID 2).
+    pub own_namespaces: bool,
 }
+
+/// How many processes a worker started with `own_namespaces` is made of
+/// while it runs nothing else: its keeper, its namespace's init and its
+/// interpreter.
+pub const CONFINED_WORKER_PROCESSES: usize = 3;
 
 /// A running worker. Dropping it kills the worker's whole process group.
 pub struct Worker {
@@ -154,8 +170,8 @@ fn kill_group(pid: u32) {
 pub fn spawn_worker(cmd: &WorkerCommand) -> Result<Worker, SandboxError> {
     let (ours, theirs) = UnixStream::pair().map_err(SandboxError::Channel)?;
     let spawn_error = |source| SandboxError::Spawn {
-        // The child reports only an errno: say that joining the cgroup is
-        // one of the steps that can have failed.
+        // The child reports only an errno: say which steps can have failed
+        // (joining the cgroup, changing user).
         program: match (&cmd.image, cmd.cgroup_procs.is_empty()) {
             (Some(image), _) if image.rootless => format!(
                 "{} in its image {} (as a user other than root, which needs unprivileged user namespaces: \
@@ -167,6 +183,9 @@ pub fn spawn_worker(cmd: &WorkerCommand) -> Result<Worker, SandboxError> {
             (Some(image), _) => format!("{} in its image {}", cmd.program.display(), image.rootfs.display()),
             (None, true) => cmd.program.display().to_string(),
             (None, false) => format!("{} in its slot's cgroup", cmd.program.display()),
+        } + &match cmd.run_as {
+            Some((uid, gid)) => format!(" as uid {uid}:{gid} (which must be able to read and run it)"),
+            None => String::new(),
         },
         source,
     };
@@ -183,6 +202,7 @@ pub fn spawn_worker(cmd: &WorkerCommand) -> Result<Worker, SandboxError> {
         affinity: cpu_set(&cmd.cpu_affinity),
         run_as: cmd.run_as.map(|(uid, gid)| (Uid::from_raw(uid), Gid::from_raw(gid))),
         private_tmp: cmd.private_tmp,
+        own_namespaces: cmd.own_namespaces,
         root: cmd
             .image
             .as_ref()
@@ -244,6 +264,7 @@ struct ChildSetup {
     affinity: Option<CpuSet>,
     run_as: Option<(Uid, Gid)>,
     private_tmp: bool,
+    own_namespaces: bool,
     /// The image root to enter, as system calls made before fork.
     root: Option<image_root::RootSteps>,
     /// The highest capability number the kernel knows, read before fork.
@@ -265,9 +286,13 @@ impl ChildSetup {
         if let Some(channel) = &self.channel {
             Self::place_channel(channel)?;
         }
+        if self.own_namespaces {
+            // Returns only in the process that goes on to exec.
+            Self::enter_pid_namespace()?;
+        }
         if let Some(root) = &self.root {
             root.enter()?;
-        } else if self.private_tmp {
+        } else if self.private_tmp || self.own_namespaces {
             unshare(CloneFlags::CLONE_NEWNS)?;
             // Keep the new /tmp (and everything else) from propagating back
             // to the daemon's namespace.
@@ -278,26 +303,29 @@ impl ChildSetup {
                 MsFlags::MS_REC | MsFlags::MS_PRIVATE,
                 None::<&std::ffi::CStr>,
             )?;
-            mount(
-                Some(c"tmpfs"),
-                c"/tmp",
-                Some(c"tmpfs"),
-                MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-                Some(c"mode=1777"),
-            )?;
-            // POSIX shared memory too: nothing a call leaves there reaches
-            // another.
-            mount(
-                Some(c"tmpfs"),
-                c"/dev/shm",
-                Some(c"tmpfs"),
-                MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-                Some(c"mode=1777"),
-            )?;
-            if self.run_as.is_some() {
-                // A /proc of its own that shows only the processes of the
-                // call's own user: not the daemon's, not another slot's
-                // (with per-slot uids), nor their command lines.
+            if self.private_tmp {
+                mount(
+                    Some(c"tmpfs"),
+                    c"/tmp",
+                    Some(c"tmpfs"),
+                    MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+                    Some(c"mode=1777"),
+                )?;
+                // POSIX shared memory too: nothing a call leaves there
+                // reaches another.
+                mount(
+                    Some(c"tmpfs"),
+                    c"/dev/shm",
+                    Some(c"tmpfs"),
+                    MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+                    Some(c"mode=1777"),
+                )?;
+            }
+            if self.run_as.is_some() || self.own_namespaces {
+                // A /proc of its own, of its PID namespace where it has one,
+                // that shows only the processes of the call's own user: not
+                // the daemon's, not another slot's (with per-slot uids), nor
+                // their command lines.
                 mount(
                     Some(c"proc"),
                     c"/proc",
@@ -305,6 +333,12 @@ impl ChildSetup {
                     MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
                     Some(c"hidepid=2"),
                 )?;
+            }
+            if self.own_namespaces {
+                Self::read_only_recursive(c"/sys")?;
+                // Never the daemon's own directory: its private /tmp, or
+                // else the root (where it can write nothing).
+                unistd::chdir(if self.private_tmp { c"/tmp" } else { c"/" })?;
             }
         }
         if let Some((uid, gid)) = self.run_as {
@@ -325,6 +359,111 @@ impl ChildSetup {
         prctl::set_no_new_privs()?;
         Ok(())
     }
+    /// Moves the rest of the worker into new PID and cgroup namespaces
+    /// (the cgroup joined above becomes its `/`). This process stays behind
+    /// as the keeper, in the daemon's namespace; its child becomes the new
+    /// namespace's init, and the init's child returns from here, as PID 2,
+    /// to exec the interpreter. Keeper and init never return: they wait,
+    /// and exit as the interpreter did.
+    fn enter_pid_namespace() -> io::Result<()> {
+        // The keeper dies with the daemon's spawning thread, the init with
+        // the keeper; the interpreter's own parent-death signal is set
+        // after it changes user. When the init dies, the kernel kills every
+        // process of its namespace.
+        prctl::set_pdeathsig(Signal::SIGKILL)?;
+        unshare(CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWCGROUP)?;
+        // SAFETY: this process is already the single-threaded child of a
+        // fork; both sides of this fork go on with async-signal-safe system
+        // calls only (the keeper and the init: close_range, waitpid,
+        // prctl, sigaction, kill, _exit; the other: what `enter` does).
+        if let unistd::ForkResult::Parent { child } = unsafe { unistd::fork() }? {
+            Self::keep(child, false);
+        }
+        prctl::set_pdeathsig(Signal::SIGKILL)?;
+        // SAFETY: as above.
+        if let unistd::ForkResult::Parent { child } = unsafe { unistd::fork() }? {
+            Self::keep(child, true);
+        }
+        Ok(())
+    }
+
+    /// Waits for `child` and exits as it did; never returns. It holds no
+    /// descriptor meanwhile, so that the worker's channel and pipes report
+    /// the interpreter's end when it ends. As `init` it also reaps every
+    /// process the call orphans, and reports a death by signal N as status
+    /// 128 + N (PID 1 cannot raise a signal on itself); the keeper turns
+    /// that back into the signal, so that the daemon sees how the
+    /// interpreter died.
+    fn keep(child: Pid, init: bool) -> ! {
+        use nix::sys::wait::{waitpid, WaitStatus};
+        close_every_descriptor();
+        let signal_death = |signal: Signal| -> ! {
+            if !init {
+                // No core file of this copy of the daemon's memory.
+                let _ = prctl::set_dumpable(false);
+                // SAFETY: resetting a disposition to the default touches no
+                // memory of ours and installs no handler.
+                let _ = unsafe { nix::sys::signal::signal(signal, nix::sys::signal::SigHandler::SigDfl) };
+                let _ = nix::sys::signal::raise(signal);
+            }
+            exit_now(128 + signal as i32)
+        };
+        loop {
+            match waitpid(if init { None } else { Some(child) }, None) {
+                Ok(WaitStatus::Exited(pid, code)) if pid == child => {
+                    if !init && code > 128 {
+                        if let Ok(signal) = Signal::try_from(code - 128) {
+                            signal_death(signal);
+                        }
+                    }
+                    exit_now(code)
+                }
+                Ok(WaitStatus::Signaled(pid, signal, _)) if pid == child => signal_death(signal),
+                // An orphan reaped, a stop, or an interrupted wait.
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(_) => exit_now(1),
+            }
+        }
+    }
+
+    /// Makes the mount at `path` and every mount below it read-only (the
+    /// cgroup hierarchies under `/sys/fs/cgroup` included).
+    fn read_only_recursive(path: &std::ffi::CStr) -> io::Result<()> {
+        /// `struct mount_attr` of mount_setattr(2).
+        #[repr(C)]
+        struct MountAttr {
+            attr_set: u64,
+            attr_clr: u64,
+            propagation: u64,
+            userns_fd: u64,
+        }
+        const MOUNT_ATTR_RDONLY: u64 = 1;
+        let attr = MountAttr {
+            attr_set: MOUNT_ATTR_RDONLY,
+            attr_clr: 0,
+            propagation: 0,
+            userns_fd: 0,
+        };
+        // nix 0.32 does not wrap mount_setattr (Linux 5.12).
+        // SAFETY: the kernel reads `path` (a NUL-terminated string we
+        // borrow) and `size_of::<MountAttr>()` bytes of `attr`, which we
+        // own; it writes nothing of ours.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_mount_setattr,
+                libc::AT_FDCWD,
+                path.as_ptr(),
+                libc::AT_RECURSIVE as libc::c_uint,
+                &attr as *const MountAttr,
+                std::mem::size_of::<MountAttr>(),
+            )
+        };
+        if r == -1 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// Empties the capability bounding set (capabilities `0..=last`) and the
     /// ambient set.
     fn drop_capabilities(last: i32) -> io::Result<()> {
@@ -380,6 +519,38 @@ impl ChildSetup {
     }
 }
 
+/// Ends the calling process at once, running nothing of the parent's
+/// (no atexit handler, no buffer flush): all a forked child may do.
+fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit is async-signal-safe and touches no memory of ours.
+    unsafe { libc::_exit(code) }
+}
+
+/// Closes every descriptor of the calling process (close_range, Linux 5.9,
+/// or one by one up to the descriptor limit where it is missing).
+fn close_every_descriptor() {
+    // SAFETY: close_range takes integers and touches no memory; closing
+    // descriptors is sound here as no owner of them runs again in this
+    // process (it only waits and exits).
+    if unsafe { libc::syscall(libc::SYS_close_range, 0, libc::c_uint::MAX, 0) } == 0 {
+        return;
+    }
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into `limit`, which we own.
+    let max = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
+        limit.rlim_cur.min(1 << 20) as libc::c_int
+    } else {
+        1024
+    };
+    for fd in 0..max {
+        // SAFETY: as for close_range above.
+        unsafe { libc::close(fd) };
+    }
+}
+
 /// Makes `command` start the way a worker does, for a helper process such
 /// as an environment build: inside the cgroup whose `cgroup.procs` files are
 /// given (from its first instruction), as `run_as` if set, with
@@ -392,6 +563,7 @@ pub fn confine(command: &mut tokio::process::Command, cgroup_procs: Vec<File>, r
         affinity: None,
         run_as: run_as.map(|(uid, gid)| (Uid::from_raw(uid), Gid::from_raw(gid))),
         private_tmp: false,
+        own_namespaces: false,
         root: None,
         last_capability: last_capability(),
     };
@@ -571,6 +743,7 @@ mod tests {
             run_as: None,
             private_tmp: false,
             image: None,
+            own_namespaces: false,
         };
         let mut worker = spawn_worker(&cmd).unwrap();
         let mut channel = worker.channel.take().unwrap();
@@ -606,6 +779,7 @@ mod tests {
             run_as: None,
             private_tmp: false,
             image: None,
+            own_namespaces: false,
         };
         let mut worker = spawn_worker(&cmd).unwrap();
         let mut out = String::new();
@@ -624,6 +798,7 @@ mod tests {
             run_as: None,
             private_tmp: false,
             image: None,
+            own_namespaces: false,
         };
         let mut worker = spawn_worker(&cmd).unwrap();
         let mut out = String::new();
@@ -642,6 +817,7 @@ mod tests {
             run_as: None,
             private_tmp: false,
             image: None,
+            own_namespaces: false,
         };
         let mut worker = spawn_worker(&cmd).unwrap();
         let mut channel = worker.channel.take().unwrap();
@@ -675,6 +851,7 @@ mod tests {
             run_as: Some(lookup_user("nobody").unwrap()),
             private_tmp: true,
             image: None,
+            own_namespaces: false,
         };
         let mut worker = spawn_worker(&cmd).unwrap();
         let mut channel = worker.channel.take().unwrap();
@@ -690,6 +867,56 @@ mod tests {
             !std::path::Path::new(&marker).exists(),
             "the worker's /tmp is not the daemon's"
         );
+    }
+
+    /// As root: a confined worker is PID 2 of a namespace of its own (the
+    /// daemon is not in it), its cgroup is its `/`, `/sys` and the cgroup
+    /// tree are read-only, it works in its private /tmp, what it leaves
+    /// running dies with it, and the daemon sees how it died.
+    #[tokio::test]
+    async fn a_confined_worker_has_namespaces_of_its_own() {
+        if !unistd::geteuid().is_root() {
+            return test_host::cannot_run(
+                "a_confined_worker_has_namespaces_of_its_own",
+                test_host::Missing::Capability("not root: PID and cgroup namespaces need root".into()),
+            );
+        }
+        let probe = "/sys/fs/cgroup/fleetmap-read-only-probe";
+        let script = format!(
+            "sleep 1000 & \
+             echo $$ $(cut -d: -f3 /proc/self/cgroup | sort -u) $(pwd) \
+             $([ -e /proc/{daemon} ] && echo daemon-visible || echo daemon-hidden) \
+             $(mkdir {probe} 2>&1 | grep -c 'Read-only') >&3; \
+             kill -KILL $$",
+            daemon = std::process::id()
+        );
+        let cmd = WorkerCommand {
+            program: "/bin/sh".into(),
+            args: vec!["-c".into(), script.into()],
+            env: vec![],
+            cgroup_procs: vec![],
+            cpu_affinity: vec![],
+            run_as: None,
+            private_tmp: true,
+            image: None,
+            own_namespaces: true,
+        };
+        let mut worker = spawn_worker(&cmd).unwrap();
+        let mut channel = worker.channel.take().unwrap();
+        let mut out = String::new();
+        // The background sleep holds the channel too: it reaches its end
+        // only once the namespace is gone.
+        channel.read_to_string(&mut out).await.unwrap();
+        let status = worker.child.wait().await.unwrap();
+        let _ = std::fs::remove_dir(probe);
+        assert_eq!(
+            out.split_whitespace().collect::<Vec<_>>(),
+            vec!["2", "/", "/tmp", "daemon-hidden", "1"],
+            "pid, cgroup, working directory, the daemon's pid, a read-only cgroup tree: {out}"
+        );
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
+        assert_eq!(process_group_members(worker.pid), Vec::<u32>::new());
     }
 
     #[test]
@@ -721,6 +948,7 @@ mod tests {
             run_as: None,
             private_tmp: false,
             image: None,
+            own_namespaces: false,
         };
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()

@@ -1,6 +1,9 @@
 //! Node identity over real QUIC: a node enrolls once with the join token and
 //! then joins with its certificate alone (mutual TLS); only its current
-//! certificate is accepted; a revoked node is disconnected and refused,
+//! certificate is accepted (and the one it renewed, until it uses the new
+//! one); the token cannot take over a name that holds a valid certificate
+//! without the operator's approval; a node that stays connected is renewed
+//! on its open connection; a revoked node is disconnected and refused,
 //! with its certificate or the token; certificates are renewed in the last
 //! third of their life and fail the handshake once expired; what a node
 //! offers beyond the per-node limit is not used.
@@ -80,6 +83,33 @@ async fn a_node_enrolls_with_the_token_then_joins_with_its_certificate_alone() {
 }
 
 #[tokio::test]
+async fn the_token_cannot_take_over_a_name_that_holds_a_valid_certificate() {
+    let (coordinator, access) = start_coordinator().await.unwrap();
+    let (key, cert) = enroll(&access, "gpu-01").await;
+    let impostor = node_key();
+    let role = || node_role_with_key(&access.join_token, "gpu-01", 1, &impostor);
+    match NodePeer::join(&access, role()).await {
+        Err(SessionError::Pending(reason)) => {
+            assert!(reason.contains("fleetmap nodes approve gpu-01"), "{reason}")
+        }
+        Err(other) => panic!("expected to wait for approval, got {other}"),
+        Ok(_) => panic!("the join token took over a name with a valid certificate"),
+    }
+    // The node that holds the name keeps it meanwhile.
+    let peer = join_with_certificate(&access, "gpu-01", &key, &cert).await.unwrap();
+    peer.leave("still mine").await;
+    // The operator approves the new enrollment: the old certificate is
+    // retired, the new key enrolls.
+    coordinator.node_registry().approve("gpu-01").unwrap();
+    let peer = NodePeer::join(&access, role()).await.unwrap();
+    assert!(peer.node_certificate.is_some(), "approved: enrolled anew");
+    peer.leave("enrolled").await;
+    let reason = refused(join_with_certificate(&access, "gpu-01", &key, &cert).await);
+    assert!(reason.contains("not its current one"), "{reason}");
+    coordinator.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_revoked_node_is_disconnected_and_refused_with_its_certificate_or_the_token() {
     let (coordinator, access) = start_coordinator().await.unwrap();
     let (key, cert) = enroll(&access, "doomed").await;
@@ -125,12 +155,21 @@ async fn a_certificate_is_renewed_in_the_last_third_of_its_life_and_refused_once
     peer.leave("again later").await;
     tokio::time::sleep(Duration::from_millis(4300)).await;
     let peer = join_with_certificate(&access, "short", &key, &cert).await.unwrap();
-    let renewed = peer.node_certificate.clone().expect("renewed in its last third");
+    peer.node_certificate.clone().expect("renewed in its last third");
     peer.leave("renewed").await;
+    // The renewal's answer may never have reached the node: until it uses
+    // its new certificate, the one it renewed still joins, and is renewed
+    // again.
+    let peer = join_with_certificate(&access, "short", &key, &cert).await.unwrap();
+    let renewed = peer.node_certificate.clone().expect("renewed again");
+    peer.leave("renewed again").await;
+    let peer = join_with_certificate(&access, "short", &key, &renewed).await.unwrap();
+    assert!(peer.node_certificate.is_none(), "a fresh certificate is kept");
+    peer.leave("used the new one").await;
     let reason = refused(join_with_certificate(&access, "short", &key, &cert).await);
     assert!(
         reason.contains("not its current one"),
-        "the old one is superseded: {reason}"
+        "once the new one is used, the old one is superseded: {reason}"
     );
     tokio::time::sleep(Duration::from_millis(7000)).await;
     assert!(
@@ -140,6 +179,33 @@ async fn a_certificate_is_renewed_in_the_last_third_of_its_life_and_refused_once
         ),
         "an expired certificate fails the TLS handshake"
     );
+    coordinator.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_node_that_stays_connected_is_renewed_on_its_open_connection() {
+    let (coordinator, access) = start_coordinator_with(|config: &mut CoordinatorConfig| {
+        config.node_cert_validity = Duration::from_secs(6);
+    })
+    .await
+    .unwrap();
+    let (key, cert) = enroll(&access, "steady").await;
+    let mut peer = join_with_certificate(&access, "steady", &key, &cert).await.unwrap();
+    assert!(peer.node_certificate.is_none(), "early in its life: kept");
+    // Into the last third of its life (after 4 s), without reconnecting.
+    let renewed = match peer.next().await {
+        fleetmap_protocol::CoordinatorToNode::Certificate { pem } => pem,
+        other => panic!("expected a renewed certificate, got {other:?}"),
+    };
+    assert_ne!(renewed, cert);
+    peer.leave("renewed").await;
+    // The renewed certificate joins as is; the one it replaced only until
+    // the new one is used.
+    let peer = join_with_certificate(&access, "steady", &key, &renewed).await.unwrap();
+    assert!(peer.node_certificate.is_none(), "a fresh certificate is kept");
+    peer.leave("done").await;
+    let reason = refused(join_with_certificate(&access, "steady", &key, &cert).await);
+    assert!(reason.contains("not its current one"), "{reason}");
     coordinator.shutdown().await;
 }
 

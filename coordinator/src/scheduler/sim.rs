@@ -261,6 +261,7 @@ impl Kind for CoordinatorToNode {
             CoordinatorToNode::RunChunk { .. } => "RunChunk",
             CoordinatorToNode::StopJob { .. } => "StopJob",
             CoordinatorToNode::StopSlot { .. } => "StopSlot",
+            CoordinatorToNode::Certificate { .. } => "Certificate",
         }
     }
 }
@@ -272,6 +273,7 @@ impl AboutJob for CoordinatorToNode {
             | CoordinatorToNode::RunChunk { job, .. }
             | CoordinatorToNode::StopJob { job, .. }
             | CoordinatorToNode::StopSlot { job, .. } => Some(*job),
+            CoordinatorToNode::Certificate { .. } => None,
         }
     }
 }
@@ -957,6 +959,7 @@ impl World {
                 );
                 self.stats.stopped_slots += 1;
             }
+            CoordinatorToNode::Certificate { .. } => fail!(self, "the scheduler sent node {id} a certificate"),
             CoordinatorToNode::StopJob { job, .. } => {
                 check!(
                     self,

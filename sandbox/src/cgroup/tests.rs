@@ -545,6 +545,7 @@ async fn run_in(slot: &SlotCgroup, script: &str) -> (ExitStatus, String, String)
         run_as: None,
         private_tmp: false,
         image: None,
+        own_namespaces: false,
     };
     let mut worker = spawn_worker(&cmd).unwrap();
     let (mut out, mut err) = (String::new(), String::new());
@@ -733,6 +734,7 @@ async fn init_kills_and_removes_the_slots_of_a_crashed_daemon() {
         run_as: None,
         private_tmp: false,
         image: None,
+        own_namespaces: false,
     };
     let mut worker = spawn_worker(&cmd).unwrap();
     let deadline = Instant::now() + Duration::from_secs(2);
