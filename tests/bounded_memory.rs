@@ -125,6 +125,8 @@ async fn a_client_that_never_reads_costs_a_bounded_amount(access: &CoordinatorAc
         .send(ClientToCoordinator::SubmitJob {
             request: RequestId(0),
             spec: Box::new(job_spec(1, ONE_CORE)),
+            first: None,
+            only: false,
         })
         .unwrap();
     let job = match client.next().await {

@@ -140,6 +140,20 @@ impl Client {
     /// Submits a job; it is accepted (possibly with no free slots yet) or
     /// rejected with the coordinator's reason.
     pub async fn submit(&self, spec: JobSpec) -> Result<Job, ClientError> {
+        self.submit_with_first(spec, None, false).await
+    }
+
+    /// Submits a job together with its first chunk of inputs (chunk 0,
+    /// from input 0, at most [`fleetmap_protocol::FIRST_CHUNK_BYTES`]), so
+    /// that its first call waits for no round trip more; the credit the
+    /// job returns is for the chunks after it. `only`: that chunk is all
+    /// of the job's inputs (no `inputs_done` follows).
+    pub async fn submit_with_first(
+        &self,
+        spec: JobSpec,
+        first: Option<InputChunk>,
+        only: bool,
+    ) -> Result<Job, ClientError> {
         let (done, accepted) = oneshot::channel();
         let request = self.register(|routes, request| {
             routes.submits.insert(request, done);
@@ -147,6 +161,8 @@ impl Client {
         let _ = self.tx.send(ClientToCoordinator::SubmitJob {
             request,
             spec: Box::new(spec),
+            first,
+            only,
         });
         let accepted = accepted
             .await

@@ -31,8 +31,8 @@ mod recovery;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use fleetmap_protocol::{
-    ChunkId, ClientId, CoordinatorToClient, CoordinatorToNode, FailureKind, InputChunk, JobId, JobSpec, JobStatus,
-    LogLine, NodeId, NodeIsolation, NodeStatus, OutputChunk, RequestId, Resources, SlotId,
+    ChunkId, ClientId, CoordinatorToClient, CoordinatorToNode, FailureKind, InputChunk, InputIndex, JobId, JobSpec,
+    JobStatus, LogLine, NodeId, NodeIsolation, NodeStatus, OutputChunk, RequestId, Resources, SlotId,
 };
 
 use crate::keys::Quota;
@@ -286,7 +286,47 @@ impl Scheduler {
     /// A client submits a job. It is accepted (and gets the slots that are
     /// free) or rejected at once when no node could ever host one call, or
     /// when its principal already runs as many jobs as its quota allows.
+    /// A client submits a job.
     pub fn handle_submit(&mut self, client: ClientId, request: RequestId, spec: JobSpec) {
+        self.accept_job(client, request, spec, false);
+    }
+
+    /// A client submits a job with its first chunk of inputs (which needs
+    /// no credit) and, with `only`, no more.
+    pub fn handle_submit_with_first(
+        &mut self,
+        client: ClientId,
+        request: RequestId,
+        spec: JobSpec,
+        first: InputChunk,
+        only: bool,
+    ) -> Result<(), ProtocolViolation> {
+        if first.payload.len() > fleetmap_protocol::FIRST_CHUNK_BYTES
+            || first.chunk != ChunkId(0)
+            || first.first_input != InputIndex(0)
+        {
+            return Err(ProtocolViolation(format!(
+                "request {request}: the first chunk sent with a job must be chunk 0 from input 0 with at most {} \
+                 bytes (chunk {}, input {}, {} bytes)",
+                fleetmap_protocol::FIRST_CHUNK_BYTES,
+                first.chunk,
+                first.first_input,
+                first.payload.len()
+            )));
+        }
+        if let Some(id) = self.accept_job(client, request, spec, true) {
+            self.handle_inputs(client, id, first)?;
+            if only {
+                self.handle_inputs_done(client, id, 1)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Accepts (or rejects) a job and credits its client; `first_chunk`:
+    /// one chunk came with it, on the protocol's credit. The job's id, if
+    /// accepted.
+    fn accept_job(&mut self, client: ClientId, request: RequestId, spec: JobSpec, first_chunk: bool) -> Option<JobId> {
         if let Some(max) = self.quota_of(&spec.principal).max_jobs {
             let running = self
                 .jobs
@@ -300,12 +340,12 @@ impl Scheduler {
                     spec.principal
                 );
                 self.send_to_client(client, CoordinatorToClient::JobRejected { request, reason });
-                return;
+                return None;
             }
         }
         if let Err(reason) = self.check_placeable(&spec.call) {
             self.send_to_client(client, CoordinatorToClient::JobRejected { request, reason });
-            return;
+            return None;
         }
         let id = self.next_job;
         self.next_job = JobId(id.0 + 1);
@@ -318,6 +358,9 @@ impl Scheduler {
         self.grow_jobs();
         let job = self.jobs.get_mut(&id).expect("job inserted above");
         job.announced = true;
+        if first_chunk {
+            job.credit_out += 1;
+        }
         let credit = job.top_up();
         let nodes = job.slots.values().map(|s| s.node).collect::<BTreeSet<_>>().len() as u32;
         let msg = CoordinatorToClient::JobAccepted {
@@ -328,6 +371,7 @@ impl Scheduler {
             credit,
         };
         self.send_to_client(client, msg);
+        Some(id)
     }
 
     pub fn handle_inputs(&mut self, client: ClientId, job: JobId, chunk: InputChunk) -> Result<(), ProtocolViolation> {

@@ -873,7 +873,12 @@ async fn client_loop(
 ) -> Result<(), SessionError> {
     while let Some(msg) = rx.recv().await? {
         let result = match msg {
-            ClientToCoordinator::SubmitJob { request, mut spec } => {
+            ClientToCoordinator::SubmitJob {
+                request,
+                mut spec,
+                first,
+                only,
+            } => {
                 // The key is checked again for every job: one revoked
                 // (or a job's credential whose job ended) since the
                 // connection opened takes no more.
@@ -887,8 +892,17 @@ async fn client_loop(
                             if let Some(quota) = now.quota {
                                 s.set_quota(&spec.principal, quota);
                             }
-                            s.handle_submit(client, request, *spec)
-                        });
+                            match first {
+                                Some(chunk) => s.handle_submit_with_first(client, request, *spec, chunk, only),
+                                None if only => Err(crate::scheduler::ProtocolViolation(format!(
+                                    "request {request}: a job said to have only its first chunk came without it"
+                                ))),
+                                None => {
+                                    s.handle_submit(client, request, *spec);
+                                    Ok(())
+                                }
+                            }
+                        })
                     }
                     None => {
                         let reason = format!(
@@ -896,9 +910,9 @@ async fn client_loop(
                              ask the fleet's operator for a new one"
                         );
                         shared.with(|s| s.reject(client, request, reason));
+                        Ok(())
                     }
                 }
-                Ok(())
             }
             ClientToCoordinator::Inputs { job, chunk } => shared.with(|s| s.handle_inputs(client, job, chunk)),
             ClientToCoordinator::InputsDone { job, chunks } => {

@@ -106,6 +106,19 @@ fn main() {
             ClientToCoordinator::SubmitJob {
                 request: RequestId(0),
                 spec: Box::new(spec()),
+                first: None,
+                only: false,
+            },
+            ClientToCoordinator::SubmitJob {
+                request: RequestId(2),
+                spec: Box::new(spec()),
+                first: Some(InputChunk {
+                    chunk: ChunkId(0),
+                    first_input: InputIndex(0),
+                    count: 1,
+                    payload: vec![0x80, 5, 0x4b, 7, 0x2e],
+                }),
+                only: true,
             },
             ClientToCoordinator::Inputs { job, chunk: chunk() },
             ClientToCoordinator::InputsDone { job, chunks: 4 },

@@ -37,8 +37,13 @@ use serde::{Deserialize, Serialize};
 /// failure kinds. Version 4: images and node isolation. Version 5: job
 /// listing and cancelling by principal (`ListJobs`, `Jobs`). Version 6:
 /// node certificates renewed on a live connection
-/// (`CoordinatorToNode::Certificate`).
+/// (`CoordinatorToNode::Certificate`), and a job's first chunk sent with its
+/// submission (`SubmitJob::first`).
 pub const PROTOCOL_VERSION: u16 = 6;
+
+/// The most payload a job's first chunk may carry inside its `SubmitJob`
+/// (a larger one goes as `Inputs`, within credit).
+pub const FIRST_CHUNK_BYTES: usize = 1 << 20;
 
 /// The largest message accepted by default (1 GiB): a chunk of inputs or
 /// outputs, or a pickled function, must fit in one message. Messages larger
@@ -477,7 +482,9 @@ impl WireSize for ClientToCoordinator {
         MESSAGE_OVERHEAD
             + match self {
                 ClientToCoordinator::Inputs { chunk, .. } => chunk.payload.len(),
-                ClientToCoordinator::SubmitJob { spec, .. } => spec.wire_size(),
+                ClientToCoordinator::SubmitJob { spec, first, .. } => {
+                    spec.wire_size() + first.as_ref().map_or(0, |c| c.payload.len())
+                }
                 _ => 0,
             }
     }
@@ -509,6 +516,14 @@ pub enum ClientToCoordinator {
     SubmitJob {
         request: RequestId,
         spec: Box<JobSpec>,
+        /// The job's first chunk of inputs (chunk 0, from input 0), sent
+        /// with the submission so that the first call waits for no round
+        /// trip more. It needs no credit; its payload is at most
+        /// [`FIRST_CHUNK_BYTES`].
+        first: Option<InputChunk>,
+        /// `first` is all of the job's inputs: as if `InputsDone { chunks:
+        /// 1 }` followed.
+        only: bool,
     },
     Inputs {
         job: JobId,

@@ -29,6 +29,9 @@ _TARGET_CHUNK_SECONDS = 0.05
 #: Largest pickled input or function (the protocol's message limit, 1 GiB,
 #: less headroom for the envelope).
 MAX_PAYLOAD_BYTES = (1 << 30) - (64 << 10)
+#: The most a job's first chunk may pickle to and still travel with its
+#: submission (the protocol's FIRST_CHUNK_BYTES).
+_FIRST_CHUNK_BYTES = 1 << 20
 
 _MAX_CPU, _MAX_RAM, _MAX_GPU, _MAX_SLOTS = 96, 624, 4, 4000
 
@@ -92,6 +95,7 @@ def remote_parallel_map(
     sources = scope.__enter__()
     try:
         function_blob = _pickle_function(function_)
+        first = _first_chunk(source)
         fleet = _fleet.fleet_address(api_key)
         # An image is the job's environment: the caller's is not replicated.
         environment = None if image is not None and packages is None else _environment.job_environment(packages, fleet.embedded)
@@ -107,6 +111,7 @@ def remote_parallel_map(
             sources,
             isolated,
             image,
+            first,
         )
     except BaseException:
         scope.__exit__(*sys.exc_info())
@@ -121,7 +126,7 @@ def remote_parallel_map(
             stacklevel=2,
         )
     progress = Progress(source.total, enabled=verbose, where=fleet.description, slots=job.slots, nodes=job.nodes)
-    chunks = _chunk_outcomes(job, source, progress, return_exceptions, scope)
+    chunks = _chunk_outcomes(job, source, progress, return_exceptions, scope, first is not None)
     if generator:
         return _each_outcome(chunks)
     results: List[Any] = [None] * (source.total or 0)
@@ -330,6 +335,7 @@ def _submit(
     sources: Optional[_sources.SourceBundle] = None,
     require_isolation: bool = False,
     image: Optional[str] = None,
+    first: Optional[Tuple[int, bytes]] = None,
 ) -> _native.Job:
     version = _python_version()
     args = (
@@ -345,6 +351,8 @@ def _submit(
         None if sources is None else (sources.digest, sources.zip),
         require_isolation,
         image,
+        first,
+        first is not None and n == 1,
     )
     for attempt in range(2):
         conn = _fleet.connection(fleet, fresh=attempt > 0)
@@ -424,6 +432,17 @@ class _InputSource:
             del self.pending[:count]
 
 
+def _first_chunk(source: _InputSource) -> Optional[Tuple[int, bytes]]:
+    """The job's first chunk, its first input alone, pickled to go with
+    the submission (taken from ``source``), unless it is too large to."""
+    chunk = source.take(1)
+    payload = _pickle_chunk(chunk, 0)
+    if len(payload) > _FIRST_CHUNK_BYTES:
+        return None
+    source.consume(len(chunk))
+    return len(chunk), payload
+
+
 def _pickle_chunk(chunk: List[Any], first: int) -> bytes:
     import cloudpickle
 
@@ -449,13 +468,15 @@ def _chunk_outcomes(
     progress: Progress,
     return_exceptions: bool,
     scope: ContextManager[Any],
+    first_sent: bool,
 ) -> Generator[Tuple[int, List[Any]], None, None]:
     """Feeds the job its inputs within credit and yields ``(first index,
     outputs)`` per finished chunk. Whatever ends it early (a failure,
-    Ctrl-C, the caller leaving a streaming loop) cancels the job."""
+    Ctrl-C, the caller leaving a streaming loop) cancels the job.
+    ``first_sent``: chunk 0, input 0 alone, went with the submission."""
     finished = False
     try:
-        yield from _run(job, source, progress, return_exceptions)
+        yield from _run(job, source, progress, return_exceptions, first_sent)
         finished = True
     finally:
         if not finished:
@@ -501,7 +522,7 @@ def _chunk_size(chunk_id: int, slots: int, cap: int, per_input: Optional[float],
 
 
 def _run(
-    job: _native.Job, source: _InputSource, progress: Progress, return_exceptions: bool
+    job: _native.Job, source: _InputSource, progress: Progress, return_exceptions: bool, first_sent: bool
 ) -> Generator[Tuple[int, List[Any]], None, None]:
     total = source.total
     slots = max(job.slots, 1)
@@ -523,6 +544,11 @@ def _run(
     # Chunks sent and not yet answered, by first input: each answer must
     # match one exactly, so every input gets exactly one outcome.
     outstanding: Dict[int, int] = {}
+    if first_sent:
+        outstanding[0] = 1
+        chunk_id = 1
+        # A job of one input said so with its submission.
+        inputs_done = total == 1
     while True:
         while credit > 0 and not source.exhausted():
             first = source.next_index

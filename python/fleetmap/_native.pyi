@@ -291,6 +291,8 @@ class Connection:
         sources: Optional[Tuple[str, bytes]] = None,
         require_isolation: bool = False,
         image: Optional[str] = None,
+        first: Optional[Tuple[int, bytes]] = None,
+        only: bool = False,
     ) -> Job:
         """Submits a job of the pickled Python ``function``: each call gets
         ``cores`` cores, ``memory_bytes`` of memory and ``gpus`` GPUs; at most
@@ -301,6 +303,10 @@ class Connection:
         node builds with those requirements; ``sources`` is ``(sha256,
         zip)`` of the caller's local modules, put first on the workers' path;
         with ``require_isolation`` only nodes that pin calls run them.
+        ``first`` is ``(count, payload)`` of the job's first chunk (from
+        input 0, at most 1 MiB), sent with the submission so that the first
+        call waits for no round trip more (the job's ``credit`` is for the
+        chunks after it); ``only``: it holds all the inputs.
 
         Returns once the coordinator has placed the job's slots; raises
         :class:`fleetmap.JobRejected` when no node can host one call, or

@@ -46,7 +46,9 @@ impl Connection {
     /// `(id, requirements, resolve)` of the environment its calls need, or
     /// `None` for the caller's interpreter as it is.
     /// `sources`: `(sha256 hex, zip)` of the caller's local modules.
-    #[pyo3(signature = (function, cores, memory_bytes, gpus, parallelism, total_inputs, executable, version, environment=None, sources=None, require_isolation=false, image=None))]
+    /// `first`: `(count, payload)` of the job's first chunk (from input 0),
+    /// sent with the submission; `only`: it holds all the inputs.
+    #[pyo3(signature = (function, cores, memory_bytes, gpus, parallelism, total_inputs, executable, version, environment=None, sources=None, require_isolation=false, image=None, first=None, only=false))]
     #[allow(clippy::too_many_arguments)]
     fn submit(
         &self,
@@ -63,6 +65,8 @@ impl Connection {
         sources: Option<(String, Vec<u8>)>,
         require_isolation: bool,
         image: Option<String>,
+        first: Option<(u32, Vec<u8>)>,
+        only: bool,
     ) -> PyResult<PyJob> {
         let spec = JobSpec {
             principal: String::new(),
@@ -89,9 +93,15 @@ impl Connection {
                 image,
             },
         };
+        let first = first.map(|(count, payload)| InputChunk {
+            chunk: ChunkId(0),
+            first_input: InputIndex(0),
+            count,
+            payload,
+        });
         let client = self.client.clone();
         let job = py
-            .detach(|| runtime().block_on(client.submit(spec)))
+            .detach(|| runtime().block_on(client.submit_with_first(spec, first, only)))
             .map_err(client_error)?;
         Ok(PyJob { job })
     }

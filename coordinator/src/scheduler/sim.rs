@@ -796,7 +796,13 @@ impl World {
                     eprintln!("{:>6} {from:?} -> scheduler: {msg:?}", self.now);
                 }
                 let result = match msg {
-                    ClientToCoordinator::SubmitJob { request, spec } => {
+                    ClientToCoordinator::SubmitJob {
+                        request,
+                        spec,
+                        first: Some(chunk),
+                        only,
+                    } => self.sched.handle_submit_with_first(client, request, *spec, chunk, only),
+                    ClientToCoordinator::SubmitJob { request, spec, .. } => {
                         self.sched.handle_submit(client, request, *spec);
                         Ok(())
                     }
@@ -1002,9 +1008,19 @@ impl World {
         let j = &mut client.jobs[request];
         let msg = if !j.submitted {
             j.submitted = true;
+            // Half the jobs send their first chunk with the submission (and,
+            // where it is their only one, say so there too).
+            let first = (j.chunks > 0 && self.rng.random_bool(0.5)).then(|| {
+                j.next = 1;
+                input(c, request, ChunkId(0), j.inputs_per_chunk)
+            });
+            let only = first.is_some() && j.chunks == 1 && self.rng.random_bool(0.5);
+            j.done_sent = only;
             ClientToCoordinator::SubmitJob {
                 request: RequestId(request as u64),
                 spec: Box::new(j.spec.clone()),
+                first,
+                only,
             }
         } else {
             let job = j.job.expect("sends only for an accepted job");

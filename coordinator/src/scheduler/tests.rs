@@ -854,3 +854,74 @@ fn a_job_s_credential_names_it_and_its_principal_until_it_ends() {
     s.handle_cancel(ClientId(9), "alice", job);
     assert_eq!(s.job_of_key("fmjob_0123"), None, "the credential ends with the job");
 }
+
+#[test]
+fn a_first_chunk_sent_with_the_job_runs_at_once_and_a_job_of_one_chunk_ends() {
+    let mut s = Scheduler::new();
+    s.handle_node_joined(NodeId(1), "a".into(), resources(2, 64), NodeIsolation::default());
+    let first = InputChunk {
+        chunk: ChunkId(0),
+        first_input: InputIndex(0),
+        count: 1,
+        payload: vec![7],
+    };
+    s.handle_submit_with_first(ClientId(9), RequestId(0), spec(1, 1, None, 1), first.clone(), true)
+        .unwrap();
+    let cmds = drain(&mut s);
+    let (job, _, _) = accepted(&cmds);
+    // The first chunk went to a slot in the same step as the acceptance,
+    // on the protocol's credit: the job's credit is for what follows.
+    let sent = runs(&cmds);
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].2, first);
+    let (node, slot, c) = sent[0].clone();
+    s.handle_chunk_done(node, job, slot, output(&c)).unwrap();
+    let ended = drain(&mut s).iter().any(|c| {
+        matches!(
+            c,
+            Command::ToClient {
+                msg: CoordinatorToClient::JobFinished { .. },
+                ..
+            }
+        )
+    });
+    assert!(ended, "one chunk, said to be the only one: the job ended");
+    assert_eq!(s.job_count(), 0);
+
+    // Without `only`, the job waits for more within its credit: one chunk
+    // less than the same job submitted alone gets.
+    let mut alone = Scheduler::new();
+    alone.handle_node_joined(NodeId(1), "a".into(), resources(2, 64), NodeIsolation::default());
+    alone.handle_submit(ClientId(9), RequestId(1), spec(1, 1, None, 30));
+    let (_, _, full) = accepted(&drain(&mut alone));
+    s.handle_submit_with_first(ClientId(9), RequestId(1), spec(1, 1, None, 30), first.clone(), false)
+        .unwrap();
+    let (job, _, rest) = accepted(&drain(&mut s));
+    assert_eq!(rest, full - 1, "credit for the chunks after the first");
+    for i in 1..=u64::from(rest) {
+        s.handle_inputs(ClientId(9), job, chunk(i)).unwrap();
+    }
+    assert!(
+        s.handle_inputs(ClientId(9), job, chunk(u64::from(rest) + 1)).is_err(),
+        "no chunk beyond the credit"
+    );
+
+    // A first chunk that is not chunk 0 from input 0, or too large, is a
+    // protocol violation, and no job is made of it.
+    let jobs = s.job_count();
+    for bad in [
+        InputChunk {
+            chunk: ChunkId(1),
+            ..first.clone()
+        },
+        InputChunk {
+            payload: vec![0; fleetmap_protocol::FIRST_CHUNK_BYTES + 1],
+            ..first.clone()
+        },
+    ] {
+        assert!(s
+            .handle_submit_with_first(ClientId(9), RequestId(2), spec(1, 1, None, 30), bad, false)
+            .is_err());
+    }
+    assert_eq!(s.job_count(), jobs);
+}
