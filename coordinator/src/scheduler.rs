@@ -32,7 +32,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use fleetmap_protocol::{
     ChunkId, ClientId, CoordinatorToClient, CoordinatorToNode, FailureKind, InputChunk, InputIndex, JobId, JobSpec,
-    JobStatus, LogLine, NodeId, NodeIsolation, NodeStatus, OutputChunk, RequestId, Resources, SlotId,
+    JobState, JobStatus, LogLine, NodeId, NodeIsolation, NodeProgress, NodeStatus, OutputChunk, RequestId, Resources,
+    SlotId,
 };
 
 use crate::keys::Quota;
@@ -104,6 +105,12 @@ struct Job {
     /// Inputs with an outcome.
     inputs_done: u64,
     total_chunks: Option<u64>,
+    /// When it was submitted (Unix seconds).
+    started: u64,
+    /// Inputs with an outcome, and those whose call raised, per node name.
+    per_node: BTreeMap<String, (u64, u64)>,
+    /// The first [`MAX_LISTED_FAILURES`] nodes lost under it, as text.
+    failures: Vec<String>,
 }
 
 impl Job {
@@ -137,8 +144,23 @@ impl Job {
             finished: 0,
             inputs_done: 0,
             total_chunks: None,
+            started: unix_now(),
+            per_node: BTreeMap::new(),
+            failures: Vec::new(),
         }
     }
+}
+
+/// The most failures a job's listing keeps.
+const MAX_LISTED_FAILURES: usize = 5;
+
+/// The most ended jobs the coordinator keeps for listings.
+const MAX_RECENT_JOBS: usize = 200;
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// How job keys are held: their SHA-256, so the table holds no credential.
@@ -180,6 +202,9 @@ pub struct Scheduler {
     quotas: BTreeMap<String, Quota>,
     /// Running jobs by the SHA-256 of their `job_key`.
     job_keys: HashMap<String, JobId>,
+    /// The last [`MAX_RECENT_JOBS`] jobs that ended, newest last, as
+    /// listings show them.
+    recent: VecDeque<JobStatus>,
     /// The largest input or output payload a peer may send: the message
     /// limit less room for the message around it, so that a payload
     /// accepted from one peer can always be passed on to the next.
@@ -206,6 +231,7 @@ impl Scheduler {
             backlogged: BTreeSet::new(),
             quotas: BTreeMap::new(),
             job_keys: HashMap::new(),
+            recent: VecDeque::new(),
             max_payload,
         }
     }
@@ -349,6 +375,14 @@ impl Scheduler {
         }
         let id = self.next_job;
         self.next_job = JobId(id.0 + 1);
+        let mut spec = spec;
+        if spec.name.len() > fleetmap_protocol::MAX_JOB_NAME {
+            let mut end = fleetmap_protocol::MAX_JOB_NAME;
+            while !spec.name.is_char_boundary(end) {
+                end -= 1;
+            }
+            spec.name.truncate(end);
+        }
         if !spec.job_key.is_empty() {
             self.job_keys.insert(key_hash(&spec.job_key), id);
         }
@@ -432,7 +466,12 @@ impl Scheduler {
             return;
         };
         let owner = j.client;
-        self.stop_job(job, false);
+        let by = if owner == client {
+            "its caller".to_string()
+        } else {
+            format!("another client of {principal} (fleetmap jobs cancel)")
+        };
+        self.stop_job(job, JobState::Cancelled(format!("by {by}")));
         if owner != client {
             let reason = format!("job {job} was cancelled by another client of {principal} (fleetmap jobs cancel)");
             self.send_to_client(
@@ -446,24 +485,78 @@ impl Scheduler {
         }
     }
 
-    /// A client asks for its principal's jobs; no other principal's job is
-    /// named in the answer.
+    /// A client asks for its principal's jobs: the running ones and the
+    /// last ones that ended. No other principal's job is named in the
+    /// answer.
     pub fn handle_list_jobs(&mut self, client: ClientId, principal: &str, request: RequestId) {
-        let jobs = self
-            .jobs
+        let mut jobs: Vec<JobStatus> = self
+            .recent
             .iter()
-            .filter(|(_, j)| j.spec.principal == principal)
-            .map(|(&job, j)| JobStatus {
-                job,
-                principal: j.spec.principal.clone(),
-                slots: j.active_slots,
-                nodes: j.slots.values().map(|s| s.node).collect::<BTreeSet<_>>().len() as u32,
-                inputs_done: j.inputs_done,
-                total_inputs: j.spec.total_inputs,
-                call: j.spec.call,
+            .filter(|j| j.principal == principal)
+            .cloned()
+            .collect();
+        jobs.extend(
+            self.jobs
+                .iter()
+                .filter(|(_, j)| j.spec.principal == principal)
+                .map(|(&id, _)| self.job_status(id, JobState::Running)),
+        );
+        self.send_to_client(client, CoordinatorToClient::Jobs { request, jobs });
+    }
+
+    /// Job `id` as listings show it, in `state`.
+    fn job_status(&self, id: JobId, state: JobState) -> JobStatus {
+        let j = &self.jobs[&id];
+        let mut slots_on: BTreeMap<&str, u32> = BTreeMap::new();
+        for s in j.slots.values().filter(|s| !s.draining) {
+            if let Some(node) = self.nodes.get(&s.node) {
+                *slots_on.entry(node.name.as_str()).or_default() += 1;
+            }
+        }
+        let mut names: BTreeSet<&str> = slots_on.keys().copied().collect();
+        names.extend(j.per_node.keys().map(String::as_str));
+        let per_node = names
+            .into_iter()
+            .map(|node| {
+                let (done, failed) = j.per_node.get(node).copied().unwrap_or((0, 0));
+                NodeProgress {
+                    node: node.to_string(),
+                    slots: slots_on.get(node).copied().unwrap_or(0),
+                    inputs_done: done,
+                    inputs_failed: failed,
+                }
             })
             .collect();
-        self.send_to_client(client, CoordinatorToClient::Jobs { request, jobs });
+        let ended = (state != JobState::Running).then(unix_now);
+        JobStatus {
+            job: id,
+            principal: j.spec.principal.clone(),
+            name: j.spec.name.clone(),
+            state,
+            started: j.started,
+            ended,
+            slots: j.active_slots,
+            nodes: j.slots.values().map(|s| s.node).collect::<BTreeSet<_>>().len() as u32,
+            inputs_done: j.inputs_done,
+            total_inputs: j.spec.total_inputs,
+            inputs_failed: j.per_node.values().map(|&(_, failed)| failed).sum(),
+            call: j.spec.call,
+            per_node,
+            failures: j.failures.clone(),
+        }
+    }
+
+    /// Keeps job `id`'s listing, as it ends in `state`, among the recent
+    /// ones.
+    fn remember_ended(&mut self, id: JobId, state: JobState) {
+        if !self.jobs.contains_key(&id) {
+            return;
+        }
+        let status = self.job_status(id, state);
+        if self.recent.len() >= MAX_RECENT_JOBS {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(status);
     }
 
     /// The shell found that `client` has more waiting to be sent to it
@@ -503,7 +596,7 @@ impl Scheduler {
         // of them could otherwise get slots (started on nodes, credit sent
         // to the gone client) just before it is stopped too.
         for job in jobs {
-            self.end_job(job, false);
+            self.end_job(job, JobState::Cancelled("its caller went away".into()));
         }
         self.grow_jobs();
     }
@@ -569,6 +662,9 @@ impl Scheduler {
         }
         j.in_system_bytes -= sent.payload.len() as u64;
         j.inputs_done += u64::from(sent.count);
+        let on_node = j.per_node.entry(output.node.clone()).or_default();
+        on_node.0 += u64::from(sent.count);
+        on_node.1 += u64::from(output.failed);
         j.losses.remove(&output.chunk);
         j.in_system -= 1;
         j.finished += 1;
@@ -658,7 +754,7 @@ impl Scheduler {
         };
         if job.total_chunks == Some(job.finished) {
             let client = job.client;
-            self.stop_job(id, true);
+            self.stop_job(id, JobState::Finished);
             self.send_to_client(client, CoordinatorToClient::JobFinished { job: id });
         }
     }

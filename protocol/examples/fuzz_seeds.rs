@@ -55,6 +55,7 @@ fn spec() -> JobSpec {
         },
         parallelism: Some(8),
         total_inputs: Some(100),
+        name: "job".into(),
         runtime: RuntimeSpec::Python {
             executable: "/usr/bin/python3".into(),
             version: "3.11".into(),

@@ -267,7 +267,15 @@ pub struct JobSpec {
     /// The number of inputs, when the client knows it up front.
     pub total_inputs: Option<u64>,
     pub runtime: RuntimeSpec,
+    /// What to call the job in listings: its function's name as the caller
+    /// knows it (`module.qualname`). The coordinator keeps at most
+    /// [`MAX_JOB_NAME`] bytes of it.
+    #[serde(default)]
+    pub name: String,
 }
+
+/// The most bytes of a job's name the coordinator keeps.
+pub const MAX_JOB_NAME: usize = 200;
 
 /// Who opens a connection to the coordinator.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -419,6 +427,7 @@ impl WireSize for JobSpec {
             ..
         } = &self.runtime;
         MESSAGE_OVERHEAD
+            + self.name.len()
             + function.len()
             + sources.as_ref().map_or(0, |s| s.zip.len())
             + environment
@@ -446,9 +455,20 @@ impl WireSize for CoordinatorToClient {
                     .iter()
                     .map(|n| MESSAGE_OVERHEAD + n.name.len() + n.isolation.len())
                     .sum(),
-                CoordinatorToClient::Jobs { jobs, .. } => {
-                    jobs.iter().map(|j| MESSAGE_OVERHEAD + j.principal.len()).sum()
-                }
+                CoordinatorToClient::Jobs { jobs, .. } => jobs
+                    .iter()
+                    .map(|j| {
+                        MESSAGE_OVERHEAD
+                            + j.principal.len()
+                            + j.name.len()
+                            + j.per_node.iter().map(|n| 32 + n.node.len()).sum::<usize>()
+                            + j.failures.iter().map(String::len).sum::<usize>()
+                            + match &j.state {
+                                JobState::Failed(text) | JobState::Cancelled(text) => text.len(),
+                                _ => 0,
+                            }
+                    })
+                    .sum(),
                 _ => 0,
             }
     }
@@ -597,14 +617,49 @@ pub enum CoordinatorToClient {
 pub struct JobStatus {
     pub job: JobId,
     pub principal: String,
+    /// Its function's name (`JobSpec::name`).
+    pub name: String,
+    pub state: JobState,
+    /// When it was submitted and when it ended (Unix seconds).
+    pub started: u64,
+    pub ended: Option<u64>,
     /// Slots it holds, and on how many nodes.
     pub slots: u32,
     pub nodes: u32,
     /// Inputs with an outcome, and how many there are (when known).
     pub inputs_done: u64,
     pub total_inputs: Option<u64>,
+    /// Inputs whose call raised.
+    pub inputs_failed: u64,
     /// What every call gets.
     pub call: CallRequest,
+    /// Its progress on each node it has run on.
+    pub per_node: Vec<NodeProgress>,
+    /// The first few failures of its slots (a worker that died, ran out of
+    /// memory, could not be set up) and nodes lost under it, as text.
+    pub failures: Vec<String>,
+}
+
+/// Where a job stands.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum JobState {
+    Running,
+    /// Every input has its outcome.
+    Finished,
+    /// Failed, with the reason its client was given.
+    Failed(String),
+    /// Cancelled, with by whom or why.
+    Cancelled(String),
+}
+
+/// A job's progress on one node.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct NodeProgress {
+    pub node: String,
+    /// Slots it holds there now.
+    pub slots: u32,
+    pub inputs_done: u64,
+    pub inputs_failed: u64,
 }
 
 /// What the coordinator sends a node daemon after the handshake.

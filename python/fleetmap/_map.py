@@ -95,7 +95,7 @@ def remote_parallel_map(
     sources = scope.__enter__()
     try:
         function_blob = _pickle_function(function_)
-        first = _first_chunk(source)
+        first_chunk = _first_chunk(source)
         fleet = _fleet.fleet_address(api_key)
         # An image is the job's environment: the caller's is not replicated.
         environment = None if image is not None and packages is None else _environment.job_environment(packages, fleet.embedded)
@@ -111,7 +111,8 @@ def remote_parallel_map(
             sources,
             isolated,
             image,
-            first,
+            first_chunk,
+            _function_name(function_),
         )
     except BaseException:
         scope.__exit__(*sys.exc_info())
@@ -125,8 +126,10 @@ def remote_parallel_map(
             RuntimeWarning,
             stacklevel=2,
         )
-    progress = Progress(source.total, enabled=verbose, where=fleet.description, slots=job.slots, nodes=job.nodes)
-    chunks = _chunk_outcomes(job, source, progress, return_exceptions, scope, first is not None)
+    progress = Progress(
+        source.total, enabled=verbose, where=fleet.description, slots=job.slots, nodes=job.nodes, job=job.id
+    )
+    chunks = _chunk_outcomes(job, source, progress, return_exceptions, scope, first_chunk is not None)
     if generator:
         return _each_outcome(chunks)
     results: List[Any] = [None] * (source.total or 0)
@@ -336,6 +339,7 @@ def _submit(
     require_isolation: bool = False,
     image: Optional[str] = None,
     first: Optional[Tuple[int, bytes]] = None,
+    name: str = "",
 ) -> _native.Job:
     version = _python_version()
     args = (
@@ -353,6 +357,7 @@ def _submit(
         image,
         first,
         first is not None and n == 1,
+        name,
     )
     for attempt in range(2):
         conn = _fleet.connection(fleet, fresh=attempt > 0)
@@ -430,6 +435,13 @@ class _InputSource:
         self.next_index += count
         if self.items is None:
             del self.pending[:count]
+
+
+def _function_name(function_: Callable[..., Any]) -> str:
+    """What listings call a job of ``function_``: ``module.qualname``."""
+    qualname = getattr(function_, "__qualname__", None) or type(function_).__qualname__
+    module = getattr(function_, "__module__", None)
+    return f"{module}.{qualname}" if module else str(qualname)
 
 
 def _first_chunk(source: _InputSource) -> Optional[Tuple[int, bytes]]:

@@ -260,18 +260,39 @@ class NodeStatus(TypedDict):
     isolation: str
 
 @type_check_only
+class NodeProgress(TypedDict):
+    """A job's progress on one node."""
+
+    node: str
+    slots: int
+    inputs_done: int
+    inputs_failed: int
+
 class JobInfo(TypedDict):
-    """One running job as :meth:`Connection.jobs` reports it (a plain ``dict``)."""
+    """One job as :meth:`Connection.jobs` reports it (a plain ``dict``)."""
 
     job: int
     principal: str
+    #: The function's ``module.qualname``.
+    name: str
+    #: ``"running"``, ``"finished"``, ``"failed"`` or ``"cancelled"``.
+    state: str
+    #: Why it failed, or by whom it was cancelled.
+    state_detail: Optional[str]
+    #: Unix seconds.
+    started: int
+    ended: Optional[int]
     slots: int
     nodes: int
     inputs_done: int
     total_inputs: Optional[int]
+    inputs_failed: int
     cores: int
     memory_bytes: int
     gpus: int
+    per_node: List[NodeProgress]
+    #: The first nodes lost under it, as text.
+    failures: List[str]
 
 @final
 class Connection:
@@ -293,6 +314,7 @@ class Connection:
         image: Optional[str] = None,
         first: Optional[Tuple[int, bytes]] = None,
         only: bool = False,
+        name: str = "",
     ) -> Job:
         """Submits a job of the pickled Python ``function``: each call gets
         ``cores`` cores, ``memory_bytes`` of memory and ``gpus`` GPUs; at most
@@ -306,7 +328,8 @@ class Connection:
         ``first`` is ``(count, payload)`` of the job's first chunk (from
         input 0, at most 1 MiB), sent with the submission so that the first
         call waits for no round trip more (the job's ``credit`` is for the
-        chunks after it); ``only``: it holds all the inputs.
+        chunks after it); ``only``: it holds all the inputs. ``name`` is
+        the function's name, for listings.
 
         Returns once the coordinator has placed the job's slots; raises
         :class:`fleetmap.JobRejected` when no node can host one call, or
@@ -320,8 +343,9 @@ class Connection:
         """The fleet's nodes and the number of running jobs; raises like
         :meth:`submit` when the connection is gone."""
     def jobs(self) -> list[JobInfo]:
-        """The running jobs of this connection's principal (the owner of its
-        API key), whichever connection submitted them; no other principal's."""
+        """The jobs of this connection's principal (the owner of its API
+        key), whichever connection submitted them, running ones and the last
+        that ended (the coordinator keeps 200); no other principal's."""
     def cancel(self, job: int) -> None:
         """Cancels job ``job`` if it belongs to this connection's principal;
         the connection that submitted it raises :class:`fleetmap.JobFailed`."""

@@ -67,7 +67,9 @@ class Progress:
     Nothing at all when ``enabled`` is false.
     """
 
-    def __init__(self, total: Optional[int], enabled: bool, where: str, slots: int, nodes: int) -> None:
+    def __init__(
+        self, total: Optional[int], enabled: bool, where: str, slots: int, nodes: int, job: Optional[int] = None
+    ) -> None:
         self.total = total
         self.enabled = enabled
         self.done = 0
@@ -81,7 +83,9 @@ class Progress:
             return
         placed = f"{slots} slots on {nodes} node{'s' if nodes != 1 else ''}" if slots else "waiting for slots"
         count = f"{total} inputs" if total is not None else "inputs (streamed)"
-        self.header = f"fleetmap: {count} on the {where}, {placed}"
+        # The job's id, as `fleetmap jobs` lists it.
+        named = "" if job is None else f" (job {job})"
+        self.header = f"fleetmap: {count} on the {where}, {placed}{named}"
         if self.mode == "jupyter":
             try:
                 self.notebook = _NotebookDisplay(self.header)

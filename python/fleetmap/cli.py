@@ -300,36 +300,85 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     if connected is None:
         return 1
     coordinator, connection = connected
+    import json
+
+    def running(job: int) -> bool:
+        return any(j["job"] == job and j["state"] == "running" for j in connection.jobs())
+
+    if args.action in ("cancel", "show") and args.job is None:
+        print(f"fleetmap jobs {args.action}: give the job's id (fleetmap jobs lists them)", file=sys.stderr)
+        return 2
     if args.action == "cancel":
-        if args.job is None:
-            print("fleetmap jobs cancel: give the job's id (fleetmap jobs lists them)", file=sys.stderr)
-            return 2
-        if not any(j["job"] == args.job for j in connection.jobs()):
+        if not running(args.job):
             print(f"fleetmap jobs cancel: no running job {args.job} of yours", file=sys.stderr)
             return 1
         connection.cancel(args.job)
         # The cancel and this listing travel in order on one connection.
-        if any(j["job"] == args.job for j in connection.jobs()):
+        if running(args.job):
             print(f"fleetmap jobs cancel: job {args.job} is still running", file=sys.stderr)
             return 1
         print(f"cancelled job {args.job}")
         return 0
     jobs = connection.jobs()
+    if args.action == "show":
+        job = next((j for j in jobs if j["job"] == args.job), None)
+        if job is None:
+            print(f"fleetmap jobs show: no job {args.job} of yours, running or recent", file=sys.stderr)
+            return 1
+        if args.json:
+            print(json.dumps(job))
+        else:
+            _show_job(job)
+        return 0
     if args.json:
-        import json
-
         print(json.dumps(jobs))
         return 0
-    print(f"{len(jobs)} running job(s) of yours at {coordinator}")
+    live = [j for j in jobs if j["state"] == "running"]
+    print(f"{len(live)} running job(s) of yours at {coordinator}, {len(jobs) - len(live)} recent")
     if jobs:
-        print(f"{'job':>6} {'principal':<16} {'slots':>6} {'nodes':>6} {'inputs done':>20}  per call")
-    gib = float(1 << 30)
+        print(
+            f"{'job':>6} {'state':<10} {'owner':<12} {'function':<28} {'inputs done':>16} {'slots':>6} "
+            f"{'nodes':>6}  started (UTC)"
+        )
     for j in jobs:
-        total = "?" if j["total_inputs"] is None else str(j["total_inputs"])
-        done = f"{j['inputs_done']}/{total}"
-        call = f"{j['cores']} cores, {j['memory_bytes'] / gib:.1f} GiB, {j['gpus']} GPUs"
-        print(f"{j['job']:>6} {j['principal']:<16} {j['slots']:>6} {j['nodes']:>6} {done:>20}  {call}")
+        print(
+            f"{j['job']:>6} {j['state']:<10} {j['principal'][:12]:<12} {_short(j['name'], 28):<28} "
+            f"{_done(j):>16} {j['slots']:>6} {j['nodes']:>6}  {_when(j['started'])}"
+        )
     return 0
+
+
+def _when(t: Optional[int]) -> str:
+    return "-" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t))
+
+
+def _short(text: str, width: int) -> str:
+    return text if len(text) <= width else "..." + text[-(width - 3) :]
+
+
+def _done(job: "_native.JobInfo") -> str:
+    total = "?" if job["total_inputs"] is None else str(job["total_inputs"])
+    return f"{job['inputs_done']}/{total}"
+
+
+def _show_job(j: "_native.JobInfo") -> None:
+    """One job in full: the listing's fields, its progress per node and
+    its first failures."""
+    gib = float(1 << 30)
+    state = j["state"] if j["state_detail"] is None else f"{j['state']}: {j['state_detail']}"
+    print(f"job {j['job']}: {j['name'] or '(unnamed)'}")
+    print(f"  owner       {j['principal']}")
+    print(f"  state       {state}")
+    print(f"  started     {_when(j['started'])} UTC" + ("" if j["ended"] is None else f", ended {_when(j['ended'])} UTC"))
+    print(f"  inputs      {_done(j)} done, {j['inputs_failed']} raised")
+    print(f"  per call    {j['cores']} cores, {j['memory_bytes'] / gib:.1f} GiB, {j['gpus']} GPUs")
+    print(f"  slots       {j['slots']} on {j['nodes']} node(s)")
+    if j["per_node"]:
+        print(f"  {'node':<24} {'slots':>6} {'inputs done':>12} {'raised':>8}")
+        for n in j["per_node"]:
+            print(f"  {n['node']:<24} {n['slots']:>6} {n['inputs_done']:>12} {n['inputs_failed']:>8}")
+    for failure in j["failures"]:
+        print(f"  failure: {failure}")
 
 
 def cmd_nodes(args: argparse.Namespace) -> int:
@@ -343,15 +392,12 @@ def cmd_nodes(args: argparse.Namespace) -> int:
         print(f"approved node {args.name}: it enrolls at its next try")
         return 0
 
-    def when(t: Optional[int]) -> str:
-        return "-" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t))
-
     print(f"{'node':<24} {'state':<9} {'enrolled (UTC)':<20} {'certificate expires':<20} {'revoked (UTC)':<20}")
     for n in _native.nodes_list(state):
         state_name = "revoked" if n["revoked"] else "pending" if n["approved"] is None else "active"
         print(
-            f"{n['name']:<24} {state_name:<9} {when(n['enrolled']):<20} {when(n['expires']):<20} "
-            f"{when(n['revoked']):<20}"
+            f"{n['name']:<24} {state_name:<9} {_when(n['enrolled']):<20} {_when(n['expires']):<20} "
+            f"{_when(n['revoked']):<20}"
         )
     return 0
 
@@ -514,10 +560,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--api-key", help="the fleet's API key (default: FLEETMAP_API_KEY or the config file)")
     p.set_defaults(run=cmd_status)
 
-    p = sub.add_parser("jobs", help="list your running jobs, or cancel one (fleetmap jobs cancel ID)")
-    p.add_argument("action", nargs="?", choices=["list", "cancel"], default="list")
-    p.add_argument("job", nargs="?", type=int, help="the job to cancel")
-    p.add_argument("--json", action="store_true", help="print the jobs as a JSON list")
+    p = sub.add_parser(
+        "jobs", help="list your running and recent jobs, show one (fleetmap jobs show ID), or cancel one"
+    )
+    p.add_argument("action", nargs="?", choices=["list", "show", "cancel"], default="list")
+    p.add_argument("job", nargs="?", type=int, help="the job to show or cancel")
+    p.add_argument("--json", action="store_true", help="print as JSON (a list of jobs, or the one job)")
     p.add_argument("--api-key", help="your API key (default: FLEETMAP_API_KEY or the config file)")
     p.set_defaults(run=cmd_jobs)
 

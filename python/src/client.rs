@@ -6,12 +6,12 @@ use std::sync::Arc;
 
 use fleetmap_client::{Client, Job, JobEvent};
 use fleetmap_protocol::{
-    CallRequest, ChunkId, EnvironmentSpec, FailureKind, InputChunk, InputIndex, JobSpec, OutputStream, RuntimeSpec,
-    SourceBundle,
+    CallRequest, ChunkId, EnvironmentSpec, FailureKind, InputChunk, InputIndex, JobSpec, JobState, OutputStream,
+    RuntimeSpec, SourceBundle,
 };
 use pyo3::{
     prelude::*,
-    types::{PyBytes, PyDict},
+    types::{PyBytes, PyDict, PyList},
 };
 
 use crate::{
@@ -48,7 +48,8 @@ impl Connection {
     /// `sources`: `(sha256 hex, zip)` of the caller's local modules.
     /// `first`: `(count, payload)` of the job's first chunk (from input 0),
     /// sent with the submission; `only`: it holds all the inputs.
-    #[pyo3(signature = (function, cores, memory_bytes, gpus, parallelism, total_inputs, executable, version, environment=None, sources=None, require_isolation=false, image=None, first=None, only=false))]
+    /// `name`: the function's name, for listings.
+    #[pyo3(signature = (function, cores, memory_bytes, gpus, parallelism, total_inputs, executable, version, environment=None, sources=None, require_isolation=false, image=None, first=None, only=false, name=String::new()))]
     #[allow(clippy::too_many_arguments)]
     fn submit(
         &self,
@@ -67,6 +68,7 @@ impl Connection {
         image: Option<String>,
         first: Option<(u32, Vec<u8>)>,
         only: bool,
+        name: String,
     ) -> PyResult<PyJob> {
         let spec = JobSpec {
             principal: String::new(),
@@ -80,6 +82,7 @@ impl Connection {
             },
             parallelism,
             total_inputs,
+            name,
             runtime: RuntimeSpec::Python {
                 executable,
                 version,
@@ -151,13 +154,36 @@ impl Connection {
             let d = PyDict::new(py);
             d.set_item("job", j.job.0)?;
             d.set_item("principal", j.principal)?;
+            d.set_item("name", j.name)?;
+            let (state, detail) = match j.state {
+                JobState::Running => ("running", None),
+                JobState::Finished => ("finished", None),
+                JobState::Failed(why) => ("failed", Some(why)),
+                JobState::Cancelled(why) => ("cancelled", Some(why)),
+            };
+            d.set_item("state", state)?;
+            d.set_item("state_detail", detail)?;
+            d.set_item("started", j.started)?;
+            d.set_item("ended", j.ended)?;
             d.set_item("slots", j.slots)?;
             d.set_item("nodes", j.nodes)?;
             d.set_item("inputs_done", j.inputs_done)?;
             d.set_item("total_inputs", j.total_inputs)?;
+            d.set_item("inputs_failed", j.inputs_failed)?;
             d.set_item("cores", j.call.cores)?;
             d.set_item("memory_bytes", j.call.memory_bytes)?;
             d.set_item("gpus", j.call.gpus)?;
+            let per_node = PyList::empty(py);
+            for n in j.per_node {
+                let nd = PyDict::new(py);
+                nd.set_item("node", n.node)?;
+                nd.set_item("slots", n.slots)?;
+                nd.set_item("inputs_done", n.inputs_done)?;
+                nd.set_item("inputs_failed", n.inputs_failed)?;
+                per_node.append(nd)?;
+            }
+            d.set_item("per_node", per_node)?;
+            d.set_item("failures", j.failures)?;
             out.push(d);
         }
         Ok(out)

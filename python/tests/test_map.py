@@ -4,6 +4,7 @@ the kinds of functions and inputs it takes, and parallelism."""
 from __future__ import annotations
 
 import os
+import re
 import time
 
 import pytest
@@ -189,6 +190,8 @@ def test_verbose_prints_a_status_line_on_stderr(capsys):
     remote_parallel_map(lambda x: x, range(10), verbose=True)
     captured = capsys.readouterr()
     assert "fleetmap: 10 inputs on the local cluster" in captured.err
+    # The job's id, as `fleetmap jobs` lists it.
+    assert re.search(r"\(job \d+\)", captured.err), captured.err
     assert "10/10 done" in captured.err
     assert "fleetmap" not in captured.out
     remote_parallel_map(lambda x: x, range(10), verbose=False)

@@ -46,7 +46,7 @@ def test_the_stub_declares_every_exported_name_and_no_other():
     exported = set(_native.__all__)
     public_in_stub = {n for n in stub if not n.startswith("_")}
     assert exported - public_in_stub == set(), "exported by _native but missing from _native.pyi"
-    typed_dicts = {"NodeStatus", "JobInfo", "KeyInfo", "NodeInfo"}
+    typed_dicts = {"NodeStatus", "JobInfo", "NodeProgress", "KeyInfo", "NodeInfo"}
     assert public_in_stub - exported - typed_dicts == set(), "in _native.pyi but not exported by _native"
     # The typed dicts are for type checkers only (the runtime hands out dicts).
     assert "NodeStatus" not in exported

@@ -7,6 +7,7 @@ principals; a revoked key refused at once, even on an open connection."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 
 import pytest
@@ -98,7 +99,16 @@ RESULT = "finished"
         assert "1 running job(s) of yours" in listing
         assert "0 running job(s) of yours" in jobs(fleet, bob).stdout, "bob sees none of alice's jobs"
         listed = json.loads(jobs(fleet, alice, "--json").stdout)
-        assert [(j["job"], j["principal"], j["total_inputs"]) for j in listed] == [(job_id, "alice", 2)]
+        assert [(j["job"], j["principal"], j["total_inputs"], j["state"]) for j in listed] == [
+            (job_id, "alice", 2, "running")
+        ]
+        assert listed[0]["name"] == "__main__.<lambda>", listed[0]
+        # One job in full: its function, and its slots on the fleet's node.
+        shown = jobs(fleet, alice, "show", str(job_id))
+        assert shown.returncode == 0, shown.stderr
+        assert "__main__.<lambda>" in shown.stdout and "state       running" in shown.stdout, shown.stdout
+        assert re.search(r"tenant-node\s+2\s+0\s+0", shown.stdout), shown.stdout
+        assert jobs(fleet, bob, "show", str(job_id)).returncode == 1, "bob cannot look at it"
         refused = jobs(fleet, bob, "cancel", str(job_id))
         assert refused.returncode == 1 and "no running job" in refused.stderr
         assert client.poll() is None, "alice's job still runs"
@@ -107,6 +117,11 @@ RESULT = "finished"
         _, err = client.communicate(timeout=30)
         assert client.returncode != 0
         assert "fleetmap._errors.JobCancelled" in err and "cancelled by another client of alice" in err, err
+        # The ended job stays listed, with who cancelled it.
+        ended = json.loads(jobs(fleet, alice, "show", str(job_id), "--json").stdout)
+        assert (ended["state"], ended["ended"] is not None) == ("cancelled", True), ended
+        assert "another client of alice" in ended["state_detail"], ended
+        assert "0 running job(s) of yours" in jobs(fleet, alice).stdout
     finally:
         client.kill()
         client.wait()

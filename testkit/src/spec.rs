@@ -22,6 +22,7 @@ pub fn job_spec(inputs: u64, call: CallRequest) -> JobSpec {
         call,
         parallelism: None,
         total_inputs: Some(inputs),
+        name: "job".into(),
         runtime: RuntimeSpec::Python {
             executable: "python3".into(),
             version: "3.11".into(),

@@ -15,7 +15,7 @@
 
 use std::collections::BTreeSet;
 
-use fleetmap_protocol::{CoordinatorToClient, CoordinatorToNode, FailureKind, JobId, NodeId, SlotId};
+use fleetmap_protocol::{CoordinatorToClient, CoordinatorToNode, FailureKind, JobId, JobState, NodeId, SlotId};
 
 use super::{Command, Scheduler};
 
@@ -56,6 +56,14 @@ impl Scheduler {
                         // and dropping counts once.
                         if !lost_with.iter().any(|n| n == name) {
                             lost_with.push(name.to_string());
+                            if job.failures.len() < super::MAX_LISTED_FAILURES {
+                                let last = c.first_input.0 + u64::from(c.count).saturating_sub(1);
+                                job.failures.push(format!(
+                                    "node {name} was lost while running inputs {}..={last}; they ran again \
+                                     elsewhere",
+                                    c.first_input
+                                ));
+                            }
                         }
                         if lost_with.len() >= MAX_CHUNK_LOSSES {
                             poisoned.push((id, c.first_input.0, c.count, lost_with.join(", ")));
@@ -101,20 +109,23 @@ impl Scheduler {
 
     pub(super) fn fail_job(&mut self, id: JobId, kind: FailureKind, reason: String) {
         if let Some(client) = self.client_of(id) {
-            self.stop_job(id, false);
+            self.stop_job(id, JobState::Failed(reason.clone()));
             self.send_to_client(client, CoordinatorToClient::JobFailed { job: id, kind, reason });
         }
     }
 
-    /// Ends a job: its nodes stop its workers (keeping them warm if it
-    /// `finished`) and its resources go to waiting jobs.
-    pub(super) fn stop_job(&mut self, id: JobId, finished: bool) {
-        self.end_job(id, finished);
+    /// Ends a job in `state`: its nodes stop its workers (keeping them warm
+    /// if it finished) and its resources go to waiting jobs.
+    pub(super) fn stop_job(&mut self, id: JobId, state: JobState) {
+        self.end_job(id, state);
         self.grow_jobs();
     }
 
-    /// Ends a job without handing its resources to other jobs yet.
-    pub(super) fn end_job(&mut self, id: JobId, finished: bool) {
+    /// Ends a job without handing its resources to other jobs yet; its
+    /// listing is kept among the recent ones.
+    pub(super) fn end_job(&mut self, id: JobId, state: JobState) {
+        let finished = state == JobState::Finished;
+        self.remember_ended(id, state);
         let Some(job) = self.jobs.remove(&id) else {
             return;
         };

@@ -408,6 +408,7 @@ impl World {
                         },
                         parallelism: w.rng.random_bool(0.5).then(|| w.rng.random_range(1..=5)),
                         total_inputs: w.rng.random_bool(0.5).then_some(chunks * inputs_per_chunk as u64),
+                        name: "job".into(),
                         runtime: RuntimeSpec::Python {
                             executable: "python3".into(),
                             version: "3.11".into(),
@@ -1326,6 +1327,7 @@ fn two_core_job() -> JobSpec {
         },
         parallelism: None,
         total_inputs: None,
+        name: "job".into(),
         runtime: RuntimeSpec::Python {
             executable: "python3".into(),
             version: "3.11".into(),

@@ -27,6 +27,7 @@ fn spec(cores: u32, memory_gib: u64, parallelism: Option<u32>, total: u64) -> Jo
         },
         parallelism,
         total_inputs: Some(total),
+        name: "job".into(),
         runtime: RuntimeSpec::Python {
             executable: "python3".into(),
             version: "3.11".into(),
