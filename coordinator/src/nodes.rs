@@ -153,10 +153,12 @@ pub struct NodeEntry {
     /// When it was revoked, if it was.
     pub revoked: Option<u64>,
     /// When it was approved (`None`: waiting for `fleetmap nodes approve`,
-    /// on a coordinator that holds new nodes for approval, or because the
-    /// join token asked to enroll it again while it holds a valid
-    /// certificate).
+    /// on a coordinator that holds new nodes for approval).
     pub approved: Option<u64>,
+    /// When the join token last asked to enroll it again while it held a
+    /// valid certificate: waiting for `fleetmap nodes approve`, which
+    /// retires that certificate.
+    pub requested: Option<u64>,
     /// When it first asked to enroll.
     pub enrolled: u64,
 }
@@ -174,15 +176,25 @@ fn parse(path: &Path, text: &str) -> Result<Vec<NodeEntry>, NodeIdentityError> {
         };
         let fields: Vec<&str> = line.split('\t').collect();
         // Registries written before renewals kept the previous certificate
-        // have six fields.
-        let (name, fingerprint, expires, revoked, approved, enrolled, previous) = match fields[..] {
+        // have six fields; before re-enrollment requests, seven.
+        let (name, fingerprint, expires, revoked, approved, enrolled, previous, requested) = match fields[..] {
             [name, fingerprint, expires, revoked, approved, enrolled] => {
-                (name, fingerprint, expires, revoked, approved, enrolled, "-")
+                (name, fingerprint, expires, revoked, approved, enrolled, "-", "-")
             }
             [name, fingerprint, expires, revoked, approved, enrolled, previous] => {
-                (name, fingerprint, expires, revoked, approved, enrolled, previous)
+                (name, fingerprint, expires, revoked, approved, enrolled, previous, "-")
             }
-            _ => return Err(malformed(format!("{} fields, 7 expected", fields.len()))),
+            [name, fingerprint, expires, revoked, approved, enrolled, previous, requested] => (
+                name,
+                fingerprint,
+                expires,
+                revoked,
+                approved,
+                enrolled,
+                previous,
+                requested,
+            ),
+            _ => return Err(malformed(format!("{} fields, 8 expected", fields.len()))),
         };
         entries.push(NodeEntry {
             name: name.into(),
@@ -191,6 +203,7 @@ fn parse(path: &Path, text: &str) -> Result<Vec<NodeEntry>, NodeIdentityError> {
             previous: optional(previous).map_err(malformed)?,
             revoked: optional(revoked).map_err(malformed)?,
             approved: optional(approved).map_err(malformed)?,
+            requested: optional(requested).map_err(malformed)?,
             enrolled: enrolled
                 .parse()
                 .map_err(|_| malformed(format!("bad time {enrolled:?}")))?,
@@ -202,11 +215,11 @@ fn parse(path: &Path, text: &str) -> Result<Vec<NodeEntry>, NodeIdentityError> {
 fn render(entries: &[NodeEntry]) -> String {
     let mut out = String::from(
         "# fleetmap nodes: name, SHA-256 of its certificate, expires, revoked, approved, enrolled, SHA-256 of the \
-         certificate it renewed (times in Unix seconds)\n",
+         certificate it renewed, asked to enroll again (times in Unix seconds)\n",
     );
     for e in entries {
         out += &format!(
-            "{}\t{}\t{}\t{}\t{}\t{}\t{}\n",
+            "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\n",
             e.name,
             show(e.fingerprint.as_ref()),
             show(e.expires),
@@ -214,6 +227,7 @@ fn render(entries: &[NodeEntry]) -> String {
             show(e.approved),
             e.enrolled,
             show(e.previous.as_ref()),
+            show(e.requested),
         );
     }
     out
@@ -271,11 +285,21 @@ impl NodeRegistry {
 
     /// Records node `name`'s new certificate. `held`: the fingerprint of
     /// the certificate it renews, still accepted until the new one is used
-    /// ([`Self::confirm`]); any other is no longer accepted.
-    pub fn record(&self, name: &str, issued: &Issued, held: Option<&str>) -> Result<(), NodeIdentityError> {
+    /// ([`Self::confirm`]); any other is no longer accepted. A renewal is
+    /// recorded only if the registry still accepts `held` (another renewal,
+    /// a revocation or an approval may have come first): `Ok(false)` then,
+    /// and the new certificate must not be handed out.
+    pub fn record(&self, name: &str, issued: &Issued, held: Option<&str>) -> Result<bool, NodeIdentityError> {
+        let mut recorded = true;
         self.edit(|entries| {
             match entries.iter_mut().find(|e| e.name == name) {
                 Some(e) => {
+                    if let Some(held) = held {
+                        if e.fingerprint.as_deref() != Some(held) && e.previous.as_deref() != Some(held) {
+                            recorded = false;
+                            return Ok(());
+                        }
+                    }
                     e.fingerprint = Some(issued.fingerprint.clone());
                     e.expires = Some(issued.expires);
                     e.previous = held.map(String::from);
@@ -287,11 +311,13 @@ impl NodeRegistry {
                     previous: None,
                     revoked: None,
                     approved: Some(now()),
+                    requested: None,
                     enrolled: now(),
                 }),
             }
             Ok(())
-        })
+        })?;
+        Ok(recorded)
     }
 
     /// Node `name` used its new certificate: the one it renewed is no
@@ -312,8 +338,8 @@ impl NodeRegistry {
         self.edit(|entries| {
             match entries.iter_mut().find(|e| e.name == name) {
                 Some(e) => {
-                    if e.fingerprint.is_some() {
-                        e.approved = None;
+                    if e.fingerprint.is_some() && e.requested.is_none() {
+                        e.requested = Some(now());
                     }
                 }
                 None => entries.push(NodeEntry {
@@ -323,6 +349,7 @@ impl NodeRegistry {
                     previous: None,
                     revoked: None,
                     approved: None,
+                    requested: None,
                     enrolled: now(),
                 }),
             }
@@ -340,11 +367,12 @@ impl NodeRegistry {
                 .iter_mut()
                 .find(|e| e.name == name)
                 .ok_or_else(|| NodeIdentityError::Unknown(name.into()))?;
-            if e.approved.is_none() {
+            if e.requested.take().is_some() {
                 e.fingerprint = None;
                 e.expires = None;
-                e.previous = None;
             }
+            // Whatever it renewed is never accepted again.
+            e.previous = None;
             e.approved = Some(now());
             e.revoked = None;
             Ok(())
@@ -361,6 +389,7 @@ impl NodeRegistry {
                 .ok_or_else(|| NodeIdentityError::Unknown(name.into()))?;
             e.revoked = Some(now());
             e.fingerprint = None;
+            e.previous = None;
             Ok(())
         })
     }
@@ -419,14 +448,23 @@ mod tests {
 
         let dir = tempfile::tempdir().unwrap();
         let registry = NodeRegistry::open(dir.path());
-        registry.record("gpu-03", &first, None).unwrap();
+        assert!(registry.record("gpu-03", &first, None).unwrap());
         assert_eq!(
             registry.by_fingerprint(&first.fingerprint).unwrap().unwrap().name,
             "gpu-03"
         );
         let renewed = ca.certify("gpu-03", key.public_key_raw()).unwrap();
         assert_ne!(renewed.fingerprint, first.fingerprint);
-        registry.record("gpu-03", &renewed, Some(&first.fingerprint)).unwrap();
+        assert!(registry.record("gpu-03", &renewed, Some(&first.fingerprint)).unwrap());
+        let other = ca.certify("gpu-03", key.public_key_raw()).unwrap();
+        assert!(!registry
+            .record("gpu-03", &other, Some("not-a-held-fingerprint"))
+            .unwrap());
+        assert_eq!(
+            registry.entry("gpu-03").unwrap().unwrap().fingerprint.as_deref(),
+            Some(renewed.fingerprint.as_str()),
+            "a renewal of a certificate the registry no longer accepts is not recorded"
+        );
         let entry = registry.entry("gpu-03").unwrap().unwrap();
         assert_eq!(
             entry.previous.as_deref(),
@@ -441,14 +479,12 @@ mod tests {
         // its certificate keeps working until the approval retires it.
         registry.request("gpu-03").unwrap();
         let entry = registry.entry("gpu-03").unwrap().unwrap();
-        assert_eq!(
-            (entry.approved, entry.fingerprint.as_deref()),
-            (None, Some(renewed.fingerprint.as_str()))
-        );
+        assert!(entry.requested.is_some() && entry.approved.is_some(), "{entry:?}");
+        assert_eq!(entry.fingerprint.as_deref(), Some(renewed.fingerprint.as_str()));
         registry.approve("gpu-03").unwrap();
         let entry = registry.entry("gpu-03").unwrap().unwrap();
-        assert!(entry.approved.is_some() && entry.fingerprint.is_none(), "{entry:?}");
-        registry.record("gpu-03", &renewed, None).unwrap();
+        assert!(entry.requested.is_none() && entry.fingerprint.is_none(), "{entry:?}");
+        assert!(registry.record("gpu-03", &renewed, None).unwrap());
         // Approving a node that waits for nothing retires nothing.
         registry.approve("gpu-03").unwrap();
         assert!(registry.entry("gpu-03").unwrap().unwrap().fingerprint.is_some());

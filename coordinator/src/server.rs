@@ -522,7 +522,11 @@ fn check_node_certificates(shared: &Shared) {
                 && entry.fingerprint == peer.fingerprint
                 && now >= renew_after(shared, entry.expires)
             {
-                due.push((id, peer.name.clone(), peer.public_key.clone(), peer.fingerprint.clone()));
+                // One renewal per name per sweep, whatever connections
+                // (a dead one not yet timed out) still carry it.
+                if !due.iter().any(|(_, name, _, _)| name == &peer.name) {
+                    due.push((id, peer.name.clone(), peer.public_key.clone(), peer.fingerprint.clone()));
+                }
             }
         }
     }
@@ -537,9 +541,14 @@ fn check_node_certificates(shared: &Shared) {
                 continue;
             }
         };
-        if let Err(e) = shared.nodes.record(&name, &issued, held.as_deref()) {
-            warn!("node {name}: could not record its renewed certificate: {e}");
-            continue;
+        match shared.nodes.record(&name, &issued, held.as_deref()) {
+            Ok(true) => {}
+            // Renewed meanwhile (at a handshake), revoked or approved anew.
+            Ok(false) => continue,
+            Err(e) => {
+                warn!("node {name}: could not record its renewed certificate: {e}");
+                continue;
+            }
         }
         info!(
             "node {name}: renewed its certificate on its open connection, valid until {} (Unix time), SHA-256 {}",
@@ -594,8 +603,11 @@ fn admit_node(
     }
     let issue = |held: Option<&str>| {
         let issued = shared.node_ca.certify(name, public_key).map_err(|e| e.to_string())?;
-        shared.nodes.record(name, &issued, held).map_err(registry_error)?;
-        Ok(Some(issued))
+        // A renewal raced by another (a second connection of the node, the
+        // open-connection sweep) is not handed out: the node keeps the
+        // certificate it has, which the registry still accepts.
+        let recorded = shared.nodes.record(name, &issued, held).map_err(registry_error)?;
+        Ok(recorded.then_some(issued))
     };
     match fleetmap_net::peer_certificate(conn) {
         Some(der) => {
@@ -926,15 +938,15 @@ async fn client_loop(
                 }
                 Ok(())
             }
-            // A reply is queued only for a client that reads its replies:
-            // one that asks again and again and reads nothing would grow
-            // its queue up to the hard limit.
+            // A client that keeps asking while it leaves half its hard
+            // limit unread is disconnected: its replies would only grow
+            // its queue.
             ClientToCoordinator::StatusRequest { .. } | ClientToCoordinator::ListJobs { .. }
-                if shared.client_backlog(client) > shared.limits.client_slow_backlog =>
+                if shared.client_backlog(client) > shared.limits.client_max_backlog / 2 =>
             {
                 Err(crate::scheduler::ProtocolViolation(format!(
-                    "the client asked for more while leaving over {} MiB of replies unread",
-                    shared.limits.client_slow_backlog >> 20
+                    "the client asked for more while leaving over {} MiB unread",
+                    shared.limits.client_max_backlog >> 21
                 )))
             }
             ClientToCoordinator::StatusRequest { request } => {

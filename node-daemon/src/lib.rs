@@ -337,6 +337,11 @@ pub async fn run_until(
     // Fail closed: a node joins only if it can start a call's process with
     // every confinement it is configured for.
     let mut isolation = isolation;
+    // Namespaces need root (a daemon in a delegated cgroup as another user
+    // keeps its calls in its own).
+    if !nix::unistd::geteuid().is_root() {
+        config.own_namespaces = false;
+    }
     let confines = config.own_namespaces || config.private_tmp || config.run_as.is_some() || config.slot_uids.is_some();
     let probed = match &cgroups {
         Some(tree) if confines => slot::probe_confinement(&config, Some(tree), &cpus).await,

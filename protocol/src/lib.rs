@@ -635,8 +635,8 @@ pub struct JobStatus {
     pub call: CallRequest,
     /// Its progress on each node it has run on.
     pub per_node: Vec<NodeProgress>,
-    /// The first few failures of its slots (a worker that died, ran out of
-    /// memory, could not be set up) and nodes lost under it, as text.
+    /// The first few nodes lost under it, as text (a slot's failure ends
+    /// the job, and its reason is in `state`).
     pub failures: Vec<String>,
 }
 

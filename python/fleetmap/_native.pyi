@@ -155,6 +155,9 @@ class NodeInfo(TypedDict):
     revoked: Optional[int]
     #: ``None`` while the node waits for approval.
     approved: Optional[int]
+    #: When the join token asked to enroll it again while it held a valid
+    #: certificate (``fleetmap nodes approve`` retires that certificate).
+    requested: Optional[int]
 
 def nodes_approve(state_dir: Union[str, "os.PathLike[str]"], name: str) -> None:
     """Approves node ``name``, waiting to enroll or revoked: it may enroll

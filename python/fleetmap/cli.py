@@ -394,7 +394,15 @@ def cmd_nodes(args: argparse.Namespace) -> int:
 
     print(f"{'node':<24} {'state':<9} {'enrolled (UTC)':<20} {'certificate expires':<20} {'revoked (UTC)':<20}")
     for n in _native.nodes_list(state):
-        state_name = "revoked" if n["revoked"] else "pending" if n["approved"] is None else "active"
+        state_name = (
+            "revoked"
+            if n["revoked"]
+            else "pending"
+            if n["approved"] is None
+            else "re-enroll"  # the token asked to enroll it again: approve retires its certificate
+            if n["requested"] is not None
+            else "active"
+        )
         print(
             f"{n['name']:<24} {state_name:<9} {_when(n['enrolled']):<20} {_when(n['expires']):<20} "
             f"{_when(n['revoked']):<20}"

@@ -73,6 +73,7 @@ pub(crate) fn nodes_list(py: Python<'_>, state_dir: std::path::PathBuf) -> PyRes
             d.set_item("expires", e.expires)?;
             d.set_item("revoked", e.revoked)?;
             d.set_item("approved", e.approved)?;
+            d.set_item("requested", e.requested)?;
             Ok(d)
         })
         .collect()

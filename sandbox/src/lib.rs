@@ -398,7 +398,21 @@ impl ChildSetup {
         use nix::sys::wait::{waitpid, WaitStatus};
         close_every_descriptor();
         let signal_death = |signal: Signal| -> ! {
-            if !init {
+            // Raised again only where its default action ends the process
+            // (not a stop or an ignored signal, which would leave the
+            // keeper behind).
+            let ends = !matches!(
+                signal,
+                Signal::SIGSTOP
+                    | Signal::SIGTSTP
+                    | Signal::SIGTTIN
+                    | Signal::SIGTTOU
+                    | Signal::SIGCONT
+                    | Signal::SIGCHLD
+                    | Signal::SIGURG
+                    | Signal::SIGWINCH
+            );
+            if !init && ends {
                 // No core file of this copy of the daemon's memory.
                 let _ = prctl::set_dumpable(false);
                 // SAFETY: resetting a disposition to the default touches no
@@ -458,8 +472,24 @@ impl ChildSetup {
                 std::mem::size_of::<MountAttr>(),
             )
         };
-        if r == -1 {
-            return Err(io::Error::last_os_error());
+        if r == 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::ENOSYS) {
+            return Err(err);
+        }
+        // Before Linux 5.12: the mount itself and the cgroup tree's top,
+        // read-only one by one (the hierarchies under it stay as they are,
+        // where root's file modes still keep an unprivileged call out).
+        for target in [path, c"/sys/fs/cgroup"] {
+            mount(
+                None::<&std::ffi::CStr>,
+                target,
+                None::<&std::ffi::CStr>,
+                MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY,
+                None::<&std::ffi::CStr>,
+            )?;
         }
         Ok(())
     }
