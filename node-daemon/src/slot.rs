@@ -299,24 +299,7 @@ pub(crate) async fn probe_confinement(
     cgroups: Option<&CgroupTree>,
     cpus: &[u32],
 ) -> Result<(), String> {
-    let limits = SlotLimits {
-        cpus: cpus.to_vec(),
-        mems: None,
-        memory_bytes: u64::MAX,
-        pids_max: config.pids_per_slot,
-        gpus: Some(GpuAccess { allowed_minors: vec![] }),
-    };
-    let cmd = WorkerCommand {
-        program: config.python.clone().into(),
-        args: vec!["-c".into(), "pass".into()],
-        env: base_environment(config),
-        cgroup_procs: vec![],
-        cpu_affinity: cpus.to_vec(),
-        run_as: config.run_as,
-        private_tmp: private_tmp(config, cgroups.is_some(), &config.python),
-        image: None,
-        own_namespaces: false,
-    };
+    let (limits, cmd) = unassigned_start(config, cgroups, cpus, &["-c", "pass"]);
     let mut probe = WorkerProcess::spawn_with(config, cgroups, &limits, cmd)?;
     let status = tokio::time::timeout(Duration::from_secs(60), probe.process.child.wait())
         .await
@@ -333,6 +316,37 @@ pub(crate) async fn probe_confinement(
     Ok(())
 }
 
+/// The limits and command of a process started on the node's interpreter
+/// with `args` before any job has it (a worker started ahead, the
+/// confinement probe): the node's cores, no memory limit yet, device rules
+/// from the start (no block device, no GPU until a job asks).
+fn unassigned_start(
+    config: &NodeConfig,
+    cgroups: Option<&CgroupTree>,
+    cpus: &[u32],
+    args: &[&str],
+) -> (SlotLimits, WorkerCommand) {
+    let limits = SlotLimits {
+        cpus: cpus.to_vec(),
+        mems: None,
+        memory_bytes: u64::MAX,
+        pids_max: config.pids_per_slot,
+        gpus: Some(GpuAccess { allowed_minors: vec![] }),
+    };
+    let cmd = WorkerCommand {
+        program: config.python.clone().into(),
+        args: args.iter().map(Into::into).collect(),
+        env: base_environment(config),
+        cgroup_procs: vec![],
+        cpu_affinity: cpus.to_vec(),
+        run_as: config.run_as,
+        private_tmp: private_tmp(config, cgroups.is_some(), &config.python),
+        image: None,
+        own_namespaces: false,
+    };
+    (limits, cmd)
+}
+
 pub(crate) fn prestart(config: &NodeConfig, cgroups: Option<&CgroupTree>, cpus: &[u32], pool: &Pool) {
     let wanted = pool.policy().prestart.min(cpus.len());
     prestart_n(config, cgroups, cpus, pool, wanted.saturating_sub(pool.pristine()));
@@ -340,26 +354,7 @@ pub(crate) fn prestart(config: &NodeConfig, cgroups: Option<&CgroupTree>, cpus: 
 
 fn prestart_n(config: &NodeConfig, cgroups: Option<&CgroupTree>, cpus: &[u32], pool: &Pool, n: usize) {
     for _ in 0..n {
-        let limits = SlotLimits {
-            cpus: cpus.to_vec(),
-            mems: None,
-            memory_bytes: u64::MAX,
-            pids_max: config.pids_per_slot,
-            // Device rules from the start (no block device, no GPU until
-            // its job asks).
-            gpus: Some(GpuAccess { allowed_minors: vec![] }),
-        };
-        let cmd = WorkerCommand {
-            program: config.python.clone().into(),
-            args: vec!["-m".into(), "fleetmap._worker".into()],
-            env: base_environment(config),
-            cgroup_procs: vec![],
-            cpu_affinity: cpus.to_vec(),
-            run_as: config.run_as,
-            private_tmp: private_tmp(config, cgroups.is_some(), &config.python),
-            image: None,
-            own_namespaces: false,
-        };
+        let (limits, cmd) = unassigned_start(config, cgroups, cpus, &["-m", "fleetmap._worker"]);
         match WorkerProcess::spawn_with(config, cgroups, &limits, cmd) {
             Ok(worker) => pool.give_back(
                 Warm {
