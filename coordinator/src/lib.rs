@@ -17,4 +17,4 @@ pub mod statefile;
 pub use credentials::Credentials;
 pub use keys::{KeyStore, Quota};
 pub use nodes::NodeRegistry;
-pub use server::{serve, CoordinatorConfig, Limits, NodeLimit, RunningCoordinator};
+pub use server::{serve, CoordinatorConfig, Limits, LiveSettings, NodeLimit, RunningCoordinator};

@@ -91,7 +91,7 @@ pub struct CoordinatorConfig {
 }
 
 /// Caps on what one node may advertise (`None`: no cap).
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct NodeLimit {
     pub cores: Option<u32>,
     pub memory_bytes: Option<u64>,
@@ -236,11 +236,20 @@ struct Shared {
     keys: Arc<KeyStore>,
     nodes: Arc<NodeRegistry>,
     node_ca: NodeCa,
-    node_limit: NodeLimit,
-    approve_nodes: bool,
+    /// What an operator may change while the coordinator runs
+    /// (`RunningCoordinator::apply`).
+    live: std::sync::RwLock<LiveSettings>,
     max_message: usize,
     limits: Limits,
     doors: Mutex<Doors>,
+}
+
+/// The settings a running coordinator takes on without a restart (a
+/// `fleetmapd` reload); the rest (address, state) need one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LiveSettings {
+    pub node_limit: NodeLimit,
+    pub approve_nodes: bool,
 }
 
 impl Shared {
@@ -250,6 +259,10 @@ impl Shared {
         let r = f(&mut core.scheduler);
         core.route(&self.limits);
         r
+    }
+
+    fn live(&self) -> LiveSettings {
+        *self.live.read().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Core> {
@@ -380,6 +393,17 @@ impl RunningCoordinator {
         self.shared.nodes.clone()
     }
 
+    /// Takes on `settings` from now on: nodes that join later are held for
+    /// approval and capped by them; nodes already joined keep what they
+    /// were admitted with.
+    pub fn apply(&self, settings: LiveSettings) {
+        *self
+            .shared
+            .live
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = settings;
+    }
+
     /// Waits until at least `n` nodes have joined, up to `timeout`.
     pub async fn wait_for_nodes(&self, n: usize, timeout: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
@@ -426,8 +450,10 @@ pub async fn serve(config: CoordinatorConfig) -> Result<RunningCoordinator, NetE
         keys: config.keys,
         nodes: config.nodes,
         node_ca,
-        node_limit: config.node_limit,
-        approve_nodes: config.approve_nodes,
+        live: std::sync::RwLock::new(LiveSettings {
+            node_limit: config.node_limit,
+            approve_nodes: config.approve_nodes,
+        }),
         max_message: config.max_message,
         limits: config.limits,
         doors: Mutex::new(Doors::default()),
@@ -656,7 +682,7 @@ fn admit_node(
                  coordinator's machine to retire the old certificate and let it enroll; the node keeps trying"
             )))
         }
-        None if shared.approve_nodes && entry.is_none_or(|e| e.approved.is_none()) => {
+        None if shared.live().approve_nodes && entry.is_none_or(|e| e.approved.is_none()) => {
             shared.nodes.request(name).map_err(registry_error)?;
             Err(NotAdmitted::Pending(format!(
                 "node {name:?} waits for the operator's approval: run `fleetmap nodes approve {name}` on the \
@@ -781,7 +807,7 @@ async fn serve_peer(
                     issued.expires, issued.fingerprint
                 );
             }
-            if shared.node_limit.apply(&mut resources) {
+            if shared.live().node_limit.apply(&mut resources) {
                 info!("node {name}: offers more than the per-node limit; using {resources:?}");
             }
             // The certificate the node holds from now on: the one just

@@ -110,6 +110,27 @@ pub struct EnvironmentConfig {
     pub prepare: Vec<(EnvironmentSpec, String)>,
 }
 
+/// The environment a `packages=` list of `requirements` makes for callers
+/// on Python `python` (`major.minor`), with the id the client computes for
+/// the same list: a hash of the version, the resolution mode and the
+/// requirements in order. Checked as a job's spec is.
+pub fn packages_environment(python: &str, requirements: Vec<String>) -> Result<EnvironmentSpec, String> {
+    let mut digest = Sha256::new();
+    digest.update(format!("fleetmap-environment 1\npython {python}\nresolve 1\n"));
+    for requirement in &requirements {
+        digest.update(requirement.as_bytes());
+        digest.update(b"\n");
+    }
+    let id: String = digest.finalize().iter().take(16).map(|b| format!("{b:02x}")).collect();
+    let spec = EnvironmentSpec {
+        id,
+        requirements,
+        resolve: true,
+    };
+    spec.check()?;
+    Ok(spec)
+}
+
 impl EnvironmentConfig {
     pub fn new(cache_dir: PathBuf) -> Self {
         Self {

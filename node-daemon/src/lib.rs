@@ -21,7 +21,7 @@ mod pool;
 mod slot;
 pub mod uids;
 
-pub use environments::EnvironmentConfig;
+pub use environments::{packages_environment, EnvironmentConfig};
 pub use images::ImageConfig;
 pub use pool::WarmPolicy;
 

@@ -10,7 +10,7 @@ Keep this file in step with the ``#[pymodule]`` in ``python/src/lib.rs``.
 """
 
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple, TypedDict, Union, final, type_check_only
+from typing import Any, List, Optional, Sequence, Tuple, TypedDict, Union, final, type_check_only
 
 #: Bytes as the core accepts them: ``bytes`` (read in place) or ``bytearray`` (copied).
 _Bytes = Union[bytes, bytearray]
@@ -19,8 +19,6 @@ __all__ = [
     "VERSION",
     "init_logging",
     "start_local_cluster",
-    "start_coordinator",
-    "start_node",
     "connect",
     "keys_create",
     "keys_list",
@@ -30,8 +28,6 @@ __all__ = [
     "nodes_revoke",
     "worker_main",
     "LocalHandle",
-    "CoordinatorHandle",
-    "NodeHandle",
     "Connection",
     "Job",
     "WasmModule",
@@ -56,72 +52,6 @@ def start_local_cluster(
 
     Raises :class:`fleetmap.ConfigurationError` for a bad address and
     :class:`fleetmap.FleetmapError` when the cluster cannot start."""
-
-def start_coordinator(
-    listen: str,
-    state_dir: Union[str, "os.PathLike[str]"],
-    node_cert_days: float = 30.0,
-    max_node_cores: Optional[int] = None,
-    max_node_memory_bytes: Optional[int] = None,
-    max_node_gpus: Optional[int] = None,
-    approve_nodes: bool = False,
-) -> CoordinatorHandle:
-    """Starts a coordinator serving QUIC on ``listen``, with its CA, join token,
-    API keys and node registry loaded from (or created in) ``state_dir``.
-    Node certificates are valid ``node_cert_days``; a node may offer at most
-    the ``max_node_*`` given (what it advertises beyond is not used); with
-    ``approve_nodes`` a node enrolling with the join token waits until
-    :func:`nodes_approve` approves it.
-
-    Raises :class:`fleetmap.ConfigurationError` when the address is bad, the
-    credentials cannot be read or written, or the address is taken."""
-
-def start_node(
-    coordinator: str,
-    token: str,
-    ca_pem: bytes,
-    name: Optional[str] = None,
-    cores: Optional[int] = None,
-    memory_bytes: Optional[int] = None,
-    python: Optional[str] = None,
-    gpus: Optional[Sequence[int]] = None,
-    cgroups: bool = True,
-    cgroup_subtree: Optional[str] = None,
-    cgroup_mount: Union[str, "os.PathLike[str]", None] = None,
-    pids_per_slot: Optional[int] = None,
-    run_as: Optional[str] = None,
-    private_tmp: bool = True,
-    environments: Optional[Dict[str, Any]] = None,
-    pass_env: Sequence[str] = (),
-    allow_unisolated: bool = False,
-    identity_dir: Union[str, "os.PathLike[str]", None] = None,
-    slot_uids: Optional[str] = None,
-) -> NodeHandle:
-    """Starts a node daemon in this process that joins ``coordinator``
-    (``host:port``) with the join ``token``, trusting the CA in ``ca_pem``.
-    The node keeps its key and certificate in ``identity_dir`` (in memory
-    if ``None``): once enrolled it joins with its certificate, and
-    ``token`` may be empty. With ``slot_uids`` (``"FIRST-LAST"``, as root)
-    every worker runs as a uid of its own from that range.
-
-    ``None`` leaves a setting at its default: the host name, every core, all
-    memory, the caller's interpreter for jobs, the NVIDIA driver's GPUs
-    (``gpus`` takes device minors), ``/sys/fs/cgroup`` and a subtree named
-    after the node, 4096 processes per slot, the daemon's own user.
-    ``cgroups=False`` only pins slots to cores; ``private_tmp=False`` lets
-    workers share the node's ``/tmp``. ``environments`` holds the settings
-    of job environments: ``pythons`` (interpreters to build on),
-    ``cache_dir``, ``uv``, ``runtime_packages``, ``index_url``,
-    ``find_links``, ``build_timeout_s``, ``max_bytes``, ``use_caller_python``,
-    ``prepare``. Workers get only an allowlist of the daemon's environment
-    variables (``PATH``, ``HOME``, locale, ``LD_LIBRARY_PATH``, ...) and
-    those named in ``pass_env``. Where cgroups cannot be managed the
-    daemon stops with the reason (:meth:`NodeHandle.wait`) unless
-    ``allow_unisolated``, which runs calls pinned to cores only.
-
-    The daemon runs in the background: :meth:`NodeHandle.wait` reports why it
-    stopped. Raises :class:`fleetmap.ConfigurationError` when ``run_as``
-    names no user."""
 
 @type_check_only
 class KeyInfo(TypedDict):
@@ -210,42 +140,6 @@ class LocalHandle:
         """The token nodes present to join."""
     def stop(self) -> None:
         """Stops the node and the coordinator (workers included); later calls do nothing."""
-
-@final
-class CoordinatorHandle:
-    """A coordinator serving in this process."""
-
-    @property
-    def addr(self) -> str:
-        """The address it listens on, ``host:port``."""
-    @property
-    def ca_path(self) -> str:
-        """The path of the CA certificate (``ca.pem``) that nodes and clients trust."""
-    @property
-    def join_token_path(self) -> str:
-        """The path of the file holding the join token for nodes."""
-    @property
-    def api_key_path(self) -> str:
-        """The path of the file holding the API key for clients."""
-    def node_count(self) -> int:
-        """How many nodes are joined now (0 once stopped)."""
-    def stop(self) -> None:
-        """Shuts the coordinator down; later calls do nothing."""
-
-@final
-class NodeHandle:
-    """A node daemon serving in this process."""
-
-    @property
-    def name(self) -> str:
-        """The node's name."""
-    def wait(self, timeout: float) -> Optional[str]:
-        """Waits up to ``timeout`` seconds: ``None`` while the daemon runs,
-        else why it stopped (``"stopped"``, or the error, e.g. a refused join
-        token)."""
-    def stop(self) -> None:
-        """Stops the daemon: every slot is torn down (workers killed, cgroups
-        removed) before this returns, or after 10 s at most."""
 
 @type_check_only
 class NodeStatus(TypedDict):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,209 +41,50 @@ def _wait_forever(stop: Callable[[], None]) -> int:
         return 0
 
 
-def cmd_coordinator(args: argparse.Namespace) -> int:
-    _native.init_logging("info")
-    handle = _native.start_coordinator(
-        args.listen,
-        Path(args.state_dir),
-        args.node_cert_days,
-        args.max_node_cores,
-        int(args.max_node_memory_gib * (1 << 30)) if args.max_node_memory_gib else None,
-        args.max_node_gpus,
-        args.approve_nodes,
-    )
-    print(f"fleetmap coordinator listening on {handle.addr} (QUIC, TLS 1.3)")
-    print(f"  CA certificate: {handle.ca_path}")
-    print(f"  join token:     {handle.join_token_path}")
-    print(f"  API key:        {handle.api_key_path}")
-    print("start a node:")
-    print(f"  fleetmap node --coordinator HOST:{handle.addr.rsplit(':', 1)[1]} "
-          f"--token-file {handle.join_token_path} --ca {handle.ca_path}")
-    sys.stdout.flush()
-    return _wait_forever(handle.stop)
+# The daemons are the fleetmapd program; `fleetmap coordinator` and
+# `fleetmap node` hand their arguments to it.
+_DAEMONS = ("coordinator", "node")
 
 
-def cmd_node(args: argparse.Namespace) -> int:
-    _native.init_logging("info")
-    import socket
+def _fleetmapd() -> Optional[str]:
+    """The ``fleetmapd`` program: beside this interpreter (the wheel installs
+    it into the environment's ``bin``), else on ``PATH``."""
+    beside = Path(sys.executable).parent / "fleetmapd"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    return shutil.which("fleetmapd")
 
-    identity = Path(args.state_dir) / (args.name or socket.gethostname())
-    try:
-        token = _join_token(args.token_file)
-    except (OSError, ValueError) as exc:
-        if not (identity / "node.pem").is_file():
-            print(f"fleetmap node: {exc}", file=sys.stderr)
-            return 2
-        # Enrolled already: the node's certificate is its credential.
-        token = ""
-    ca_pem = Path(args.ca).read_bytes()
-    memory = int(args.memory_gib * (1 << 30)) if args.memory_gib else None
-    gpus = None
-    if args.gpus is not None:
-        try:
-            gpus = [int(g) for g in args.gpus.split(",") if g.strip()]
-        except ValueError:
-            print(f"fleetmap node: --gpus takes device minors like 0,1, got {args.gpus!r}", file=sys.stderr)
-            return 2
-    from ._environment import find_uv, runtime_packages
 
-    try:
-        run_as = _call_user(args.run_as, args.allow_root_calls)
-    except LookupError as exc:
-        print(f"fleetmap node: {exc}", file=sys.stderr)
-        return 2
-    if args.slot_uids and (os.geteuid() != 0 or args.allow_root_calls):
-        print("fleetmap node: --slot-uids needs a daemon running as root, and not --allow-root-calls", file=sys.stderr)
-        return 2
-    if args.slot_uids and args.no_cgroups:
-        # Without a cgroup per slot, a process a call leaves behind (one
-        # that left its process group) could outlive the worker and meet
-        # the next call given the same uid.
+def run_daemon(command: str, argv: List[str]) -> int:
+    """Replaces this process with ``fleetmapd COMMAND ARGV``. A node run this
+    way calls on this interpreter unless told otherwise (``--python``, or a
+    config file)."""
+    program = _fleetmapd()
+    if program is None:
         print(
-            "fleetmap node: --slot-uids needs every slot in a cgroup of its own (which tears down all a call "
-            "left running before its uid serves another): drop --no-cgroups",
+            f"fleetmap {command}: the fleetmapd program is missing; it ships in the fleetmap wheel "
+            "(pip install fleetmap) beside this interpreter",
             file=sys.stderr,
         )
         return 2
+    args = [program, command, *argv]
+    def given(flag: str) -> bool:
+        return any(a == flag or a.startswith(flag + "=") for a in argv)
 
-    pythons = args.python or [sys.executable]
-    try:
-        prepare = _environments_to_prepare(args.prepare or [], pythons)
-    except (OSError, ValueError, subprocess.SubprocessError) as exc:
-        print(f"fleetmap node: --prepare: {exc}", file=sys.stderr)
-        return 2
-    environments = {
-        "pythons": pythons,
-        "cache_dir": args.cache_dir,
-        "uv": args.uv or find_uv(),
-        "runtime_packages": runtime_packages(),
-        "index_url": args.index_url,
-        "find_links": args.find_links,
-        "build_timeout_s": args.environment_timeout,
-        "max_bytes": int(args.environment_cache_gib * (1 << 30)) if args.environment_cache_gib else None,
-        "use_caller_python": not args.no_caller_python,
-        "prepare": prepare,
-        "insecure_registries": _insecure_registries(args.insecure_registry),
-        "registry_auth": args.registry_auth,
-        "image_max_bytes": int(args.image_cache_gib * (1 << 30)) if args.image_cache_gib else None,
-    }
-    node = _native.start_node(
-        args.coordinator,
-        token,
-        ca_pem,
-        args.name,
-        args.cores,
-        memory,
-        pythons[0],
-        gpus,
-        not args.no_cgroups,
-        args.cgroup_subtree,
-        args.cgroup_mount,
-        args.pids_per_slot,
-        run_as,
-        not args.shared_tmp,
-        environments,
-        args.pass_env or [],
-        args.allow_unisolated,
-        identity,
-        args.slot_uids,
-    )
-    print(f"fleetmap node {node.name} joining {args.coordinator}")
+    if command == "node" and not given("--config") and not os.path.exists("/etc/fleetmap/node.toml"):
+        from ._environment import find_uv, runtime_packages
+
+        uv = find_uv()
+        if not given("--uv") and uv:
+            args += ["--uv", uv]
+        if not given("--python"):
+            args += ["--python", sys.executable]
+        if not given("--runtime-package"):
+            for directory in runtime_packages():
+                args += ["--runtime-package", directory]
     sys.stdout.flush()
-    _stop_on_sigterm()
-    try:
-        while True:
-            why = node.wait(0.5)
-            if why is not None:
-                print(f"fleetmap node {node.name} stopped: {why}", file=sys.stderr)
-                return 1
-    except KeyboardInterrupt:
-        node.stop()
-        return 0
-
-
-# The users a root daemon runs calls as when not told: the one fleetmap's
-# packaging creates, else the system's unprivileged user.
-_CALL_USERS = ("fleetmap", "nobody")
-
-
-def _call_user(run_as: Optional[str], allow_root_calls: bool) -> Optional[str]:
-    """Whom calls run as: ``--run-as``; else, for a daemon running as root,
-    an unprivileged user unless ``--allow-root-calls``; else the daemon's
-    own user (``None``)."""
-    if run_as or allow_root_calls or os.geteuid() != 0:
-        return run_as
-    import pwd
-
-    for name in _CALL_USERS:
-        try:
-            pwd.getpwnam(name)
-            return name
-        except KeyError:
-            continue
-    raise LookupError(
-        "this daemon runs as root and there is no unprivileged user to run calls as (neither 'fleetmap' nor "
-        "'nobody'): create one (useradd --system fleetmap), name one with --run-as USER, or run calls as root "
-        "with --allow-root-calls"
-    )
-
-
-def _insecure_registries(given: Optional[List[str]]) -> List[str]:
-    """``--insecure-registry`` and ``FLEETMAP_INSECURE_REGISTRIES``, together."""
-    from_env = os.environ.get("FLEETMAP_INSECURE_REGISTRIES", "")
-    return list(given or []) + [r.strip() for r in from_env.split(",") if r.strip()]
-
-
-def _environments_to_prepare(files: List[str], pythons: List[str]) -> List[Tuple[str, List[str], str]]:
-    """``(id, requirements, python version)`` of the environment each
-    requirements file describes (as ``packages=`` with the same list gives),
-    for each interpreter's Python version."""
-    from . import _environment, _scan
-
-    versions = []
-    for python in pythons:
-        out = subprocess.run(
-            [python, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=60,
-        )
-        if out.stdout.strip() not in versions:
-            versions.append(out.stdout.strip())
-    prepared = []
-    for path in files:
-        lines = [line.split("#", 1)[0].strip() for line in Path(path).read_text().splitlines()]
-        requirements = _environment.packages_environment([line for line in lines if line]).requirements
-        for version in versions:
-            prepared.append((_scan.environment_id(version, requirements, True), requirements, version))
-    return prepared
-
-
-def _join_token(token_file: Optional[str]) -> str:
-    """The join token: from ``token_file`` (readable by its owner only),
-    else from systemd's credentials (``LoadCredential=join-token:...``),
-    else from ``FLEETMAP_JOIN_TOKEN``; never from the command line, which
-    every process on the node can read."""
-    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
-    if token_file is None and credentials and os.path.isfile(os.path.join(credentials, "join-token")):
-        token_file = os.path.join(credentials, "join-token")
-    if token_file is not None:
-        mode = os.stat(token_file).st_mode
-        if mode & 0o077:
-            raise ValueError(
-                f"the join token file {token_file} is readable by others (mode {mode & 0o777:o}); "
-                f"make it readable by its owner only: chmod 600 {token_file}"
-            )
-        token = Path(token_file).read_text().strip()
-    else:
-        token = os.environ.get("FLEETMAP_JOIN_TOKEN", "").strip()
-    if not token:
-        raise ValueError(
-            "give the join token with --token-file FILE (mode 600), a systemd credential named join-token, "
-            "or FLEETMAP_JOIN_TOKEN"
-        )
-    return token
+    sys.stderr.flush()
+    os.execv(program, args)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -447,117 +288,16 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    given = sys.argv[1:] if argv is None else argv
+    if given and given[0] in _DAEMONS:
+        return run_daemon(given[0], given[1:])
     parser = argparse.ArgumentParser(prog="fleetmap", description=__doc__)
     parser.add_argument("--version", action="version", version=_native.VERSION)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("coordinator", help="run a coordinator for a fleet")
-    p.add_argument("--listen", default="0.0.0.0:7070", help="UDP address to serve QUIC on (default 0.0.0.0:7070)")
-    p.add_argument("--state-dir", default=str(_default_state_dir()), help="where the CA, join token and API key live")
-    p.add_argument(
-        "--node-cert-days", type=float, default=30.0, help="how long node certificates are valid (default 30 days)"
-    )
-    p.add_argument("--max-node-cores", type=int, help="the most cores one node may offer (more are not used)")
-    p.add_argument("--max-node-memory-gib", type=float, help="the most memory one node may offer, in GiB")
-    p.add_argument("--max-node-gpus", type=int, help="the most GPUs one node may offer")
-    p.add_argument(
-        "--approve-nodes",
-        action="store_true",
-        help="hold each new node until `fleetmap nodes approve NAME` (it keeps trying meanwhile)",
-    )
-    p.set_defaults(run=cmd_coordinator)
-
-    # No abbreviations: `--token SECRET` must not pass for `--token-file`.
-    p = sub.add_parser("node", help="run a node daemon that joins a coordinator", allow_abbrev=False)
-    p.add_argument("--coordinator", required=True, help="the coordinator's HOST:PORT")
-    p.add_argument(
-        "--token-file",
-        help="a file holding the join token, readable by its owner only (default: the systemd credential "
-        "join-token, or FLEETMAP_JOIN_TOKEN; never on the command line, where every process can read it)",
-    )
-    p.add_argument("--ca", required=True, help="the coordinator's ca.pem")
-    p.add_argument("--name", help="the node's name (default: the host name)")
-    p.add_argument(
-        "--state-dir",
-        default=str(_default_state_dir().parent / "node"),
-        help="where the node keeps its key and certificate, in a folder per node name",
-    )
-    p.add_argument("--cores", type=int, help="cores to offer (default: all)")
-    p.add_argument("--memory-gib", type=float, help="memory to offer in GiB (default: all)")
-    p.add_argument(
-        "--python",
-        action="append",
-        help="an interpreter job environments are built on, one per Python version callers use "
-        "(repeatable; default: the one running this command)",
-    )
-    p.add_argument("--cache-dir", help="where environments are built (default: /var/cache/fleetmap as root)")
-    p.add_argument("--uv", help="the uv binary that installs environments (default: beside --python or on PATH)")
-    p.add_argument("--index-url", help="the package index environments install from (default: uv's settings)")
-    p.add_argument("--find-links", action="append", help="a folder or page of wheels to install from (repeatable)")
-    p.add_argument("--environment-timeout", type=float, help="the longest one environment build may take, in s (default: 900)")
-    p.add_argument("--environment-cache-gib", type=float, help="evict unused environments above this size (default: 50)")
-    p.add_argument(
-        "--prepare",
-        action="append",
-        metavar="REQUIREMENTS",
-        help="build the environment of this requirements file (one requirement per line) at start, as jobs "
-        "with the same packages= list need it (repeatable)",
-    )
-    p.add_argument(
-        "--insecure-registry",
-        action="append",
-        metavar="HOST:PORT",
-        help="a registry images are pulled from over plain HTTP, not HTTPS (repeatable; also "
-        "FLEETMAP_INSECURE_REGISTRIES=HOST:PORT,...)",
-    )
-    p.add_argument(
-        "--registry-auth",
-        metavar="FILE",
-        help="registry credentials in Docker's config.json format (default: anonymous pulls); "
-        "callers never send credentials",
-    )
-    p.add_argument("--image-cache-gib", type=float, help="evict unused images above this size, refuse larger ones (default: 100)")
-    p.add_argument(
-        "--no-caller-python",
-        action="store_true",
-        help="always build environments, even where the caller's interpreter exists here with the same packages",
-    )
-    p.add_argument("--gpus", help="NVIDIA device minors to offer, e.g. 0,1 (default: the driver's inventory)")
-    p.add_argument(
-        "--allow-unisolated",
-        action="store_true",
-        help="where cgroups cannot be managed, run calls pinned to cores only (default: refuse to start)",
-    )
-    p.add_argument("--no-cgroups", action="store_true", help="do not put slots in cgroups (only pin their cores)")
-    p.add_argument("--cgroup-subtree", help="the cgroup subtree this daemon owns (default: fleetmap-NAME)")
-    p.add_argument("--cgroup-mount", help="where the cgroup hierarchy is mounted (default: /sys/fs/cgroup)")
-    p.add_argument("--pids-per-slot", type=int, help="the most processes one slot may have (default: 4096)")
-    p.add_argument(
-        "--run-as",
-        help="run calls (and environment builds) as this user, name or UID:GID (default for a daemon running as root: "
-        "the user 'fleetmap' if it exists, else 'nobody'; otherwise the daemon's user)",
-    )
-    p.add_argument(
-        "--allow-root-calls",
-        action="store_true",
-        help="let a daemon running as root run calls as root, with every capability (default: an unprivileged "
-        "user with none)",
-    )
-    p.add_argument(
-        "--slot-uids",
-        metavar="FIRST-LAST",
-        help="run each worker as a uid of its own from this unused range (e.g. 2000000-2065535), so that calls of "
-        "different slots and tenants cannot signal or read each other (environments are still built as --run-as)",
-    )
-    p.add_argument(
-        "--pass-env",
-        action="append",
-        metavar="NAME",
-        help="an environment variable of the daemon's that calls may read (repeatable; they get PATH, HOME, "
-        "locale, LD_LIBRARY_PATH and CUDA_HOME, never the rest, such as the join token)",
-    )
-    p.add_argument("--shared-tmp", action="store_true", help="let workers share the node's /tmp (default: a private one)")
-    p.set_defaults(run=cmd_node)
+    # Listed for --help; their arguments go to fleetmapd (run_daemon).
+    sub.add_parser("coordinator", help="run a coordinator for a fleet (fleetmapd coordinator --help)", add_help=False)
+    sub.add_parser("node", help="run a node daemon that joins a coordinator (fleetmapd node --help)", add_help=False)
 
     p = sub.add_parser("up", help="run a local cluster (coordinator and node) in the foreground")
     p.add_argument("--listen", default="127.0.0.1:7070", help="address to serve on (default 127.0.0.1:7070)")

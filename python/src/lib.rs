@@ -36,9 +36,7 @@ mod _native {
     #[pymodule_export]
     use crate::process::init_logging;
     #[pymodule_export]
-    use crate::servers::{
-        start_coordinator, start_local_cluster, start_node, CoordinatorHandle, LocalHandle, NodeHandle,
-    };
+    use crate::servers::{start_local_cluster, LocalHandle};
     #[pymodule_export]
     use crate::wasm::{validate_wasm, PyWasmModule};
     #[pymodule_export]

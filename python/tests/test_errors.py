@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import sys
 import threading
 import time
 
@@ -291,7 +292,7 @@ def test_the_native_core_raises_fleetmap_classes_that_pickle(tmp_path):
     from fleetmap import _native
 
     with pytest.raises(fleetmap.ConfigurationError, match="bad listen address") as config:
-        _native.start_coordinator("no address", tmp_path)
+        _native.start_local_cluster("no address", sys.executable)
     with pytest.raises(fleetmap.WasmError) as wasm:
         _native.validate_wasm(b"not a module")
     assert wasm.value.kind == "invalid" and wasm.value.exit_code is None
