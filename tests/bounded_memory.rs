@@ -127,6 +127,7 @@ async fn a_client_that_never_reads_costs_a_bounded_amount(access: &CoordinatorAc
             spec: Box::new(job_spec(1, ONE_CORE)),
             first: None,
             only: false,
+            resumable: Default::default(),
         })
         .unwrap();
     let job = match client.next().await {

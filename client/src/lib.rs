@@ -24,7 +24,7 @@ use std::{
 use fleetmap_net::{Receiver, Session, SessionError};
 use fleetmap_protocol::{
     ClientToCoordinator, CoordinatorToClient, FailureKind, Hello, InputChunk, JobId, JobSpec, JobStatus, LogLine,
-    NodeStatus, OutputChunk, RequestId, Role, DEFAULT_MAX_MESSAGE, SOFTWARE_VERSION,
+    NodeStatus, OutputChunk, RequestId, Resumable, Role, DEFAULT_MAX_MESSAGE, SOFTWARE_VERSION,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -71,6 +71,9 @@ pub enum JobEvent {
     Finished,
     /// The job failed; the kind says which error the caller raises.
     Failed(FailureKind, String),
+    /// The connection to the coordinator was lost: a job submitted
+    /// resumable waits for its client to submit it again (`resumes`).
+    Disconnected(String),
 }
 
 type Routes = Arc<Mutex<Routing>>;
@@ -140,19 +143,22 @@ impl Client {
     /// Submits a job; it is accepted (possibly with no free slots yet) or
     /// rejected with the coordinator's reason.
     pub async fn submit(&self, spec: JobSpec) -> Result<Job, ClientError> {
-        self.submit_with_first(spec, None, false).await
+        self.submit_with_first(spec, None, false, Resumable::default()).await
     }
 
     /// Submits a job together with its first chunk of inputs (chunk 0,
     /// from input 0, at most [`fleetmap_protocol::FIRST_CHUNK_BYTES`]), so
     /// that its first call waits for no round trip more; the credit the
     /// job returns is for the chunks after it. `only`: that chunk is all
-    /// of the job's inputs (no `inputs_done` follows).
+    /// of the job's inputs (no `inputs_done` follows). `resumable`: whether
+    /// the job outlives a lost connection, and which job this submission
+    /// picks up again.
     pub async fn submit_with_first(
         &self,
         spec: JobSpec,
         first: Option<InputChunk>,
         only: bool,
+        resumable: Resumable,
     ) -> Result<Job, ClientError> {
         let (done, accepted) = oneshot::channel();
         let request = self.register(|routes, request| {
@@ -163,6 +169,7 @@ impl Client {
             spec: Box::new(spec),
             first,
             only,
+            resumable,
         });
         let accepted = accepted
             .await
@@ -217,6 +224,12 @@ impl Client {
         }
         route(&mut routes, request);
         Ok(request)
+    }
+
+    /// Whether the connection is gone (closed by either side, timed out or
+    /// reset).
+    pub fn is_closed(&self) -> bool {
+        self.conn.close_reason().is_some()
     }
 
     /// Closes the connection; running jobs are cancelled by the coordinator.
@@ -294,10 +307,9 @@ async fn read_loop(mut rx: Receiver<CoordinatorToClient>, routes: Routes) {
     };
     let mut r = routes.lock().expect("routing lock poisoned");
     for (_, tx) in r.jobs.drain() {
-        let _ = tx.send(JobEvent::Failed(
-            FailureKind::Job,
-            format!("lost the connection to the coordinator: {reason}"),
-        ));
+        let _ = tx.send(JobEvent::Disconnected(format!(
+            "lost the connection to the coordinator: {reason}"
+        )));
     }
     for (_, done) in r.submits.drain() {
         let _ = done.send(Err(ClientError::Disconnected(reason.clone())));

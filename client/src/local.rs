@@ -43,9 +43,11 @@ impl LocalCluster {
     ) -> Result<Self, LocalClusterError> {
         let err = |e: &dyn std::fmt::Display| LocalClusterError(e.to_string());
         let credentials = Credentials::generate().map_err(|e| err(&e))?;
-        let coordinator = serve(CoordinatorConfig::new(listen, credentials.clone()))
-            .await
-            .map_err(|e| err(&e))?;
+        let mut coordinator = CoordinatorConfig::new(listen, credentials.clone());
+        // Coordinator, node and client share this process: none of them can
+        // come back without the others, so nothing waits for one to.
+        coordinator.grace = Default::default();
+        let coordinator = serve(coordinator).await.map_err(|e| err(&e))?;
         let addr = coordinator.local_addr.to_string();
         let mut config = NodeConfig::new(
             addr.clone(),

@@ -17,4 +17,5 @@ pub mod statefile;
 pub use credentials::Credentials;
 pub use keys::{KeyStore, Quota};
 pub use nodes::NodeRegistry;
+pub use scheduler::Grace;
 pub use server::{serve, CoordinatorConfig, Limits, LiveSettings, NodeLimit, RunningCoordinator};

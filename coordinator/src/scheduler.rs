@@ -27,13 +27,17 @@ mod dispatch;
 mod fairness;
 mod placement;
 mod recovery;
+mod survival;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
+    time::Duration,
+};
 
 use fleetmap_protocol::{
     ChunkId, ClientId, CoordinatorToClient, CoordinatorToNode, FailureKind, InputChunk, InputIndex, JobId, JobSpec,
     JobState, JobStatus, LogLine, NodeId, NodeIsolation, NodeProgress, NodeStatus, OutputChunk, RequestId, Resources,
-    SlotId,
+    Resumable, SlotId,
 };
 
 use crate::keys::Quota;
@@ -43,6 +47,7 @@ pub use dispatch::SLOT_DEPTH;
 pub use placement::gib;
 use placement::Node;
 pub use recovery::MAX_CHUNK_LOSSES;
+pub use survival::Grace;
 
 /// The most slots one job may have.
 pub const MAX_SLOTS: u32 = 4000;
@@ -111,6 +116,12 @@ struct Job {
     per_node: BTreeMap<String, (u64, u64)>,
     /// The first [`MAX_LISTED_FAILURES`] nodes lost under it, as text.
     failures: Vec<String>,
+    /// The SHA-256 of its resume token and how long it waits for its
+    /// client once that vanishes (`survival.rs`); `None`: it ends with its
+    /// connection.
+    resume: Option<([u8; 32], Duration)>,
+    /// Since when no node can host it, and why (`survival.rs`).
+    stranded: Option<(Duration, String)>,
 }
 
 impl Job {
@@ -147,6 +158,8 @@ impl Job {
             started: unix_now(),
             per_node: BTreeMap::new(),
             failures: Vec::new(),
+            resume: None,
+            stranded: None,
         }
     }
 }
@@ -203,8 +216,13 @@ pub struct Scheduler {
     /// Running jobs by the SHA-256 of their `job_key`.
     job_keys: HashMap<String, JobId>,
     /// The last [`MAX_RECENT_JOBS`] jobs that ended, newest last, as
-    /// listings show them.
-    recent: VecDeque<JobStatus>,
+    /// listings show them, with their resume token's hash.
+    recent: VecDeque<(JobStatus, Option<[u8; 32]>)>,
+    /// Jobs waiting for their vanished client (`survival.rs`).
+    orphans: BTreeMap<JobId, survival::Orphan>,
+    /// The shell's clock at its last tick.
+    now: Duration,
+    grace: Grace,
     /// The largest input or output payload a peer may send: the message
     /// limit less room for the message around it, so that a payload
     /// accepted from one peer can always be passed on to the next.
@@ -232,6 +250,9 @@ impl Scheduler {
             quotas: BTreeMap::new(),
             job_keys: HashMap::new(),
             recent: VecDeque::new(),
+            orphans: BTreeMap::new(),
+            now: Duration::ZERO,
+            grace: Grace::default(),
             max_payload,
         }
     }
@@ -277,7 +298,7 @@ impl Scheduler {
             return;
         };
         self.requeue_chunks_of_lost_node(node, &lost.name);
-        self.fail_stranded_jobs(&lost.name);
+        self.strand_jobs(&lost.name);
         self.grow_jobs();
         self.dispatch_all();
     }
@@ -314,7 +335,19 @@ impl Scheduler {
     /// when its principal already runs as many jobs as its quota allows.
     /// A client submits a job.
     pub fn handle_submit(&mut self, client: ClientId, request: RequestId, spec: JobSpec) {
-        self.accept_job(client, request, spec, false);
+        self.accept_job(client, request, spec, false, &Resumable::default());
+    }
+
+    /// A client submits a job that outlives its connection, or picks up
+    /// one it submitted so before (`survival.rs`).
+    pub fn handle_submit_resumable(
+        &mut self,
+        client: ClientId,
+        request: RequestId,
+        spec: JobSpec,
+        resumable: &Resumable,
+    ) {
+        self.accept_job(client, request, spec, false, resumable);
     }
 
     /// A client submits a job with its first chunk of inputs (which needs
@@ -326,6 +359,7 @@ impl Scheduler {
         spec: JobSpec,
         first: InputChunk,
         only: bool,
+        resumable: &Resumable,
     ) -> Result<(), ProtocolViolation> {
         if first.payload.len() > fleetmap_protocol::FIRST_CHUNK_BYTES
             || first.chunk != ChunkId(0)
@@ -340,7 +374,7 @@ impl Scheduler {
                 first.payload.len()
             )));
         }
-        if let Some(id) = self.accept_job(client, request, spec, true) {
+        if let Some(id) = self.accept_job(client, request, spec, true, resumable) {
             self.handle_inputs(client, id, first)?;
             if only {
                 self.handle_inputs_done(client, id, 1)?;
@@ -352,13 +386,35 @@ impl Scheduler {
     /// Accepts (or rejects) a job and credits its client; `first_chunk`:
     /// one chunk came with it, on the protocol's credit. The job's id, if
     /// accepted.
-    fn accept_job(&mut self, client: ClientId, request: RequestId, spec: JobSpec, first_chunk: bool) -> Option<JobId> {
+    fn accept_job(
+        &mut self,
+        client: ClientId,
+        request: RequestId,
+        spec: JobSpec,
+        first_chunk: bool,
+        resumable: &Resumable,
+    ) -> Option<JobId> {
+        if resumable.token.len() > fleetmap_protocol::MAX_RESUME_TOKEN {
+            let reason = format!(
+                "the job's resume token is {} bytes, over the limit of {}",
+                resumable.token.len(),
+                fleetmap_protocol::MAX_RESUME_TOKEN
+            );
+            self.send_to_client(client, CoordinatorToClient::JobRejected { request, reason });
+            return None;
+        }
+        let resumed = self.resume_id(client, request, &spec.principal, resumable).ok()?;
         if let Some(max) = self.quota_of(&spec.principal).max_jobs {
             let running = self
                 .jobs
                 .values()
                 .filter(|j| j.spec.principal == spec.principal)
-                .count();
+                .count()
+                + self
+                    .orphans
+                    .values()
+                    .filter(|o| o.status.principal == spec.principal)
+                    .count();
             if running >= max as usize {
                 let reason = format!(
                     "{} already runs {running} jobs, its quota's limit (max jobs {max}); wait for one to end, \
@@ -369,12 +425,22 @@ impl Scheduler {
                 return None;
             }
         }
+        // A resumed job waits for a node rather than fail, as one whose
+        // node was lost does: after a coordinator restart, nodes may come
+        // back after their clients.
+        let mut stranded = false;
         if let Err(reason) = self.check_placeable(&spec.call) {
-            self.send_to_client(client, CoordinatorToClient::JobRejected { request, reason });
-            return None;
+            if resumed.is_none() || spec.call.cores == 0 || spec.call.memory_bytes == 0 {
+                self.send_to_client(client, CoordinatorToClient::JobRejected { request, reason });
+                return None;
+            }
+            stranded = true;
         }
-        let id = self.next_job;
-        self.next_job = JobId(id.0 + 1);
+        let id = match &resumed {
+            Some(r) => r.id,
+            None => self.next_job,
+        };
+        self.next_job = JobId(self.next_job.0.max(id.0 + 1));
         let mut spec = spec;
         if spec.name.len() > fleetmap_protocol::MAX_JOB_NAME {
             let mut end = fleetmap_protocol::MAX_JOB_NAME;
@@ -388,6 +454,15 @@ impl Scheduler {
         }
         let mut job = Job::new(client, spec);
         job.backlogged = self.backlogged.contains(&client);
+        if !resumable.token.is_empty() {
+            let grace = Duration::from_millis(resumable.grace_ms).min(self.grace.max_client);
+            job.resume = Some((survival::token_hash(&resumable.token), grace));
+        }
+        if let (Some(r), Some((_, done))) = (&resumed, resumable.resumes) {
+            job.next_slot = r.next_slot;
+            job.inputs_done = done;
+            job.started = r.started.unwrap_or(job.started);
+        }
         self.jobs.insert(id, job);
         self.grow_jobs();
         let job = self.jobs.get_mut(&id).expect("job inserted above");
@@ -405,6 +480,12 @@ impl Scheduler {
             credit,
         };
         self.send_to_client(client, msg);
+        if stranded {
+            if let Some(job) = self.jobs.get_mut(&id) {
+                job.stranded = Some((self.now, "the job was picked up again after an interruption".into()));
+            }
+            self.handle_tick(self.now);
+        }
         Some(id)
     }
 
@@ -462,6 +543,9 @@ impl Scheduler {
     /// Cancels `job` if it belongs to `principal`, whichever of its
     /// connections asks; the client that submitted it, if another, is told.
     pub fn handle_cancel(&mut self, client: ClientId, principal: &str, job: JobId) {
+        if self.cancel_orphan(job, principal) {
+            return;
+        }
         let Some(j) = self.jobs.get(&job).filter(|j| j.spec.principal == principal) else {
             return;
         };
@@ -492,9 +576,16 @@ impl Scheduler {
         let mut jobs: Vec<JobStatus> = self
             .recent
             .iter()
+            .map(|(j, _)| j)
             .filter(|j| j.principal == principal)
             .cloned()
             .collect();
+        jobs.extend(
+            self.orphans
+                .values()
+                .filter(|o| o.status.principal == principal)
+                .map(|o| o.status.clone()),
+        );
         jobs.extend(
             self.jobs
                 .iter()
@@ -549,14 +640,12 @@ impl Scheduler {
     /// Keeps job `id`'s listing, as it ends in `state`, among the recent
     /// ones.
     fn remember_ended(&mut self, id: JobId, state: JobState) {
-        if !self.jobs.contains_key(&id) {
+        let Some(job) = self.jobs.get(&id) else {
             return;
-        }
-        let status = self.job_status(id, state);
-        if self.recent.len() >= MAX_RECENT_JOBS {
-            self.recent.pop_front();
-        }
-        self.recent.push_back(status);
+        };
+        let token = job.resume.map(|(token, _)| token);
+        let status = self.job_status(id, JobState::Running);
+        self.remember_status(status, state, token);
     }
 
     /// The shell found that `client` has more waiting to be sent to it
@@ -582,23 +671,6 @@ impl Scheduler {
         for (job, chunks) in credits.into_iter().filter(|c| c.1 > 0) {
             self.send_to_client(client, CoordinatorToClient::Credit { job, chunks });
         }
-    }
-
-    pub fn handle_client_lost(&mut self, client: ClientId) {
-        self.backlogged.remove(&client);
-        let jobs: Vec<JobId> = self
-            .jobs
-            .iter()
-            .filter(|(_, j)| j.client == client)
-            .map(|(&k, _)| k)
-            .collect();
-        // End them all before any freed slot goes to a waiting job: one
-        // of them could otherwise get slots (started on nodes, credit sent
-        // to the gone client) just before it is stopped too.
-        for job in jobs {
-            self.end_job(job, JobState::Cancelled("its caller went away".into()));
-        }
-        self.grow_jobs();
     }
 
     /// A node reports a finished chunk. Reports that cross a stop on the

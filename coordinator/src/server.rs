@@ -25,7 +25,7 @@ use crate::{
     credentials::{secrets_match, Credentials},
     keys::{KeyStore, Principal, Quota},
     nodes::{Issued, NodeCa, NodeIdentityError, NodeRegistry, DEFAULT_NODE_CERT_VALIDITY},
-    scheduler::{Command, Scheduler},
+    scheduler::{Command, Grace, Scheduler},
 };
 
 /// How long a new connection has to open its stream and say `Hello`.
@@ -88,6 +88,9 @@ pub struct CoordinatorConfig {
     pub approve_nodes: bool,
     pub max_message: usize,
     pub limits: Limits,
+    /// How long jobs wait for vanished nodes and clients
+    /// ([`Grace::FLEET`] by default).
+    pub grace: Grace,
 }
 
 /// Caps on what one node may advertise (`None`: no cap).
@@ -127,6 +130,7 @@ impl CoordinatorConfig {
             credentials,
             max_message: DEFAULT_MAX_MESSAGE,
             limits: Limits::default(),
+            grace: Grace::FLEET,
         }
     }
 }
@@ -250,6 +254,8 @@ struct Shared {
 pub struct LiveSettings {
     pub node_limit: NodeLimit,
     pub approve_nodes: bool,
+    /// How long jobs wait for vanished nodes and clients.
+    pub grace: Grace,
 }
 
 impl Shared {
@@ -394,14 +400,17 @@ impl RunningCoordinator {
     }
 
     /// Takes on `settings` from now on: nodes that join later are held for
-    /// approval and capped by them; nodes already joined keep what they
-    /// were admitted with.
+    /// approval and capped by them (nodes already joined keep what they
+    /// were admitted with); jobs that wait for a node or their client wait
+    /// as long as the new grace periods say, counted from when they began
+    /// to wait.
     pub fn apply(&self, settings: LiveSettings) {
         *self
             .shared
             .live
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = settings;
+        self.shared.with(|s| s.set_grace(settings.grace));
     }
 
     /// Waits until at least `n` nodes have joined, up to `timeout`.
@@ -441,7 +450,11 @@ pub async fn serve(config: CoordinatorConfig) -> Result<RunningCoordinator, NetE
     let local_addr = endpoint.local_addr()?;
     let shared = Arc::new(Shared {
         core: Mutex::new(Core {
-            scheduler: Scheduler::with_max_payload(max_payload(config.max_message)),
+            scheduler: {
+                let mut scheduler = Scheduler::with_max_payload(max_payload(config.max_message));
+                scheduler.set_grace(config.grace);
+                scheduler
+            },
             nodes: HashMap::new(),
             clients: HashMap::new(),
             next_peer: 0,
@@ -453,6 +466,7 @@ pub async fn serve(config: CoordinatorConfig) -> Result<RunningCoordinator, NetE
         live: std::sync::RwLock::new(LiveSettings {
             node_limit: config.node_limit,
             approve_nodes: config.approve_nodes,
+            grace: config.grace,
         }),
         max_message: config.max_message,
         limits: config.limits,
@@ -493,10 +507,13 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
 async fn release_backlogged_clients(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(BACKLOG_CHECK);
     let mut ticks = 0u64;
+    let started = tokio::time::Instant::now();
     loop {
         tick.tick().await;
         ticks += 1;
         if ticks.is_multiple_of(REVOCATION_CHECK_TICKS) {
+            // Deadlines: jobs waiting for a vanished client or node.
+            shared.with(|s| s.handle_tick(started.elapsed()));
             // The registry is a file: read and written off the runtime's
             // threads.
             let shared = shared.clone();
@@ -820,6 +837,22 @@ async fn serve_peer(
             let (tx, mut rx, writer) = handshake.welcome(SOFTWARE_VERSION, pem, shared.max_message).await?;
             let node = {
                 let core = &mut *shared.lock();
+                // The same node connecting again (restarted, thawed, its
+                // link back) replaces its older connection at once: that
+                // one's slots are gone with it, and its chunks run again.
+                let older: Vec<NodeId> = core
+                    .nodes
+                    .iter()
+                    .filter(|(_, peer)| peer.name == name)
+                    .map(|(&id, _)| id)
+                    .collect();
+                for id in older {
+                    if let Some(peer) = core.nodes.remove(&id) {
+                        CloseCode::Done.close(&peer.conn, "replaced by a newer connection of the same node");
+                    }
+                    info!("node {name}: a newer connection replaces its older one");
+                    core.scheduler.handle_node_lost(id);
+                }
                 let node = NodeId(core.next_id());
                 let peer = NodePeer {
                     outbox: tx,
@@ -870,7 +903,10 @@ async fn serve_peer(
                 client
             };
             let r = client_loop(&mut rx, client, &api_key, &principal.name, shared).await;
-            shared.with(|s| s.handle_client_lost(client));
+            // Timed out or reset, not closed: the client may come back for
+            // its resumable jobs.
+            let abrupt = matches!(r, Err(SessionError::Unreachable { .. }));
+            shared.with(|s| s.handle_client_lost(client, abrupt));
             shared.lock().clients.remove(&client);
             writer.abort();
             r
@@ -916,6 +952,7 @@ async fn client_loop(
                 mut spec,
                 first,
                 only,
+                resumable,
             } => {
                 // The key is checked again for every job: one revoked
                 // (or a job's credential whose job ended) since the
@@ -931,12 +968,14 @@ async fn client_loop(
                                 s.set_quota(&spec.principal, quota);
                             }
                             match first {
-                                Some(chunk) => s.handle_submit_with_first(client, request, *spec, chunk, only),
+                                Some(chunk) => {
+                                    s.handle_submit_with_first(client, request, *spec, chunk, only, &resumable)
+                                }
                                 None if only => Err(crate::scheduler::ProtocolViolation(format!(
                                     "request {request}: a job said to have only its first chunk came without it"
                                 ))),
                                 None => {
-                                    s.handle_submit(client, request, *spec);
+                                    s.handle_submit_resumable(client, request, *spec, &resumable);
                                     Ok(())
                                 }
                             }

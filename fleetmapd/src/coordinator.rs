@@ -3,7 +3,8 @@
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use fleetmap_coordinator::{
-    credentials::CredentialPaths, CoordinatorConfig, Credentials, KeyStore, LiveSettings, NodeLimit, NodeRegistry,
+    credentials::CredentialPaths, CoordinatorConfig, Credentials, Grace, KeyStore, LiveSettings, NodeLimit,
+    NodeRegistry,
 };
 use serde::Deserialize;
 use tracing::{info, warn};
@@ -54,10 +55,22 @@ pub(crate) struct CoordinatorSettings {
     #[arg(long)]
     #[serde(default)]
     approve_nodes: bool,
+    /// How long a job whose nodes were lost waits for a node that can host
+    /// its calls to join (a restarted or thawed node rejoins under its
+    /// name), in seconds (default 60; 0 fails it at once). Reloadable.
+    #[arg(long)]
+    node_grace: Option<f64>,
+    /// The longest a job waits for a client whose connection was lost (a
+    /// sleeping laptop, a cut link), in seconds; each job asks for its own,
+    /// up to this (default 3600; 0: jobs end with their connection).
+    /// Reloadable.
+    #[arg(long)]
+    max_client_grace: Option<f64>,
 }
 
 overlay!(CoordinatorSettings {
-    value: listen, state_dir, node_cert_days, max_node_cores, max_node_memory_gib, max_node_gpus;
+    value: listen, state_dir, node_cert_days, max_node_cores, max_node_memory_gib, max_node_gpus, node_grace,
+        max_client_grace;
     switch: approve_nodes;
     list: ;
 });
@@ -79,6 +92,13 @@ impl CoordinatorSettings {
             .max_node_memory_gib
             .map(|gib| settings::gib_to_bytes(gib, "max-node-memory-gib"))
             .transpose()?;
+        let seconds = |value: Option<f64>, default: Duration, what: &str| match value {
+            None => Ok(default),
+            Some(s) if (0.0..=7.0 * 86400.0).contains(&s) => Ok(Duration::from_secs_f64(s)),
+            Some(s) => Err(Failure::usage(format!(
+                "{what} must be from 0 to 604800 seconds, not {s}"
+            ))),
+        };
         Ok(LiveSettings {
             node_limit: NodeLimit {
                 cores: self.max_node_cores,
@@ -86,6 +106,10 @@ impl CoordinatorSettings {
                 gpus: self.max_node_gpus,
             },
             approve_nodes: self.approve_nodes,
+            grace: Grace {
+                node: seconds(self.node_grace, Grace::FLEET.node, "node-grace")?,
+                max_client: seconds(self.max_client_grace, Grace::FLEET.max_client, "max-client-grace")?,
+            },
         })
     }
 
@@ -123,6 +147,7 @@ pub(crate) async fn run(args: Args) -> Result<(), Failure> {
     let live = current.live()?;
     config.node_limit = live.node_limit;
     config.approve_nodes = live.approve_nodes;
+    config.grace = live.grace;
     let running = fleetmap_coordinator::serve(config)
         .await
         .map_err(|e| Failure::usage(format!("cannot listen on {listen}: {e}")))?;

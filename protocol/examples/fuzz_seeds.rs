@@ -11,8 +11,8 @@ use fleetmap_protocol::{
     worker::{CrashKind, CrashedInput, FromWorker, ToWorker, WorkerSettings},
     CallRequest, ChunkId, ClientToCoordinator, CoordinatorToClient, CoordinatorToNode, EnvironmentSpec, FailureKind,
     Gpu, Hello, HelloReply, InputChunk, InputIndex, JobId, JobSpec, LogLine, NodeIsolation, NodeStatus,
-    NodeToCoordinator, OutputChunk, OutputStream, RequestId, Resources, Role, RuntimeSpec, SlotId, SourceBundle,
-    DEFAULT_MAX_MESSAGE,
+    NodeToCoordinator, OutputChunk, OutputStream, RequestId, Resources, Resumable, Role, RuntimeSpec, SlotId,
+    SourceBundle, DEFAULT_MAX_MESSAGE,
 };
 use serde::Serialize;
 
@@ -109,6 +109,11 @@ fn main() {
                 spec: Box::new(spec()),
                 first: None,
                 only: false,
+                resumable: Resumable {
+                    token: "0123456789abcdef0123456789abcdef".into(),
+                    grace_ms: 60_000,
+                    resumes: Some((JobId(3), 17)),
+                },
             },
             ClientToCoordinator::SubmitJob {
                 request: RequestId(2),
@@ -120,6 +125,7 @@ fn main() {
                     payload: vec![0x80, 5, 0x4b, 7, 0x2e],
                 }),
                 only: true,
+                resumable: Resumable::default(),
             },
             ClientToCoordinator::Inputs { job, chunk: chunk() },
             ClientToCoordinator::InputsDone { job, chunks: 4 },

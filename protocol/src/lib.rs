@@ -38,8 +38,9 @@ use serde::{Deserialize, Serialize};
 /// listing and cancelling by principal (`ListJobs`, `Jobs`). Version 6:
 /// node certificates renewed on a live connection
 /// (`CoordinatorToNode::Certificate`), and a job's first chunk sent with its
-/// submission (`SubmitJob::first`).
-pub const PROTOCOL_VERSION: u16 = 6;
+/// submission (`SubmitJob::first`). Version 7: jobs that survive their
+/// client's connection (`SubmitJob::resumable`, `JobState::Waiting`).
+pub const PROTOCOL_VERSION: u16 = 7;
 
 /// The most payload a job's first chunk may carry inside its `SubmitJob`
 /// (a larger one goes as `Inputs`, within credit).
@@ -544,6 +545,9 @@ pub enum ClientToCoordinator {
         /// `first` is all of the job's inputs: as if `InputsDone { chunks:
         /// 1 }` followed.
         only: bool,
+        /// Whether the job outlives a lost connection, and which job this
+        /// submission picks up again.
+        resumable: Resumable,
     },
     Inputs {
         job: JobId,
@@ -566,6 +570,30 @@ pub enum ClientToCoordinator {
     ListJobs {
         request: RequestId,
     },
+}
+
+/// The longest resume token a client may choose.
+pub const MAX_RESUME_TOKEN: usize = 64;
+
+/// How a job outlives its client's connection. A connection that ends
+/// without a goodbye (a sleeping laptop, a cut link, a coordinator
+/// restart) does not cancel a job that has a token: the coordinator stops
+/// its calls and keeps it for its grace period, and the client picks it up
+/// by submitting it again with `resumes`, sending the chunks it has no
+/// answer for. A clean close or a cancel still ends the job at once.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+pub struct Resumable {
+    /// A secret the client chose for this job (at most
+    /// [`MAX_RESUME_TOKEN`] bytes): only a submission that presents it
+    /// again picks the job up. Empty: the job ends with its connection.
+    pub token: String,
+    /// How long the job waits for its client, in milliseconds (the
+    /// coordinator caps it).
+    pub grace_ms: u64,
+    /// The job this submission picks up, and how many of its inputs
+    /// already have their outcome at the client. Its chunks are numbered
+    /// from 0 again; their `first_input` keeps the original numbering.
+    pub resumes: Option<(JobId, u64)>,
 }
 
 /// What the coordinator sends a client after the handshake.
@@ -650,6 +678,9 @@ pub enum JobState {
     Failed(String),
     /// Cancelled, with by whom or why.
     Cancelled(String),
+    /// Its connection was lost: its calls are stopped and it waits for its
+    /// client to pick it up (`Resumable`), with until when.
+    Waiting(String),
 }
 
 /// A job's progress on one node.

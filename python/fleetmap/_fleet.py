@@ -147,7 +147,7 @@ def connection(fleet: FleetAddress, fresh: bool = False) -> "_native.Connection"
     key = (fleet.coordinator, fleet.api_key)
     with _lock:
         conn = _connections.get(key)
-        if conn is not None and not fresh:
+        if conn is not None and not fresh and not conn.closed():
             return conn
         conn = _native.connect(fleet.coordinator, fleet.ca_pem, fleet.api_key)
         if conn.coordinator_version != _native.VERSION:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import collections.abc
 import itertools
@@ -10,15 +11,25 @@ import math
 import os
 import pickle
 import re
+import secrets
 import site
 import sys
 import sysconfig
+import time
 import types
 import warnings
 from typing import Any, Callable, ContextManager, Dict, Generator, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from . import _environment, _fleet, _native, _sources
-from ._errors import CoordinatorUnreachable, EnvironmentSetupError, ImageError, InputError, JobCancelled, JobFailed
+from ._errors import (
+    CoordinatorUnreachable,
+    EnvironmentSetupError,
+    ImageError,
+    InputError,
+    JobCancelled,
+    JobFailed,
+    JobRejected,
+)
 from ._inspect import describe_size, describe_unpicklable
 from ._progress import Progress
 
@@ -64,6 +75,7 @@ def remote_parallel_map(
     return_exceptions: bool = False,
     generator: bool = False,
     require_isolation: Optional[bool] = None,
+    grace: float = 60.0,
 ) -> Any:
     """Runs ``function_`` on every element of ``inputs`` in parallel on the fleet.
 
@@ -81,10 +93,20 @@ def remote_parallel_map(
     ``FLEETMAP_REQUIRE_ISOLATION=1``) the calls run only on nodes that pin
     them in cgroups, never on one started with ``--allow-unisolated``.
 
+    A lost connection does not lose the job: when this process sleeps, its
+    link drops or the coordinator restarts, the fleet keeps the job for
+    ``grace`` seconds (60 by default, capped by the coordinator) and this
+    call picks it up again when it can reach the coordinator, running again
+    only the inputs it has no outcome for; every output still arrives once
+    and in order. ``grace=0`` fails the job with its connection. Ctrl-C
+    cancels at once, as does leaving a ``generator=True`` loop early.
+
     With no fleet configured (``FLEETMAP_COORDINATOR`` or the config file),
     the calls run on an embedded cluster in this process.
     """
     _check_arguments(function_, parallelism, func_cpu, func_ram, func_gpu, image, packages)
+    if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not 0 <= grace <= 86400:
+        raise ValueError(f"grace must be a number of seconds from 0 to 86400, got {grace!r}")
     isolated = _fleet.require_isolation(require_isolation)
     if packages is not None:
         _environment.packages_environment(packages)  # checked before anything runs
@@ -99,7 +121,10 @@ def remote_parallel_map(
         fleet = _fleet.fleet_address(api_key)
         # An image is the job's environment: the caller's is not replicated.
         environment = None if image is not None and packages is None else _environment.job_environment(packages, fleet.embedded)
-        job = _submit(
+        # The job's resume token: only this call can pick the job up again.
+        token = secrets.token_hex(16)
+        submission = functools.partial(
+            _submit,
             fleet,
             function_blob,
             source.total,
@@ -111,9 +136,10 @@ def remote_parallel_map(
             sources,
             isolated,
             image,
-            first_chunk,
-            _function_name(function_),
+            name=_function_name(function_),
+            resumable=(token, float(grace)),
         )
+        job = submission(first=first_chunk)
     except BaseException:
         scope.__exit__(*sys.exc_info())
         raise
@@ -129,7 +155,9 @@ def remote_parallel_map(
     progress = Progress(
         source.total, enabled=verbose, where=fleet.description, slots=job.slots, nodes=job.nodes, job=job.id
     )
-    chunks = _chunk_outcomes(job, source, progress, return_exceptions, scope, first_chunk is not None)
+    chunks = _chunk_outcomes(
+        _Current(job, submission, float(grace)), source, progress, return_exceptions, scope, first_chunk
+    )
     if generator:
         return _each_outcome(chunks)
     results: List[Any] = [None] * (source.total or 0)
@@ -340,6 +368,8 @@ def _submit(
     image: Optional[str] = None,
     first: Optional[Tuple[int, bytes]] = None,
     name: str = "",
+    resumable: Tuple[str, float] = ("", 0.0),
+    resumes: Optional[Tuple[int, int]] = None,
 ) -> _native.Job:
     version = _python_version()
     args = (
@@ -358,6 +388,9 @@ def _submit(
         first,
         first is not None and n == 1,
         name,
+        resumable[0],
+        resumable[1],
+        resumes,
     )
     for attempt in range(2):
         conn = _fleet.connection(fleet, fresh=attempt > 0)
@@ -474,26 +507,67 @@ def _pickle_chunk(chunk: List[Any], first: int) -> bytes:
         raise
 
 
+class _Current:
+    """The job a call drives: its incarnation now (a new one after each
+    lost connection), and how to submit it again."""
+
+    def __init__(self, job: _native.Job, submission: Callable[..., _native.Job], grace: float) -> None:
+        self.job = job
+        self.submission = submission
+        self.grace = grace
+
+    def resume(self, done: int, reason: str, progress: Progress) -> None:
+        """Picks the job up again after its connection was lost: submits it
+        again with its resume token, with backoff, until the coordinator
+        answers or ``grace`` seconds have passed."""
+        job_id = self.job.id
+        if self.grace <= 0:
+            raise JobFailed(f"job {job_id}: {reason}")
+        progress.print_line(
+            f"fleetmap: job {job_id}: {reason}; reconnecting for up to {self.grace:.0f} s", sys.stderr
+        )
+        deadline = time.monotonic() + self.grace
+        delay = 0.1
+        while True:
+            try:
+                self.job = self.submission(resumes=(job_id, done))
+                break
+            except CoordinatorUnreachable as exc:
+                if time.monotonic() + delay > deadline:
+                    raise JobFailed(
+                        f"job {job_id}: {reason}, and the coordinator could not be reached again within "
+                        f"{self.grace:.0f} s ({exc}); its unfinished inputs were not run"
+                    ) from None
+            except JobRejected as exc:
+                error = JobCancelled if "was cancelled" in str(exc) else JobFailed
+                raise error(str(exc)) from None
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+        renamed = "" if self.job.id == job_id else f" as job {self.job.id}"
+        progress.print_line(f"fleetmap: job {job_id} picked up again{renamed}", sys.stderr)
+
+
 def _chunk_outcomes(
-    job: _native.Job,
+    current: _Current,
     source: _InputSource,
     progress: Progress,
     return_exceptions: bool,
     scope: ContextManager[Any],
-    first_sent: bool,
+    first_chunk: Optional[Tuple[int, bytes]],
 ) -> Generator[Tuple[int, List[Any]], None, None]:
     """Feeds the job its inputs within credit and yields ``(first index,
     outputs)`` per finished chunk. Whatever ends it early (a failure,
     Ctrl-C, the caller leaving a streaming loop) cancels the job.
-    ``first_sent``: chunk 0, input 0 alone, went with the submission."""
+    ``first_chunk``: chunk 0 (input 0 alone), if it went with the
+    submission."""
     finished = False
     try:
-        yield from _run(job, source, progress, return_exceptions, first_sent)
+        yield from _run(current, source, progress, return_exceptions, first_chunk)
         finished = True
     finally:
         if not finished:
             # Stop every remote call of the job.
-            job.cancel()
+            current.job.cancel()
         progress.close(success=finished)
         scope.__exit__(None, None, None)
 
@@ -534,8 +608,13 @@ def _chunk_size(chunk_id: int, slots: int, cap: int, per_input: Optional[float],
 
 
 def _run(
-    job: _native.Job, source: _InputSource, progress: Progress, return_exceptions: bool, first_sent: bool
+    current: _Current,
+    source: _InputSource,
+    progress: Progress,
+    return_exceptions: bool,
+    first_chunk: Optional[Tuple[int, bytes]],
 ) -> Generator[Tuple[int, List[Any]], None, None]:
+    job = current.job
     total = source.total
     slots = max(job.slots, 1)
     # Chunks grow to as many as four per slot (multiprocessing's heuristic,
@@ -554,15 +633,26 @@ def _run(
     chunk_id = done = 0
     inputs_done = False
     # Chunks sent and not yet answered, by first input: each answer must
-    # match one exactly, so every input gets exactly one outcome.
+    # match one exactly, so every input gets exactly one outcome. Their
+    # payloads are kept (within the job's credit) to be sent again if the
+    # connection is lost before they are answered.
     outstanding: Dict[int, int] = {}
-    if first_sent:
-        outstanding[0] = 1
+    held: Dict[int, bytes] = {}
+    # Chunks to send again, first, after the job was picked up again.
+    resend: List[int] = []
+    if first_chunk is not None:
+        outstanding[0] = first_chunk[0]
+        held[0] = first_chunk[1]
         chunk_id = 1
         # A job of one input said so with its submission.
         inputs_done = total == 1
     while True:
-        while credit > 0 and not source.exhausted():
+        while credit > 0 and resend:
+            first = resend.pop(0)
+            job.send_chunk(chunk_id, first, outstanding[first], held[first])
+            chunk_id += 1
+            credit -= 1
+        while credit > 0 and not resend and not source.exhausted():
             first = source.next_index
             left = None if total is None else total - first
             chunk = source.take(_chunk_size(chunk_id, slots, cap, per_input, left))
@@ -580,10 +670,11 @@ def _run(
                 )
             job.send_chunk(chunk_id, first, len(chunk), payload)
             outstanding[first] = len(chunk)
+            held[first] = payload
             source.consume(len(chunk))
             chunk_id += 1
             credit -= 1
-        if source.exhausted() and not inputs_done:
+        if source.exhausted() and not resend and not inputs_done:
             job.inputs_done(chunk_id)
             inputs_done = True
         for event in job.events(0.1):
@@ -592,6 +683,7 @@ def _run(
                 _, first, count, failed, node, payload = event
                 outputs, failures, seconds = pickle.loads(payload)
                 _check_outcomes(outstanding, first, count, outputs, failures, node)
+                del held[first]
                 sample = seconds / max(count, 1)
                 per_input = sample if per_input is None else 0.7 * per_input + 0.3 * sample
                 if failed and not return_exceptions:
@@ -615,6 +707,16 @@ def _run(
                         "this is a fleet bug: run the job again and report it"
                     )
                 return
+            elif kind == "disconnected":
+                # A new incarnation of the job, numbering its chunks from 0,
+                # gets every chunk without an answer again, then the rest.
+                current.resume(done, event[1], progress)
+                job = current.job
+                credit = job.credit
+                chunk_id = 0
+                resend = sorted(outstanding)
+                inputs_done = False
+                break
             elif kind == "failed":
                 error = {"environment": EnvironmentSetupError, "image": ImageError, "cancelled": JobCancelled}.get(
                     event[2], JobFailed

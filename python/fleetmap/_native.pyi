@@ -172,7 +172,8 @@ class JobInfo(TypedDict):
     principal: str
     #: The function's ``module.qualname``.
     name: str
-    #: ``"running"``, ``"finished"``, ``"failed"`` or ``"cancelled"``.
+    #: ``"running"``, ``"finished"``, ``"failed"``, ``"cancelled"`` or
+    #: ``"waiting"`` (for its client to come back after a lost connection).
     state: str
     #: Why it failed, or by whom it was cancelled.
     state_detail: Optional[str]
@@ -212,6 +213,9 @@ class Connection:
         first: Optional[Tuple[int, bytes]] = None,
         only: bool = False,
         name: str = "",
+        resume_token: str = "",
+        grace_s: float = 0.0,
+        resumes: Optional[Tuple[int, int]] = None,
     ) -> Job:
         """Submits a job of the pickled Python ``function``: each call gets
         ``cores`` cores, ``memory_bytes`` of memory and ``gpus`` GPUs; at most
@@ -226,7 +230,11 @@ class Connection:
         input 0, at most 1 MiB), sent with the submission so that the first
         call waits for no round trip more (the job's ``credit`` is for the
         chunks after it); ``only``: it holds all the inputs. ``name`` is
-        the function's name, for listings.
+        the function's name, for listings. With a ``resume_token`` the job
+        outlives a lost connection for ``grace_s`` seconds (the coordinator
+        caps it): a submission with the same token and ``resumes`` ``(job
+        id, inputs with an outcome)`` picks it up again, under the same id
+        where it can, its chunks numbered from 0 again.
 
         Returns once the coordinator has placed the job's slots; raises
         :class:`fleetmap.JobRejected` when no node can host one call, or
@@ -236,6 +244,8 @@ class Connection:
         """The fleetmap version the coordinator runs (from its ``Welcome``)."""
     def close(self) -> None:
         """Closes the connection; its running jobs are cancelled."""
+    def closed(self) -> bool:
+        """Whether the connection is gone (closed, timed out or reset)."""
     def status(self) -> Tuple[list[NodeStatus], int]:
         """The fleet's nodes and the number of running jobs; raises like
         :meth:`submit` when the connection is gone."""
@@ -257,9 +267,13 @@ class Connection:
 #:   ``"stdout"`` or ``"stderr"``;
 #: - ``("credit", n)``: ``n`` more chunks may be sent;
 #: - ``("finished",)``: every input has its output;
-#: - ``("failed", reason, kind)``: the job stopped (e.g. a node was lost, or
-#:   the connection to the coordinator); ``kind`` is ``"environment"`` when a
-#:   node could not prepare the job's environment, else ``"job"``.
+#: - ``("failed", reason, kind)``: the job stopped; ``kind`` is
+#:   ``"environment"`` when a node could not prepare the job's environment,
+#:   ``"image"`` for its image, ``"cancelled"`` when it was cancelled, else
+#:   ``"job"``;
+#: - ``("disconnected", reason)``: the connection to the coordinator was
+#:   lost; a job submitted with a resume token waits for its client to
+#:   submit it again (:meth:`Connection.submit` with ``resumes``).
 #:
 #: Typed as plain tuples so that callers may index and unpack them after
 #: testing the first item. (A name for the stub only: it does not exist at

@@ -144,7 +144,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     import json
 
     def running(job: int) -> bool:
-        return any(j["job"] == job and j["state"] == "running" for j in connection.jobs())
+        return any(j["job"] == job and j["state"] in ("running", "waiting") for j in connection.jobs())
 
     if args.action in ("cancel", "show") and args.job is None:
         print(f"fleetmap jobs {args.action}: give the job's id (fleetmap jobs lists them)", file=sys.stderr)
@@ -174,7 +174,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(jobs))
         return 0
-    live = [j for j in jobs if j["state"] == "running"]
+    live = [j for j in jobs if j["state"] in ("running", "waiting")]
     print(f"{len(live)} running job(s) of yours at {coordinator}, {len(jobs) - len(live)} recent")
     if jobs:
         print(

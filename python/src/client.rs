@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use fleetmap_client::{Client, Job, JobEvent};
 use fleetmap_protocol::{
-    CallRequest, ChunkId, EnvironmentSpec, FailureKind, InputChunk, InputIndex, JobSpec, JobState, OutputStream,
-    RuntimeSpec, SourceBundle,
+    CallRequest, ChunkId, EnvironmentSpec, FailureKind, InputChunk, InputIndex, JobId, JobSpec, JobState, OutputStream,
+    Resumable, RuntimeSpec, SourceBundle,
 };
 use pyo3::{
     prelude::*,
@@ -48,8 +48,11 @@ impl Connection {
     /// `sources`: `(sha256 hex, zip)` of the caller's local modules.
     /// `first`: `(count, payload)` of the job's first chunk (from input 0),
     /// sent with the submission; `only`: it holds all the inputs.
-    /// `name`: the function's name, for listings.
-    #[pyo3(signature = (function, cores, memory_bytes, gpus, parallelism, total_inputs, executable, version, environment=None, sources=None, require_isolation=false, image=None, first=None, only=false, name=String::new()))]
+    /// `name`: the function's name, for listings. `resume_token` and
+    /// `grace_s`: the job outlives a lost connection for `grace_s` seconds,
+    /// and a submission with the same token and `resumes` (`(job id,
+    /// inputs with an outcome)`) picks it up again.
+    #[pyo3(signature = (function, cores, memory_bytes, gpus, parallelism, total_inputs, executable, version, environment=None, sources=None, require_isolation=false, image=None, first=None, only=false, name=String::new(), resume_token=String::new(), grace_s=0.0, resumes=None))]
     #[allow(clippy::too_many_arguments)]
     fn submit(
         &self,
@@ -69,6 +72,9 @@ impl Connection {
         first: Option<(u32, Vec<u8>)>,
         only: bool,
         name: String,
+        resume_token: String,
+        grace_s: f64,
+        resumes: Option<(u64, u64)>,
     ) -> PyResult<PyJob> {
         let spec = JobSpec {
             principal: String::new(),
@@ -102,15 +108,25 @@ impl Connection {
             count,
             payload,
         });
+        let resumable = Resumable {
+            token: resume_token,
+            grace_ms: seconds(grace_s).as_millis().min(u128::from(u64::MAX)) as u64,
+            resumes: resumes.map(|(job, done)| (JobId(job), done)),
+        };
         let client = self.client.clone();
         let job = py
-            .detach(|| runtime().block_on(client.submit_with_first(spec, first, only)))
+            .detach(|| runtime().block_on(client.submit_with_first(spec, first, only, resumable)))
             .map_err(client_error)?;
         Ok(PyJob { job })
     }
 
     fn close(&self) {
         self.client.close();
+    }
+
+    /// Whether the connection is gone.
+    fn closed(&self) -> bool {
+        self.client.is_closed()
     }
 
     /// The fleetmap version the coordinator runs.
@@ -160,6 +176,7 @@ impl Connection {
                 JobState::Finished => ("finished", None),
                 JobState::Failed(why) => ("failed", Some(why)),
                 JobState::Cancelled(why) => ("cancelled", Some(why)),
+                JobState::Waiting(why) => ("waiting", Some(why)),
             };
             d.set_item("state", state)?;
             d.set_item("state_detail", detail)?;
@@ -299,6 +316,7 @@ fn event_to_py(py: Python<'_>, event: JobEvent) -> PyResult<Py<PyAny>> {
             };
             ("failed", reason, kind).into_pyobject(py)?.into_any()
         }
+        JobEvent::Disconnected(reason) => ("disconnected", reason).into_pyobject(py)?.into_any(),
     };
     Ok(obj.unbind())
 }

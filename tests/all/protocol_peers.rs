@@ -60,7 +60,7 @@ pub async fn run_echo_job(client: &Client, chunks: u64) -> BTreeMap<u64, Vec<(Ve
             }
             JobEvent::Credit(n) => credit += n,
             JobEvent::Finished => return outputs,
-            JobEvent::Failed(_, reason) => panic!("job failed: {reason}"),
+            JobEvent::Failed(_, reason) | JobEvent::Disconnected(reason) => panic!("job failed: {reason}"),
             JobEvent::Log(_) => {}
         }
     }

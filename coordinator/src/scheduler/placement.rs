@@ -167,7 +167,7 @@ impl Scheduler {
             return Err("func_cpu and func_ram must be at least 1".into());
         }
         if self.nodes.is_empty() {
-            return Err("the fleet has no nodes: start one with `fleetmap node --coordinator HOST:PORT --token TOKEN --ca CA.pem`".into());
+            return Err("the fleet has no nodes: start one with `fleetmapd node --coordinator HOST:PORT --token-file FILE --ca CA.pem`".into());
         }
         if self.nodes.values().any(|n| n.can_ever_host(call)) {
             return Ok(());

@@ -6,8 +6,9 @@
 //!   window shrinks with the slots. A result the node sent before it was lost
 //!   no longer matches a slot of that node and is dropped
 //!   (`Scheduler::handle_chunk_done`).
-//! - A job without slots that no remaining node can host fails, naming the
-//!   lost node, rather than wait forever.
+//! - A job without slots that no remaining node can host waits for a node
+//!   to join, and fails naming the lost node once the node grace period is
+//!   over (`survival.rs`).
 //! - A job that ends (finished, failed, cancelled, or its client gone) has
 //!   its workers stopped on every node it ran on and its resources returned
 //!   to them. A slot given back for fair share returns its room once the
@@ -88,25 +89,6 @@ impl Scheduler {
         }
     }
 
-    /// Fails the jobs without slots that no remaining node can host: they
-    /// would wait forever, whether they lost their slots with node `lost` or
-    /// were waiting for room.
-    pub(super) fn fail_stranded_jobs(&mut self, lost: &str) {
-        let stranded: Vec<JobId> = self
-            .jobs
-            .iter()
-            .filter(|(_, j)| j.slots.is_empty() && !self.nodes.values().any(|n| n.can_ever_host(&j.spec.call)))
-            .map(|(&k, _)| k)
-            .collect();
-        for id in stranded {
-            let reason = format!(
-                "node {lost} was lost and no remaining node can host a call of this job; \
-                 its unfinished inputs were not run. Add a node and run the job again"
-            );
-            self.fail_job(id, FailureKind::Job, reason);
-        }
-    }
-
     pub(super) fn fail_job(&mut self, id: JobId, kind: FailureKind, reason: String) {
         if let Some(client) = self.client_of(id) {
             self.stop_job(id, JobState::Failed(reason.clone()));
@@ -126,6 +108,12 @@ impl Scheduler {
     pub(super) fn end_job(&mut self, id: JobId, state: JobState) {
         let finished = state == JobState::Finished;
         self.remember_ended(id, state);
+        self.drop_job(id, finished);
+    }
+
+    /// Removes a job: its nodes stop its workers (keeping them warm if it
+    /// `finished`) and its resources go back to them.
+    pub(super) fn drop_job(&mut self, id: JobId, finished: bool) {
         let Some(job) = self.jobs.remove(&id) else {
             return;
         };

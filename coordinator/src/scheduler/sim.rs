@@ -30,7 +30,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use fleetmap_protocol::{CallRequest, ClientToCoordinator, InputIndex, NodeToCoordinator, RuntimeSpec};
+use fleetmap_protocol::{CallRequest, ClientToCoordinator, InputIndex, NodeToCoordinator, Resumable, RuntimeSpec};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
@@ -727,7 +727,7 @@ impl World {
         self.net.client_to_sched.remove(&c);
         self.net.sched_to_client.remove(&c);
         self.stats.clients_lost += 1;
-        self.sched.handle_client_lost(c);
+        self.sched.handle_client_lost(c, false);
         self.drain();
         let jobs: Vec<JobId> = self.owner.iter().filter(|(_, &o)| o == c).map(|(&j, _)| j).collect();
         for job in jobs {
@@ -802,7 +802,10 @@ impl World {
                         spec,
                         first: Some(chunk),
                         only,
-                    } => self.sched.handle_submit_with_first(client, request, *spec, chunk, only),
+                        resumable,
+                    } => self
+                        .sched
+                        .handle_submit_with_first(client, request, *spec, chunk, only, &resumable),
                     ClientToCoordinator::SubmitJob { request, spec, .. } => {
                         self.sched.handle_submit(client, request, *spec);
                         Ok(())
@@ -1022,6 +1025,7 @@ impl World {
                 spec: Box::new(j.spec.clone()),
                 first,
                 only,
+                resumable: Resumable::default(),
             }
         } else {
             let job = j.job.expect("sends only for an accepted job");
@@ -1353,7 +1357,7 @@ fn a_disconnected_clients_waiting_job_gets_no_slots_before_it_is_stopped() {
     assert!(s.slots_of(second).is_empty(), "the second job waits for room");
     std::iter::from_fn(|| s.poll_command()).for_each(drop);
 
-    s.handle_client_lost(ClientId(7));
+    s.handle_client_lost(ClientId(7), false);
     let cmds: Vec<Command> = std::iter::from_fn(|| s.poll_command()).collect();
     assert_eq!(
         cmds,

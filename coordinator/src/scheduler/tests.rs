@@ -361,7 +361,7 @@ fn a_second_job_gets_its_fair_share_and_the_rest_when_the_first_ends() {
     }
     assert_eq!(s.slots_of(first).get("a"), Some(&2), "the first job keeps its share");
     assert_eq!(s.slots_of(second).get("a"), Some(&2), "the second job has its share");
-    s.handle_client_lost(ClientId(9));
+    s.handle_client_lost(ClientId(9), false);
     let cmds = drain(&mut s);
     assert!(cmds.contains(&Command::ToNode {
         node: NodeId(1),
@@ -866,8 +866,15 @@ fn a_first_chunk_sent_with_the_job_runs_at_once_and_a_job_of_one_chunk_ends() {
         count: 1,
         payload: vec![7],
     };
-    s.handle_submit_with_first(ClientId(9), RequestId(0), spec(1, 1, None, 1), first.clone(), true)
-        .unwrap();
+    s.handle_submit_with_first(
+        ClientId(9),
+        RequestId(0),
+        spec(1, 1, None, 1),
+        first.clone(),
+        true,
+        &Resumable::default(),
+    )
+    .unwrap();
     let cmds = drain(&mut s);
     let (job, _, _) = accepted(&cmds);
     // The first chunk went to a slot in the same step as the acceptance,
@@ -895,8 +902,15 @@ fn a_first_chunk_sent_with_the_job_runs_at_once_and_a_job_of_one_chunk_ends() {
     alone.handle_node_joined(NodeId(1), "a".into(), resources(2, 64), NodeIsolation::default());
     alone.handle_submit(ClientId(9), RequestId(1), spec(1, 1, None, 30));
     let (_, _, full) = accepted(&drain(&mut alone));
-    s.handle_submit_with_first(ClientId(9), RequestId(1), spec(1, 1, None, 30), first.clone(), false)
-        .unwrap();
+    s.handle_submit_with_first(
+        ClientId(9),
+        RequestId(1),
+        spec(1, 1, None, 30),
+        first.clone(),
+        false,
+        &Resumable::default(),
+    )
+    .unwrap();
     let (job, _, rest) = accepted(&drain(&mut s));
     assert_eq!(rest, full - 1, "credit for the chunks after the first");
     for i in 1..=u64::from(rest) {
@@ -921,8 +935,244 @@ fn a_first_chunk_sent_with_the_job_runs_at_once_and_a_job_of_one_chunk_ends() {
         },
     ] {
         assert!(s
-            .handle_submit_with_first(ClientId(9), RequestId(2), spec(1, 1, None, 30), bad, false)
+            .handle_submit_with_first(
+                ClientId(9),
+                RequestId(2),
+                spec(1, 1, None, 30),
+                bad,
+                false,
+                &Resumable::default()
+            )
             .is_err());
     }
     assert_eq!(s.job_count(), jobs);
+}
+
+fn resumable(token: &str, resumes: Option<(JobId, u64)>) -> Resumable {
+    Resumable {
+        token: token.into(),
+        grace_ms: 60_000,
+        resumes,
+    }
+}
+
+fn listed(s: &mut Scheduler, principal: &str) -> Vec<JobStatus> {
+    s.handle_list_jobs(ClientId(99), principal, RequestId(77));
+    drain(s)
+        .into_iter()
+        .find_map(|c| match c {
+            Command::ToClient {
+                msg: CoordinatorToClient::Jobs { jobs, .. },
+                ..
+            } => Some(jobs),
+            _ => None,
+        })
+        .expect("a listing")
+}
+
+#[test]
+fn a_job_whose_client_vanishes_waits_for_it_and_is_picked_up_under_its_id() {
+    let mut s = Scheduler::new();
+    s.set_grace(Grace::FLEET);
+    s.handle_node_joined(NodeId(1), "a".into(), resources(2, 64), NodeIsolation::default());
+    s.handle_submit_resumable(
+        ClientId(9),
+        RequestId(0),
+        spec(1, 1, None, 100),
+        &resumable("t0k3n", None),
+    );
+    let (job, _, credit) = accepted(&drain(&mut s));
+    for i in 0..u64::from(credit) {
+        s.handle_inputs(ClientId(9), job, chunk(i)).unwrap();
+    }
+    let running = runs(&drain(&mut s));
+    assert!(!running.is_empty());
+    // The connection times out: the calls stop, the job waits.
+    s.handle_tick(Duration::from_secs(10));
+    s.handle_client_lost(ClientId(9), true);
+    let cmds = drain(&mut s);
+    assert!(cmds.contains(&Command::ToNode {
+        node: NodeId(1),
+        msg: CoordinatorToNode::StopJob { job, finished: false }
+    }));
+    assert_eq!(s.job_count(), 0, "its slots are free for others meanwhile");
+    let list = listed(&mut s, "");
+    assert!(
+        matches!(&list[..], [j] if j.job == job && matches!(j.state, JobState::Waiting(_))),
+        "{list:?}"
+    );
+    // A report from a stopped slot, still on the wire, is dropped.
+    let (node, slot, c) = running[0].clone();
+    s.handle_chunk_done(node, job, slot, output(&c)).unwrap();
+    assert!(drain(&mut s).is_empty());
+
+    // Someone else (a wrong token) cannot take it: they get a new id.
+    s.handle_submit_resumable(
+        ClientId(5),
+        RequestId(0),
+        spec(1, 1, None, 10),
+        &resumable("guess", Some((job, 0))),
+    );
+    let (other, _, _) = accepted(&drain(&mut s));
+    assert_ne!(other, job);
+    s.handle_cancel(ClientId(5), "", other);
+    drain(&mut s);
+
+    // The client comes back with the token: same id, slot ids after the
+    // old incarnation's, the answered inputs counted.
+    s.handle_tick(Duration::from_secs(40));
+    s.handle_submit_resumable(
+        ClientId(10),
+        RequestId(0),
+        spec(1, 1, None, 100),
+        &resumable("t0k3n", Some((job, 30))),
+    );
+    let cmds = drain(&mut s);
+    let (again, slots, _) = accepted(&cmds);
+    assert_eq!(again, job);
+    assert!(slots > 0);
+    s.handle_inputs(ClientId(10), job, chunk(0)).unwrap();
+    let new_runs = runs(&drain(&mut s));
+    assert!(new_runs
+        .iter()
+        .all(|(_, slot, _)| !running.iter().any(|(_, old, _)| old == slot)));
+    let list = listed(&mut s, "");
+    let j = list.iter().find(|j| j.job == job).unwrap();
+    assert_eq!((j.state.clone(), j.inputs_done), (JobState::Running, 30));
+    // Its grace ran out in no tick: the first deadline was consumed.
+    s.handle_tick(Duration::from_secs(200));
+    assert_eq!(s.job_count(), 1);
+}
+
+#[test]
+fn an_orphan_whose_client_does_not_come_back_ends_cancelled_and_cannot_be_resumed() {
+    let mut s = Scheduler::new();
+    s.set_grace(Grace {
+        node: Duration::ZERO,
+        max_client: Duration::from_secs(30),
+    });
+    s.handle_node_joined(NodeId(1), "a".into(), resources(2, 64), NodeIsolation::default());
+    // It asks for a minute; the coordinator's cap is 30 s.
+    s.handle_submit_resumable(
+        ClientId(9),
+        RequestId(0),
+        spec(1, 1, None, 100),
+        &resumable("tok", None),
+    );
+    let (job, _, _) = accepted(&drain(&mut s));
+    s.handle_client_lost(ClientId(9), true);
+    drain(&mut s);
+    s.handle_tick(Duration::from_secs(29));
+    assert!(matches!(listed(&mut s, "")[0].state, JobState::Waiting(_)));
+    s.handle_tick(Duration::from_secs(30));
+    let state = listed(&mut s, "")[0].state.clone();
+    assert!(
+        matches!(&state, JobState::Cancelled(why) if why.contains("30 s")),
+        "{state:?}"
+    );
+    s.handle_submit_resumable(
+        ClientId(10),
+        RequestId(3),
+        spec(1, 1, None, 100),
+        &resumable("tok", Some((job, 0))),
+    );
+    let rejected = drain(&mut s).into_iter().find_map(|c| match c {
+        Command::ToClient {
+            msg: CoordinatorToClient::JobRejected { reason, .. },
+            ..
+        } => Some(reason),
+        _ => None,
+    });
+    assert!(rejected.is_some_and(|r| r.contains("while its caller was away")));
+
+    // A clean close, or a job without a token, ends at once as before.
+    s.handle_submit_resumable(
+        ClientId(11),
+        RequestId(0),
+        spec(1, 1, None, 100),
+        &resumable("tok2", None),
+    );
+    s.handle_submit(ClientId(12), RequestId(0), spec(1, 1, None, 100));
+    drain(&mut s);
+    s.handle_client_lost(ClientId(11), false);
+    s.handle_client_lost(ClientId(12), true);
+    let states: Vec<JobState> = listed(&mut s, "").into_iter().map(|j| j.state).collect();
+    assert_eq!(
+        states
+            .iter()
+            .filter(|st| matches!(st, JobState::Cancelled(w) if w == "its caller went away"))
+            .count(),
+        2,
+        "{states:?}"
+    );
+}
+
+#[test]
+fn after_a_coordinator_restart_a_resumed_job_keeps_its_id_and_waits_for_a_node() {
+    let mut s = Scheduler::new();
+    s.set_grace(Grace::FLEET);
+    // No node has joined the restarted coordinator yet.
+    s.handle_submit_resumable(
+        ClientId(1),
+        RequestId(0),
+        spec(1, 1, None, 100),
+        &resumable("t", Some((JobId(41), 50))),
+    );
+    let (job, slots, _) = accepted(&drain(&mut s));
+    assert_eq!((job, slots), (JobId(41), 0));
+    // New jobs never reuse it.
+    s.handle_node_joined(NodeId(1), "a".into(), resources(4, 64), NodeIsolation::default());
+    assert!(
+        s.slots_of(job).values().sum::<u32>() > 0,
+        "the node that joins hosts it"
+    );
+    s.handle_submit(ClientId(2), RequestId(0), spec(1, 1, None, 10));
+    let (fresh, _, _) = accepted(&drain(&mut s));
+    assert!(fresh.0 > 41);
+}
+
+#[test]
+fn a_job_whose_only_node_is_lost_waits_for_the_node_grace_period() {
+    let mut s = Scheduler::new();
+    s.set_grace(Grace::FLEET);
+    s.handle_node_joined(NodeId(1), "a".into(), resources(2, 64), NodeIsolation::default());
+    s.handle_submit(ClientId(9), RequestId(0), spec(1, 1, None, 100));
+    let (job, _, credit) = accepted(&drain(&mut s));
+    for i in 0..u64::from(credit) {
+        s.handle_inputs(ClientId(9), job, chunk(i)).unwrap();
+    }
+    drain(&mut s);
+    s.handle_tick(Duration::from_secs(5));
+    s.handle_node_lost(NodeId(1));
+    let cmds = drain(&mut s);
+    assert!(!cmds.iter().any(|c| matches!(
+        c,
+        Command::ToClient {
+            msg: CoordinatorToClient::JobFailed { .. },
+            ..
+        }
+    )));
+    assert!(cmds.iter().any(|c| matches!(c, Command::ToClient { msg: CoordinatorToClient::Log(l), .. } if l.text.contains("waiting up to 60 s"))));
+    s.handle_tick(Duration::from_secs(30));
+    assert_eq!(s.job_count(), 1);
+    // The node comes back under its name: the job runs its chunks again,
+    // from the first.
+    s.handle_node_joined(NodeId(2), "a".into(), resources(2, 64), NodeIsolation::default());
+    let again = runs(&drain(&mut s));
+    assert_eq!(again.first().map(|r| r.2.chunk), Some(ChunkId(0)));
+    // Lost again, and nothing comes back: it fails once the grace is over.
+    s.handle_tick(Duration::from_secs(100));
+    s.handle_node_lost(NodeId(2));
+    drain(&mut s);
+    s.handle_tick(Duration::from_secs(159));
+    assert_eq!(s.job_count(), 1);
+    s.handle_tick(Duration::from_secs(160));
+    let failed = drain(&mut s).into_iter().find_map(|c| match c {
+        Command::ToClient {
+            msg: CoordinatorToClient::JobFailed { reason, .. },
+            ..
+        } => Some(reason),
+        _ => None,
+    });
+    assert!(failed.is_some_and(|r| r.contains("node a was lost") && r.contains("within 60 s")));
 }

@@ -96,7 +96,7 @@ pub async fn run_job(client: &Client, args: &Args, stats: &EchoStats) -> anyhow:
             }
             JobEvent::Credit(n) => credit += n as u64,
             JobEvent::Finished => break,
-            JobEvent::Failed(_, reason) => bail!("job {} failed: {reason}", job.id),
+            JobEvent::Failed(_, reason) | JobEvent::Disconnected(reason) => bail!("job {} failed: {reason}", job.id),
             JobEvent::Log(_) => {}
         }
     }
