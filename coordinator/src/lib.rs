@@ -9,6 +9,7 @@
 
 pub mod credentials;
 pub mod keys;
+mod metrics;
 pub mod nodes;
 pub mod scheduler;
 pub mod server;

@@ -25,6 +25,7 @@
 
 mod dispatch;
 mod fairness;
+mod observe;
 mod placement;
 mod recovery;
 mod survival;
@@ -44,6 +45,7 @@ use crate::keys::Quota;
 
 use dispatch::PER_SLOT_WINDOW;
 pub use dispatch::SLOT_DEPTH;
+pub use observe::{Counters, FleetSnapshot};
 pub use placement::gib;
 use placement::Node;
 pub use recovery::MAX_CHUNK_LOSSES;
@@ -222,6 +224,8 @@ pub struct Scheduler {
     orphans: BTreeMap<JobId, survival::Orphan>,
     /// The shell's clock at its last tick.
     now: Duration,
+    /// What has happened since the coordinator started (`observe.rs`).
+    counters: Counters,
     grace: Grace,
     /// The largest input or output payload a peer may send: the message
     /// limit less room for the message around it, so that a payload
@@ -252,6 +256,7 @@ impl Scheduler {
             recent: VecDeque::new(),
             orphans: BTreeMap::new(),
             now: Duration::ZERO,
+            counters: Counters::default(),
             grace: Grace::default(),
             max_payload,
         }
@@ -297,6 +302,7 @@ impl Scheduler {
         let Some(lost) = self.nodes.remove(&node) else {
             return;
         };
+        self.counters.nodes_lost += 1;
         self.requeue_chunks_of_lost_node(node, &lost.name);
         self.strand_jobs(&lost.name);
         self.grow_jobs();
@@ -734,6 +740,8 @@ impl Scheduler {
         }
         j.in_system_bytes -= sent.payload.len() as u64;
         j.inputs_done += u64::from(sent.count);
+        self.counters.inputs_done += u64::from(sent.count);
+        self.counters.inputs_failed += u64::from(output.failed);
         let on_node = j.per_node.entry(output.node.clone()).or_default();
         on_node.0 += u64::from(sent.count);
         on_node.1 += u64::from(output.failed);

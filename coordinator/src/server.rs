@@ -21,9 +21,12 @@ use fleetmap_protocol::{
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
+mod operator;
+
 use crate::{
     credentials::{secrets_match, Credentials},
     keys::{KeyStore, Principal, Quota},
+    metrics::ShellMetrics,
     nodes::{Issued, NodeCa, NodeIdentityError, NodeRegistry, DEFAULT_NODE_CERT_VALIDITY},
     scheduler::{Command, Grace, Scheduler},
 };
@@ -91,6 +94,9 @@ pub struct CoordinatorConfig {
     /// How long jobs wait for vanished nodes and clients
     /// ([`Grace::FLEET`] by default).
     pub grace: Grace,
+    /// Where operators read metrics over HTTP (`/metrics`); `None`: not
+    /// served.
+    pub http: Option<SocketAddr>,
 }
 
 /// Caps on what one node may advertise (`None`: no cap).
@@ -131,6 +137,7 @@ impl CoordinatorConfig {
             max_message: DEFAULT_MAX_MESSAGE,
             limits: Limits::default(),
             grace: Grace::FLEET,
+            http: None,
         }
     }
 }
@@ -171,10 +178,15 @@ impl Core {
 
     /// Delivers what the scheduler wants sent. A peer that has gone is
     /// skipped: its loss is an event of its own.
-    fn route(&mut self, limits: &Limits) {
+    fn route(&mut self, limits: &Limits, metrics: &ShellMetrics) {
         while let Some(cmd) = self.scheduler.poll_command() {
             match cmd {
                 Command::ToNode { node, msg } => {
+                    match &msg {
+                        CoordinatorToNode::RunChunk { job, chunk, .. } => metrics.dispatched(node, *job, chunk.chunk),
+                        CoordinatorToNode::StopJob { job, .. } => metrics.forget(node, Some(*job)),
+                        _ => {}
+                    }
                     if let Some(peer) = self.nodes.get(&node) {
                         let _ = peer.outbox.send(msg);
                     }
@@ -246,6 +258,7 @@ struct Shared {
     max_message: usize,
     limits: Limits,
     doors: Mutex<Doors>,
+    metrics: ShellMetrics,
 }
 
 /// The settings a running coordinator takes on without a restart (a
@@ -263,7 +276,7 @@ impl Shared {
     fn with<R>(&self, f: impl FnOnce(&mut Scheduler) -> R) -> R {
         let mut core = self.lock();
         let r = f(&mut core.scheduler);
-        core.route(&self.limits);
+        core.route(&self.limits, &self.metrics);
         r
     }
 
@@ -381,6 +394,9 @@ pub struct RunningCoordinator {
     accept: JoinHandle<()>,
     /// The ticker that releases backlogged clients and sweeps revoked nodes.
     ticker: JoinHandle<()>,
+    /// The operators' HTTP address and its server, where served.
+    pub http_addr: Option<SocketAddr>,
+    http: Option<JoinHandle<()>>,
     shared: Arc<Shared>,
 }
 
@@ -431,6 +447,9 @@ impl RunningCoordinator {
             .close(CloseCode::Done.code(), b"coordinator shutting down");
         self.accept.abort();
         self.ticker.abort();
+        if let Some(http) = &self.http {
+            http.abort();
+        }
         // Give peers a moment to see the close; a dead peer never answers.
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
     }
@@ -471,7 +490,16 @@ pub async fn serve(config: CoordinatorConfig) -> Result<RunningCoordinator, NetE
         max_message: config.max_message,
         limits: config.limits,
         doors: Mutex::new(Doors::default()),
+        metrics: ShellMetrics::default(),
     });
+    let (http_addr, http) = match config.http {
+        Some(addr) => {
+            let (addr, task) = fleetmap_net::http::serve_http(addr, operator::handler(shared.clone())).await?;
+            info!("coordinator: metrics on http://{addr}/metrics");
+            (Some(addr), Some(task))
+        }
+        None => (None, None),
+    };
     let accept = tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
     let ticker = tokio::spawn(release_backlogged_clients(shared.clone()));
     info!("coordinator listening on {local_addr}");
@@ -480,6 +508,8 @@ pub async fn serve(config: CoordinatorConfig) -> Result<RunningCoordinator, NetE
         endpoint,
         accept,
         ticker,
+        http_addr,
+        http,
         shared,
     })
 }
@@ -530,7 +560,7 @@ async fn release_backlogged_clients(shared: Arc<Shared>) {
         for client in drained {
             core.scheduler.handle_client_backlog(client, false);
         }
-        core.route(&shared.limits);
+        core.route(&shared.limits, &shared.metrics);
     }
 }
 
@@ -878,6 +908,7 @@ async fn serve_peer(
             );
             shared.with(|s| s.handle_node_lost(node));
             shared.lock().nodes.remove(&node);
+            shared.metrics.forget(node, None);
             writer.abort();
             r
         }
@@ -918,6 +949,8 @@ async fn node_loop(rx: &mut Receiver<NodeToCoordinator>, node: NodeId, shared: &
     while let Some(msg) = rx.recv().await? {
         let result = match msg {
             NodeToCoordinator::ChunkDone { job, slot, output } => {
+                shared.metrics.answered(node, job, output.chunk);
+                shared.metrics.output_bytes.inc_by(output.payload.len() as u64);
                 shared.with(|s| s.handle_chunk_done(node, job, slot, output))
             }
             NodeToCoordinator::SlotFailed {
@@ -967,6 +1000,9 @@ async fn client_loop(
                             if let Some(quota) = now.quota {
                                 s.set_quota(&spec.principal, quota);
                             }
+                            if let Some(chunk) = &first {
+                                shared.metrics.input_bytes.inc_by(chunk.payload.len() as u64);
+                            }
                             match first {
                                 Some(chunk) => {
                                     s.handle_submit_with_first(client, request, *spec, chunk, only, &resumable)
@@ -991,7 +1027,10 @@ async fn client_loop(
                     }
                 }
             }
-            ClientToCoordinator::Inputs { job, chunk } => shared.with(|s| s.handle_inputs(client, job, chunk)),
+            ClientToCoordinator::Inputs { job, chunk } => {
+                shared.metrics.input_bytes.inc_by(chunk.payload.len() as u64);
+                shared.with(|s| s.handle_inputs(client, job, chunk))
+            }
             ClientToCoordinator::InputsDone { job, chunks } => {
                 shared.with(|s| s.handle_inputs_done(client, job, chunks))
             }

@@ -66,11 +66,16 @@ pub(crate) struct CoordinatorSettings {
     /// Reloadable.
     #[arg(long)]
     max_client_grace: Option<f64>,
+    /// Serve operators over HTTP on this address: Prometheus metrics at
+    /// /metrics (default: not served; bind it where only your monitoring
+    /// reaches).
+    #[arg(long, value_name = "HOST:PORT")]
+    http_listen: Option<SocketAddr>,
 }
 
 overlay!(CoordinatorSettings {
     value: listen, state_dir, node_cert_days, max_node_cores, max_node_memory_gib, max_node_gpus, node_grace,
-        max_client_grace;
+        max_client_grace, http_listen;
     switch: approve_nodes;
     list: ;
 });
@@ -148,6 +153,7 @@ pub(crate) async fn run(args: Args) -> Result<(), Failure> {
     config.node_limit = live.node_limit;
     config.approve_nodes = live.approve_nodes;
     config.grace = live.grace;
+    config.http = current.http_listen;
     let running = fleetmap_coordinator::serve(config)
         .await
         .map_err(|e| Failure::usage(format!("cannot listen on {listen}: {e}")))?;
@@ -159,6 +165,9 @@ pub(crate) async fn run(args: Args) -> Result<(), Failure> {
     println!("  CA certificate: {}", paths.ca.display());
     println!("  join token:     {}", paths.join_token.display());
     println!("  API key:        {}", paths.api_key.display());
+    if let Some(addr) = running.http_addr {
+        println!("  metrics:        http://{addr}/metrics");
+    }
     println!("start a node:");
     println!(
         "  fleetmapd node --coordinator HOST:{port} --token-file {} --ca {}",
@@ -171,10 +180,18 @@ pub(crate) async fn run(args: Args) -> Result<(), Failure> {
             Signal::Reload => match load(&args).and_then(|new| Ok((new.live()?, new))) {
                 Ok((live, new)) => {
                     running.apply(live);
-                    if (new.listen(), new.state_dir(), new.node_cert_days)
-                        != (current.listen(), current.state_dir(), current.node_cert_days)
+                    if (new.listen(), new.state_dir(), new.node_cert_days, new.http_listen)
+                        != (
+                            current.listen(),
+                            current.state_dir(),
+                            current.node_cert_days,
+                            current.http_listen,
+                        )
                     {
-                        warn!("reload: listen, state-dir and node-cert-days take effect at the next start only");
+                        warn!(
+                            "reload: listen, state-dir, node-cert-days and http-listen take effect at the next start \
+                             only"
+                        );
                     }
                     info!("reload: {live:?}; API keys are read again whenever their file changes");
                     current = new;

@@ -168,12 +168,18 @@ pub(crate) struct NodeSettings {
     /// A warm worker is retired once this old, in seconds (default 3600).
     #[arg(long)]
     warm_max_age: Option<f64>,
+    /// Serve the node's Prometheus metrics over HTTP on this address, at
+    /// /metrics (default: not served; bind it where only your monitoring
+    /// reaches).
+    #[arg(long, value_name = "HOST:PORT")]
+    http_listen: Option<std::net::SocketAddr>,
 }
 
 overlay!(NodeSettings {
     value: coordinator, token_file, ca, name, state_dir, cores, memory_gib, cache_dir, uv, index_url,
         environment_timeout, environment_cache_gib, registry_auth, image_cache_gib, gpus, cgroup_subtree,
-        cgroup_mount, pids_per_slot, run_as, slot_uids, warm_workers, warm_prestart, warm_max_jobs, warm_max_age;
+        cgroup_mount, pids_per_slot, run_as, slot_uids, warm_workers, warm_prestart, warm_max_jobs, warm_max_age,
+        http_listen;
     switch: no_caller_python, allow_unisolated, no_cgroups, allow_root_calls, shared_tmp;
     list: python, runtime_package, find_links, prepare, insecure_registry, pass_env;
 });
@@ -404,6 +410,7 @@ async fn node_config(s: &NodeSettings) -> Result<NodeConfig, Failure> {
     }
     config.run_as = call_user(s, root)?;
     config.private_tmp = !s.shared_tmp;
+    config.http = s.http_listen;
     config.pass_env = s.pass_env.clone();
     if let Some(idle) = s.warm_workers {
         config.warm.max_idle = idle;

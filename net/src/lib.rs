@@ -7,9 +7,13 @@
 //! `Hello`, `Welcome` or `Refused`) and to accept one, and [`CloseCode`] the
 //! one set of reasons a connection is closed with.
 //!
+//! [`http`] is the small, bounded HTTP/1.1 server operators read metrics and
+//! the dashboard from.
+//!
 //! This crate holds no protocol logic: which message goes where is decided by
 //! the crates above it. It must not depend on `sandbox`, `runtime` or pyo3.
 
+pub mod http;
 pub mod session;
 
 pub use session::{accept_hello, dial, dial_as, CloseCode, Handshake, Receiver, Session, SessionError};

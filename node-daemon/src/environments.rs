@@ -207,6 +207,11 @@ pub(crate) struct Environments {
 }
 
 impl Environments {
+    /// Environments built since the daemon started.
+    pub(crate) fn built(&self) -> u64 {
+        self.built.load(Ordering::Relaxed)
+    }
+
     pub fn new(
         config: EnvironmentConfig,
         node: String,

@@ -143,6 +143,8 @@ pub(crate) struct Images {
     /// as eviction may have removed one).
     known: Mutex<HashMap<String, Arc<Image>>>,
     leases: Leases,
+    /// Images pulled and unpacked since the daemon started.
+    pulled: std::sync::atomic::AtomicU64,
 }
 
 /// The node's platform in OCI's words.
@@ -155,6 +157,11 @@ fn oci_arch() -> &'static str {
 }
 
 impl Images {
+    /// Images pulled and unpacked since the daemon started.
+    pub fn pulled(&self) -> u64 {
+        self.pulled.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn new(config: ImageConfig, cache_dir: &Path, node: String) -> Self {
         // reqwest takes the process's rustls provider; the first call wins.
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -182,6 +189,7 @@ impl Images {
             node,
             client,
             resolved: Default::default(),
+            pulled: Default::default(),
             pulls: Default::default(),
             known: Default::default(),
             leases: Default::default(),
@@ -443,6 +451,7 @@ impl Images {
             }
         }
         unfinished.0 = None;
+        self.pulled.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         image.dir = dir.to_path_buf();
         let took = started.elapsed().as_secs_f64();
         info!(

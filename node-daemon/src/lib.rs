@@ -17,6 +17,7 @@ mod environments;
 pub mod identity;
 mod images;
 pub mod inventory;
+mod metrics;
 mod pool;
 mod slot;
 pub mod uids;
@@ -98,6 +99,9 @@ pub struct NodeConfig {
     /// Where the node keeps its key and certificate (`node.key`,
     /// `node.pem`); `None` keeps them in memory (the embedded cluster).
     pub identity_dir: Option<std::path::PathBuf>,
+    /// Where operators read the node's Prometheus metrics over HTTP
+    /// (`/metrics`); `None`: not served.
+    pub http: Option<std::net::SocketAddr>,
 }
 
 /// How slots are isolated.
@@ -145,6 +149,7 @@ impl NodeConfig {
             printed_limit_bytes: slot::DEFAULT_PRINTED_LIMIT,
             fleet_access: true,
             identity_dir: None,
+            http: None,
         }
     }
 
@@ -414,7 +419,12 @@ pub async fn run_until(
         inventory: Inventory::new(cpus, config.resources.gpus.clone()),
         cgroups,
         isolation,
+        metrics: Arc::default(),
         config: Arc::new(config),
+    };
+    let http = match node.config.http {
+        Some(addr) => Some(serve_metrics(&node, addr).await?),
+        None => None,
     };
     // Workers ready before the first job: the interpreter up, the worker
     // loaded, waiting in their own cgroups.
@@ -453,8 +463,29 @@ pub async fn run_until(
             warn!("node {}: could not remove its cgroup subtree: {e}", node.config.name);
         }
     }
+    if let Some(http) = http {
+        http.abort();
+    }
     info!("node {}: stopped; every slot was torn down", node.config.name);
     result
+}
+
+/// Serves the node's metrics on `addr` until the returned task is aborted.
+async fn serve_metrics(node: &Node, addr: std::net::SocketAddr) -> Result<JoinHandle<()>, NodeError> {
+    let (pool, environments, images) = (node.pool.clone(), node.environments.clone(), node.images.clone());
+    let scrape = metrics::Scrape {
+        node: node.config.name.clone(),
+        metrics: node.metrics.clone(),
+        cgroups: node.cgroups.clone(),
+        warm_workers: Arc::new(move || pool.len()),
+        environments_built: Arc::new(move || environments.built()),
+        images_pulled: Arc::new(move || images.pulled()),
+    };
+    let (addr, task) = fleetmap_net::http::serve_http(addr, metrics::handler(Arc::new(scrape)))
+        .await
+        .map_err(|e| NodeError::Net(NetError::Io(e)))?;
+    info!("node {}: metrics on http://{addr}/metrics", node.config.name);
+    Ok(task)
 }
 
 /// What lives as long as the daemon.
@@ -472,6 +503,7 @@ struct Node {
     node_cpus: Arc<Vec<u32>>,
     environments: Arc<Environments>,
     images: Arc<Images>,
+    metrics: Arc<metrics::NodeMetrics>,
 }
 
 /// The slots of one job on this node.
@@ -655,6 +687,7 @@ async fn session(
                         images: node.images.clone(),
                         image: None,
                         printed: entry.printed.clone(),
+                        metrics: node.metrics.clone(),
                     };
                     entry.tasks.insert(slot, tokio::spawn(run_slot(ctx, rx)));
                 }

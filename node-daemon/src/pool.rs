@@ -136,7 +136,6 @@ impl<W> WorkerPool<W> {
     }
 
     /// How many workers are idle.
-    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.idle().len()
     }

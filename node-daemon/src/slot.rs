@@ -134,6 +134,7 @@ pub(crate) struct SlotContext {
     pub image: Option<SlotImage>,
     /// What the job's calls on this node have printed.
     pub printed: Arc<Printed>,
+    pub metrics: Arc<crate::metrics::NodeMetrics>,
 }
 
 /// What a slot's workers need to run in the job's image.
@@ -411,6 +412,8 @@ struct Pending {
     isolated: bool,
     crashed: Vec<CrashedInput>,
     started: Option<InputIndex>,
+    /// When the worker was sent it.
+    sent: Instant,
 }
 
 impl Pending {
@@ -452,6 +455,7 @@ async fn drive_slot(
     mut chunks: mpsc::UnboundedReceiver<InputChunk>,
 ) -> Result<Option<Warm<WorkerProcess>>, String> {
     let mut pending: VecDeque<Pending> = VecDeque::new();
+    let mut last_done = Instant::now();
     let mut warm = WorkerProcess::acquire(ctx).await?;
     let mut worker = &mut warm.worker;
     loop {
@@ -462,7 +466,7 @@ async fn drive_slot(
                 let Some(chunk) = chunk else {
                     return Ok(pending.is_empty().then_some(warm));
                 };
-                let p = Pending { chunk, isolated: false, crashed: vec![], started: None };
+                let p = Pending { chunk, isolated: false, crashed: vec![], started: None, sent: Instant::now() };
                 worker.send(p.request());
                 pending.push_back(p);
             }
@@ -486,6 +490,11 @@ async fn drive_slot(
                             worker.pid, ctx.config.name
                         ));
                     };
+                    // The chunk ran from when the one before it was done
+                    // (or from when it was sent, if later).
+                    let now = Instant::now();
+                    ctx.metrics.chunk_done(p.chunk.count, now.duration_since(p.sent.max(last_done)).as_secs_f64());
+                    last_done = now;
                     let output = OutputChunk {
                         chunk,
                         first_input: p.chunk.first_input,
@@ -504,6 +513,7 @@ async fn drive_slot(
                 }
                 Ok(None) | Err(_) => {
                     let death = worker.death(ctx).await;
+                    ctx.metrics.worker_died(death.kind);
                     if let Some(front) = pending.front_mut() {
                         learn_from_death(front, death, ctx)?;
                     }

@@ -106,6 +106,7 @@ impl Scheduler {
             let chunk = job.queue.pop_front().expect("queue checked non-empty");
             s.chunks.push(chunk.chunk);
             job.in_flight.insert(chunk.chunk, (slot, chunk.clone()));
+            self.counters.chunks_dispatched += 1;
             self.out.push_back(Command::ToNode {
                 node: s.node,
                 msg: CoordinatorToNode::RunChunk { job: id, slot, chunk },

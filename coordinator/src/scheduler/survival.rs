@@ -303,6 +303,7 @@ impl Scheduler {
 
     /// Keeps `status` among the recent listings, ended now in `state`.
     pub(super) fn remember_status(&mut self, mut status: JobStatus, state: JobState, token: Option<[u8; 32]>) {
+        self.counters.ended(&state);
         status.state = state;
         status.ended = Some(super::unix_now());
         if self.recent.len() >= super::MAX_RECENT_JOBS {

@@ -356,6 +356,21 @@ impl CgroupTree {
         names.into_iter().collect()
     }
 
+    /// What each slot cgroup present now uses: its memory and its
+    /// processes (for metrics).
+    pub fn slot_usage(&self) -> Vec<SlotUsage> {
+        self.slot_names()
+            .into_iter()
+            .map(|name| SlotUsage {
+                // Read through the hierarchy, never through a `SlotCgroup`
+                // handle, whose drop would tear the slot down.
+                memory_bytes: self.hierarchy.memory_current(&name),
+                pids: procs::pids_in(&self.hierarchy.slot_dirs(&name)),
+                name,
+            })
+            .collect()
+    }
+
     /// A handle on the slot cgroup `name`, whether or not it exists.
     fn slot_handle(&self, name: &str, memory_limit: u64) -> SlotCgroup {
         SlotCgroup {
@@ -377,6 +392,16 @@ pub struct SlotCgroup {
     dirs: Vec<PathBuf>,
     memory_limit: u64,
     removed: AtomicBool,
+}
+
+/// What one slot cgroup uses now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotUsage {
+    pub name: String,
+    /// Memory charged to it now, in bytes, where the kernel says.
+    pub memory_bytes: Option<u64>,
+    /// Its processes and those of any cgroup below it.
+    pub pids: Vec<u32>,
 }
 
 impl SlotCgroup {

@@ -691,6 +691,15 @@ async fn v1_pids_limit_stops_a_fork_bomb() {
     assert!(refused >= 1, "pids.events: {events}");
     let left = slot.pids();
     assert!(!left.is_empty() && left.len() <= 16, "{left:?}");
+    // What metrics read of it: its processes and memory, and reading
+    // leaves the slot and its processes alone.
+    for _ in 0..2 {
+        let usage = t.tree.slot_usage();
+        let read = usage.iter().find(|u| u.name == "pids").expect("the slot is listed");
+        assert_eq!(read.pids, left);
+        assert!(read.memory_bytes.is_some_and(|m| m > 0), "{read:?}");
+    }
+    assert_eq!(slot.pids(), left);
     slot.remove().unwrap();
     assert!(!t.slot_dir("pids", "pids").exists());
 }
