@@ -549,21 +549,29 @@ impl Scheduler {
     /// Cancels `job` if it belongs to `principal`, whichever of its
     /// connections asks; the client that submitted it, if another, is told.
     pub fn handle_cancel(&mut self, client: ClientId, principal: &str, job: JobId) {
-        if self.cancel_orphan(job, principal) {
-            return;
+        let by = format!("another client of {principal} (fleetmap jobs cancel)");
+        self.cancel(Some(client), principal, job, &by);
+    }
+
+    /// Cancels `job` if it belongs to `principal`, for someone other than
+    /// a client connection (the dashboard), named `by` to the job's caller;
+    /// whether there was such a job.
+    pub fn cancel_for(&mut self, principal: &str, job: JobId, by: &str) -> bool {
+        self.cancel(None, principal, job, by)
+    }
+
+    fn cancel(&mut self, client: Option<ClientId>, principal: &str, job: JobId, by: &str) -> bool {
+        if self.cancel_orphan(job, principal, by) {
+            return true;
         }
         let Some(j) = self.jobs.get(&job).filter(|j| j.spec.principal == principal) else {
-            return;
+            return false;
         };
         let owner = j.client;
-        let by = if owner == client {
-            "its caller".to_string()
-        } else {
-            format!("another client of {principal} (fleetmap jobs cancel)")
-        };
-        self.stop_job(job, JobState::Cancelled(format!("by {by}")));
-        if owner != client {
-            let reason = format!("job {job} was cancelled by another client of {principal} (fleetmap jobs cancel)");
+        let who = if Some(owner) == client { "its caller" } else { by };
+        self.stop_job(job, JobState::Cancelled(format!("by {who}")));
+        if Some(owner) != client {
+            let reason = format!("job {job} was cancelled by {by}");
             self.send_to_client(
                 owner,
                 CoordinatorToClient::JobFailed {
@@ -573,12 +581,20 @@ impl Scheduler {
                 },
             );
         }
+        true
     }
 
     /// A client asks for its principal's jobs: the running ones and the
     /// last ones that ended. No other principal's job is named in the
     /// answer.
     pub fn handle_list_jobs(&mut self, client: ClientId, principal: &str, request: RequestId) {
+        let jobs = self.jobs_of(principal);
+        self.send_to_client(client, CoordinatorToClient::Jobs { request, jobs });
+    }
+
+    /// `principal`'s jobs: the recent ones that ended, those waiting for
+    /// their client and the running ones.
+    pub fn jobs_of(&self, principal: &str) -> Vec<JobStatus> {
         let mut jobs: Vec<JobStatus> = self
             .recent
             .iter()
@@ -598,7 +614,7 @@ impl Scheduler {
                 .filter(|(_, j)| j.spec.principal == principal)
                 .map(|(&id, _)| self.job_status(id, JobState::Running)),
         );
-        self.send_to_client(client, CoordinatorToClient::Jobs { request, jobs });
+        jobs
     }
 
     /// Job `id` as listings show it, in `state`.
@@ -787,8 +803,14 @@ impl Scheduler {
 
     /// A client asks what the fleet looks like.
     pub fn handle_status(&mut self, client: ClientId, request: RequestId) {
-        let nodes = self
-            .nodes
+        let nodes = self.node_statuses();
+        let jobs = self.jobs.len() as u32;
+        self.send_to_client(client, CoordinatorToClient::Status { request, nodes, jobs });
+    }
+
+    /// Each node with its free resources and isolation.
+    pub fn node_statuses(&self) -> Vec<NodeStatus> {
+        self.nodes
             .values()
             .map(|n| NodeStatus {
                 name: n.name.clone(),
@@ -798,9 +820,7 @@ impl Scheduler {
                 free_gpus: n.free.gpus,
                 isolation: n.isolation.description.clone(),
             })
-            .collect();
-        let jobs = self.jobs.len() as u32;
-        self.send_to_client(client, CoordinatorToClient::Status { request, nodes, jobs });
+            .collect()
     }
 
     /// A line a call printed goes to the job's client, if the node runs a

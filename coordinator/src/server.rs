@@ -495,7 +495,7 @@ pub async fn serve(config: CoordinatorConfig) -> Result<RunningCoordinator, NetE
     let (http_addr, http) = match config.http {
         Some(addr) => {
             let (addr, task) = fleetmap_net::http::serve_http(addr, operator::handler(shared.clone())).await?;
-            info!("coordinator: metrics on http://{addr}/metrics");
+            info!("coordinator: metrics on http://{addr}/metrics, the dashboard on http://{addr}/");
             (Some(addr), Some(task))
         }
         None => (None, None),

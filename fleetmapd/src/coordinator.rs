@@ -66,9 +66,9 @@ pub(crate) struct CoordinatorSettings {
     /// Reloadable.
     #[arg(long)]
     max_client_grace: Option<f64>,
-    /// Serve operators over HTTP on this address: Prometheus metrics at
-    /// /metrics (default: not served; bind it where only your monitoring
-    /// reaches).
+    /// Serve operators and users over HTTP on this address: Prometheus
+    /// metrics at /metrics and the dashboard at / (its API needs an API
+    /// key). Default: not served.
     #[arg(long, value_name = "HOST:PORT")]
     http_listen: Option<SocketAddr>,
 }
@@ -167,6 +167,7 @@ pub(crate) async fn run(args: Args) -> Result<(), Failure> {
     println!("  API key:        {}", paths.api_key.display());
     if let Some(addr) = running.http_addr {
         println!("  metrics:        http://{addr}/metrics");
+        println!("  dashboard:      http://{addr}/ (with an API key)");
     }
     println!("start a node:");
     println!(

@@ -312,15 +312,18 @@ impl Scheduler {
         self.recent.push_back((status, token));
     }
 
-    /// Cancels orphan `id` of `principal` (an operator's `fleetmap jobs
-    /// cancel`); whether there was one.
-    pub(super) fn cancel_orphan(&mut self, id: JobId, principal: &str) -> bool {
+    /// Cancels orphan `id` of `principal` for `by` (an operator's `fleetmap
+    /// jobs cancel`, the dashboard); whether there was one.
+    pub(super) fn cancel_orphan(&mut self, id: JobId, principal: &str, by: &str) -> bool {
         if self.orphans.get(&id).is_none_or(|o| o.status.principal != principal) {
             return false;
         }
         let orphan = self.orphans.remove(&id).expect("checked above");
-        let by = format!("by another client of {principal} (fleetmap jobs cancel)");
-        self.remember_status(orphan.status, JobState::Cancelled(by), Some(orphan.token));
+        self.remember_status(
+            orphan.status,
+            JobState::Cancelled(format!("by {by}")),
+            Some(orphan.token),
+        );
         true
     }
 }
