@@ -84,6 +84,7 @@ struct Routing {
     submits: HashMap<RequestId, oneshot::Sender<Result<Accepted, ClientError>>>,
     statuses: HashMap<RequestId, oneshot::Sender<FleetStatus>>,
     job_lists: HashMap<RequestId, oneshot::Sender<Vec<JobStatus>>>,
+    results: HashMap<RequestId, oneshot::Sender<Result<ResultsPage, ClientError>>>,
     /// Set once the connection is gone, with why.
     closed: Option<String>,
 }
@@ -94,6 +95,14 @@ struct Accepted {
     nodes: u32,
     credit: u32,
     events: mpsc::UnboundedReceiver<JobEvent>,
+}
+
+/// A page of a detached job's outputs, in the order they finished, and
+/// where the next page starts (`None`: none more kept yet).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResultsPage {
+    pub outputs: Vec<OutputChunk>,
+    pub next: Option<u64>,
 }
 
 /// The fleet as the coordinator sees it.
@@ -208,6 +217,19 @@ impl Client {
             .map_err(|_| ClientError::Disconnected("the connection closed while listing jobs".into()))
     }
 
+    /// A page of the outputs the coordinator keeps for detached job `job`
+    /// of this client's principal, from byte `offset` (0, then each page's
+    /// `next`).
+    pub async fn results(&self, job: JobId, offset: u64) -> Result<ResultsPage, ClientError> {
+        let (done, page) = oneshot::channel();
+        let request = self.register(|routes, request| {
+            routes.results.insert(request, done);
+        })?;
+        let _ = self.tx.send(ClientToCoordinator::FetchResults { request, job, offset });
+        page.await
+            .map_err(|_| ClientError::Disconnected("the connection closed while fetching results".into()))?
+    }
+
     /// Cancels a job of this client's principal, submitted on any
     /// connection; a job of another principal is left alone.
     pub fn cancel(&self, job: JobId) {
@@ -291,6 +313,18 @@ async fn read_loop(mut rx: Receiver<CoordinatorToClient>, routes: Routes) {
                 }
                 continue;
             }
+            CoordinatorToClient::Results { request, outputs, next } => {
+                if let Some(done) = r.results.remove(&request) {
+                    let _ = done.send(Ok(ResultsPage { outputs, next }));
+                }
+                continue;
+            }
+            CoordinatorToClient::NoResults { request, reason } => {
+                if let Some(done) = r.results.remove(&request) {
+                    let _ = done.send(Err(ClientError::Rejected(reason)));
+                }
+                continue;
+            }
             CoordinatorToClient::Output { job, output } => (job, JobEvent::Output(output)),
             CoordinatorToClient::Log(line) => (line.job, JobEvent::Log(line)),
             CoordinatorToClient::Credit { job, chunks } => (job, JobEvent::Credit(chunks)),
@@ -317,6 +351,7 @@ async fn read_loop(mut rx: Receiver<CoordinatorToClient>, routes: Routes) {
     // Dropping the senders tells waiting status requests the connection is gone.
     r.statuses.clear();
     r.job_lists.clear();
+    r.results.clear();
     r.closed = Some(reason);
 }
 

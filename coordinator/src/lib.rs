@@ -11,6 +11,7 @@ pub mod credentials;
 pub mod keys;
 mod metrics;
 pub mod nodes;
+pub mod results;
 pub mod scheduler;
 pub mod server;
 pub mod statefile;

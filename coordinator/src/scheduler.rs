@@ -57,8 +57,28 @@ pub const MAX_SLOTS: u32 = 4000;
 /// A message the scheduler wants delivered.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
-    ToNode { node: NodeId, msg: CoordinatorToNode },
-    ToClient { client: ClientId, msg: CoordinatorToClient },
+    ToNode {
+        node: NodeId,
+        msg: CoordinatorToNode,
+    },
+    ToClient {
+        client: ClientId,
+        msg: CoordinatorToClient,
+    },
+    /// For the store of detached jobs' outputs.
+    Store(Store),
+}
+
+/// What the shell's store of detached jobs' outputs is to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Store {
+    /// Start keeping the outputs of a detached job of `principal`.
+    Begin { job: JobId, principal: String },
+    /// Keep an output; if it cannot be kept, the shell fails the job
+    /// (`fail_detached`).
+    Keep { job: JobId, output: OutputChunk },
+    /// The job's listing is gone: remove what is kept of it.
+    Forget { job: JobId },
 }
 
 /// A peer broke the protocol; the shell closes its connection with this reason.
@@ -124,6 +144,9 @@ struct Job {
     resume: Option<([u8; 32], Duration)>,
     /// Since when no node can host it, and why (`survival.rs`).
     stranded: Option<(Duration, String)>,
+    /// Its outputs go to the shell's store, not to its client, and it runs
+    /// on without its client once all its inputs are in.
+    detached: bool,
 }
 
 impl Job {
@@ -162,6 +185,7 @@ impl Job {
             failures: Vec::new(),
             resume: None,
             stranded: None,
+            detached: false,
         }
     }
 }
@@ -463,6 +487,11 @@ impl Scheduler {
         if !resumable.token.is_empty() {
             let grace = Duration::from_millis(resumable.grace_ms).min(self.grace.max_client);
             job.resume = Some((survival::token_hash(&resumable.token), grace));
+        }
+        if resumable.detached {
+            job.detached = true;
+            let principal = job.spec.principal.clone();
+            self.out.push_back(Command::Store(Store::Begin { job: id, principal }));
         }
         if let (Some(r), Some((_, done))) = (&resumed, resumable.resumes) {
             job.next_slot = r.next_slot;
@@ -766,7 +795,11 @@ impl Scheduler {
         j.finished += 1;
         let client = j.client;
         let credit = j.top_up();
-        self.send_to_client(client, CoordinatorToClient::Output { job, output });
+        if j.detached {
+            self.out.push_back(Command::Store(Store::Keep { job, output }));
+        } else {
+            self.send_to_client(client, CoordinatorToClient::Output { job, output });
+        }
         if credit > 0 {
             self.send_to_client(client, CoordinatorToClient::Credit { job, chunks: credit });
         }
@@ -838,6 +871,18 @@ impl Scheduler {
             let client = j.client;
             self.send_to_client(client, CoordinatorToClient::Log(line));
         }
+    }
+
+    /// A detached job's output could not be kept: the job fails with why.
+    pub fn fail_detached(&mut self, job: JobId, reason: String) {
+        if self.jobs.get(&job).is_some_and(|j| j.detached) {
+            self.fail_job(job, FailureKind::Job, reason);
+        }
+    }
+
+    /// A message for a client from the shell (an answer it made itself).
+    pub fn reply(&mut self, client: ClientId, msg: CoordinatorToClient) {
+        self.send_to_client(client, msg);
     }
 
     /// The client's running job. Messages about a job that has just failed

@@ -28,7 +28,8 @@ use crate::{
     keys::{KeyStore, Principal, Quota},
     metrics::ShellMetrics,
     nodes::{Issued, NodeCa, NodeIdentityError, NodeRegistry, DEFAULT_NODE_CERT_VALIDITY},
-    scheduler::{Command, Grace, Scheduler},
+    results::ResultStore,
+    scheduler::{Command, Grace, Scheduler, Store},
 };
 
 /// How long a new connection has to open its stream and say `Hello`.
@@ -97,6 +98,9 @@ pub struct CoordinatorConfig {
     /// Where operators read metrics over HTTP (`/metrics`); `None`: not
     /// served.
     pub http: Option<SocketAddr>,
+    /// Where detached jobs' outputs are kept (emptied at start), and the
+    /// most one job may keep; `None`: detached jobs are refused.
+    pub results: Option<(std::path::PathBuf, u64)>,
 }
 
 /// Caps on what one node may advertise (`None`: no cap).
@@ -138,6 +142,7 @@ impl CoordinatorConfig {
             limits: Limits::default(),
             grace: Grace::FLEET,
             http: None,
+            results: None,
         }
     }
 }
@@ -178,9 +183,20 @@ impl Core {
 
     /// Delivers what the scheduler wants sent. A peer that has gone is
     /// skipped: its loss is an event of its own.
-    fn route(&mut self, limits: &Limits, metrics: &ShellMetrics) {
+    fn route(&mut self, limits: &Limits, metrics: &ShellMetrics, results: Option<&ResultStore>) {
         while let Some(cmd) = self.scheduler.poll_command() {
             match cmd {
+                Command::Store(store) => match (store, results) {
+                    (Store::Begin { job, principal }, Some(results)) => results.begin(job, &principal),
+                    (Store::Keep { job, output }, Some(results)) => {
+                        if let Err(reason) = results.append(job, &output) {
+                            self.scheduler.fail_detached(job, reason);
+                        }
+                    }
+                    (Store::Forget { job }, Some(results)) => results.forget(job),
+                    // No store, no detached job: the shell refuses them.
+                    (_, None) => {}
+                },
                 Command::ToNode { node, msg } => {
                     match &msg {
                         CoordinatorToNode::RunChunk { job, chunk, .. } => metrics.dispatched(node, *job, chunk.chunk),
@@ -259,6 +275,8 @@ struct Shared {
     limits: Limits,
     doors: Mutex<Doors>,
     metrics: ShellMetrics,
+    /// Detached jobs' outputs; `None`: detached jobs are refused.
+    results: Option<Arc<ResultStore>>,
 }
 
 /// The settings a running coordinator takes on without a restart (a
@@ -276,7 +294,7 @@ impl Shared {
     fn with<R>(&self, f: impl FnOnce(&mut Scheduler) -> R) -> R {
         let mut core = self.lock();
         let r = f(&mut core.scheduler);
-        core.route(&self.limits, &self.metrics);
+        core.route(&self.limits, &self.metrics, self.results.as_deref());
         r
     }
 
@@ -467,6 +485,10 @@ pub async fn serve(config: CoordinatorConfig) -> Result<RunningCoordinator, NetE
     let node_ca = NodeCa::new(creds, config.node_cert_validity)
         .map_err(|e| NetError::Tls(format!("the node CA in the credentials: {e}")))?;
     let local_addr = endpoint.local_addr()?;
+    let results = match config.results {
+        Some((dir, max_bytes)) => Some(Arc::new(ResultStore::open(dir, max_bytes)?)),
+        None => None,
+    };
     let shared = Arc::new(Shared {
         core: Mutex::new(Core {
             scheduler: {
@@ -491,6 +513,7 @@ pub async fn serve(config: CoordinatorConfig) -> Result<RunningCoordinator, NetE
         limits: config.limits,
         doors: Mutex::new(Doors::default()),
         metrics: ShellMetrics::default(),
+        results,
     });
     let (http_addr, http) = match config.http {
         Some(addr) => {
@@ -560,7 +583,7 @@ async fn release_backlogged_clients(shared: Arc<Shared>) {
         for client in drained {
             core.scheduler.handle_client_backlog(client, false);
         }
-        core.route(&shared.limits, &shared.metrics);
+        core.route(&shared.limits, &shared.metrics, shared.results.as_deref());
     }
 }
 
@@ -1000,6 +1023,14 @@ async fn client_loop(
                             if let Some(quota) = now.quota {
                                 s.set_quota(&spec.principal, quota);
                             }
+                            if resumable.detached && shared.results.is_none() {
+                                let reason = "this coordinator keeps no outputs, so it runs no detached job (an \
+                                              embedded cluster, or a coordinator without a state directory): run \
+                                              the job attached"
+                                    .to_string();
+                                s.reject(client, request, reason);
+                                return Ok(());
+                            }
                             if let Some(chunk) = &first {
                                 shared.metrics.input_bytes.inc_by(chunk.payload.len() as u64);
                             }
@@ -1045,7 +1076,9 @@ async fn client_loop(
             // A client that keeps asking while it leaves half its hard
             // limit unread is disconnected: its replies would only grow
             // its queue.
-            ClientToCoordinator::StatusRequest { .. } | ClientToCoordinator::ListJobs { .. }
+            ClientToCoordinator::StatusRequest { .. }
+            | ClientToCoordinator::ListJobs { .. }
+            | ClientToCoordinator::FetchResults { .. }
                 if shared.client_backlog(client) > shared.limits.client_max_backlog / 2 =>
             {
                 Err(crate::scheduler::ProtocolViolation(format!(
@@ -1055,6 +1088,32 @@ async fn client_loop(
             }
             ClientToCoordinator::StatusRequest { request } => {
                 shared.with(|s| s.handle_status(client, request));
+                Ok(())
+            }
+            ClientToCoordinator::FetchResults { request, job, offset } => {
+                let msg = match (&shared.results, shared.caller(api_key)) {
+                    (Some(results), Some(_)) => {
+                        // A file: read off the runtime's threads.
+                        let (results, who) = (results.clone(), principal.to_string());
+                        match tokio::task::spawn_blocking(move || results.read(job, &who, offset)).await {
+                            Ok(Ok((outputs, next))) => CoordinatorToClient::Results { request, outputs, next },
+                            Ok(Err(reason)) => CoordinatorToClient::NoResults { request, reason },
+                            Err(e) => CoordinatorToClient::NoResults {
+                                request,
+                                reason: format!("reading the outputs failed: {e}"),
+                            },
+                        }
+                    }
+                    (None, _) => CoordinatorToClient::NoResults {
+                        request,
+                        reason: "this coordinator keeps no outputs (it has no state directory)".into(),
+                    },
+                    (_, None) => CoordinatorToClient::NoResults {
+                        request,
+                        reason: format!("the API key of {principal} was revoked since this connection opened"),
+                    },
+                };
+                shared.with(|s| s.reply(client, msg));
                 Ok(())
             }
             ClientToCoordinator::ListJobs { request } => {

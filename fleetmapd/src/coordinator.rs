@@ -71,11 +71,15 @@ pub(crate) struct CoordinatorSettings {
     /// key). Default: not served.
     #[arg(long, value_name = "HOST:PORT")]
     http_listen: Option<SocketAddr>,
+    /// The most outputs one detached job may leave, in GiB, kept in the
+    /// state directory until its owner fetches them (default 10).
+    #[arg(long)]
+    max_results_gib: Option<f64>,
 }
 
 overlay!(CoordinatorSettings {
     value: listen, state_dir, node_cert_days, max_node_cores, max_node_memory_gib, max_node_gpus, node_grace,
-        max_client_grace, http_listen;
+        max_client_grace, http_listen, max_results_gib;
     switch: approve_nodes;
     list: ;
 });
@@ -154,6 +158,8 @@ pub(crate) async fn run(args: Args) -> Result<(), Failure> {
     config.approve_nodes = live.approve_nodes;
     config.grace = live.grace;
     config.http = current.http_listen;
+    let max_results = settings::gib_to_bytes(current.max_results_gib.unwrap_or(10.0), "max-results-gib")?;
+    config.results = Some((state_dir.join("results"), max_results));
     let running = fleetmap_coordinator::serve(config)
         .await
         .map_err(|e| Failure::usage(format!("cannot listen on {listen}: {e}")))?;

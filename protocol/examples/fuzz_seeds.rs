@@ -113,6 +113,7 @@ fn main() {
                     token: "0123456789abcdef0123456789abcdef".into(),
                     grace_ms: 60_000,
                     resumes: Some((JobId(3), 17)),
+                    detached: true,
                 },
             },
             ClientToCoordinator::SubmitJob {
@@ -131,6 +132,11 @@ fn main() {
             ClientToCoordinator::InputsDone { job, chunks: 4 },
             ClientToCoordinator::CancelJob { job },
             ClientToCoordinator::StatusRequest { request: RequestId(1) },
+            ClientToCoordinator::FetchResults {
+                request: RequestId(3),
+                job,
+                offset: 4096,
+            },
         ]),
     );
     let gpu = Gpu {
@@ -180,6 +186,15 @@ fn main() {
                 job,
                 kind: FailureKind::Image,
                 reason: "pull failed".into(),
+            },
+            CoordinatorToClient::Results {
+                request: RequestId(3),
+                outputs: vec![output()],
+                next: Some(8192),
+            },
+            CoordinatorToClient::NoResults {
+                request: RequestId(4),
+                reason: "no such job".into(),
             },
         ]),
     );

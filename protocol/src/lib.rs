@@ -39,7 +39,9 @@ use serde::{Deserialize, Serialize};
 /// node certificates renewed on a live connection
 /// (`CoordinatorToNode::Certificate`), and a job's first chunk sent with its
 /// submission (`SubmitJob::first`). Version 7: jobs that survive their
-/// client's connection (`SubmitJob::resumable`, `JobState::Waiting`).
+/// client's connection (`SubmitJob::resumable`, `JobState::Waiting`), and
+/// detached jobs whose outputs the coordinator keeps (`Resumable::detached`,
+/// `FetchResults`).
 pub const PROTOCOL_VERSION: u16 = 7;
 
 /// The most payload a job's first chunk may carry inside its `SubmitJob`
@@ -449,9 +451,13 @@ impl WireSize for CoordinatorToClient {
             + match self {
                 CoordinatorToClient::Output { output, .. } => output.payload.len() + output.node.len(),
                 CoordinatorToClient::Log(line) => line.wire_size(),
-                CoordinatorToClient::JobRejected { reason, .. } | CoordinatorToClient::JobFailed { reason, .. } => {
-                    reason.len()
-                }
+                CoordinatorToClient::JobRejected { reason, .. }
+                | CoordinatorToClient::JobFailed { reason, .. }
+                | CoordinatorToClient::NoResults { reason, .. } => reason.len(),
+                CoordinatorToClient::Results { outputs, .. } => outputs
+                    .iter()
+                    .map(|o| MESSAGE_OVERHEAD + o.payload.len() + o.node.len())
+                    .sum(),
                 CoordinatorToClient::Status { nodes, .. } => nodes
                     .iter()
                     .map(|n| MESSAGE_OVERHEAD + n.name.len() + n.isolation.len())
@@ -465,7 +471,9 @@ impl WireSize for CoordinatorToClient {
                             + j.per_node.iter().map(|n| 32 + n.node.len()).sum::<usize>()
                             + j.failures.iter().map(String::len).sum::<usize>()
                             + match &j.state {
-                                JobState::Failed(text) | JobState::Cancelled(text) => text.len(),
+                                JobState::Failed(text) | JobState::Cancelled(text) | JobState::Waiting(text) => {
+                                    text.len()
+                                }
                                 _ => 0,
                             }
                     })
@@ -545,8 +553,9 @@ pub enum ClientToCoordinator {
         /// `first` is all of the job's inputs: as if `InputsDone { chunks:
         /// 1 }` followed.
         only: bool,
-        /// Whether the job outlives a lost connection, and which job this
-        /// submission picks up again.
+        /// How the job relates to its connection: whether it outlives a
+        /// lost one, which job this submission picks up again, whether it
+        /// is detached.
         resumable: Resumable,
     },
     Inputs {
@@ -569,6 +578,14 @@ pub enum ClientToCoordinator {
     /// The jobs of this client's principal.
     ListJobs {
         request: RequestId,
+    },
+    /// The outputs a detached job of this client's principal has left, from
+    /// byte `offset` of what the coordinator keeps (0 first, then the
+    /// `next` each answer gives).
+    FetchResults {
+        request: RequestId,
+        job: JobId,
+        offset: u64,
     },
 }
 
@@ -594,6 +611,10 @@ pub struct Resumable {
     /// already have their outcome at the client. Its chunks are numbered
     /// from 0 again; their `first_input` keeps the original numbering.
     pub resumes: Option<(JobId, u64)>,
+    /// The coordinator keeps the job's outputs instead of sending them, and
+    /// the job runs on once all its inputs are in, whatever becomes of the
+    /// connection; `FetchResults` reads them.
+    pub detached: bool,
 }
 
 /// What the coordinator sends a client after the handshake.
@@ -637,6 +658,19 @@ pub enum CoordinatorToClient {
     Jobs {
         request: RequestId,
         jobs: Vec<JobStatus>,
+    },
+    /// The answer to `FetchResults`: outputs in the order they finished
+    /// (each names its inputs), and where the next page starts (`None`:
+    /// these were the last kept so far).
+    Results {
+        request: RequestId,
+        outputs: Vec<OutputChunk>,
+        next: Option<u64>,
+    },
+    /// `FetchResults` found nothing to read, and why.
+    NoResults {
+        request: RequestId,
+        reason: String,
     },
 }
 

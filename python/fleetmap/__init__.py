@@ -32,6 +32,7 @@ from ._native import VERSION as __version__
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from ._jobs import JobHandle, job
     from ._map import remote_parallel_map
     from ._wasm import wasm
 
@@ -47,10 +48,16 @@ def __getattr__(name: str) -> object:
         from ._wasm import wasm
 
         return wasm
+    if name in ("job", "JobHandle"):
+        from . import _jobs
+
+        return getattr(_jobs, name)
     raise AttributeError(f"module 'fleetmap' has no attribute {name!r}")
 
 __all__ = [
     "remote_parallel_map",
+    "job",
+    "JobHandle",
     "FleetmapError",
     "ConfigurationError",
     "UnsupportedOption",

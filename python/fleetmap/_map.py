@@ -76,6 +76,7 @@ def remote_parallel_map(
     generator: bool = False,
     require_isolation: Optional[bool] = None,
     grace: float = 60.0,
+    detach: bool = False,
 ) -> Any:
     """Runs ``function_`` on every element of ``inputs`` in parallel on the fleet.
 
@@ -101,12 +102,20 @@ def remote_parallel_map(
     and in order. ``grace=0`` fails the job with its connection. Ctrl-C
     cancels at once, as does leaving a ``generator=True`` loop early.
 
+    With ``detach=True`` the call returns a :class:`fleetmap.JobHandle` as
+    soon as all the inputs are in the fleet, and the job runs on (every
+    input, whatever its calls raise) while the coordinator keeps its
+    outputs: ``handle.results()``, or ``fleetmap.job(ID).results()`` from
+    any process with the same API key, returns them in input order.
+
     With no fleet configured (``FLEETMAP_COORDINATOR`` or the config file),
     the calls run on an embedded cluster in this process.
     """
     _check_arguments(function_, parallelism, func_cpu, func_ram, func_gpu, image, packages)
     if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not 0 <= grace <= 86400:
         raise ValueError(f"grace must be a number of seconds from 0 to 86400, got {grace!r}")
+    if detach and generator:
+        raise ValueError("detach=True returns a handle on the job, not its outputs: drop generator=True")
     isolated = _fleet.require_isolation(require_isolation)
     if packages is not None:
         _environment.packages_environment(packages)  # checked before anything runs
@@ -137,7 +146,9 @@ def remote_parallel_map(
             isolated,
             image,
             name=_function_name(function_),
-            resumable=(token, float(grace)),
+            # A detached job is not picked up again: it needs no caller.
+            resumable=("", 0.0) if detach else (token, float(grace)),
+            detached=detach,
         )
         job = submission(first=first_chunk)
     except BaseException:
@@ -152,6 +163,11 @@ def remote_parallel_map(
             RuntimeWarning,
             stacklevel=2,
         )
+    if detach:
+        try:
+            return _upload(job, source, first_chunk is not None, fleet, api_key)
+        finally:
+            scope.__exit__(*sys.exc_info())
     progress = Progress(
         source.total, enabled=verbose, where=fleet.description, slots=job.slots, nodes=job.nodes, job=job.id
     )
@@ -370,6 +386,7 @@ def _submit(
     name: str = "",
     resumable: Tuple[str, float] = ("", 0.0),
     resumes: Optional[Tuple[int, int]] = None,
+    detached: bool = False,
 ) -> _native.Job:
     version = _python_version()
     args = (
@@ -391,6 +408,7 @@ def _submit(
         resumable[0],
         resumable[1],
         resumes,
+        detached,
     )
     for attempt in range(2):
         conn = _fleet.connection(fleet, fresh=attempt > 0)
@@ -505,6 +523,57 @@ def _pickle_chunk(chunk: List[Any], first: int) -> bytes:
                     input_index=index,
                 ) from exc
         raise
+
+
+def _upload(
+    job: _native.Job, source: _InputSource, first_sent: bool, fleet: _fleet.FleetAddress, api_key: Optional[str]
+) -> Any:
+    """Sends a detached job all its inputs, within its credit, and returns
+    its handle once the coordinator has them all (its outputs stay there)."""
+    from ._jobs import JobHandle
+
+    credit = job.credit
+    slots = max(job.slots, 1)
+    cap = max(1, math.ceil(source.total / (slots * 4))) if source.total is not None else 4096
+    chunk_id = 1 if first_sent else 0
+    while not source.exhausted():
+        while credit > 0 and not source.exhausted():
+            first = source.next_index
+            left = None if source.total is None else source.total - first
+            chunk = source.take(_chunk_size(chunk_id, slots, cap, None, left))
+            payload = _pickle_chunk(chunk, first)
+            while len(payload) > _TARGET_CHUNK_BYTES and len(chunk) > 1:
+                chunk = chunk[: max(1, len(chunk) * _TARGET_CHUNK_BYTES // len(payload))]
+                cap = len(chunk)
+                payload = _pickle_chunk(chunk, first)
+            if len(payload) > MAX_PAYLOAD_BYTES:
+                job.cancel()
+                raise InputError(
+                    f"input {first} pickles to {len(payload)} bytes, over the limit of {MAX_PAYLOAD_BYTES} "
+                    "bytes per input; pass a path or a URL to the data instead",
+                    input_index=first,
+                )
+            job.send_chunk(chunk_id, first, len(chunk), payload)
+            source.consume(len(chunk))
+            chunk_id += 1
+            credit -= 1
+        if source.exhausted():
+            break
+        for event in job.events(0.1):
+            if event[0] == "credit":
+                credit += event[1]
+            elif event[0] in ("failed", "disconnected"):
+                error = JobCancelled if event[0] == "failed" and event[2] == "cancelled" else JobFailed
+                raise error(f"job {job.id} stopped while its inputs were sent: {event[1]}")
+    if not (first_sent and source.total == 1):
+        job.inputs_done(chunk_id)
+    # The connection that submitted the job is the shared one: a request
+    # on it is answered only after everything sent before it was taken in,
+    # so the process may exit once it is (a close drops what is unsent).
+    connection = _fleet.connection(fleet)
+    if not any(j["job"] == job.id for j in connection.jobs()):
+        raise JobFailed(f"job {job.id} ended before all its inputs were in; fleetmap.job({job.id}).status() says how")
+    return JobHandle(job.id, api_key)
 
 
 class _Current:

@@ -216,6 +216,7 @@ class Connection:
         resume_token: str = "",
         grace_s: float = 0.0,
         resumes: Optional[Tuple[int, int]] = None,
+        detached: bool = False,
     ) -> Job:
         """Submits a job of the pickled Python ``function``: each call gets
         ``cores`` cores, ``memory_bytes`` of memory and ``gpus`` GPUs; at most
@@ -234,7 +235,9 @@ class Connection:
         outlives a lost connection for ``grace_s`` seconds (the coordinator
         caps it): a submission with the same token and ``resumes`` ``(job
         id, inputs with an outcome)`` picks it up again, under the same id
-        where it can, its chunks numbered from 0 again.
+        where it can, its chunks numbered from 0 again. A ``detached`` job's
+        outputs stay with the coordinator (:meth:`results`), and it runs on
+        without its client once all its inputs are in.
 
         Returns once the coordinator has placed the job's slots; raises
         :class:`fleetmap.JobRejected` when no node can host one call, or
@@ -246,6 +249,12 @@ class Connection:
         """Closes the connection; its running jobs are cancelled."""
     def closed(self) -> bool:
         """Whether the connection is gone (closed, timed out or reset)."""
+    def results(self, job: int, offset: int) -> Tuple[list[Tuple[int, int, int, str, bytes]], Optional[int]]:
+        """A page of detached job ``job``'s outputs from byte ``offset`` (0,
+        then each page's next): ``(first_input, count, failed, node,
+        payload)`` in the order they finished, and where the next page starts
+        (``None``: no more kept yet). Raises :class:`fleetmap.JobRejected`
+        when the coordinator keeps none for this key."""
     def status(self) -> Tuple[list[NodeStatus], int]:
         """The fleet's nodes and the number of running jobs; raises like
         :meth:`submit` when the connection is gone."""

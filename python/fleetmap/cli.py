@@ -146,9 +146,20 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     def running(job: int) -> bool:
         return any(j["job"] == job and j["state"] in ("running", "waiting") for j in connection.jobs())
 
-    if args.action in ("cancel", "show") and args.job is None:
+    if args.action in ("cancel", "show", "results") and args.job is None:
         print(f"fleetmap jobs {args.action}: give the job's id (fleetmap jobs lists them)", file=sys.stderr)
         return 2
+    if args.action == "results":
+        from ._jobs import JobHandle
+
+        # One output per line, in input order: JSON where the value is JSON,
+        # else its repr.
+        for value in JobHandle(args.job, args.api_key).results(return_exceptions=True):
+            try:
+                print(json.dumps(value) if args.json else repr(value))
+            except (TypeError, ValueError):
+                print(json.dumps(repr(value)))
+        return 0
     if args.action == "cancel":
         if not running(args.job):
             print(f"fleetmap jobs cancel: no running job {args.job} of yours", file=sys.stderr)
@@ -309,10 +320,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.set_defaults(run=cmd_status)
 
     p = sub.add_parser(
-        "jobs", help="list your running and recent jobs, show one (fleetmap jobs show ID), or cancel one"
+        "jobs",
+        help="list your running and recent jobs, show one (fleetmap jobs show ID), cancel one, or print a "
+        "detached job's outputs (fleetmap jobs results ID)",
     )
-    p.add_argument("action", nargs="?", choices=["list", "show", "cancel"], default="list")
-    p.add_argument("job", nargs="?", type=int, help="the job to show or cancel")
+    p.add_argument("action", nargs="?", choices=["list", "show", "cancel", "results"], default="list")
+    p.add_argument("job", nargs="?", type=int, help="the job to show, cancel or read the results of")
     p.add_argument("--json", action="store_true", help="print as JSON (a list of jobs, or the one job)")
     p.add_argument("--api-key", help="your API key (default: FLEETMAP_API_KEY or the config file)")
     p.set_defaults(run=cmd_jobs)

@@ -51,8 +51,10 @@ impl Connection {
     /// `name`: the function's name, for listings. `resume_token` and
     /// `grace_s`: the job outlives a lost connection for `grace_s` seconds,
     /// and a submission with the same token and `resumes` (`(job id,
-    /// inputs with an outcome)`) picks it up again.
-    #[pyo3(signature = (function, cores, memory_bytes, gpus, parallelism, total_inputs, executable, version, environment=None, sources=None, require_isolation=false, image=None, first=None, only=false, name=String::new(), resume_token=String::new(), grace_s=0.0, resumes=None))]
+    /// inputs with an outcome)`) picks it up again. `detached`: the
+    /// coordinator keeps the outputs (`results`) and the job runs on once
+    /// all its inputs are in.
+    #[pyo3(signature = (function, cores, memory_bytes, gpus, parallelism, total_inputs, executable, version, environment=None, sources=None, require_isolation=false, image=None, first=None, only=false, name=String::new(), resume_token=String::new(), grace_s=0.0, resumes=None, detached=false))]
     #[allow(clippy::too_many_arguments)]
     fn submit(
         &self,
@@ -75,6 +77,7 @@ impl Connection {
         resume_token: String,
         grace_s: f64,
         resumes: Option<(u64, u64)>,
+        detached: bool,
     ) -> PyResult<PyJob> {
         let spec = JobSpec {
             principal: String::new(),
@@ -112,6 +115,7 @@ impl Connection {
             token: resume_token,
             grace_ms: seconds(grace_s).as_millis().min(u128::from(u64::MAX)) as u64,
             resumes: resumes.map(|(job, done)| (JobId(job), done)),
+            detached,
         };
         let client = self.client.clone();
         let job = py
@@ -127,6 +131,29 @@ impl Connection {
     /// Whether the connection is gone.
     fn closed(&self) -> bool {
         self.client.is_closed()
+    }
+
+    /// A page of detached job `job`'s outputs from byte `offset`: the
+    /// outputs as `(first_input, count, failed, node, payload)` in the order
+    /// they finished, and where the next page starts (`None`: no more kept
+    /// yet).
+    #[allow(clippy::type_complexity)]
+    fn results<'py>(
+        &self,
+        py: Python<'py>,
+        job: u64,
+        offset: u64,
+    ) -> PyResult<(Vec<(u64, u32, u32, String, Bound<'py, PyBytes>)>, Option<u64>)> {
+        let client = self.client.clone();
+        let page = py
+            .detach(|| runtime().block_on(client.results(JobId(job), offset)))
+            .map_err(client_error)?;
+        let outputs = page
+            .outputs
+            .into_iter()
+            .map(|o| (o.first_input.0, o.count, o.failed, o.node, PyBytes::new(py, &o.payload)))
+            .collect();
+        Ok((outputs, page.next))
     }
 
     /// The fleetmap version the coordinator runs.

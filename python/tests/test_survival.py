@@ -167,3 +167,75 @@ remote_parallel_map(lambda _: subprocess.run(["sleep", "61.5"]), range(2), verbo
     assert time.monotonic() - cancelled <= 2.0
     wait_for(lambda: not caller.alive(), 30, "the caller to stop")
     assert "JobCancelled" in caller.stderr() and "cancelled by another client" in caller.stderr(), caller.stderr()
+
+
+def test_a_detached_job_runs_on_and_its_results_are_fetched_from_another_process(processes):
+    coordinator = processes.start_coordinator()
+    processes.start_node(coordinator, "keeper", cores=2)
+    submit = """
+import time
+from fleetmap import remote_parallel_map
+
+def square(x):
+    time.sleep(0.002)
+    if x == 77:
+        raise ValueError("seventy-seven")
+    return x * x
+
+handle = remote_parallel_map(square, range(800), detach=True)
+print(handle.id, flush=True)
+"""
+    submitter = processes.start("submitter", [PYTHON, "-c", submit], env=coordinator.client_env())
+    wait_for(lambda: not submitter.alive(), 60, "the submitting process to exit", processes.describe)
+    assert submitter.popen.returncode == 0, submitter.describe()
+    job = int(submitter.stdout().split()[-1])
+    fetch = f"""
+import json
+import fleetmap
+handle = fleetmap.job({job})
+try:
+    handle.results(timeout=120)
+    raised = None
+except ValueError as exc:
+    raised = [str(exc), exc.input_index]
+out = handle.results(return_exceptions=True)
+print(json.dumps({{"raised": raised, "n": len(out),
+    "right": all(o == i * i for i, o in enumerate(out) if i != 77),
+    "at_77": type(out[77]).__name__}}))
+"""
+    reader = processes.start("reader", [PYTHON, "-c", fetch], env=coordinator.client_env())
+    wait_for(lambda: not reader.alive(), 150, "the results to be fetched", processes.describe)
+    assert reader.popen.returncode == 0, reader.describe()
+    got = json.loads(reader.stdout().strip().splitlines()[-1])
+    assert got == {"raised": ["seventy-seven", 77], "n": 800, "right": True, "at_77": "ValueError"}, got
+    # The same from the command line, one output per line in input order.
+    out = subprocess.run(
+        fleetmap_command() + ["jobs", "results", str(job), "--json"],
+        env=coordinator.client_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert len(lines) == 800 and lines[3] == "9" and "seventy-seven" in lines[77], lines[:5]
+    # Listed as any job, finished with every input.
+    listed_job = next(j for j in listed(coordinator) if j["job"] == job)
+    assert listed_job["state"] == "finished" and listed_job["inputs_done"] == 800, listed_job
+
+
+def test_the_embedded_cluster_refuses_detached_jobs_with_what_to_do():
+    from conftest import run_client
+
+    r = run_client(
+        """
+import fleetmap
+try:
+    fleetmap.remote_parallel_map(abs, [1, 2], detach=True)
+    RESULT = None
+except fleetmap.JobRejected as exc:
+    RESULT = str(exc)
+"""
+    )
+    assert r["returncode"] == 0, r["stderr"]
+    assert r["result"] and "keeps no outputs" in r["result"] and "attached" in r["result"], r["result"]

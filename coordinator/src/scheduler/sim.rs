@@ -290,6 +290,8 @@ impl Kind for CoordinatorToClient {
             CoordinatorToClient::JobFinished { .. } => "JobFinished",
             CoordinatorToClient::JobFailed { .. } => "JobFailed",
             CoordinatorToClient::Jobs { .. } => "Jobs",
+            CoordinatorToClient::Results { .. } => "Results",
+            CoordinatorToClient::NoResults { .. } => "NoResults",
         }
     }
 }
@@ -305,7 +307,9 @@ impl AboutJob for CoordinatorToClient {
             CoordinatorToClient::Log(line) => Some(line.job),
             CoordinatorToClient::Status { .. }
             | CoordinatorToClient::JobRejected { .. }
-            | CoordinatorToClient::Jobs { .. } => None,
+            | CoordinatorToClient::Jobs { .. }
+            | CoordinatorToClient::Results { .. }
+            | CoordinatorToClient::NoResults { .. } => None,
         }
     }
 }
@@ -329,6 +333,7 @@ impl Kind for ClientToCoordinator {
             ClientToCoordinator::CancelJob { .. } => "CancelJob",
             ClientToCoordinator::StatusRequest { .. } => "StatusRequest",
             ClientToCoordinator::ListJobs { .. } => "ListJobs",
+            ClientToCoordinator::FetchResults { .. } => "FetchResults",
         }
     }
 }
@@ -833,9 +838,20 @@ impl World {
             if self.trace {
                 eprintln!("{:>6}   emit {cmd:?}", self.now);
             }
+            if let Command::Store(store) = &cmd {
+                // The simulated clients submit no detached job: only a
+                // listing leaving the recent ones says so.
+                check!(
+                    self,
+                    matches!(store, Store::Forget { .. }),
+                    "{store:?} for a job that is not detached"
+                );
+                continue;
+            }
             let (peer, kind, job) = match &cmd {
                 Command::ToNode { node, msg } => (Peer::Node(*node), msg.kind(), msg.job()),
                 Command::ToClient { client, msg } => (Peer::Client(*client), msg.kind(), msg.job()),
+                Command::Store(_) => unreachable!("handled above"),
             };
             let (code, id) = match peer {
                 Peer::Node(n) => (10, n.0),
@@ -892,12 +908,15 @@ impl World {
                         }
                         CoordinatorToClient::Status { .. }
                         | CoordinatorToClient::Log(_)
-                        | CoordinatorToClient::Jobs { .. } => {
+                        | CoordinatorToClient::Jobs { .. }
+                        | CoordinatorToClient::Results { .. }
+                        | CoordinatorToClient::NoResults { .. } => {
                             fail!(self, "{kind} sent to client {client}")
                         }
                     }
                     self.net.sched_to_client.entry(client).or_default().push_back(msg);
                 }
+                Command::Store(_) => unreachable!("handled above"),
             }
         }
         outputs

@@ -192,7 +192,10 @@ impl Scheduler {
         // of them could otherwise get slots (started on nodes, credit sent
         // to the gone client) just before it is stopped too.
         for job in jobs {
-            match self.jobs[&job].resume {
+            let j = &self.jobs[&job];
+            match j.resume {
+                // A detached job with all its inputs needs no client.
+                _ if j.detached && j.total_chunks.is_some() => {}
                 Some((token, grace)) if abrupt && !grace.is_zero() => self.orphan(job, token, grace),
                 _ => self.end_job(job, JobState::Cancelled("its caller went away".into())),
             }
@@ -307,7 +310,11 @@ impl Scheduler {
         status.state = state;
         status.ended = Some(super::unix_now());
         if self.recent.len() >= super::MAX_RECENT_JOBS {
-            self.recent.pop_front();
+            if let Some((gone, _)) = self.recent.pop_front() {
+                // What a detached job left goes with its listing.
+                self.out
+                    .push_back(super::Command::Store(super::Store::Forget { job: gone.job }));
+            }
         }
         self.recent.push_back((status, token));
     }

@@ -199,7 +199,7 @@ fn an_empty_fleet_rejects_with_what_to_do() {
     s.handle_submit(ClientId(9), RequestId(0), spec(1, 1, None, 10));
     let text = format!("{:?}", drain(&mut s));
     assert!(
-        text.contains("the fleet has no nodes") && text.contains("fleetmap node"),
+        text.contains("the fleet has no nodes") && text.contains("fleetmapd node"),
         "{text}"
     );
 }
@@ -953,6 +953,7 @@ fn resumable(token: &str, resumes: Option<(JobId, u64)>) -> Resumable {
         token: token.into(),
         grace_ms: 60_000,
         resumes,
+        detached: false,
     }
 }
 
@@ -1175,4 +1176,53 @@ fn a_job_whose_only_node_is_lost_waits_for_the_node_grace_period() {
         _ => None,
     });
     assert!(failed.is_some_and(|r| r.contains("node a was lost") && r.contains("within 60 s")));
+}
+
+#[test]
+fn a_detached_job_keeps_its_outputs_and_runs_on_without_its_client() {
+    let mut s = Scheduler::new();
+    s.handle_node_joined(NodeId(1), "a".into(), resources(2, 64), NodeIsolation::default());
+    let detached = Resumable {
+        detached: true,
+        ..Resumable::default()
+    };
+    s.handle_submit_resumable(ClientId(9), RequestId(0), spec(1, 1, None, 20), &detached);
+    let cmds = drain(&mut s);
+    let (job, _, _) = accepted(&cmds);
+    assert!(cmds.contains(&Command::Store(Store::Begin {
+        job,
+        principal: String::new()
+    })));
+    s.handle_inputs(ClientId(9), job, chunk(0)).unwrap();
+    s.handle_inputs(ClientId(9), job, chunk(1)).unwrap();
+    s.handle_inputs_done(ClientId(9), job, 2).unwrap();
+    let running = runs(&drain(&mut s));
+    // The caller leaves once its inputs are in: the job goes on.
+    s.handle_client_lost(ClientId(9), false);
+    assert!(drain(&mut s).is_empty());
+    for (node, slot, c) in running {
+        s.handle_chunk_done(node, job, slot, output(&c)).unwrap();
+        let cmds = drain(&mut s);
+        assert!(cmds.iter().any(
+            |cmd| matches!(cmd, Command::Store(Store::Keep { job: j, output }) if *j == job && output.chunk == c.chunk)
+        ));
+        assert!(!cmds.iter().any(|cmd| matches!(
+            cmd,
+            Command::ToClient {
+                msg: CoordinatorToClient::Output { .. },
+                ..
+            }
+        )));
+    }
+    assert_eq!(
+        listed(&mut s, "").last().map(|j| j.state.clone()),
+        Some(JobState::Finished)
+    );
+
+    // One whose caller leaves before all its inputs are in is cancelled.
+    s.handle_submit_resumable(ClientId(10), RequestId(0), spec(1, 1, None, 20), &detached);
+    let (second, _, _) = accepted(&drain(&mut s));
+    s.handle_client_lost(ClientId(10), true);
+    let ended = listed(&mut s, "").into_iter().find(|j| j.job == second).unwrap();
+    assert!(matches!(ended.state, JobState::Cancelled(_)), "{ended:?}");
 }
