@@ -32,7 +32,7 @@ struct Cli {
 enum Command {
     /// Runs a coordinator: admits nodes and clients over QUIC, places slots
     /// and dispatches inputs.
-    Coordinator(coordinator::Args),
+    Coordinator(Box<coordinator::Args>),
     /// Runs a node daemon that joins a coordinator and runs calls in slots
     /// of its own (cgroups, dedicated cores, a memory limit, its GPUs).
     Node(Box<node::Args>),
@@ -86,7 +86,7 @@ fn main() -> ExitCode {
         }
     };
     let (name, result) = match cli.command {
-        Command::Coordinator(args) => ("coordinator", runtime.block_on(coordinator::run(args))),
+        Command::Coordinator(args) => ("coordinator", runtime.block_on(coordinator::run(*args))),
         Command::Node(args) => ("node", runtime.block_on(node::run(*args))),
     };
     // A node's slots are torn down by the time `run` returns; nothing the
