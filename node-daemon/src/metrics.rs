@@ -132,6 +132,27 @@ impl Scrape {
         registry.register("slot_cgroups", "Slot cgroups, warm workers' included", slots);
         registry.register("slot_memory_bytes", "Memory a slot cgroup uses now", memory);
         registry.register("slot_cpu_seconds", "CPU time of a slot cgroup's live processes", cpu);
+        let (utilization, gpu_memory) = (
+            Family::<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>::default(),
+            Family::<Labels, Gauge>::default(),
+        );
+        for gpu in gpu_use() {
+            let labels = vec![("gpu".to_string(), gpu.index.to_string())];
+            utilization.get_or_create(&labels).set(gpu.utilization);
+            gpu_memory
+                .get_or_create(&labels)
+                .set(i64::try_from(gpu.memory_bytes).unwrap_or(i64::MAX));
+        }
+        registry.register(
+            "gpu_utilization_ratio",
+            "How busy each GPU was over the driver's last sample (0 to 1), where nvidia-smi is present",
+            utilization,
+        );
+        registry.register(
+            "gpu_memory_used_bytes",
+            "Memory in use on each GPU, where nvidia-smi is present",
+            gpu_memory,
+        );
         let info = Family::<Labels, Gauge>::default();
         info.get_or_create(&vec![("node".to_string(), self.node.clone())])
             .set(1);
@@ -141,6 +162,68 @@ impl Scrape {
         let _ = encode(&mut out, &registry);
         out
     }
+}
+
+/// One GPU's use as the driver reports it.
+#[derive(Debug, Clone, PartialEq)]
+struct GpuUse {
+    index: u32,
+    utilization: f64,
+    memory_bytes: u64,
+}
+
+/// Each GPU's use, from the NVIDIA driver's management library through
+/// `nvidia-smi` (none where it is missing or does not answer in 2 s).
+fn gpu_use() -> Vec<GpuUse> {
+    let Some(smi) = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .map(|dir| dir.join("nvidia-smi"))
+        .find(|p| p.is_file())
+    else {
+        return vec![];
+    };
+    let Ok(mut child) = std::process::Command::new(smi)
+        .args([
+            "--query-gpu=index,utilization.gpu,memory.used",
+            "--format=csv,noheader,nounits",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+    else {
+        return vec![];
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while std::time::Instant::now() < deadline {
+        match child.try_wait() {
+            Ok(Some(_)) => {
+                let mut text = String::new();
+                if let Some(mut out) = child.stdout.take() {
+                    let _ = std::io::Read::read_to_string(&mut out, &mut text);
+                }
+                return parse_gpu_use(&text);
+            }
+            Ok(None) => std::thread::sleep(std::time::Duration::from_millis(20)),
+            Err(_) => break,
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    vec![]
+}
+
+/// `nvidia-smi --query-gpu=index,utilization.gpu,memory.used
+/// --format=csv,noheader,nounits` lines: `0, 37, 1024` (percent, MiB).
+fn parse_gpu_use(text: &str) -> Vec<GpuUse> {
+    text.lines()
+        .filter_map(|line| {
+            let mut fields = line.split(',').map(str::trim);
+            Some(GpuUse {
+                index: fields.next()?.parse().ok()?,
+                utilization: fields.next()?.parse::<f64>().ok()? / 100.0,
+                memory_bytes: fields.next()?.parse::<u64>().ok()? << 20,
+            })
+        })
+        .collect()
 }
 
 /// Clock ticks per second, the unit of `/proc/PID/stat`'s CPU times.
@@ -197,6 +280,26 @@ mod tests {
         let ticks = cpu_ticks(std::process::id());
         assert!(ticks < 1_000_000_000);
         assert_eq!(cpu_ticks(u32::MAX), 0);
+    }
+
+    #[test]
+    fn gpu_use_is_read_from_nvidia_smi_lines() {
+        let text = "0, 37, 1024\n1, 100, 81559\n[Not Supported]\n";
+        assert_eq!(
+            parse_gpu_use(text),
+            vec![
+                GpuUse {
+                    index: 0,
+                    utilization: 0.37,
+                    memory_bytes: 1 << 30
+                },
+                GpuUse {
+                    index: 1,
+                    utilization: 1.0,
+                    memory_bytes: 81559 << 20
+                },
+            ]
+        );
     }
 
     #[test]

@@ -609,7 +609,7 @@ class _Current:
                     ) from None
             except JobRejected as exc:
                 error = JobCancelled if "was cancelled" in str(exc) else JobFailed
-                raise error(str(exc)) from None
+                raise error(f"job {job_id}: {reason}, and it could not be picked up again: {exc}") from None
             time.sleep(delay)
             delay = min(delay * 2, 2.0)
         renamed = "" if self.job.id == job_id else f" as job {self.job.id}"

@@ -99,8 +99,8 @@ assert out == list(range(40)), out
     assert 0.2 < mean < 2.0, mean
     assert value(node, "fleetmap_node_info", node="measured") == 1
 
-    # Only /metrics is served, and only to GET.
-    for path, method, status in (("/", "GET", 404), ("/metrics", "POST", 405)):
+    # Nothing else is served, and /metrics only to GET.
+    for path, method, status in (("/nothing-here", "GET", 404), ("/metrics", "POST", 405)):
         try:
             urllib.request.urlopen(
                 urllib.request.Request(f"http://127.0.0.1:{coordinator_port}{path}", method=method), timeout=10

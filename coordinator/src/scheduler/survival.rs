@@ -293,7 +293,8 @@ impl Scheduler {
             Found::Taken => Ok(None),
             Found::Ended(state) => {
                 let how = match state {
-                    JobState::Cancelled(why) => format!("was cancelled {why}"),
+                    JobState::Cancelled(why) if why.starts_with("by ") => format!("was cancelled {why}"),
+                    JobState::Cancelled(why) => format!("was cancelled ({why})"),
                     JobState::Failed(why) => format!("failed: {why}"),
                     other => format!("ended ({other:?})"),
                 };
