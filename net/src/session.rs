@@ -272,7 +272,8 @@ where
         rx: Receiver {
             reader,
             conn: conn.clone(),
-            peer: format!("the coordinator at {addr}"),
+            // Errors say "cannot reach the fleetmap coordinator at ADDR".
+            peer: addr.to_string(),
             _down: PhantomData,
         },
         node_certificate,

@@ -32,7 +32,7 @@ from ._native import VERSION as __version__
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from ._jobs import JobHandle, job
+    from ._jobs import JobHandle, job, jobs
     from ._map import remote_parallel_map
     from ._wasm import wasm
 
@@ -48,7 +48,7 @@ def __getattr__(name: str) -> object:
         from ._wasm import wasm
 
         return wasm
-    if name in ("job", "JobHandle"):
+    if name in ("job", "jobs", "JobHandle"):
         from . import _jobs
 
         return getattr(_jobs, name)
@@ -57,6 +57,7 @@ def __getattr__(name: str) -> object:
 __all__ = [
     "remote_parallel_map",
     "job",
+    "jobs",
     "JobHandle",
     "FleetmapError",
     "ConfigurationError",

@@ -38,6 +38,11 @@ class JobHandle:
             "and not across a coordinator restart)"
         )
 
+    def cancel(self) -> None:
+        """Cancels the job (its calls stop; what it left is listed as
+        cancelled)."""
+        self._connection().cancel(self.id)
+
     def wait(self, timeout: Optional[float] = None) -> "_native.JobInfo":
         """Waits until the job has ended (or ``timeout`` seconds have passed:
         ``TimeoutError``) and returns its listing."""
@@ -92,6 +97,12 @@ class JobHandle:
         if total is not None and len(results) != total:
             raise JobFailed(f"job {self.id}: {len(results)} outputs kept of {total} inputs")
         return results
+
+
+def jobs(api_key: Optional[str] = None) -> List["_native.JobInfo"]:
+    """The running and recent jobs of this API key (``api_key``, else the
+    configured one), as ``fleetmap jobs --json`` lists them."""
+    return _fleet.connection(_fleet.fleet_address(api_key)).jobs()
 
 
 def job(job_id: int, api_key: Optional[str] = None) -> JobHandle:

@@ -16,7 +16,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from conftest import PYTHON, START_TIMEOUT, fleetmap_command, wait_for
+from conftest import PYTHON, START_TIMEOUT, fleetmap_command, run_client, wait_for
 
 #: How long each interruption lasts: four times the connections' idle
 #: timeout, so every side has seen the connection die.
@@ -219,14 +219,17 @@ print(json.dumps({{"raised": raised, "n": len(out),
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert len(lines) == 800 and lines[3] == "9" and "seventy-seven" in lines[77], lines[:5]
-    # Listed as any job, finished with every input.
+    # Listed as any job, finished with every input; the same for scripts.
     listed_job = next(j for j in listed(coordinator) if j["job"] == job)
     assert listed_job["state"] == "finished" and listed_job["inputs_done"] == 800, listed_job
+    r = run_client(
+        f"import fleetmap\nRESULT = [j['state'] for j in fleetmap.jobs() if j['job'] == {job}]",
+        env=coordinator.client_env(),
+    )
+    assert r["result"] == ["finished"], r
 
 
 def test_the_embedded_cluster_refuses_detached_jobs_with_what_to_do():
-    from conftest import run_client
-
     r = run_client(
         """
 import fleetmap
