@@ -525,6 +525,30 @@ def _pickle_chunk(chunk: List[Any], first: int) -> bytes:
         raise
 
 
+def _next_chunk(
+    source: _InputSource, chunk_id: int, slots: int, cap: int, per_input: Optional[float]
+) -> Tuple[int, List[Any], bytes, int]:
+    """The next chunk of inputs, pickled: its first input's index, the
+    inputs, the payload, and the chunk size cap from now on (large inputs
+    shrink it). The inputs stay in ``source`` until consumed."""
+    first = source.next_index
+    left = None if source.total is None else source.total - first
+    chunk = source.take(_chunk_size(chunk_id, slots, cap, per_input, left))
+    payload = _pickle_chunk(chunk, first)
+    while len(payload) > _TARGET_CHUNK_BYTES and len(chunk) > 1:
+        # Inputs are large: shrink this chunk and the ones after it.
+        chunk = chunk[: max(1, len(chunk) * _TARGET_CHUNK_BYTES // len(payload))]
+        cap = len(chunk)
+        payload = _pickle_chunk(chunk, first)
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise InputError(
+            f"input {first} pickles to {len(payload)} bytes, over the limit of "
+            f"{MAX_PAYLOAD_BYTES} bytes per input; pass a path or a URL to the data instead",
+            input_index=first,
+        )
+    return first, chunk, payload, cap
+
+
 def _upload(
     job: _native.Job, source: _InputSource, first_sent: bool, fleet: _fleet.FleetAddress, api_key: Optional[str]
 ) -> Any:
@@ -538,21 +562,11 @@ def _upload(
     chunk_id = 1 if first_sent else 0
     while not source.exhausted():
         while credit > 0 and not source.exhausted():
-            first = source.next_index
-            left = None if source.total is None else source.total - first
-            chunk = source.take(_chunk_size(chunk_id, slots, cap, None, left))
-            payload = _pickle_chunk(chunk, first)
-            while len(payload) > _TARGET_CHUNK_BYTES and len(chunk) > 1:
-                chunk = chunk[: max(1, len(chunk) * _TARGET_CHUNK_BYTES // len(payload))]
-                cap = len(chunk)
-                payload = _pickle_chunk(chunk, first)
-            if len(payload) > MAX_PAYLOAD_BYTES:
+            try:
+                first, chunk, payload, cap = _next_chunk(source, chunk_id, slots, cap, None)
+            except InputError:
                 job.cancel()
-                raise InputError(
-                    f"input {first} pickles to {len(payload)} bytes, over the limit of {MAX_PAYLOAD_BYTES} "
-                    "bytes per input; pass a path or a URL to the data instead",
-                    input_index=first,
-                )
+                raise
             job.send_chunk(chunk_id, first, len(chunk), payload)
             source.consume(len(chunk))
             chunk_id += 1
@@ -722,21 +736,7 @@ def _run(
             chunk_id += 1
             credit -= 1
         while credit > 0 and not resend and not source.exhausted():
-            first = source.next_index
-            left = None if total is None else total - first
-            chunk = source.take(_chunk_size(chunk_id, slots, cap, per_input, left))
-            payload = _pickle_chunk(chunk, first)
-            while len(payload) > _TARGET_CHUNK_BYTES and len(chunk) > 1:
-                # Inputs are large: shrink this chunk and the ones after it.
-                chunk = chunk[: max(1, len(chunk) * _TARGET_CHUNK_BYTES // len(payload))]
-                cap = len(chunk)
-                payload = _pickle_chunk(chunk, first)
-            if len(payload) > MAX_PAYLOAD_BYTES:
-                raise InputError(
-                    f"input {first} pickles to {len(payload)} bytes, over the limit of "
-                    f"{MAX_PAYLOAD_BYTES} bytes per input; pass a path or a URL to the data instead",
-                    input_index=first,
-                )
+            first, chunk, payload, cap = _next_chunk(source, chunk_id, slots, cap, per_input)
             job.send_chunk(chunk_id, first, len(chunk), payload)
             outstanding[first] = len(chunk)
             held[first] = payload

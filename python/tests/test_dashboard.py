@@ -49,6 +49,20 @@ def browser():
         session.quit()
 
 
+def read(browser, css: str, what):
+    """``what`` of the element ``css`` selects, read again if the page
+    redrew it meanwhile (it redraws every second)."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+
+    for _ in range(20):
+        try:
+            return what(browser.find_element(By.CSS_SELECTOR, css))
+        except StaleElementReferenceException:
+            continue
+    raise AssertionError(f"{css} kept changing under the test")
+
+
 def api(port: int, path: str, key: str | None, method: str = "GET") -> tuple[int, str]:
     request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method)
     if key is not None:
@@ -91,23 +105,23 @@ remote_parallel_map(lambda x: time.sleep(0.2), range(600), verbose=False)
     browser.find_element(By.ID, "connect").click()
     row = f"#jobs tr[data-job='{job['job']}']"
     wait_for(lambda: bool(browser.find_elements(By.CSS_SELECTOR, row)), 20, "the job on the page")
-    node = browser.find_element(By.CSS_SELECTOR, "#nodes tr[data-node='dash-node']")
-    assert "2/2" in node.text and "pinned" in node.text, node.text
+    node = read(browser, "#nodes tr[data-node='dash-node']", lambda e: e.text)
+    assert "2/2" in node and "pinned" in node, node
 
     def progress() -> int:
-        return int(browser.find_element(By.CSS_SELECTOR, f"{row} progress").get_attribute("value"))
+        return int(read(browser, f"{row} progress", lambda e: e.get_attribute("value")))
 
     first = progress()
     wait_for(lambda: progress() > first, 20, "the job's progress to advance on the page")
-    assert browser.find_element(By.CSS_SELECTOR, f"{row} td.state-running").text == "running"
+    assert read(browser, f"{row} td.state-running", lambda e: e.text) == "running"
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     assert browser.save_screenshot(str(ARTIFACTS / "dashboard.png"))
 
-    browser.find_element(By.CSS_SELECTOR, f"button.cancel[data-job='{job['job']}']").click()
+    read(browser, f"button.cancel[data-job='{job['job']}']", lambda e: e.click())
     wait_for(lambda: not caller.alive(), 20, "the caller to stop", processes.describe)
     assert "JobCancelled" in caller.stderr() and "on the dashboard" in caller.stderr(), caller.stderr()
     wait_for(
-        lambda: browser.find_element(By.CSS_SELECTOR, row).get_attribute("data-state") == "cancelled",
+        lambda: read(browser, row, lambda e: e.get_attribute("data-state")) == "cancelled",
         20,
         "the page to show the job cancelled",
     )
