@@ -229,7 +229,10 @@ impl ClientPeer {
                 *self.dropped.entry(line.job).or_default() += 1;
                 return false;
             }
+            // Before any output too: a caller that has every output stops
+            // reading without waiting for the end of the job.
             CoordinatorToClient::Log(LogLine { job, .. })
+            | CoordinatorToClient::Output { job, .. }
             | CoordinatorToClient::JobFinished { job }
             | CoordinatorToClient::JobFailed { job, .. } => {
                 if let Some(n) = self.dropped.remove(job) {

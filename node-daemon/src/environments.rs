@@ -436,12 +436,19 @@ impl Environments {
         }
         let dir = self.config.cache_dir.join("sources");
         let path = dir.join(format!("fleetmap-sources-{}.zip", bundle.digest.to_ascii_lowercase()));
-        if path.exists() {
-            // Its age says when a job last used it (see remove_old_sources).
-            let _ = fs::File::options()
-                .append(true)
-                .open(&path)
-                .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+        if let Ok(meta) = fs::metadata(&path) {
+            // Its age says when a job last used it (see remove_old_sources),
+            // to the minute: a loop of jobs does not write it every time.
+            let now = std::time::SystemTime::now();
+            let stale = meta.modified().map_or(true, |t| {
+                now.duration_since(t).unwrap_or_default() > Duration::from_secs(60)
+            });
+            if stale {
+                let _ = fs::File::options()
+                    .append(true)
+                    .open(&path)
+                    .and_then(|f| f.set_modified(now));
+            }
             return Ok(path);
         }
         let actual: String = Sha256::digest(&bundle.zip).iter().map(|b| format!("{b:02x}")).collect();

@@ -29,6 +29,7 @@ use fleetmap_sandbox::{
     image_root::{Bind, ImageRoot, RUNTIME_MOUNT},
     spawn_worker, WorkerCommand,
 };
+use sha2::{Digest, Sha256};
 use tokio::{
     io::{AsyncRead, AsyncReadExt},
     net::unix::{OwnedReadHalf, OwnedWriteHalf},
@@ -426,20 +427,19 @@ impl Pending {
     }
 }
 
-/// Why a worker did not load the job's function.
-enum LoadError {
-    /// It answered that the function cannot be loaded.
-    Refused(String),
-    /// It died (or broke the protocol) first.
-    Died(String),
-}
-
-impl LoadError {
-    fn into_reason(self) -> String {
-        match self {
-            LoadError::Refused(reason) | LoadError::Died(reason) => reason,
-        }
-    }
+/// Where a slot's worker came from, and whether it has loaded the job's
+/// function yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Loading {
+    /// Taken from the pool; its `Ready` has not come yet. If it dies
+    /// first, it died of something older than this job (a warm worker
+    /// killed while it waited): a fresh one takes its place.
+    Warm,
+    /// Started for this slot; its `Ready` has not come yet. If it dies
+    /// first, the function (or the node) kills workers: the slot fails.
+    Fresh,
+    /// It answered `Ready`: a death now is a death of the calls it runs.
+    Loaded,
 }
 
 /// How a worker died.
@@ -456,7 +456,10 @@ async fn drive_slot(
 ) -> Result<Option<Warm<WorkerProcess>>, String> {
     let mut pending: VecDeque<Pending> = VecDeque::new();
     let mut last_done = Instant::now();
-    let mut warm = WorkerProcess::acquire(ctx).await?;
+    // The function is sent and the chunks follow it at once, without
+    // waiting for the worker's `Ready`: a job's first call waits for one
+    // exchange with the worker, not two.
+    let (mut warm, mut loading) = WorkerProcess::acquire(ctx)?;
     let mut worker = &mut warm.worker;
     loop {
         tokio::select! {
@@ -473,12 +476,19 @@ async fn drive_slot(
             read = worker.stdout.read_some(), if worker.stdout.open => worker.stdout.forward(read, ctx),
             read = worker.stderr.read_some(), if worker.stderr.open => worker.stderr.forward(read, ctx),
             reply = worker.reader.recv::<FromWorker>() => match reply {
-                Ok(Some(FromWorker::Started { input })) => {
+                Ok(Some(FromWorker::Ready { .. })) if loading != Loading::Loaded => {
+                    loading = Loading::Loaded;
+                    last_done = Instant::now();
+                }
+                Ok(Some(FromWorker::LoadFailed { error })) if loading != Loading::Loaded => {
+                    return Err(format!("the function could not be loaded on node {}: {error}", ctx.config.name));
+                }
+                Ok(Some(FromWorker::Started { input })) if loading == Loading::Loaded => {
                     if let Some(front) = pending.front_mut() {
                         front.started = Some(input);
                     }
                 }
-                Ok(Some(FromWorker::Done { chunk, failed, payload })) => {
+                Ok(Some(FromWorker::Done { chunk, failed, payload })) if loading == Loading::Loaded => {
                     // Lines the calls printed reach the client before their
                     // outputs (and so before the job can end).
                     worker.stdout.drain_written(ctx).await;
@@ -514,14 +524,32 @@ async fn drive_slot(
                 Ok(None) | Err(_) => {
                     let death = worker.death(ctx).await;
                     ctx.metrics.worker_died(death.kind);
-                    if let Some(front) = pending.front_mut() {
-                        learn_from_death(front, death, ctx)?;
+                    match loading {
+                        Loading::Loaded => {
+                            if let Some(front) = pending.front_mut() {
+                                learn_from_death(front, death, ctx)?;
+                            }
+                        }
+                        // A warm worker that died before it loaded this
+                        // job's function says nothing of the job.
+                        Loading::Warm => {}
+                        Loading::Fresh => {
+                            let detail = match reply {
+                                Err(e) => format!(" ({e})"),
+                                _ => String::new(),
+                            };
+                            return Err(format!(
+                                "the worker of slot {} {} while loading the function{detail}",
+                                ctx.slot, death.what
+                            ));
+                        }
                     }
                     // The dead worker is replaced (the assignment drops and
                     // kills what is left of it); never one from the pool:
                     // a warm worker that died in the pool says nothing of
                     // this job, but the next one should start clean too.
-                    warm = WorkerProcess::start_fresh(ctx).await?;
+                    warm = WorkerProcess::start_fresh(ctx)?;
+                    loading = Loading::Fresh;
                     worker = &mut warm.worker;
                     for p in &pending {
                         worker.send(p.request());
@@ -570,6 +598,13 @@ fn learn_from_death(front: &mut Pending, death: Death, ctx: &SlotContext) -> Res
 /// A running worker: the process, its cgroup, its channel and its pipes.
 pub(crate) struct WorkerProcess {
     pid: u32,
+    /// The cores it was last pinned to (empty: unknown).
+    pinned: Vec<u32>,
+    /// The memory its cgroup held when its last job ended.
+    memory_at_rest: Option<u64>,
+    /// The SHA-256 of the function it was last sent, and the settings sent
+    /// with it.
+    loaded: Option<([u8; 32], WorkerSettings)>,
     /// How many processes it is while it runs nothing else (its PID
     /// namespace's keeper and init besides the interpreter, where it has
     /// one).
@@ -604,10 +639,10 @@ impl WorkerProcess {
         let _ = tokio::time::timeout(Duration::from_secs(2), self.process.child.wait()).await;
     }
 
-    /// A worker for the slot, its job's function loaded: a warm one from
-    /// the pool if one has the job's key and fits its limits, else a fresh
-    /// one.
-    async fn acquire(ctx: &SlotContext) -> Result<Warm<Self>, String> {
+    /// A worker for the slot, the job's function sent to it: a warm one
+    /// from the pool if one has the job's key and fits its limits, else a
+    /// fresh one.
+    fn acquire(ctx: &SlotContext) -> Result<(Warm<Self>, Loading), String> {
         let key = worker_key(ctx);
         // A few tries at most: every worker started ahead that is taken is
         // replaced, so an endless run of failures must not become an
@@ -631,29 +666,18 @@ impl WorkerProcess {
             if warm.worker.reassign(ctx).is_err() {
                 continue;
             }
-            match warm.worker.load(ctx).await {
-                Ok(()) => {
-                    warm.worker.lease = ctx.lease.clone();
-                    warm.key = key;
-                    warm.jobs_served += 1;
-                    return Ok(warm);
-                }
-                // The function itself cannot be loaded (another Python
-                // version, an import that fails): no other worker will do
-                // better, and trying each would only start more.
-                Err(LoadError::Refused(reason)) => return Err(reason),
-                // It died while it waited: the next one is tried.
-                Err(LoadError::Died(_)) => continue,
-            }
+            let sent = warm.worker.load(ctx);
+            warm.key = key;
+            warm.jobs_served += 1;
+            return Ok((warm, if sent { Loading::Warm } else { Loading::Loaded }));
         }
-        Self::start_fresh(ctx).await
+        Ok((Self::start_fresh(ctx)?, Loading::Fresh))
     }
 
-    /// Starts a worker in a fresh cgroup and loads the job's function.
-    async fn start_fresh(ctx: &SlotContext) -> Result<Warm<Self>, String> {
+    /// Starts a worker in a fresh cgroup and sends it the job's function.
+    fn start_fresh(ctx: &SlotContext) -> Result<Warm<Self>, String> {
         let mut worker = Self::spawn(ctx)?;
-        worker.load(ctx).await.map_err(LoadError::into_reason)?;
-        worker.lease = ctx.lease.clone();
+        worker.load(ctx);
         Ok(Warm {
             key: worker_key(ctx),
             born: Instant::now(),
@@ -667,7 +691,10 @@ impl WorkerProcess {
     /// pinned to the slot's cores.
     fn reassign(&mut self, ctx: &SlotContext) -> Result<(), String> {
         if let (Some(tree), Some(cg)) = (&ctx.cgroups, &mut self.cgroup) {
-            if cg.memory_current().unwrap_or(0) > ctx.spec.call.memory_bytes {
+            // As it was when its last job ended (an idle worker runs
+            // nothing), else as it is now.
+            let used = self.memory_at_rest.take().or_else(|| cg.memory_current());
+            if used.unwrap_or(0) > ctx.spec.call.memory_bytes {
                 return Err("uses more memory than the job's limit".into());
             }
             tree.reassign_slot(cg, &slot_limits(ctx)).map_err(|e| e.to_string())?;
@@ -675,7 +702,8 @@ impl WorkerProcess {
         // The cpuset first, then the threads: the kernel keeps the affinity
         // a worker was started with (intersected with its cpuset), so a
         // worker moved to more or other cores must be pinned again.
-        if ctx.placement.cpus.is_empty() {
+        let cpus = &ctx.placement.cpus;
+        if cpus.is_empty() {
             return Ok(());
         }
         let pids = match &self.cgroup {
@@ -683,9 +711,16 @@ impl WorkerProcess {
             Some(cg) if self.own_processes > 1 => cg.pids(),
             _ => vec![self.pid],
         };
-        for pid in pids {
-            fleetmap_sandbox::pin_process(pid, &ctx.placement.cpus).map_err(|e| e.to_string())?;
+        // The same cores as its last job's, and no call narrowed them
+        // since: nothing to do.
+        if self.pinned == *cpus && pids.iter().all(|&pid| fleetmap_sandbox::pinned_to(pid, cpus)) {
+            return Ok(());
         }
+        self.pinned.clear();
+        for pid in pids {
+            fleetmap_sandbox::pin_process(pid, cpus).map_err(|e| e.to_string())?;
+        }
+        self.pinned.clone_from(cpus);
         Ok(())
     }
 
@@ -700,6 +735,9 @@ impl WorkerProcess {
         match &self.cgroup {
             Some(cg) => {
                 let pids = cg.pids();
+                // Read here, when its job has ended, rather than on the
+                // next job's way in.
+                self.memory_at_rest = cg.memory_current();
                 cg.oom_kills() == 0 && pids.len() == self.own_processes && pids.contains(&self.pid)
             }
             None => fleetmap_sandbox::process_group_members(self.pid) == [self.pid],
@@ -786,6 +824,9 @@ impl WorkerProcess {
         let (to_worker, rx) = fleetmap_net::outbox();
         let worker = WorkerProcess {
             pid: process.pid,
+            pinned: cmd.cpu_affinity.clone(),
+            memory_at_rest: None,
+            loaded: None,
             own_processes,
             reader: FramedReader::new(rd, config.max_message),
             writer: tokio::spawn(write_frames(wr, rx, config.max_message)),
@@ -800,51 +841,41 @@ impl WorkerProcess {
         Ok(worker)
     }
 
-    /// Sends the job's function and settings and waits until the worker has
-    /// loaded it.
-    async fn load(&mut self, ctx: &SlotContext) -> Result<(), LoadError> {
-        let node = &ctx.config.name;
+    /// Sends the job's function and settings; the worker answers `Ready`
+    /// or `LoadFailed` before anything else (read by the slot's loop). The
+    /// worker holds the job's environment lease from now on. Returns
+    /// whether anything was sent: a warm worker whose last load was this
+    /// same function with these same settings (its caller's next job of
+    /// the same function) has them already, and is sent nothing.
+    fn load(&mut self, ctx: &SlotContext) -> bool {
         let RuntimeSpec::Python { function, version, .. } = &ctx.spec.runtime;
+        self.lease = ctx.lease.clone();
+        let settings = WorkerSettings {
+            node: ctx.config.name.clone(),
+            caller_python: version.clone(),
+            memory_limit_bytes: ctx.spec.call.memory_bytes,
+            // Room for the envelope around the pickled outputs.
+            max_output_bytes: ctx.config.max_message.saturating_sub(64 << 10) as u64,
+            environment: job_environment(ctx).into_iter().chain(fleet_credentials(ctx)).collect(),
+            sources: match (&ctx.image, &ctx.sources) {
+                (Some(_), Some(path)) => Path::new(path)
+                    .file_name()
+                    .map(|name| format!("{RUNTIME_MOUNT}/sources/{}", name.to_string_lossy())),
+                _ => ctx.sources.clone(),
+            },
+        };
+        let digest: [u8; 32] = Sha256::digest(function).into();
+        if self.loaded.as_ref() == Some(&(digest, settings.clone())) {
+            return false;
+        }
+        // A worker that fails to load is never sent another job, so what
+        // it was sent is what it has once it answers `Ready`.
+        self.loaded = Some((digest, settings.clone()));
         self.send(ToWorker::Load {
             function: function.clone(),
-            settings: WorkerSettings {
-                node: ctx.config.name.clone(),
-                caller_python: version.clone(),
-                memory_limit_bytes: ctx.spec.call.memory_bytes,
-                // Room for the envelope around the pickled outputs.
-                max_output_bytes: ctx.config.max_message.saturating_sub(64 << 10) as u64,
-                environment: job_environment(ctx).into_iter().chain(fleet_credentials(ctx)).collect(),
-                sources: match (&ctx.image, &ctx.sources) {
-                    (Some(_), Some(path)) => Path::new(path)
-                        .file_name()
-                        .map(|name| format!("{RUNTIME_MOUNT}/sources/{}", name.to_string_lossy())),
-                    _ => ctx.sources.clone(),
-                },
-            },
+            settings,
         });
-        loop {
-            tokio::select! {
-                read = self.stdout.read_some(), if self.stdout.open => self.stdout.forward(read, ctx),
-                read = self.stderr.read_some(), if self.stderr.open => self.stderr.forward(read, ctx),
-                reply = self.reader.recv::<FromWorker>() => return match reply {
-                    Ok(Some(FromWorker::Ready { .. })) => Ok(()),
-                    Ok(Some(FromWorker::LoadFailed { error })) => Err(LoadError::Refused(format!(
-                        "the function could not be loaded on node {node}: {error}"
-                    ))),
-                    other => {
-                        let death = self.death(ctx).await;
-                        let detail = match other {
-                            Err(e) => format!(" ({e})"),
-                            _ => String::new(),
-                        };
-                        Err(LoadError::Died(format!(
-                            "the worker of slot {} {} while loading the function{detail}",
-                            ctx.slot, death.what
-                        )))
-                    }
-                },
-            }
-        }
+        true
     }
 
     fn send(&self, request: ToWorker) {

@@ -20,6 +20,7 @@ from __future__ import annotations
 import atexit
 import configparser
 import os
+import stat
 import sys
 import threading
 import warnings
@@ -42,22 +43,44 @@ class FleetAddress:
 
 
 def config_path() -> Path:
-    if "FLEETMAP_CONFIG" in os.environ:
-        return Path(os.environ["FLEETMAP_CONFIG"])
-    base = Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config"))
-    return base / "fleetmap" / "config"
+    return Path(_config_file())
+
+
+def _config_file() -> str:
+    # Strings, not Paths: every job looks here.
+    explicit = os.environ.get("FLEETMAP_CONFIG")
+    if explicit is not None:
+        return explicit
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return os.path.join(base, "fleetmap", "config")
+
+
+#: The ``[fleet]`` section last read, by the file's path and what
+#: ``stat`` said of it: every job reads the settings, and parses them only
+#: when the file changed.
+_SETTINGS_READ: Tuple[Optional[Tuple[object, ...]], Dict[str, str]] = (None, {})
 
 
 def _file_settings() -> Dict[str, str]:
-    path = config_path()
-    if not path.is_file():
+    global _SETTINGS_READ
+    path = _config_file()
+    try:
+        st = os.stat(path)
+    except OSError:
         return {}
+    if not stat.S_ISREG(st.st_mode):
+        return {}
+    key = (path, st.st_ino, st.st_size, st.st_mtime_ns)
+    if _SETTINGS_READ[0] == key:
+        return dict(_SETTINGS_READ[1])
     parser = configparser.ConfigParser()
     try:
         parser.read(path)
     except configparser.Error as exc:
         raise ConfigurationError(f"cannot read {path}: {exc}") from None
-    return dict(parser["fleet"]) if parser.has_section("fleet") else {}
+    settings = dict(parser["fleet"]) if parser.has_section("fleet") else {}
+    _SETTINGS_READ = (key, settings)
+    return dict(settings)
 
 
 def configured_fleet(api_key: Optional[str]) -> Optional[FleetAddress]:
@@ -111,6 +134,8 @@ def require_isolation(explicit: Optional[bool]) -> bool:
 _lock = threading.Lock()
 _local: Optional["_native.LocalHandle"] = None
 _connections: Dict[Tuple[str, str], "_native.Connection"] = {}
+#: The embedded cluster's address, made once.
+_local_address: Optional[FleetAddress] = None
 
 
 def local_cluster() -> "_native.LocalHandle":
@@ -138,8 +163,13 @@ def fleet_address(api_key: Optional[str]) -> FleetAddress:
     fleet = configured_fleet(api_key)
     if fleet is not None:
         return fleet
+    global _local_address
     local = local_cluster()
-    return FleetAddress(local.addr, local.ca_pem.encode(), local.api_key, "local cluster", embedded=True)
+    address = _local_address
+    if address is None or address.coordinator != local.addr:
+        address = FleetAddress(local.addr, local.ca_pem.encode(), local.api_key, "local cluster", embedded=True)
+        _local_address = address
+    return address
 
 
 def connection(fleet: FleetAddress, fresh: bool = False) -> "_native.Connection":

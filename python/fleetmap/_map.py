@@ -18,7 +18,21 @@ import sysconfig
 import time
 import types
 import warnings
-from typing import Any, Callable, ContextManager, Dict, Generator, Iterable, Iterator, List, Optional, Sequence, Tuple
+import weakref
+from typing import (
+    Any,
+    Callable,
+    ContextManager,
+    Dict,
+    FrozenSet,
+    Generator,
+    Iterable,
+    Iterator,
+    List,
+    Optional,
+    Sequence,
+    Tuple,
+)
 
 from . import _environment, _fleet, _native, _sources
 from ._errors import (
@@ -233,6 +247,9 @@ _INSTALLED_FOR: Tuple[str, ...] = ()
 #: reloaded or replaced module is looked at again) is local: resolving
 #: every module's path on every job would cost milliseconds.
 _LOCALITY: Dict[str, Tuple[int, bool]] = {}
+#: The local modules last found, and the state of ``sys.modules`` (its
+#: length and the sum of its modules' ids) they were found in.
+_LOCAL_FOUND: Tuple[Optional[Tuple[int, int]], Dict[str, Any]] = (None, {})
 
 
 def _is_local_module(name: str, module: Any) -> bool:
@@ -259,7 +276,7 @@ def _local_modules() -> Iterator[Optional[_sources.SourceBundle]]:
     """The caller's local modules: zipped as source for the workers (their
     functions and classes then travel by reference), and, for those the zip
     cannot hold, pickled by value while the job is sent."""
-    global _INSTALLED_DIRS, _INSTALLED_FOR
+    global _INSTALLED_DIRS, _INSTALLED_FOR, _LOCAL_FOUND
     import cloudpickle
 
     # Scanned once per process, and again only when sys.path changes.
@@ -267,17 +284,25 @@ def _local_modules() -> Iterator[Optional[_sources.SourceBundle]]:
         _INSTALLED_FOR = tuple(sys.path)
         _INSTALLED_DIRS = _installed_dirs()
         _LOCALITY.clear()
+        _LOCAL_FOUND = (None, {})
+    # The modules are looked through again only when one was imported,
+    # removed or replaced since (a loop of jobs imports nothing).
+    modules = sys.modules
+    state = (len(modules), sum(map(id, list(modules.values()))))
+    if _LOCAL_FOUND[0] != state:
+        found: Dict[str, Any] = {}
+        for name, module in list(modules.items()):
+            known = _LOCALITY.get(name)
+            if known is not None and known[0] == id(module):
+                is_local = known[1]
+            else:
+                is_local = _is_local_module(name, module)
+                _LOCALITY[name] = (id(module), is_local)
+            if is_local and module.__name__ == name:
+                found[name] = module
+        _LOCAL_FOUND = (state, found)
     already = cloudpickle.list_registry_pickle_by_value()
-    local: Dict[str, Any] = {}
-    for name, module in list(sys.modules.items()):
-        known = _LOCALITY.get(name)
-        if known is not None and known[0] == id(module):
-            is_local = known[1]
-        else:
-            is_local = _is_local_module(name, module)
-            _LOCALITY[name] = (id(module), is_local)
-        if is_local and name not in already and module.__name__ == name:
-            local[name] = module
+    local = {name: module for name, module in _LOCAL_FOUND[1].items() if name not in already}
     bundle, by_value = _sources.bundle({name: module.__file__ for name, module in local.items()})
     registered = []
     for name in by_value:
@@ -297,6 +322,44 @@ def _local_modules() -> Iterator[Optional[_sources.SourceBundle]]:
                 pass
 
 
+# Functions whose signature takes one positional argument, with what the
+# answer was read from: a loop of calls of one function checks it once.
+_ONE_ARGUMENT: "weakref.WeakKeyDictionary[Any, Tuple[Any, ...]]" = weakref.WeakKeyDictionary()
+
+
+def _check_signature(function_: Any) -> None:
+    """Raises TypeError unless ``function_(input)`` is a valid call."""
+    key = (
+        getattr(function_, "__code__", None),
+        getattr(function_, "__defaults__", None),
+        getattr(function_, "__kwdefaults__", None),
+        getattr(function_, "__signature__", None),
+    )
+    try:
+        known = _ONE_ARGUMENT.get(function_) if key[0] is not None else None
+    except TypeError:
+        known = None  # Not weakly referenceable or not hashable: checked each time.
+    if known is not None and all(a is b for a, b in zip(known, key)):
+        return
+    try:
+        signature = inspect.signature(function_)
+    except (TypeError, ValueError):
+        return  # Builtins without a signature: nothing to check.
+    try:
+        signature.bind(None)
+    except TypeError as exc:
+        name = getattr(function_, "__qualname__", repr(function_))
+        raise TypeError(
+            f"function_ {name}{signature} cannot be called with one positional argument ({exc}); "
+            "remote_parallel_map calls function_(input) for each input"
+        ) from None
+    if key[0] is not None:
+        try:
+            _ONE_ARGUMENT[function_] = key
+        except TypeError:
+            pass
+
+
 def _check_arguments(
     function_: Any, parallelism: Any, func_cpu: Any, func_ram: Any, func_gpu: Any, image: Any, packages: Any
 ) -> None:
@@ -305,19 +368,7 @@ def _check_arguments(
         _check_image(image)
     if not callable(function_):
         raise TypeError(f"function_ must be callable, got {type(function_).__name__}")
-    try:
-        signature = inspect.signature(function_)
-    except (TypeError, ValueError):
-        signature = None  # Builtins without a signature: nothing to check.
-    if signature is not None:
-        try:
-            signature.bind(None)
-        except TypeError as exc:
-            name = getattr(function_, "__qualname__", repr(function_))
-            raise TypeError(
-                f"function_ {name}{signature} cannot be called with one positional argument ({exc}); "
-                "remote_parallel_map calls function_(input) for each input"
-            ) from None
+    _check_signature(function_)
 
     def whole(name: str, value: Any, low: int, high: int) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
@@ -346,7 +397,99 @@ def _check_image(image: Any) -> None:
         )
 
 
+# What a function's pickle may be made of for it to be kept from one job to
+# the next: values that never change while they are the same object.
+_IMMUTABLE = (int, float, complex, str, bytes, bool, type(None), types.BuiltinFunctionType)
+# Functions pickled before, with what their pickle was made of (see
+# _pickle_inputs_of); a loop of jobs of one function pickles it once.
+_PICKLED: "weakref.WeakKeyDictionary[Any, Tuple[Tuple[Any, ...], FrozenSet[str], bytes]]" = weakref.WeakKeyDictionary()
+_NAMES_USED: "weakref.WeakKeyDictionary[types.CodeType, Tuple[str, ...]]" = weakref.WeakKeyDictionary()
+_MISSING = object()
+
+
+def _names_used(code: types.CodeType) -> Tuple[str, ...]:
+    """Every name ``code`` and the code nested in it look up (a superset
+    of the globals they read)."""
+    names = _NAMES_USED.get(code)
+    if names is None:
+        found = set(code.co_names)
+        for const in code.co_consts:
+            if isinstance(const, types.CodeType):
+                found.update(_names_used(const))
+        names = tuple(sorted(found))
+        _NAMES_USED[code] = names
+    return names
+
+
+def _unchanging(value: Any, by_value: FrozenSet[str]) -> bool:
+    """Whether ``value`` pickles the same for as long as it is the same
+    object: an immutable scalar, a builtin function or class, or a module
+    that is imported (pickled by reference, not by value)."""
+    if value is _MISSING or isinstance(value, _IMMUTABLE):
+        return True
+    if isinstance(value, type):
+        return value.__module__ == "builtins"
+    if isinstance(value, types.ModuleType):
+        name = value.__name__
+        return sys.modules.get(name) is value and name not in by_value
+    return False
+
+
+def _pickle_inputs_of(function_: Any, by_value: FrozenSet[str]) -> Optional[Tuple[Any, ...]]:
+    """Everything a plain function's pickle is made of (its code, names,
+    defaults, annotations, the globals it reads and the contents of its
+    closure), when all of it is unchanging: then the same objects give the
+    same pickle. ``None`` when the pickle could change with none of them
+    replaced (it reads a list, another function of the caller's, has
+    attributes set): such a function is pickled every time."""
+    if type(function_) is not types.FunctionType or function_.__dict__:
+        return None
+    parts: List[Any] = [
+        function_.__code__,
+        function_.__name__,
+        function_.__qualname__,
+        function_.__module__,
+        function_.__doc__,
+    ]
+    globals_ = function_.__globals__
+    for name in _names_used(function_.__code__):
+        parts.append(globals_.get(name, _MISSING))
+    parts.extend(function_.__defaults__ or ())
+    for name, value in sorted((function_.__kwdefaults__ or {}).items()):
+        parts.extend((name, value))
+    for name, value in function_.__annotations__.items():
+        parts.extend((name, value))
+    for cell in function_.__closure__ or ():
+        try:
+            parts.append(cell.cell_contents)
+        except ValueError:  # an empty cell
+            parts.append(_MISSING)
+    if not all(_unchanging(p, by_value) for p in parts[5:]):
+        return None
+    return tuple(parts)
+
+
 def _pickle_function(function_: Callable[[Any], Any]) -> bytes:
+    import cloudpickle
+
+    by_value = frozenset(cloudpickle.list_registry_pickle_by_value())
+    inputs = _pickle_inputs_of(function_, by_value)
+    if inputs is not None:
+        known = _PICKLED.get(function_)
+        if (
+            known is not None
+            and known[1] == by_value
+            and len(known[0]) == len(inputs)
+            and all(a is b for a, b in zip(known[0], inputs))
+        ):
+            return known[2]
+    blob = _pickle_function_now(function_)
+    if inputs is not None:
+        _PICKLED[function_] = (inputs, by_value, blob)
+    return blob
+
+
+def _pickle_function_now(function_: Callable[[Any], Any]) -> bytes:
     import cloudpickle
 
     try:
@@ -762,6 +905,11 @@ def _run(
                 done += count
                 progress.update(done)
                 yield first, outputs
+                if inputs_done and not outstanding and not resend:
+                    # Every input has its outcome: the job is over here,
+                    # and its end on the fleet is not waited for (the
+                    # coordinator ended it when it passed this output on).
+                    return
             elif kind == "credit":
                 credit += event[1]
             elif kind == "log":

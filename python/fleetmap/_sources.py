@@ -40,9 +40,20 @@ class SourceBundle(NamedTuple):
     names: Tuple[str, ...]
 
 
+#: What _root_of found, by module name and file.
+_ROOTS: Dict[Tuple[str, str], Optional[Tuple[str, str]]] = {}
+
+
 def _root_of(name: str, path: str) -> Optional[Tuple[str, str]]:
     """``(sys.path entry, top-level name)`` under which the module ``name``
     lives at ``path``, if its file sits where its name says."""
+    key = (name, path)
+    if key not in _ROOTS:
+        _ROOTS[key] = _find_root(name, path)
+    return _ROOTS[key]
+
+
+def _find_root(name: str, path: str) -> Optional[Tuple[str, str]]:
     parts = name.split(".")
     real = os.path.realpath(path)
     base = os.path.basename(real)
@@ -55,20 +66,42 @@ def _root_of(name: str, path: str) -> Optional[Tuple[str, str]]:
     return real[: -len(tail) - 1], parts[0]
 
 
+#: What _package_files listed, by (root, top), with the modification
+#: times of the directories it walked (a file added or removed changes its
+#: directory's): every job checks those, and walks again only on a change.
+_LISTED: Dict[Tuple[str, str], Tuple[Tuple[Tuple[str, int], ...], List[Tuple[str, str]]]] = {}
+
+
+def _mtime(path: str) -> int:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return -1
+
+
 def _package_files(root: str, top: str) -> List[Tuple[str, str]]:
     """``(archive name, file path)`` of the sources of the top-level module
     or package ``top`` under ``root``."""
+    listed = _LISTED.get((root, top))
+    if listed is not None and all(_mtime(d) == t for d, t in listed[0]):
+        return listed[1]
     single = os.path.join(root, top + ".py")
     if os.path.isfile(single):
+        # The root's time too: a package of the same name would replace it.
+        _LISTED[(root, top)] = (((root, _mtime(root)),), [(top + ".py", single)])
         return [(top + ".py", single)]
     files = []
+    walked = []
     package = os.path.join(root, top)
     for directory, dirs, names in os.walk(package):
+        walked.append((directory, _mtime(directory)))
         dirs[:] = sorted(d for d in dirs if d not in _SKIPPED_DIRS and not d.startswith("."))
         for n in sorted(names):
             if n.endswith((".py", ".pyi")):
                 path = os.path.join(directory, n)
                 files.append((os.path.relpath(path, root), path))
+    walked.append((root, _mtime(root)))
+    _LISTED[(root, top)] = (tuple(walked), files)
     return files
 
 
@@ -146,6 +179,10 @@ def install(path: Optional[str], sources_dir_marker: str = "fleetmap-sources") -
             origin = getattr(module, "__file__", None) or ""
             if any(origin.startswith(p + os.sep) for p in stale):
                 del sys.modules[name]
-    if path and path not in sys.path:
+    added = path is not None and path != "" and path not in sys.path
+    if path is not None and added:
         sys.path.insert(0, path)
-    importlib.invalidate_caches()
+    # Only a changed path needs the finders to look again (a warm worker's
+    # next job of the same sources changes nothing).
+    if stale or added:
+        importlib.invalidate_caches()

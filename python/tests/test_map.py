@@ -225,6 +225,63 @@ def test_local_module_imported_from_another_directory(tmp_path):
     assert r["result"] == [x * 7 for x in range(6)]
 
 
+def test_a_package_grows_a_module_between_jobs_and_the_next_job_has_it(tmp_path):
+    # The caller's local package is listed again when a file appears in it,
+    # though the modules it had imported are unchanged.
+    proj = tmp_path / "proj"
+    (proj / "grows").mkdir(parents=True)
+    (proj / "grows" / "__init__.py").write_text("def first(x):\n    return x + 1\n")
+    r = run_client(
+        f"""
+        import importlib, sys, time
+        sys.path.insert(0, {str(proj)!r})
+        import grows
+        from fleetmap import remote_parallel_map
+        before = remote_parallel_map(grows.first, [1], verbose=False)
+        time.sleep(0.01)
+        with open({str(proj / "grows" / "later.py")!r}, "w") as f:
+            f.write("VALUE = 41\\n")
+        def use_later(x):
+            importlib.invalidate_caches()
+            import grows.later
+            return grows.later.VALUE + x
+        RESULT = before + remote_parallel_map(use_later, [1], verbose=False)
+        """,
+        cwd=tmp_path,
+    )
+    assert r["returncode"] == 0, r["stderr"]
+    assert r["result"] == [2, 42]
+
+
+def test_a_function_sent_again_carries_the_globals_and_defaults_of_now(tmp_path):
+    # A script's function travels by value, and its pickle is kept from one
+    # job to the next only while nothing it is made of changes: a global
+    # rebound, a list it reads grown and defaults replaced all show.
+    r = run_client(
+        """
+        from fleetmap import remote_parallel_map
+        SCALE = 1000
+        SEEN = []
+        def scaled(x):
+            return x * SCALE
+        def counted(x, start=0):
+            return x + len(SEEN) + start
+        out = [remote_parallel_map(scaled, [1, 2], verbose=False)]
+        SCALE = 1001
+        out.append(remote_parallel_map(scaled, [1], verbose=False))
+        out.append(remote_parallel_map(counted, [0], verbose=False))
+        SEEN.append(1)
+        out.append(remote_parallel_map(counted, [0], verbose=False))
+        counted.__defaults__ = (10,)
+        out.append(remote_parallel_map(counted, [0], verbose=False))
+        RESULT = out
+        """,
+        cwd=tmp_path,
+    )
+    assert r["returncode"] == 0, r["stderr"]
+    assert r["result"] == [[1000, 2000], [1001], [0], [1], [11]]
+
+
 def test_version_is_exposed():
     assert isinstance(fleetmap.__version__, str) and fleetmap.__version__
 

@@ -8,6 +8,8 @@ import os
 import time
 from pathlib import Path
 
+import pytest
+
 import fleetmap
 from fleetmap import remote_parallel_map
 
@@ -82,6 +84,57 @@ def test_a_warm_worker_gets_exactly_the_new_jobs_cores_and_memory_limit():
     _, cpus, limit, threads = big[0]
     assert len(cpus) == 2, big
     assert limit == 2 << 30 and threads == "2", big
+
+
+def _touch(path):
+    import os
+
+    open(path, "w").close()
+    return os.getpid()
+
+
+def _refuse_to_load():
+    raise RuntimeError("this function cannot be loaded here")
+
+
+class _Unloadable:
+    """A callable whose unpickling fails in the worker."""
+
+    def __reduce__(self):
+        return (_refuse_to_load, ())
+
+    def __call__(self, path):
+        return _touch(path)
+
+
+def test_a_function_that_cannot_load_in_a_warm_worker_runs_nothing(tmp_path):
+    # The daemon sends a job's inputs right behind its function: a warm
+    # worker that fails to load the new function must not run them with
+    # the function of its last job.
+    pids = remote_parallel_map(_touch, [str(tmp_path / "first")], parallelism=1, verbose=False)
+    assert (tmp_path / "first").exists()
+    with pytest.raises(fleetmap.FleetmapError) as failed:
+        remote_parallel_map(_Unloadable(), [str(tmp_path / "second")], parallelism=1, verbose=False)
+    assert "could not be loaded" in str(failed.value) and "cannot be loaded here" in str(failed.value)
+    assert not (tmp_path / "second").exists(), "the last job's function ran the new job's input"
+    again = remote_parallel_map(_touch, [str(tmp_path / "third")], parallelism=1, verbose=False)
+    assert (tmp_path / "third").exists() and again[0] not in pids, "the worker that failed to load was retired"
+
+
+def _narrow_own_cores(_):
+    import os
+
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    return os.getpid()
+
+
+def test_a_call_that_narrows_its_cores_leaves_the_next_job_all_of_its_own():
+    if os.geteuid() != 0 or len(os.sched_getaffinity(0)) < 2:
+        need_privileges("two-core slots need root (slot cgroups) and two cores")
+    narrowed = remote_parallel_map(_narrow_own_cores, [0], func_cpu=2, verbose=False)
+    pid, cpus, _, threads = remote_parallel_map(_slot_view, [0], func_cpu=2, verbose=False)[0]
+    assert pid == narrowed[0], "the same warm worker"
+    assert len(cpus) == 2 and threads == "2", cpus
 
 
 def test_a_worker_that_crashed_or_was_cancelled_never_serves_again():

@@ -43,6 +43,10 @@ pub fn worker_main(py: Python<'_>, fd: i32) -> PyResult<()> {
                 function: pickled,
                 settings,
             } => {
+                // The daemon sends the job's chunks right behind its
+                // function: if this one cannot be loaded, they must find no
+                // function at all, never the previous job's.
+                function = None;
                 let settings_dict = PyDict::new(py);
                 settings_dict.set_item("node", &settings.node)?;
                 settings_dict.set_item("caller_python", &settings.caller_python)?;
@@ -69,7 +73,10 @@ pub fn worker_main(py: Python<'_>, fd: i32) -> PyResult<()> {
                 crashed,
             } => {
                 let Some(f) = function.as_ref() else {
-                    return Err(runtime_error("the daemon sent inputs before a function"));
+                    // After a function that could not be loaded (the daemon
+                    // has its LoadFailed and fails the slot), or a daemon
+                    // out of step: nothing runs.
+                    return Err(runtime_error("the daemon sent inputs without a loaded function"));
                 };
                 let isolation = if isolated {
                     (started.clone_ref(py), crashed_to_py(py, &crashed)?)

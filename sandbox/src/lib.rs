@@ -38,7 +38,7 @@ use std::{
 use nix::{
     fcntl::{fcntl, FcntlArg, FdFlag},
     mount::{mount, MsFlags},
-    sched::{sched_setaffinity, unshare, CloneFlags, CpuSet},
+    sched::{sched_getaffinity, sched_setaffinity, unshare, CloneFlags, CpuSet},
     sys::{
         prctl,
         signal::{killpg, Signal},
@@ -694,6 +694,19 @@ pub fn process_group_members(pgid: u32) -> Vec<u32> {
         .collect();
     members.sort_unstable();
     members
+}
+
+/// Whether the main thread of process `pid` may run on exactly `cpus`
+/// (in any order): a warm worker whose cores did not change keeps its
+/// pinning, unless its calls changed it.
+pub fn pinned_to(pid: u32, cpus: &[u32]) -> bool {
+    let Ok(set) = sched_getaffinity(Pid::from_raw(pid as i32)) else {
+        return false;
+    };
+    let on = (0..CpuSet::count())
+        .filter(|&cpu| set.is_set(cpu).unwrap_or(false))
+        .count();
+    on == cpus.len() && cpus.iter().all(|&cpu| set.is_set(cpu as usize).unwrap_or(false))
 }
 
 /// Pins every thread of the running process `pid` to `cpus`: a warm worker

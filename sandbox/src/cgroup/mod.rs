@@ -302,6 +302,8 @@ impl CgroupTree {
         }
         // On an error here `slot` is dropped, which removes it.
         self.hierarchy.set_limits(name, &settings)?;
+        let mut slot = slot;
+        slot.applied = Some(limits.clone());
         Ok(slot)
     }
 
@@ -328,6 +330,13 @@ impl CgroupTree {
     /// process limit become `limits`' (the kernel moves the worker's threads
     /// to the new cores), and its peak memory starts again. Its device rules
     /// stay: a warm worker serves only jobs with the same GPUs.
+    ///
+    /// Limits equal to those this handle last wrote are not written again
+    /// (the common case: one caller's jobs one after another), and the peak
+    /// then runs on from the earlier job; it is only reported with an OOM
+    /// kill, where it is the limit, which both jobs share. Nothing else
+    /// writes a slot's limits: its calls see `/sys` read-only and do not
+    /// run as root.
     pub fn reassign_slot(&self, slot: &mut SlotCgroup, limits: &SlotLimits) -> Result<(), CgroupError> {
         if limits.cpus.is_empty() {
             return Err(CgroupError::InvalidLimits {
@@ -335,9 +344,16 @@ impl CgroupTree {
                 reason: "no CPUs: a cpuset without CPUs cannot hold a process",
             });
         }
+        if slot.applied.as_ref() == Some(limits) {
+            return Ok(());
+        }
+        // Unknown until written again: a failure part-way leaves some of
+        // the old limits and some of the new.
+        slot.applied = None;
         let settings = self.settings(limits, false)?;
         self.hierarchy.set_limits(&slot.name, &settings)?;
         slot.memory_limit = limits.memory_bytes;
+        slot.applied = Some(limits.clone());
         Ok(())
     }
 
@@ -378,6 +394,7 @@ impl CgroupTree {
             name: name.into(),
             dirs: self.hierarchy.slot_dirs(name),
             memory_limit,
+            applied: None,
             removed: AtomicBool::new(false),
         }
     }
@@ -391,6 +408,8 @@ pub struct SlotCgroup {
     /// One per v1 controller, one on v2.
     dirs: Vec<PathBuf>,
     memory_limit: u64,
+    /// The limits this handle last wrote, all of them.
+    applied: Option<SlotLimits>,
     removed: AtomicBool,
 }
 

@@ -442,6 +442,19 @@ async fn v1_a_slot_reassigned_to_a_new_job_takes_its_limits_up_and_down() {
         );
     }
     assert!(slot.memory_current().is_some());
+    // The same limits again (a caller's next job) write nothing: a value
+    // changed behind the handle's back stays as it is...
+    fs::write(t.slot_dir("pids", "warm").join("pids.max"), "20").unwrap();
+    t.tree
+        .reassign_slot(&mut slot, &limits(vec![0], 32 * MIB, 16, None))
+        .unwrap();
+    assert_eq!(read("pids", "pids.max").trim(), "20");
+    // ...and other limits write them all.
+    t.tree
+        .reassign_slot(&mut slot, &limits(vec![0], 48 * MIB, 16, None))
+        .unwrap();
+    assert_eq!(read("pids", "pids.max").trim(), "16");
+    assert_eq!(read("memory", "memory.limit_in_bytes").trim(), (48 * MIB).to_string());
 }
 
 #[tokio::test]
@@ -794,6 +807,7 @@ async fn v2_device_filter_kill_and_removal_on_the_kernel() {
         hierarchy,
         name,
         memory_limit: 0,
+        applied: None,
         removed: AtomicBool::new(false),
     };
     let Some(dev) = fake_gpus(test) else { return };
