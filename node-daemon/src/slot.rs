@@ -159,9 +159,18 @@ pub(crate) async fn run_slot(mut ctx: SlotContext, chunks: mpsc::UnboundedReceiv
     };
     match outcome {
         Ok(Some(mut warm)) => {
-            if warm.worker.healthy() {
-                ctx.pool.give_back(warm, Instant::now());
-            }
+            // Off the runtime's threads: reading the worker's cgroup (and
+            // killing and removing it, if it may not serve again) would
+            // otherwise hold up what the job's end sets going elsewhere,
+            // its caller's last output first of all, on a node that shares
+            // the caller's process.
+            let pool = ctx.pool.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                if warm.worker.healthy() {
+                    pool.give_back(warm, Instant::now());
+                }
+            })
+            .await;
         }
         Ok(None) => {}
         Err((kind, reason)) => {

@@ -83,9 +83,11 @@ def _file_settings() -> Dict[str, str]:
     return dict(settings)
 
 
-def configured_fleet(api_key: Optional[str]) -> Optional[FleetAddress]:
-    """The configured fleet, or None when the embedded cluster should be used."""
-    settings = _file_settings()
+def configured_fleet(api_key: Optional[str], settings: Optional[Dict[str, str]] = None) -> Optional[FleetAddress]:
+    """The configured fleet, or None when the embedded cluster should be used.
+    ``settings``: the config file's, when the caller has read them."""
+    if settings is None:
+        settings = _file_settings()
     coordinator = os.environ.get("FLEETMAP_COORDINATOR") or settings.get("coordinator")
     if not coordinator:
         return None
@@ -115,7 +117,13 @@ def configured_fleet(api_key: Optional[str]) -> Optional[FleetAddress]:
     return FleetAddress(coordinator, ca_pem, key, f"fleet at {coordinator}")
 
 
-def require_isolation(explicit: Optional[bool]) -> bool:
+def file_settings() -> Dict[str, str]:
+    """The ``[fleet]`` section of the config file (empty without one), for
+    a caller that reads it once for several of the functions here."""
+    return _file_settings()
+
+
+def require_isolation(explicit: Optional[bool], settings: Optional[Dict[str, str]] = None) -> bool:
     """Whether a job runs only on nodes that pin their calls: the argument
     if given, else ``FLEETMAP_REQUIRE_ISOLATION``, else ``require_isolation``
     in the config file's ``[fleet]`` section; off by default."""
@@ -123,7 +131,9 @@ def require_isolation(explicit: Optional[bool]) -> bool:
         if not isinstance(explicit, bool):
             raise TypeError(f"require_isolation must be True or False, got {explicit!r}")
         return explicit
-    value = os.environ.get("FLEETMAP_REQUIRE_ISOLATION") or _file_settings().get("require_isolation", "")
+    if settings is None:
+        settings = _file_settings()
+    value = os.environ.get("FLEETMAP_REQUIRE_ISOLATION") or settings.get("require_isolation", "")
     if value.strip().lower() in ("", "0", "false", "no", "off"):
         return False
     if value.strip().lower() in ("1", "true", "yes", "on"):
@@ -159,8 +169,8 @@ def _stop_local() -> None:
             _local = None
 
 
-def fleet_address(api_key: Optional[str]) -> FleetAddress:
-    fleet = configured_fleet(api_key)
+def fleet_address(api_key: Optional[str], settings: Optional[Dict[str, str]] = None) -> FleetAddress:
+    fleet = configured_fleet(api_key, settings)
     if fleet is not None:
         return fleet
     global _local_address

@@ -130,7 +130,9 @@ def remote_parallel_map(
         raise ValueError(f"grace must be a number of seconds from 0 to 86400, got {grace!r}")
     if detach and generator:
         raise ValueError("detach=True returns a handle on the job, not its outputs: drop generator=True")
-    isolated = _fleet.require_isolation(require_isolation)
+    # Read once for the whole call.
+    settings = _fleet.file_settings()
+    isolated = _fleet.require_isolation(require_isolation, settings)
     if packages is not None:
         _environment.packages_environment(packages)  # checked before anything runs
     source = _InputSource(inputs)
@@ -141,7 +143,7 @@ def remote_parallel_map(
     try:
         function_blob = _pickle_function(function_)
         first_chunk = _first_chunk(source)
-        fleet = _fleet.fleet_address(api_key)
+        fleet = _fleet.fleet_address(api_key, settings)
         # An image is the job's environment: the caller's is not replicated.
         environment = None if image is not None and packages is None else _environment.job_environment(packages, fleet.embedded)
         # The job's resume token: only this call can pick the job up again.
@@ -247,9 +249,9 @@ _INSTALLED_FOR: Tuple[str, ...] = ()
 #: reloaded or replaced module is looked at again) is local: resolving
 #: every module's path on every job would cost milliseconds.
 _LOCALITY: Dict[str, Tuple[int, bool]] = {}
-#: The local modules last found, and the state of ``sys.modules`` (its
-#: length and the sum of its modules' ids) they were found in.
-_LOCAL_FOUND: Tuple[Optional[Tuple[int, int]], Dict[str, Any]] = (None, {})
+#: The local modules last found, and the state of ``sys.modules`` they were
+#: found in: its length, and its newest entry's name and module.
+_LOCAL_FOUND: Tuple[Optional[Tuple[int, Any, Any]], Dict[str, Any]] = (None, {})
 
 
 def _is_local_module(name: str, module: Any) -> bool:
@@ -285,11 +287,15 @@ def _local_modules() -> Iterator[Optional[_sources.SourceBundle]]:
         _INSTALLED_DIRS = _installed_dirs()
         _LOCALITY.clear()
         _LOCAL_FOUND = (None, {})
-    # The modules are looked through again only when one was imported,
-    # removed or replaced since (a loop of jobs imports nothing).
+    # The modules are looked through again only when one was imported or
+    # removed since (a loop of jobs imports nothing): the count and the
+    # newest entry say so without a look at every module.
     modules = sys.modules
-    state = (len(modules), sum(map(id, list(modules.values()))))
-    if _LOCAL_FOUND[0] != state:
+    newest = next(reversed(modules.items()), None)
+    state = _LOCAL_FOUND[0]
+    if state is None or state[0] != len(modules) or state[1] != (newest and newest[0]) or state[2] is not (
+        newest and newest[1]
+    ):
         found: Dict[str, Any] = {}
         for name, module in list(modules.items()):
             known = _LOCALITY.get(name)
@@ -300,7 +306,7 @@ def _local_modules() -> Iterator[Optional[_sources.SourceBundle]]:
                 _LOCALITY[name] = (id(module), is_local)
             if is_local and module.__name__ == name:
                 found[name] = module
-        _LOCAL_FOUND = (state, found)
+        _LOCAL_FOUND = ((len(modules), newest and newest[0], newest and newest[1]), found)
     already = cloudpickle.list_registry_pickle_by_value()
     local = {name: module for name, module in _LOCAL_FOUND[1].items() if name not in already}
     bundle, by_value = _sources.bundle({name: module.__file__ for name, module in local.items()})
@@ -649,10 +655,18 @@ def _first_chunk(source: _InputSource) -> Optional[Tuple[int, bytes]]:
     return len(chunk), payload
 
 
+#: Values the standard pickler writes exactly as cloudpickle does.
+_PLAIN = frozenset({int, float, str, bytes, bool, type(None)})
+
+
 def _pickle_chunk(chunk: List[Any], first: int) -> bytes:
     import cloudpickle
 
     try:
+        # A few plain values (a single input, say) skip cloudpickle's
+        # set-up; checking a long chunk would cost more than it saves.
+        if len(chunk) <= 8 and all(type(item) in _PLAIN for item in chunk):
+            return pickle.dumps(chunk, protocol=pickle.HIGHEST_PROTOCOL)
         blob: bytes = cloudpickle.dumps(chunk, protocol=pickle.HIGHEST_PROTOCOL)
         return blob
     except Exception:
