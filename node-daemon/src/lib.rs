@@ -202,6 +202,8 @@ pub enum NodeError {
          --allow-unisolated to run calls without namespaces of their own"
     )]
     Unconfined { node: String, reason: String },
+    #[error("node {node} cannot start the thread that starts workers ahead of jobs: {source}")]
+    Prestarter { node: String, source: std::io::Error },
 }
 
 impl From<SessionError> for NodeError {
@@ -410,17 +412,25 @@ pub async fn run_until(
         config.name.clone(),
     ));
     let identity = Identity::load_or_create(config.identity_dir.as_deref())?;
+    let config = Arc::new(config);
+    let pool = Arc::new(Pool::new(config.warm));
+    let prestarter = slot::Prestarter::start(config.clone(), cgroups.clone(), cpus.clone(), pool.clone())
+        .map_err(|source| NodeError::Prestarter {
+            node: config.name.clone(),
+            source,
+        })?;
     let node = Node {
         identity,
         environments,
         images,
-        pool: Arc::new(Pool::new(config.warm)),
-        node_cpus: Arc::new(cpus.clone()),
+        pool,
+        prestarter: Arc::new(prestarter),
+        node_cpus: cpus.clone(),
         inventory: Inventory::new(cpus, config.resources.gpus.clone()),
         cgroups,
         isolation,
         metrics: Arc::default(),
-        config: Arc::new(config),
+        config,
     };
     let http = match node.config.http {
         Some(addr) => Some(serve_metrics(&node, addr).await?),
@@ -500,7 +510,8 @@ struct Node {
     /// Workers whose jobs finished, warm for the next job of their key,
     /// and workers started ahead of any job.
     pool: Arc<Pool>,
-    node_cpus: Arc<Vec<u32>>,
+    node_cpus: Vec<u32>,
+    prestarter: Arc<slot::Prestarter>,
     environments: Arc<Environments>,
     images: Arc<Images>,
     metrics: Arc<metrics::NodeMetrics>,
@@ -679,7 +690,7 @@ async fn session(
                         placement,
                         up: up.clone(),
                         pool: node.pool.clone(),
-                        node_cpus: node.node_cpus.clone(),
+                        prestarter: node.prestarter.clone(),
                         environments: node.environments.clone(),
                         program: default_program(&spec, config),
                         lease: None,

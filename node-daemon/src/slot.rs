@@ -120,8 +120,8 @@ pub(crate) struct SlotContext {
     pub placement: Placement,
     pub up: fleetmap_net::Outbox<NodeToCoordinator>,
     pub pool: Arc<Pool>,
-    /// Every core of the node, for the workers started ahead of any job.
-    pub node_cpus: Arc<Vec<u32>>,
+    /// Replaces the workers started ahead of jobs that jobs take.
+    pub prestarter: Arc<Prestarter>,
     pub environments: Arc<Environments>,
     /// The interpreter the slot's workers run: [`default_program`], or the
     /// job's environment once prepared.
@@ -386,6 +386,50 @@ fn prestart_n(config: &NodeConfig, cgroups: Option<&CgroupTree>, cpus: &[u32], p
                 tracing::warn!("node {}: could not start a worker ahead of jobs: {e}", config.name);
                 return;
             }
+        }
+    }
+}
+
+/// Starts the workers that replace those started ahead of jobs, on a
+/// thread of its own: starting one forks the daemon, which takes
+/// milliseconds for a large process, and on the runtime's threads that
+/// would hold up the node's messages (and, in the embedded cluster, every
+/// message of the caller's process) just as a job starts. The thread lives
+/// as long as the node, as it must: a worker dies with the thread that
+/// started it (`PR_SET_PDEATHSIG`).
+pub(crate) struct Prestarter {
+    wake: std::sync::Mutex<std::sync::mpsc::Sender<()>>,
+}
+
+impl Prestarter {
+    /// Starts the thread; it uses the current tokio runtime.
+    pub fn start(
+        config: Arc<NodeConfig>,
+        cgroups: Option<Arc<CgroupTree>>,
+        cpus: Vec<u32>,
+        pool: Arc<Pool>,
+    ) -> std::io::Result<Self> {
+        let (wake, asked) = std::sync::mpsc::channel::<()>();
+        let runtime = tokio::runtime::Handle::current();
+        std::thread::Builder::new()
+            .name("fleetmap-prestart".into())
+            .spawn(move || {
+                // Worker pipes and channels register with the runtime.
+                let _runtime = runtime.enter();
+                // Ends when the node drops its Prestarter.
+                while asked.recv().is_ok() {
+                    prestart_one(&config, cgroups.as_deref(), &cpus, &pool);
+                }
+            })?;
+        Ok(Self {
+            wake: std::sync::Mutex::new(wake),
+        })
+    }
+
+    /// Asks for one more worker ahead of jobs, if the pool lacks one.
+    pub fn replace_one(&self) {
+        if let Ok(wake) = self.wake.lock() {
+            let _ = wake.send(());
         }
     }
 }
@@ -662,13 +706,7 @@ impl WorkerProcess {
             };
             if warm.key.principal.is_none() {
                 // One started ahead is taken: start the next one.
-                let (config, cgroups, cpus, pool) = (
-                    ctx.config.clone(),
-                    ctx.cgroups.clone(),
-                    ctx.node_cpus.clone(),
-                    ctx.pool.clone(),
-                );
-                tokio::spawn(async move { prestart_one(&config, cgroups.as_deref(), &cpus, &pool) });
+                ctx.prestarter.replace_one();
             }
             // A worker that cannot be given the job's limits, or that died
             // while it waited, is dropped (killed) and the next one tried.

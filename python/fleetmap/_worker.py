@@ -35,7 +35,12 @@ _MAX_FUNCTIONS = 16
 
 
 def main() -> None:
-    from . import _native
+    # What loading any job's function needs, imported before the first job
+    # arrives: a worker started ahead of jobs should not pay for it on a
+    # job's first call (cloudpickle alone takes milliseconds to import).
+    import cloudpickle  # noqa: F401
+
+    from . import _native, _sources  # noqa: F401
 
     _native.worker_main(_CHANNEL_FD)
 
