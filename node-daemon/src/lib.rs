@@ -414,10 +414,12 @@ pub async fn run_until(
     let identity = Identity::load_or_create(config.identity_dir.as_deref())?;
     let config = Arc::new(config);
     let pool = Arc::new(Pool::new(config.warm));
-    let prestarter = slot::Prestarter::start(config.clone(), cgroups.clone(), cpus.clone(), pool.clone())
-        .map_err(|source| NodeError::Prestarter {
-            node: config.name.clone(),
-            source,
+    let prestarter =
+        slot::Prestarter::start(config.clone(), cgroups.clone(), cpus.clone(), pool.clone()).map_err(|source| {
+            NodeError::Prestarter {
+                node: config.name.clone(),
+                source,
+            }
         })?;
     let node = Node {
         identity,
@@ -465,7 +467,8 @@ pub async fn run_until(
     // However the daemon stops (asked to, between two connections, or
     // refused), every slot was torn down when its session ended; the warm
     // workers and the subtree go too, so it leaves no process and no cgroup.
-    for warm in node.pool.clear() {
+    node.prestarter.stop().await;
+    for warm in node.pool.close() {
         warm.worker.shut_down().await;
     }
     if let Some(tree) = &node.cgroups {

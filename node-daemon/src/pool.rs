@@ -78,6 +78,8 @@ pub(crate) struct Warm<W> {
 pub(crate) struct WorkerPool<W> {
     idle: Mutex<Vec<Warm<W>>>,
     policy: WarmPolicy,
+    /// Set when the node stops: a worker given back after that is dropped.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl<W> WorkerPool<W> {
@@ -85,6 +87,7 @@ impl<W> WorkerPool<W> {
         Self {
             idle: Mutex::new(Vec::new()),
             policy,
+            closed: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -129,6 +132,10 @@ impl<W> WorkerPool<W> {
             return;
         }
         let mut idle = self.idle();
+        // Read under the lock `close` sets it under.
+        if self.closed.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
         if idle.len() >= self.policy.max_idle {
             idle.remove(0);
         }
@@ -140,9 +147,12 @@ impl<W> WorkerPool<W> {
         self.idle().len()
     }
 
-    /// Drops (kills) every idle worker.
-    pub fn clear(&self) -> Vec<Warm<W>> {
-        std::mem::take(&mut *self.idle())
+    /// Takes every idle worker out and keeps none given back from now on
+    /// (a slot that ends while the node stops).
+    pub fn close(&self) -> Vec<Warm<W>> {
+        let mut idle = self.idle();
+        self.closed.store(true, std::sync::atomic::Ordering::Release);
+        std::mem::take(&mut *idle)
     }
 }
 
@@ -249,5 +259,10 @@ mod tests {
         let off = WorkerPool::new(WarmPolicy { max_idle: 0, ..policy });
         off.give_back(warm("alice", now, 1, 3), now);
         assert_eq!(off.len(), 0, "max_idle 0 turns reuse off");
+        let stopping = WorkerPool::new(policy);
+        stopping.give_back(warm("alice", now, 1, 4), now);
+        assert_eq!(stopping.close().len(), 1);
+        stopping.give_back(warm("alice", now, 1, 5), now);
+        assert_eq!(stopping.len(), 0, "a closed pool keeps nothing given back");
     }
 }

@@ -398,7 +398,8 @@ fn prestart_n(config: &NodeConfig, cgroups: Option<&CgroupTree>, cpus: &[u32], p
 /// as long as the node, as it must: a worker dies with the thread that
 /// started it (`PR_SET_PDEATHSIG`).
 pub(crate) struct Prestarter {
-    wake: std::sync::Mutex<std::sync::mpsc::Sender<()>>,
+    wake: std::sync::Mutex<Option<std::sync::mpsc::Sender<()>>>,
+    thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl Prestarter {
@@ -411,25 +412,46 @@ impl Prestarter {
     ) -> std::io::Result<Self> {
         let (wake, asked) = std::sync::mpsc::channel::<()>();
         let runtime = tokio::runtime::Handle::current();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("fleetmap-prestart".into())
             .spawn(move || {
                 // Worker pipes and channels register with the runtime.
                 let _runtime = runtime.enter();
-                // Ends when the node drops its Prestarter.
+                // Ends when the node stops its Prestarter. A panic must not
+                // end it: the workers it started would die with it.
                 while asked.recv().is_ok() {
-                    prestart_one(&config, cgroups.as_deref(), &cpus, &pool);
+                    let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        prestart_one(&config, cgroups.as_deref(), &cpus, &pool);
+                    }));
+                    if started.is_err() {
+                        tracing::error!("node {}: starting a worker ahead of jobs panicked", config.name);
+                    }
                 }
             })?;
         Ok(Self {
-            wake: std::sync::Mutex::new(wake),
+            wake: std::sync::Mutex::new(Some(wake)),
+            thread: std::sync::Mutex::new(Some(thread)),
         })
     }
 
     /// Asks for one more worker ahead of jobs, if the pool lacks one.
     pub fn replace_one(&self) {
         if let Ok(wake) = self.wake.lock() {
-            let _ = wake.send(());
+            if let Some(wake) = wake.as_ref() {
+                let _ = wake.send(());
+            }
+        }
+    }
+
+    /// Ends the thread once it has started what it was asked for (the node
+    /// is stopping: no worker may start after its pool is emptied).
+    pub async fn stop(&self) {
+        if let Ok(mut wake) = self.wake.lock() {
+            wake.take();
+        }
+        let thread = self.thread.lock().ok().and_then(|mut t| t.take());
+        if let Some(thread) = thread {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
     }
 }
@@ -491,8 +513,21 @@ enum Loading {
     /// Started for this slot; its `Ready` has not come yet. If it dies
     /// first, the function (or the node) kills workers: the slot fails.
     Fresh,
-    /// It answered `Ready`: a death now is a death of the calls it runs.
+    /// Taken from the pool with this job's function already loaded, so
+    /// sent none. Until it first answers for a chunk, a death is one of its
+    /// time in the pool (the host's OOM killer picking an idle worker, say),
+    /// as for `Warm`.
+    Assumed,
+    /// It answered `Ready`, or for a chunk: a death now is a death of the
+    /// calls it runs.
     Loaded,
+}
+
+impl Loading {
+    /// Whether the worker's answer to a `Load` is still to come.
+    fn awaits_ready(self) -> bool {
+        matches!(self, Loading::Warm | Loading::Fresh)
+    }
 }
 
 /// How a worker died.
@@ -518,9 +553,12 @@ async fn drive_slot(
         tokio::select! {
             chunk = chunks.recv() => {
                 // None: the job ended. An idle worker may stay warm; one
-                // holding chunks is dropped, which kills it.
+                // holding chunks, or whose answer to this job's `Load` is
+                // still on its way (a slot that got no chunk), is dropped,
+                // which kills it: the next job would read that answer as
+                // its own.
                 let Some(chunk) = chunk else {
-                    return Ok(pending.is_empty().then_some(warm));
+                    return Ok((pending.is_empty() && !loading.awaits_ready()).then_some(warm));
                 };
                 let p = Pending { chunk, isolated: false, crashed: vec![], started: None, sent: Instant::now() };
                 worker.send(p.request());
@@ -529,19 +567,21 @@ async fn drive_slot(
             read = worker.stdout.read_some(), if worker.stdout.open => worker.stdout.forward(read, ctx),
             read = worker.stderr.read_some(), if worker.stderr.open => worker.stderr.forward(read, ctx),
             reply = worker.reader.recv::<FromWorker>() => match reply {
-                Ok(Some(FromWorker::Ready { .. })) if loading != Loading::Loaded => {
+                Ok(Some(FromWorker::Ready { .. })) if loading.awaits_ready() => {
                     loading = Loading::Loaded;
                     last_done = Instant::now();
                 }
-                Ok(Some(FromWorker::LoadFailed { error })) if loading != Loading::Loaded => {
+                Ok(Some(FromWorker::LoadFailed { error })) if loading.awaits_ready() => {
                     return Err(format!("the function could not be loaded on node {}: {error}", ctx.config.name));
                 }
-                Ok(Some(FromWorker::Started { input })) if loading == Loading::Loaded => {
+                Ok(Some(FromWorker::Started { input })) if !loading.awaits_ready() => {
+                    loading = Loading::Loaded;
                     if let Some(front) = pending.front_mut() {
                         front.started = Some(input);
                     }
                 }
-                Ok(Some(FromWorker::Done { chunk, failed, payload })) if loading == Loading::Loaded => {
+                Ok(Some(FromWorker::Done { chunk, failed, payload })) if !loading.awaits_ready() => {
+                    loading = Loading::Loaded;
                     // Lines the calls printed reach the client before their
                     // outputs (and so before the job can end).
                     worker.stdout.drain_written(ctx).await;
@@ -584,8 +624,9 @@ async fn drive_slot(
                             }
                         }
                         // A warm worker that died before it loaded this
-                        // job's function says nothing of the job.
-                        Loading::Warm => {}
+                        // job's function, or before it answered for any of
+                        // its chunks, says nothing of the job.
+                        Loading::Warm | Loading::Assumed => {}
                         Loading::Fresh => {
                             let detail = match reply {
                                 Err(e) => format!(" ({e})"),
@@ -716,7 +757,7 @@ impl WorkerProcess {
             let sent = warm.worker.load(ctx);
             warm.key = key;
             warm.jobs_served += 1;
-            return Ok((warm, if sent { Loading::Warm } else { Loading::Loaded }));
+            return Ok((warm, if sent { Loading::Warm } else { Loading::Assumed }));
         }
         Ok((Self::start_fresh(ctx)?, Loading::Fresh))
     }
@@ -737,6 +778,10 @@ impl WorkerProcess {
     /// the job's code runs: its cgroup is rewritten, and every thread is
     /// pinned to the slot's cores.
     fn reassign(&mut self, ctx: &SlotContext) -> Result<(), String> {
+        // One that died while it waited (and was reaped) is not taken.
+        if !matches!(self.process.child.try_wait(), Ok(None)) {
+            return Err("exited while it waited".into());
+        }
         if let (Some(tree), Some(cg)) = (&ctx.cgroups, &mut self.cgroup) {
             // As it was when its last job ended (an idle worker runs
             // nothing), else as it is now.
@@ -759,8 +804,15 @@ impl WorkerProcess {
             _ => vec![self.pid],
         };
         // The same cores as its last job's, and no call narrowed them
-        // since: nothing to do.
-        if self.pinned == *cpus && pids.iter().all(|&pid| fleetmap_sandbox::pinned_to(pid, cpus)) {
+        // since: nothing to do. Only the processes' main threads are
+        // looked at, which the cpuset makes enough: whatever another
+        // thread did to its own affinity, it runs within the slot's cores.
+        // Without a cpuset every thread is pinned again.
+        if ctx.cgroups.is_some()
+            && self.pinned == *cpus
+            && !pids.is_empty()
+            && pids.iter().all(|&pid| fleetmap_sandbox::pinned_to(pid, cpus))
+        {
             return Ok(());
         }
         self.pinned.clear();

@@ -405,7 +405,7 @@ def _check_image(image: Any) -> None:
 
 # What a function's pickle may be made of for it to be kept from one job to
 # the next: values that never change while they are the same object.
-_IMMUTABLE = (int, float, complex, str, bytes, bool, type(None), types.BuiltinFunctionType)
+_IMMUTABLE = frozenset({int, float, complex, str, bytes, bool, type(None)})
 # Functions pickled before, with what their pickle was made of (see
 # _pickle_inputs_of); a loop of jobs of one function pickles it once.
 _PICKLED: "weakref.WeakKeyDictionary[Any, Tuple[Tuple[Any, ...], FrozenSet[str], bytes]]" = weakref.WeakKeyDictionary()
@@ -431,9 +431,16 @@ def _unchanging(value: Any, by_value: FrozenSet[str]) -> bool:
     """Whether ``value`` pickles the same for as long as it is the same
     object: an immutable scalar, a builtin function or class, or a module
     that is imported (pickled by reference, not by value)."""
-    if value is _MISSING or isinstance(value, _IMMUTABLE):
+    # Exact types: a subclass (an enum of the caller's, say) may pickle
+    # with its class, by value.
+    if value is _MISSING or type(value) in _IMMUTABLE:
         return True
-    if isinstance(value, type):
+    if type(value) is types.BuiltinFunctionType:
+        # `len`, `math.sqrt`; not a method bound to an object (`table.get`,
+        # `random.random`), which pickles with that object's state now.
+        owner = getattr(value, "__self__", None)
+        return owner is None or isinstance(owner, types.ModuleType)
+    if type(value) is type:
         return value.__module__ == "builtins"
     if isinstance(value, types.ModuleType):
         name = value.__name__

@@ -38,7 +38,10 @@ def main() -> None:
     # What loading any job's function needs, imported before the first job
     # arrives: a worker started ahead of jobs should not pay for it on a
     # job's first call (cloudpickle alone takes milliseconds to import).
-    import cloudpickle  # noqa: F401
+    try:
+        import cloudpickle  # noqa: F401
+    except ImportError:
+        pass  # Each Load then says what is missing.
 
     from . import _native, _sources  # noqa: F401
 

@@ -256,7 +256,8 @@ def test_a_package_grows_a_module_between_jobs_and_the_next_job_has_it(tmp_path)
 def test_a_function_sent_again_carries_the_globals_and_defaults_of_now(tmp_path):
     # A script's function travels by value, and its pickle is kept from one
     # job to the next only while nothing it is made of changes: a global
-    # rebound, a list it reads grown and defaults replaced all show.
+    # rebound, a list it reads grown, defaults replaced and the object behind
+    # a bound builtin method changed all show.
     r = run_client(
         """
         from fleetmap import remote_parallel_map
@@ -274,12 +275,19 @@ def test_a_function_sent_again_carries_the_globals_and_defaults_of_now(tmp_path)
         out.append(remote_parallel_map(counted, [0], verbose=False))
         counted.__defaults__ = (10,)
         out.append(remote_parallel_map(counted, [0], verbose=False))
+        TABLE = {1: "a"}
+        lookup = TABLE.get
+        def looked_up(x):
+            return lookup(x)
+        out.append(remote_parallel_map(looked_up, [1], verbose=False))
+        TABLE[1] = "b"
+        out.append(remote_parallel_map(looked_up, [1], verbose=False))
         RESULT = out
         """,
         cwd=tmp_path,
     )
     assert r["returncode"] == 0, r["stderr"]
-    assert r["result"] == [[1000, 2000], [1001], [0], [1], [11]]
+    assert r["result"] == [[1000, 2000], [1001], [0], [1], [11], ["a"], ["b"]]
 
 
 def test_version_is_exposed():

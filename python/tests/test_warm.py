@@ -121,6 +121,55 @@ def test_a_function_that_cannot_load_in_a_warm_worker_runs_nothing(tmp_path):
     assert (tmp_path / "third").exists() and again[0] not in pids, "the worker that failed to load was retired"
 
 
+def _load_slowly_in(marker):
+    # Unpickled in a worker: the process whose pid the marker names takes
+    # two seconds to load, any other loads at once.
+    import os
+
+    if open(marker).read() == str(os.getpid()):
+        time.sleep(2)
+    return _SlowToLoad(marker)
+
+
+class _SlowToLoad:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (_load_slowly_in, (self.marker,))
+
+    def __call__(self, x):
+        import os
+
+        return os.getpid()
+
+
+def test_a_worker_whose_load_is_unanswered_when_its_job_ends_is_not_kept(tmp_path):
+    # A slot that gets no chunk (inputs of unknown length, fewer than the
+    # slots) can end with its worker still loading the function: kept, that
+    # worker would answer the next job with this job's Ready.
+    for round_ in range(3):
+        slow = remote_parallel_map(_slow_pid, [0], parallelism=1, verbose=False)[0]
+        marker = tmp_path / f"slow-{round_}"
+        marker.write_text(str(slow))
+        function = _SlowToLoad(str(marker))
+        # Both slots are sent the function; the warm worker takes two
+        # seconds to load it, the other runs the one input at once.
+        remote_parallel_map(function, iter([0]), parallelism=2, verbose=False)
+        both = remote_parallel_map(function, [0, 1], parallelism=2, verbose=False)
+        assert len(both) == 2
+
+
+def test_a_warm_worker_killed_while_idle_costs_no_input():
+    # The host's OOM killer may pick an idle warm worker: the next job of
+    # the same function (which that worker would get without a Load) runs
+    # on another worker, and no input is blamed for the death.
+    idle = remote_parallel_map(_slow_pid, [0], parallelism=1, verbose=False)[0]
+    os.kill(idle, 9)
+    again = remote_parallel_map(_slow_pid, [0], parallelism=1, verbose=False, return_exceptions=True)
+    assert isinstance(again[0], int) and again[0] != idle, again
+
+
 def _narrow_own_cores(_):
     import os
 

@@ -334,9 +334,11 @@ impl CgroupTree {
     /// Limits equal to those this handle last wrote are not written again
     /// (the common case: one caller's jobs one after another), and the peak
     /// then runs on from the earlier job; it is only reported with an OOM
-    /// kill, where it is the limit, which both jobs share. Nothing else
-    /// writes a slot's limits: its calls see `/sys` read-only and do not
-    /// run as root.
+    /// kill, where it is the limit, which both jobs share. A fleet node's
+    /// calls cannot write a slot's limits (they see `/sys` read-only and do
+    /// not run as root); where a call can (the embedded cluster, whose calls
+    /// run as the caller), only its own principal's next job, the only job
+    /// its worker may serve, could inherit what it wrote.
     pub fn reassign_slot(&self, slot: &mut SlotCgroup, limits: &SlotLimits) -> Result<(), CgroupError> {
         if limits.cpus.is_empty() {
             return Err(CgroupError::InvalidLimits {
