@@ -61,7 +61,9 @@ def _config_file() -> str:
 _SETTINGS_READ: Tuple[Optional[Tuple[object, ...]], Dict[str, str]] = (None, {})
 
 
-def _file_settings() -> Dict[str, str]:
+def file_settings() -> Dict[str, str]:
+    """The ``[fleet]`` section of the config file (empty without one); a
+    caller may read it once and pass it to several of the functions here."""
     global _SETTINGS_READ
     path = _config_file()
     try:
@@ -87,7 +89,7 @@ def configured_fleet(api_key: Optional[str], settings: Optional[Dict[str, str]] 
     """The configured fleet, or None when the embedded cluster should be used.
     ``settings``: the config file's, when the caller has read them."""
     if settings is None:
-        settings = _file_settings()
+        settings = file_settings()
     coordinator = os.environ.get("FLEETMAP_COORDINATOR") or settings.get("coordinator")
     if not coordinator:
         return None
@@ -117,12 +119,6 @@ def configured_fleet(api_key: Optional[str], settings: Optional[Dict[str, str]] 
     return FleetAddress(coordinator, ca_pem, key, f"fleet at {coordinator}")
 
 
-def file_settings() -> Dict[str, str]:
-    """The ``[fleet]`` section of the config file (empty without one), for
-    a caller that reads it once for several of the functions here."""
-    return _file_settings()
-
-
 def require_isolation(explicit: Optional[bool], settings: Optional[Dict[str, str]] = None) -> bool:
     """Whether a job runs only on nodes that pin their calls: the argument
     if given, else ``FLEETMAP_REQUIRE_ISOLATION``, else ``require_isolation``
@@ -132,7 +128,7 @@ def require_isolation(explicit: Optional[bool], settings: Optional[Dict[str, str
             raise TypeError(f"require_isolation must be True or False, got {explicit!r}")
         return explicit
     if settings is None:
-        settings = _file_settings()
+        settings = file_settings()
     value = os.environ.get("FLEETMAP_REQUIRE_ISOLATION") or settings.get("require_isolation", "")
     if value.strip().lower() in ("", "0", "false", "no", "off"):
         return False

@@ -405,6 +405,8 @@ def _check_image(image: Any) -> None:
 
 # What a function's pickle may be made of for it to be kept from one job to
 # the next: values that never change while they are the same object.
+# These scalars are also what the standard pickler writes exactly as
+# cloudpickle does (see _pickle_chunk).
 _IMMUTABLE = frozenset({int, float, complex, str, bytes, bool, type(None)})
 # Functions pickled before, with what their pickle was made of (see
 # _pickle_inputs_of); a loop of jobs of one function pickles it once.
@@ -662,17 +664,13 @@ def _first_chunk(source: _InputSource) -> Optional[Tuple[int, bytes]]:
     return len(chunk), payload
 
 
-#: Values the standard pickler writes exactly as cloudpickle does.
-_PLAIN = frozenset({int, float, str, bytes, bool, type(None)})
-
-
 def _pickle_chunk(chunk: List[Any], first: int) -> bytes:
     import cloudpickle
 
     try:
         # A few plain values (a single input, say) skip cloudpickle's
         # set-up; checking a long chunk would cost more than it saves.
-        if len(chunk) <= 8 and all(type(item) in _PLAIN for item in chunk):
+        if len(chunk) <= 8 and all(type(item) in _IMMUTABLE for item in chunk):
             return pickle.dumps(chunk, protocol=pickle.HIGHEST_PROTOCOL)
         blob: bytes = cloudpickle.dumps(chunk, protocol=pickle.HIGHEST_PROTOCOL)
         return blob
