@@ -21,7 +21,7 @@ use std::{
     time::Duration,
 };
 
-use fleetmap_net::{Receiver, Session, SessionError};
+use fleetmap_net::{Link, LocalDialer, Receiver, Session, SessionError};
 use fleetmap_protocol::{
     ClientToCoordinator, CoordinatorToClient, FailureKind, Hello, InputChunk, JobId, JobSpec, JobStatus, LogLine,
     NodeStatus, OutputChunk, RequestId, Resumable, Role, DEFAULT_MAX_MESSAGE, SOFTWARE_VERSION,
@@ -112,10 +112,19 @@ pub struct FleetStatus {
     pub jobs: u32,
 }
 
+fn hello(api_key: &str) -> Hello {
+    Hello {
+        role: Role::Client {
+            api_key: api_key.into(),
+        },
+        software_version: SOFTWARE_VERSION.into(),
+    }
+}
+
 /// A connection to a coordinator; jobs share it.
 pub struct Client {
-    conn: quinn::Connection,
-    _endpoint: quinn::Endpoint,
+    conn: Link,
+    _endpoint: Option<quinn::Endpoint>,
     tx: fleetmap_net::Outbox<ClientToCoordinator>,
     routes: Routes,
     next_request: AtomicU64,
@@ -128,17 +137,29 @@ impl Client {
     /// Connects to `addr` (`host:port`), trusting only `ca_pem`, and
     /// authenticates with `api_key`.
     pub async fn connect(addr: &str, ca_pem: &[u8], api_key: &str) -> Result<Client, ClientError> {
-        let hello = Hello {
-            role: Role::Client {
-                api_key: api_key.into(),
-            },
-            software_version: SOFTWARE_VERSION.into(),
-        };
-        let session: Session<ClientToCoordinator, CoordinatorToClient> =
-            fleetmap_net::dial(addr, ca_pem, &hello, DEFAULT_MAX_MESSAGE, CONNECT_TIMEOUT).await?;
+        let session = fleetmap_net::dial(addr, ca_pem, &hello(api_key), DEFAULT_MAX_MESSAGE, CONNECT_TIMEOUT).await?;
+        Ok(Self::from_session(session, addr))
+    }
+
+    /// Connects to the coordinator in this process through `dialer`, over
+    /// a local link rather than QUIC; `addr` names it in errors.
+    pub async fn connect_local(dialer: &LocalDialer, addr: &str, api_key: &str) -> Result<Client, ClientError> {
+        let session = fleetmap_net::dial_local(
+            dialer,
+            addr,
+            None,
+            &hello(api_key),
+            DEFAULT_MAX_MESSAGE,
+            CONNECT_TIMEOUT,
+        )
+        .await?;
+        Ok(Self::from_session(session, addr))
+    }
+
+    fn from_session(session: Session<ClientToCoordinator, CoordinatorToClient>, addr: &str) -> Client {
         let routes: Routes = Default::default();
         tokio::spawn(read_loop(session.rx, routes.clone()));
-        Ok(Client {
+        Client {
             conn: session.conn,
             _endpoint: session.endpoint,
             tx: session.tx,
@@ -146,7 +167,7 @@ impl Client {
             next_request: AtomicU64::new(0),
             coordinator: addr.into(),
             coordinator_version: session.coordinator_version,
-        })
+        }
     }
 
     /// Submits a job; it is accepted (possibly with no free slots yet) or
@@ -248,10 +269,16 @@ impl Client {
         Ok(request)
     }
 
+    /// Whether the connection is a local link to a coordinator in this
+    /// process rather than QUIC.
+    pub fn is_local(&self) -> bool {
+        matches!(self.conn, Link::Local(_))
+    }
+
     /// Whether the connection is gone (closed by either side, timed out or
     /// reset).
     pub fn is_closed(&self) -> bool {
-        self.conn.close_reason().is_some()
+        self.conn.is_closed()
     }
 
     /// Closes the connection; running jobs are cancelled by the coordinator.

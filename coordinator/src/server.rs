@@ -1,4 +1,5 @@
-//! The coordinator's async shell: accepts QUIC connections, authenticates
+//! The coordinator's async shell: accepts QUIC connections (and local
+//! links from peers in its own process, [`RunningCoordinator::local_dialer`]), authenticates
 //! each peer from its `Hello`, and moves messages between the connections
 //! and the [`Scheduler`]. It makes no decisions of its own.
 //!
@@ -8,12 +9,14 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     sync::{Arc, Mutex},
     time::Duration,
 };
 
-use fleetmap_net::{accept_hello, CloseCode, NetError, Outbox, Receiver, SessionError};
+use fleetmap_net::{
+    accept_hello, local_listener, CloseCode, Link, LocalDialer, LocalListener, NetError, Outbox, Receiver, SessionError,
+};
 use fleetmap_protocol::{
     max_payload, ClientId, ClientToCoordinator, CoordinatorToClient, CoordinatorToNode, JobId, LogLine, NodeId,
     NodeToCoordinator, OutputStream, Resources, Role, WireSize, DEFAULT_MAX_MESSAGE, SOFTWARE_VERSION,
@@ -150,7 +153,7 @@ impl CoordinatorConfig {
 /// A connected client as the shell sees it.
 struct ClientPeer {
     outbox: Outbox<CoordinatorToClient>,
-    conn: quinn::Connection,
+    conn: Link,
     /// Printed lines dropped per job while the client read too slowly.
     dropped: BTreeMap<JobId, u64>,
 }
@@ -158,7 +161,7 @@ struct ClientPeer {
 /// A connected node as the shell sees it.
 struct NodePeer {
     outbox: Outbox<CoordinatorToNode>,
-    conn: quinn::Connection,
+    conn: Link,
     name: String,
     /// Its public key, certified again when its certificate is renewed.
     public_key: Vec<u8>,
@@ -384,16 +387,21 @@ impl Shared {
     }
 
     fn door_for(self: &Arc<Self>, incoming: &quinn::Incoming) -> Door {
+        self.door_at(incoming.remote_address().ip(), incoming.remote_address_validated())
+    }
+
+    /// The door for a connection from `address`; `validated`: the peer has
+    /// shown it receives there.
+    fn door_at(self: &Arc<Self>, address: IpAddr, validated: bool) -> Door {
         let mut doors = self.doors();
         let limits = &self.limits;
-        let address = incoming.remote_address().ip();
         let from_address = doors.per_address.get(&address).copied().unwrap_or(0);
         if doors.open >= limits.max_connections
             || doors.handshaking >= limits.max_handshakes
             || from_address >= limits.max_handshakes_per_address
         {
             Door::Refuse
-        } else if doors.handshaking >= limits.retry_above && !incoming.remote_address_validated() {
+        } else if doors.handshaking >= limits.retry_above && !validated {
             Door::Retry
         } else {
             doors.open += 1;
@@ -413,6 +421,12 @@ pub struct RunningCoordinator {
     pub local_addr: SocketAddr,
     endpoint: quinn::Endpoint,
     accept: JoinHandle<()>,
+    /// Opens local links to this coordinator, for peers in its process.
+    local: LocalDialer,
+    local_accept: JoinHandle<()>,
+    /// The local links open, closed at shutdown as the endpoint closes
+    /// its connections.
+    local_links: Arc<Mutex<Vec<Link>>>,
     /// The ticker that releases backlogged clients and sweeps revoked nodes.
     ticker: JoinHandle<()>,
     /// The operators' HTTP address and its server, where served.
@@ -450,6 +464,13 @@ impl RunningCoordinator {
         self.shared.with(|s| s.set_grace(settings.grace));
     }
 
+    /// Opens local links to this coordinator: a client or node in this
+    /// process that dials through it skips QUIC and TLS (see
+    /// [`fleetmap_net::link`]) and is otherwise served as any other peer.
+    pub fn local_dialer(&self) -> LocalDialer {
+        self.local.clone()
+    }
+
     /// Waits until at least `n` nodes have joined, up to `timeout`.
     pub async fn wait_for_nodes(&self, n: usize, timeout: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
@@ -463,10 +484,17 @@ impl RunningCoordinator {
     }
 
     /// Closes every connection and stops accepting.
-    pub async fn shutdown(self) {
+    pub async fn shutdown(mut self) {
         self.endpoint
             .close(CloseCode::Done.code(), b"coordinator shutting down");
         self.accept.abort();
+        self.local_accept.abort();
+        // Its listener is gone once the task is: no local link is taken
+        // after this.
+        let _ = (&mut self.local_accept).await;
+        for link in std::mem::take(&mut *lock_links(&self.local_links)) {
+            CloseCode::Done.close(&link, "coordinator shutting down");
+        }
         self.ticker.abort();
         if let Some(http) = &self.http {
             http.abort();
@@ -527,12 +555,18 @@ pub async fn serve(config: CoordinatorConfig) -> Result<RunningCoordinator, NetE
         None => (None, None),
     };
     let accept = tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
+    let (local, listener) = local_listener();
+    let local_links = Arc::new(Mutex::new(Vec::new()));
+    let local_accept = tokio::spawn(local_accept_loop(listener, shared.clone(), local_links.clone()));
     let ticker = tokio::spawn(release_backlogged_clients(shared.clone()));
     info!("coordinator listening on {local_addr}");
     Ok(RunningCoordinator {
         local_addr,
         endpoint,
         accept,
+        local,
+        local_accept,
+        local_links,
         ticker,
         http_addr,
         http,
@@ -554,6 +588,35 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
             Door::Admit(admission) => {
                 tokio::spawn(serve_connection(incoming, shared.clone(), admission));
             }
+        }
+    }
+}
+
+fn lock_links(links: &Mutex<Vec<Link>>) -> std::sync::MutexGuard<'_, Vec<Link>> {
+    links.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Serves the local links peers in this process dial. They pass the same
+/// door as QUIC connections (counted as from loopback, where they come
+/// from), the same handshake and the same limits.
+async fn local_accept_loop(mut listener: LocalListener, shared: Arc<Shared>, links: Arc<Mutex<Vec<Link>>>) {
+    while let Some(link) = listener.accept().await {
+        match shared.door_at(IpAddr::V4(Ipv4Addr::LOCALHOST), true) {
+            Door::Admit(admission) => {
+                {
+                    let mut links = lock_links(&links);
+                    links.retain(|l| !l.is_closed());
+                    links.push(link.clone());
+                }
+                tokio::spawn(serve_link(link, shared.clone(), admission));
+            }
+            Door::Retry | Door::Refuse => CloseCode::Refused.close(
+                &link,
+                &format!(
+                    "the coordinator has {} connections open, its limit",
+                    shared.limits.max_connections
+                ),
+            ),
         }
     }
 }
@@ -686,7 +749,7 @@ impl From<String> for NotAdmitted {
 /// issue it (on enrollment or renewal), or why it is not admitted.
 fn admit_node(
     shared: &Shared,
-    conn: &quinn::Connection,
+    conn: &Link,
     name: &str,
     token: &str,
     public_key: &[u8],
@@ -708,7 +771,7 @@ fn admit_node(
         let recorded = shared.nodes.record(name, &issued, held).map_err(registry_error)?;
         Ok(recorded.then_some(issued))
     };
-    match fleetmap_net::peer_certificate(conn) {
+    match conn.peer_certificate() {
         Some(der) => {
             // Signed by the node CA and within its validity (the TLS
             // handshake checked both); the registry says whose it is: its
@@ -728,6 +791,14 @@ fn admit_node(
                      enroll again with the join token"
                 )));
             };
+            // TLS refuses an expired certificate; a local link has no TLS
+            // handshake, so the registry's word is checked here too.
+            if current.expires.is_some_and(|t| t <= crate::statefile::now()) {
+                return Err(NotAdmitted::Refused(format!(
+                    "the certificate node {name:?} presented has expired; remove the node's certificate \
+                     (node.pem in its --state-dir) to enroll again with the join token"
+                )));
+            }
             if current.previous.is_some() {
                 shared.nodes.confirm(name).map_err(registry_error)?;
             }
@@ -770,7 +841,7 @@ fn admit_node(
 /// written on enrollment and renewal), kept off the runtime's threads.
 async fn admit_node_off_thread(
     shared: &Arc<Shared>,
-    conn: &quinn::Connection,
+    conn: &Link,
     name: &str,
     token: &str,
     public_key: &[u8],
@@ -782,15 +853,17 @@ async fn admit_node_off_thread(
         .unwrap_or_else(|e| Err(NotAdmitted::Refused(format!("the coordinator could not check it: {e}"))))
 }
 
-async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>, mut admission: Admission) {
+async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>, admission: Admission) {
     let remote = incoming.remote_address();
-    let conn = match incoming.await {
-        Ok(conn) => conn,
-        Err(e) => {
-            debug!("{remote}: handshake failed: {e}");
-            return;
-        }
-    };
+    match incoming.await {
+        Ok(conn) => serve_link(Link::Quic(conn), shared, admission).await,
+        Err(e) => debug!("{remote}: handshake failed: {e}"),
+    }
+}
+
+/// Serves one peer's connection to its end.
+async fn serve_link(conn: Link, shared: Arc<Shared>, mut admission: Admission) {
+    let remote = conn.peer();
     match serve_peer(&conn, &shared, &mut admission).await {
         Ok(()) => CloseCode::Done.close(&conn, ""),
         // The refusal was sent and the connection closed with it.
@@ -806,11 +879,7 @@ async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>, mut ad
 /// it may send no more than [`fleetmap_net::HANDSHAKE_RECEIVE_WINDOW`].
 const RECEIVE_WINDOW: u32 = 64 << 20;
 
-async fn serve_peer(
-    conn: &quinn::Connection,
-    shared: &Arc<Shared>,
-    admission: &mut Admission,
-) -> Result<(), SessionError> {
+async fn serve_peer(conn: &Link, shared: &Arc<Shared>, admission: &mut Admission) -> Result<(), SessionError> {
     let Some(handshake) = accept_hello(conn, HANDSHAKE_TIMEOUT).await? else {
         return Ok(());
     };
@@ -855,7 +924,7 @@ async fn serve_peer(
         handshake.refuse(&reason).await;
         return Err(SessionError::Refused(reason));
     }
-    conn.set_receive_window(quinn::VarInt::from_u32(RECEIVE_WINDOW));
+    conn.set_receive_window(RECEIVE_WINDOW);
     // Only an authenticated peer's version string is logged (and cut short).
     let version = &handshake.hello.software_version;
     if version != SOFTWARE_VERSION {
@@ -865,7 +934,7 @@ async fn serve_peer(
             handshake.remote
         );
     }
-    let remote = handshake.remote;
+    let remote = handshake.remote.clone();
     match handshake.hello.role.clone() {
         Role::Node {
             name,
@@ -887,7 +956,7 @@ async fn serve_peer(
             // issued, or the one it connected with.
             let fingerprint = match &certificate {
                 Some(issued) => Some(issued.fingerprint.clone()),
-                None => fleetmap_net::peer_certificate(conn).map(|der| crate::nodes::fingerprint(&der)),
+                None => conn.peer_certificate().map(|der| crate::nodes::fingerprint(&der)),
             };
             let pem = certificate.map(|c| c.pem);
             let (tx, mut rx, writer) = handshake.welcome(SOFTWARE_VERSION, pem, shared.max_message).await?;

@@ -14,9 +14,11 @@
 //! the crates above it. It must not depend on `sandbox`, `runtime` or pyo3.
 
 pub mod http;
+pub mod link;
 pub mod session;
 
-pub use session::{accept_hello, dial, dial_as, CloseCode, Handshake, Receiver, Session, SessionError};
+pub use link::{local_listener, Link, LocalDialer, LocalListener};
+pub use session::{accept_hello, dial, dial_as, dial_local, CloseCode, Handshake, Receiver, Session, SessionError};
 
 use std::{
     net::{SocketAddr, UdpSocket},

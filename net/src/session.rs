@@ -1,5 +1,6 @@
 //! The session layer: the one way a client or node daemon opens a
-//! connection to the coordinator ([`dial`]) and the one way the coordinator
+//! connection to the coordinator ([`dial`] over QUIC, [`dial_local`] over a
+//! link within the coordinator's process) and the one way the coordinator
 //! accepts it ([`accept_hello`]), with the handshake both sides share, the
 //! close codes ([`CloseCode`]) and the one mapping from how a connection
 //! ended to what went wrong ([`SessionError`]).
@@ -15,9 +16,12 @@ use std::{marker::PhantomData, net::SocketAddr, time::Duration};
 
 use fleetmap_protocol::{encode_frame, Hello, HelloReply, WireSize, HANDSHAKE_MAX_MESSAGE};
 use serde::{de::DeserializeOwned, Serialize};
-use tokio::task::JoinHandle;
+use tokio::{io::AsyncWriteExt, task::JoinHandle};
 
-use crate::{outbox, write_frames, FramedReader, NetError, Outbox};
+use crate::{
+    link::{Link, LinkRecv, LinkSend, LocalDialer},
+    outbox, write_frames, FramedReader, NetError, Outbox,
+};
 
 /// Why fleetmap closes a connection: the QUIC application close code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,12 +59,12 @@ impl CloseCode {
     }
 
     /// Closes `conn` with this code and `reason`, cut to a sane length.
-    pub fn close(self, conn: &quinn::Connection, reason: &str) {
+    pub fn close(self, conn: &Link, reason: &str) {
         let mut end = reason.len().min(Self::MAX_REASON);
         while !reason.is_char_boundary(end) {
             end -= 1;
         }
-        conn.close(self.code(), &reason.as_bytes()[..end]);
+        conn.close_with(self, &reason.as_bytes()[..end]);
     }
 }
 
@@ -94,16 +98,7 @@ impl SessionError {
         let reason_text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
         match e {
             E::ApplicationClosed(close) => {
-                let reason = reason_text(&close.reason);
-                match CloseCode::of(close.error_code) {
-                    Some(CloseCode::Refused) => SessionError::Refused(reason),
-                    Some(CloseCode::Pending) => SessionError::Pending(reason),
-                    Some(CloseCode::Protocol) => {
-                        SessionError::Protocol(format!("the peer closed the connection: {reason}"))
-                    }
-                    _ if reason.is_empty() => SessionError::Lost("the peer closed the connection".into()),
-                    _ => SessionError::Lost(format!("the peer closed the connection: {reason}")),
-                }
+                SessionError::from_close(CloseCode::of(close.error_code), reason_text(&close.reason))
             }
             // TLS alerts travel as QUIC's CRYPTO_ERROR codes 0x100-0x1ff,
             // whichever side raised them (RFC 9001, section 4.8).
@@ -120,6 +115,18 @@ impl SessionError {
             },
         }
     }
+
+    /// The peer closed the connection with `code` (`None`: not one of
+    /// fleetmap's) and `reason`.
+    pub(crate) fn from_close(code: Option<CloseCode>, reason: String) -> SessionError {
+        match code {
+            Some(CloseCode::Refused) => SessionError::Refused(reason),
+            Some(CloseCode::Pending) => SessionError::Pending(reason),
+            Some(CloseCode::Protocol) => SessionError::Protocol(format!("the peer closed the connection: {reason}")),
+            _ if reason.is_empty() => SessionError::Lost("the peer closed the connection".into()),
+            _ => SessionError::Lost(format!("the peer closed the connection: {reason}")),
+        }
+    }
 }
 
 fn is_crypto_error(code: quinn::TransportErrorCode) -> bool {
@@ -128,8 +135,8 @@ fn is_crypto_error(code: quinn::TransportErrorCode) -> bool {
 
 /// The receiving half of a session: typed frames from the peer.
 pub struct Receiver<Down> {
-    reader: FramedReader<quinn::RecvStream>,
-    conn: quinn::Connection,
+    reader: FramedReader<LinkRecv>,
+    conn: Link,
     peer: String,
     _down: PhantomData<fn() -> Down>,
 }
@@ -145,10 +152,10 @@ impl<Down: DeserializeOwned> Receiver<Down> {
                 CloseCode::Protocol.close(&self.conn, &reason);
                 Err(SessionError::Protocol(reason))
             }
-            Err(e) => Err(match self.conn.close_reason() {
-                Some(closed) => SessionError::from_connection(&self.peer, &closed),
-                None => SessionError::Lost(e.to_string()),
-            }),
+            Err(e) => Err(self
+                .conn
+                .close_error(&self.peer)
+                .unwrap_or_else(|| SessionError::Lost(e.to_string()))),
         }
     }
 }
@@ -157,16 +164,18 @@ impl<Down: DeserializeOwned> Receiver<Down> {
 pub struct Session<Up, Down> {
     /// A node's new certificate, when the coordinator issued one.
     pub node_certificate: Option<String>,
-    pub conn: quinn::Connection,
+    pub conn: Link,
     /// Messages to the coordinator; a writer task frames and sends them.
     pub tx: Outbox<Up>,
     pub rx: Receiver<Down>,
-    pub remote: SocketAddr,
+    /// Where the coordinator is: its address, or "this process".
+    pub remote: String,
     /// The fleetmap version the coordinator runs.
     pub coordinator_version: String,
     pub writer: JoinHandle<Result<(), NetError>>,
-    /// The endpoint must live as long as the connection.
-    pub endpoint: quinn::Endpoint,
+    /// The endpoint must live as long as the connection (none for a local
+    /// link).
+    pub endpoint: Option<quinn::Endpoint>,
 }
 
 /// Connects to the coordinator at `addr` (`host:port`), trusting only
@@ -199,13 +208,22 @@ where
     Up: Serialize + WireSize + Send + 'static,
     Down: DeserializeOwned,
 {
-    match tokio::time::timeout(timeout, dial_inner(addr, ca_pem, identity, hello, max_message)).await {
-        Ok(r) => r,
-        Err(_) => Err(SessionError::Unreachable {
+    within(timeout, addr, dial_inner(addr, ca_pem, identity, hello, max_message)).await
+}
+
+/// `session`, unless it takes longer than `timeout`: then the coordinator at
+/// `addr` is unreachable.
+async fn within<T>(
+    timeout: Duration,
+    addr: &str,
+    session: impl std::future::Future<Output = Result<T, SessionError>>,
+) -> Result<T, SessionError> {
+    tokio::time::timeout(timeout, session).await.unwrap_or_else(|_| {
+        Err(SessionError::Unreachable {
             addr: addr.into(),
             reason: format!("no answer within {timeout:?}"),
-        }),
-    }
+        })
+    })
 }
 
 async fn dial_inner<Up, Down>(
@@ -237,17 +255,66 @@ where
         .map_err(|e| unreachable(e.to_string()))?
         .await
         .map_err(|e| SessionError::from_connection(addr, &e))?;
-    let (mut send, recv) = conn
-        .open_bi()
-        .await
-        .map_err(|e| SessionError::from_connection(addr, &e))?;
+    let mut session = open_session(Link::Quic(conn), addr, hello, max_message).await?;
+    session.remote = remote.to_string();
+    session.endpoint = Some(endpoint);
+    Ok(session)
+}
+
+/// Opens a session to the coordinator in this process over a local link
+/// (see [`crate::link`]), presenting `identity`'s certificate, as [`dial_as`]
+/// does over QUIC; `addr` names the coordinator in errors and logs.
+pub async fn dial_local<Up, Down>(
+    dialer: &LocalDialer,
+    addr: &str,
+    identity: Option<&crate::ClientIdentity>,
+    hello: &Hello,
+    max_message: usize,
+    timeout: Duration,
+) -> Result<Session<Up, Down>, SessionError>
+where
+    Up: Serialize + WireSize + Send + 'static,
+    Down: DeserializeOwned,
+{
+    let certificate = match identity {
+        Some(identity) => Some(
+            crate::parse_certs(&identity.cert_pem)
+                .map_err(|e| SessionError::Tls(e.to_string()))?
+                .swap_remove(0)
+                .as_ref()
+                .to_vec(),
+        ),
+        None => None,
+    };
+    let link = dialer.dial(certificate).ok_or_else(|| SessionError::Unreachable {
+        addr: addr.into(),
+        reason: "the coordinator in this process has stopped".into(),
+    })?;
+    let mut session = within(timeout, addr, open_session(link, addr, hello, max_message)).await?;
+    session.remote = format!("{addr} (in this process)");
+    Ok(session)
+}
+
+/// Says `hello` on `conn`'s stream and waits for the coordinator's answer.
+async fn open_session<Up, Down>(
+    conn: Link,
+    addr: &str,
+    hello: &Hello,
+    max_message: usize,
+) -> Result<Session<Up, Down>, SessionError>
+where
+    Up: Serialize + WireSize + Send + 'static,
+    Down: DeserializeOwned,
+{
+    let unreachable = |reason: String| SessionError::Unreachable {
+        addr: addr.into(),
+        reason,
+    };
+    let (mut send, recv) = conn.stream(addr, true).await?;
     let mut frame = Vec::new();
     encode_frame(hello, HANDSHAKE_MAX_MESSAGE, &mut frame)
         .map_err(|e| SessionError::Protocol(format!("cannot say Hello: {e}")))?;
-    let lost = |conn: &quinn::Connection, e: String| match conn.close_reason() {
-        Some(closed) => SessionError::from_connection(addr, &closed),
-        None => unreachable(e),
-    };
+    let lost = |conn: &Link, e: String| conn.close_error(addr).unwrap_or_else(|| unreachable(e));
     send.write_all(&frame).await.map_err(|e| lost(&conn, e.to_string()))?;
     let mut reader = FramedReader::new(recv, HANDSHAKE_MAX_MESSAGE);
     let (coordinator_version, node_certificate) = match reader.recv::<HelloReply>().await {
@@ -279,33 +346,30 @@ where
         node_certificate,
         conn,
         tx,
-        remote,
+        remote: addr.to_string(),
         coordinator_version,
         writer,
-        endpoint,
+        endpoint: None,
     })
 }
 
 /// A connection whose peer has said `Hello` and waits for the answer.
 pub struct Handshake {
     pub hello: Hello,
-    pub remote: SocketAddr,
-    conn: quinn::Connection,
-    send: quinn::SendStream,
-    reader: FramedReader<quinn::RecvStream>,
+    /// The peer, for logs: its address, or "this process".
+    pub remote: String,
+    conn: Link,
+    send: LinkSend,
+    reader: FramedReader<LinkRecv>,
 }
 
 /// Waits up to `timeout` for the peer on `conn` to open its stream and say
 /// `Hello`; `Ok(None)` if it closed its stream without a word. Nothing the
 /// peer sends before its `Hello` can exceed [`HANDSHAKE_MAX_MESSAGE`].
-pub async fn accept_hello(conn: &quinn::Connection, timeout: Duration) -> Result<Option<Handshake>, SessionError> {
-    let remote = conn.remote_address();
-    let peer = remote.to_string();
+pub async fn accept_hello(conn: &Link, timeout: Duration) -> Result<Option<Handshake>, SessionError> {
+    let remote = conn.peer();
     let first = async {
-        let (send, recv) = conn
-            .accept_bi()
-            .await
-            .map_err(|e| SessionError::from_connection(&peer, &e))?;
+        let (send, recv) = conn.stream(&remote, false).await?;
         let mut reader = FramedReader::new(recv, HANDSHAKE_MAX_MESSAGE);
         let hello = reader.recv::<Hello>().await.map_err(|e| match e {
             NetError::Decode(e) => SessionError::Protocol(format!("bad Hello: {e}")),
@@ -313,7 +377,7 @@ pub async fn accept_hello(conn: &quinn::Connection, timeout: Duration) -> Result
         })?;
         Ok::<_, SessionError>(hello.map(|hello| Handshake {
             hello,
-            remote,
+            remote: remote.clone(),
             conn: conn.clone(),
             send,
             reader,
@@ -354,8 +418,8 @@ impl Handshake {
             // peer that does not read gets only the close.
             let send = async {
                 let _ = self.send.write_all(&frame).await;
-                let _ = self.send.finish();
-                let _ = self.send.stopped().await;
+                self.send.finish();
+                self.send.stopped().await;
             };
             let _ = tokio::time::timeout(Duration::from_secs(1), send).await;
         }
@@ -390,7 +454,7 @@ impl Handshake {
         let receiver = Receiver {
             reader: self.reader,
             conn: self.conn,
-            peer: self.remote.to_string(),
+            peer: self.remote,
             _down: PhantomData,
         };
         Ok((tx, receiver, writer))
@@ -401,11 +465,7 @@ impl Handshake {
 /// be sent (it does not encode within the limit, or the stream broke) ends
 /// the connection with the reason, so that both sides handle it like any
 /// other lost connection rather than one side waiting on a dead writer.
-fn spawn_writer<Up>(
-    conn: &quinn::Connection,
-    send: quinn::SendStream,
-    max_message: usize,
-) -> (Outbox<Up>, JoinHandle<Result<(), NetError>>)
+fn spawn_writer<Up>(conn: &Link, send: LinkSend, max_message: usize) -> (Outbox<Up>, JoinHandle<Result<(), NetError>>)
 where
     Up: Serialize + WireSize + Send + 'static,
 {

@@ -47,6 +47,9 @@ use tracing::{info, warn};
 pub struct NodeConfig {
     /// The coordinator's `host:port`.
     pub coordinator: String,
+    /// A coordinator in this process (the embedded cluster's): the node
+    /// joins it over a local link instead of QUIC to `coordinator`.
+    pub local_coordinator: Option<fleetmap_net::LocalDialer>,
     pub ca_pem: Vec<u8>,
     pub token: String,
     pub name: String,
@@ -125,6 +128,7 @@ impl NodeConfig {
     pub fn new(coordinator: String, ca_pem: Vec<u8>, token: String) -> Self {
         Self {
             coordinator,
+            local_coordinator: None,
             ca_pem,
             token,
             name: default_name(),
@@ -605,15 +609,34 @@ async fn session(
     };
     // A stop asked for while the coordinator is unreachable does not wait
     // for the join to time out.
+    let dial = async {
+        match &config.local_coordinator {
+            Some(dialer) => {
+                fleetmap_net::dial_local(
+                    dialer,
+                    &config.coordinator,
+                    client_identity.as_ref(),
+                    &hello,
+                    config.max_message,
+                    JOIN_TIMEOUT,
+                )
+                .await
+            }
+            None => {
+                fleetmap_net::dial_as(
+                    &config.coordinator,
+                    &config.ca_pem,
+                    client_identity.as_ref(),
+                    &hello,
+                    config.max_message,
+                    JOIN_TIMEOUT,
+                )
+                .await
+            }
+        }
+    };
     let dialled = tokio::select! {
-        dialled = fleetmap_net::dial_as(
-            &config.coordinator,
-            &config.ca_pem,
-            client_identity.as_ref(),
-            &hello,
-            config.max_message,
-            JOIN_TIMEOUT,
-        ) => dialled,
+        dialled = dial => dialled,
         _ = shutdown.changed() => return Ok(()),
     };
     let session: Session<NodeToCoordinator, CoordinatorToNode> = match dialled {

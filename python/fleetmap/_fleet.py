@@ -185,7 +185,12 @@ def connection(fleet: FleetAddress, fresh: bool = False) -> "_native.Connection"
         conn = _connections.get(key)
         if conn is not None and not fresh and not conn.closed():
             return conn
-        conn = _native.connect(fleet.coordinator, fleet.ca_pem, fleet.api_key)
+        if fleet.embedded and _local is not None and _local.addr == fleet.coordinator:
+            # The cluster runs in this process: a link within it, not QUIC
+            # through loopback.
+            conn = _local.connect(fleet.api_key)
+        else:
+            conn = _native.connect(fleet.coordinator, fleet.ca_pem, fleet.api_key)
         if conn.coordinator_version != _native.VERSION:
             warnings.warn(
                 f"the coordinator at {fleet.coordinator} runs fleetmap {conn.coordinator_version} and this "

@@ -138,6 +138,9 @@ class LocalHandle:
     @property
     def join_token(self) -> str:
         """The token nodes present to join."""
+    def connect(self, api_key: str) -> Connection:
+        """A connection to this cluster's coordinator over a link within this
+        process (no QUIC or TLS through loopback)."""
     def stop(self) -> None:
         """Stops the node and the coordinator (workers included); later calls do nothing."""
 
@@ -249,6 +252,9 @@ class Connection:
         """Closes the connection; its running jobs are cancelled."""
     def closed(self) -> bool:
         """Whether the connection is gone (closed, timed out or reset)."""
+    @property
+    def local(self) -> bool:
+        """Whether this is a link within this process (to the embedded cluster) rather than QUIC."""
     def results(self, job: int, offset: int) -> Tuple[list[Tuple[int, int, int, str, bytes]], Optional[int]]:
         """A page of detached job ``job``'s outputs from byte ``offset`` (0,
         then each page's next): ``(first_input, count, failed, node,

@@ -29,15 +29,21 @@ pub(crate) fn connect(py: Python<'_>, addr: String, ca_pem: Vec<u8>, api_key: St
     let client = py
         .detach(|| runtime().block_on(Client::connect(&addr, &ca_pem, &api_key)))
         .map_err(client_error)?;
-    Ok(Connection {
-        client: Arc::new(client),
-    })
+    Ok(Connection::new(client))
 }
 
 /// A connection to a coordinator.
 #[pyclass(module = "fleetmap._native", frozen)]
 pub(crate) struct Connection {
     client: Arc<Client>,
+}
+
+impl Connection {
+    pub(crate) fn new(client: Client) -> Self {
+        Connection {
+            client: Arc::new(client),
+        }
+    }
 }
 
 #[pymethods]
@@ -126,6 +132,13 @@ impl Connection {
 
     fn close(&self) {
         self.client.close();
+    }
+
+    /// Whether the connection is a link within this process (to the
+    /// embedded cluster) rather than QUIC.
+    #[getter]
+    fn local(&self) -> bool {
+        self.client.is_local()
     }
 
     /// Whether the connection is gone.

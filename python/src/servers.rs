@@ -9,11 +9,12 @@ use std::{
     sync::{Mutex, MutexGuard},
 };
 
-use fleetmap_client::local::LocalCluster;
+use fleetmap_client::{local::LocalCluster, ClientError};
 use pyo3::prelude::*;
 
 use crate::{
-    errors::{configuration_error, local_cluster_error},
+    client::Connection,
+    errors::{client_error, configuration_error, local_cluster_error},
     process::runtime,
 };
 
@@ -45,6 +46,19 @@ pub(crate) struct LocalHandle {
 
 #[pymethods]
 impl LocalHandle {
+    /// A connection to this cluster's coordinator with `api_key`, over a
+    /// link within this process rather than QUIC through loopback.
+    fn connect(&self, py: Python<'_>, api_key: String) -> PyResult<Connection> {
+        let client = py.detach(|| {
+            let cluster = lock(&self.cluster);
+            match cluster.as_ref() {
+                Some(c) => runtime().block_on(c.connect(&api_key)),
+                None => Err(ClientError::Disconnected("the local cluster has stopped".into())),
+            }
+        });
+        client.map(Connection::new).map_err(client_error)
+    }
+
     fn stop(&self, py: Python<'_>) {
         let cluster = lock(&self.cluster).take();
         if let Some(c) = cluster {

@@ -186,6 +186,31 @@ def test_back_to_back_jobs_reuse_the_cluster():
         assert remote_parallel_map(lambda x, i=i: x + i, range(50), verbose=False) == [x + i for x in range(50)]
 
 
+def test_the_caller_reaches_its_embedded_cluster_in_process_and_quic_still_serves_it():
+    from fleetmap import _fleet, _native
+
+    fleet = _fleet.fleet_address(None)
+    assert fleet.embedded
+    shared = _fleet.connection(fleet)
+    assert shared.local, "the caller's own cluster was reached over QUIC through loopback"
+    # Other processes (fleetmap up) reach the same coordinator over QUIC.
+    quic = _native.connect(fleet.coordinator, fleet.ca_pem, fleet.api_key)
+    assert not quic.local
+    key = (fleet.coordinator, fleet.api_key)
+    big = b"x" * (20 << 20)  # more than a local pipe holds unread
+    try:
+        for conn in (quic, shared):
+            _fleet._connections[key] = conn
+            assert remote_parallel_map(lambda b: len(b) + 1, [big, b"", big], verbose=False) == [
+                len(big) + 1,
+                1,
+                len(big) + 1,
+            ]
+    finally:
+        _fleet._connections[key] = shared
+        quic.close()
+
+
 def test_verbose_prints_a_status_line_on_stderr(capsys):
     remote_parallel_map(lambda x: x, range(10), verbose=True)
     captured = capsys.readouterr()

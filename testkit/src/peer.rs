@@ -67,13 +67,16 @@ impl<Up: Serialize + WireSize + Send + 'static, Down: DeserializeOwned> Peer<Up,
             JOIN_TIMEOUT,
         )
         .await?;
+        let (fleetmap_net::Link::Quic(conn), Some(endpoint)) = (session.conn, session.endpoint) else {
+            unreachable!("a session dialled over QUIC has a QUIC connection and its endpoint");
+        };
         Ok(Peer {
             node_certificate: session.node_certificate,
-            conn: session.conn,
+            conn,
             tx: session.tx,
             rx: session.rx,
             writer: session.writer,
-            endpoint: session.endpoint,
+            endpoint,
         })
     }
 
@@ -92,7 +95,7 @@ impl<Up: Serialize + WireSize + Send + 'static, Down: DeserializeOwned> Peer<Up,
     /// reach the coordinator so that it learns of it at once rather than
     /// when the connection times out.
     pub async fn leave(self, reason: &str) {
-        CloseCode::Done.close(&self.conn, reason);
+        CloseCode::Done.close(&self.conn.clone().into(), reason);
         drop(self.tx);
         self.writer.abort();
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;

@@ -217,7 +217,7 @@ async fn a_node_daemon_survives_a_coordinator_that_sends_garbage() {
     // And a well-formed message of the wrong direction (a client's, sent
     // to a node after a proper Welcome) is handled the same way.
     let conn = endpoint.accept().await.unwrap().await.unwrap();
-    let handshake = fleetmap_net::accept_hello(&conn, Duration::from_secs(10))
+    let handshake = fleetmap_net::accept_hello(&conn.clone().into(), Duration::from_secs(10))
         .await
         .unwrap()
         .expect("the daemon says Hello");

@@ -7,5 +7,6 @@
 
 mod dependencies;
 mod hostile_peers;
+mod local_links;
 mod node_identity;
 mod protocol_peers;
