@@ -162,7 +162,7 @@ pub(crate) struct NodeSettings {
     /// Workers started ahead of any job (default 8, at most the cores).
     #[arg(long)]
     warm_prestart: Option<usize>,
-    /// A warm worker is retired after this many jobs (default 100).
+    /// A warm worker is retired after this many jobs (default 10000).
     #[arg(long)]
     warm_max_jobs: Option<u32>,
     /// A warm worker is retired once this old, in seconds (default 3600).

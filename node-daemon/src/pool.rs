@@ -46,7 +46,10 @@ pub struct WarmPolicy {
     /// worker loaded, so that even a first job finds them (capped by the
     /// node's cores).
     pub prestart: usize,
-    /// A worker is retired after this many jobs.
+    /// A worker is retired after this many jobs. High by default: a
+    /// retirement costs the next job a fresh interpreter and its imports,
+    /// and growth in memory retires a worker anyway (checked against each
+    /// job's limit), as its age does.
     pub max_jobs: u32,
     /// A worker is retired once this old.
     pub max_age: Duration,
@@ -57,7 +60,7 @@ impl Default for WarmPolicy {
         Self {
             max_idle: 64,
             prestart: 8,
-            max_jobs: 100,
+            max_jobs: 10_000,
             max_age: Duration::from_secs(3600),
         }
     }

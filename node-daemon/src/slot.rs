@@ -800,7 +800,7 @@ impl WorkerProcess {
         }
         let pids = match &self.cgroup {
             // The interpreter is not the process the daemon started.
-            Some(cg) if self.own_processes > 1 => cg.pids(),
+            Some(cg) if self.own_processes > 1 => cg.members(),
             _ => vec![self.pid],
         };
         // The same cores as its last job's, and no call narrowed them
@@ -833,7 +833,7 @@ impl WorkerProcess {
         }
         match &self.cgroup {
             Some(cg) => {
-                let pids = cg.pids();
+                let pids = cg.members();
                 // Read here, when its job has ended, rather than on the
                 // next job's way in.
                 self.memory_at_rest = cg.memory_current();

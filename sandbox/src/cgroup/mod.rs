@@ -454,9 +454,21 @@ impl SlotCgroup {
         self.memory_limit
     }
 
-    /// The processes in the slot and in any cgroup below it.
+    /// The processes in the slot and in any cgroup below it, in every
+    /// controller: what a kill must reach.
     pub fn pids(&self) -> Vec<u32> {
         procs::pids_in(&self.dirs)
+    }
+
+    /// The processes in the slot and below it as its first controller
+    /// lists them: one listing where [`SlotCgroup::pids`] reads one per
+    /// controller (five on v1). A process is in every controller's cgroup
+    /// of its slot unless something that may write the cgroup files moved
+    /// it, which a call on a fleet node cannot (its `/sys` is read-only and
+    /// it holds no capability); the node's checks between jobs use this,
+    /// and a kill uses `pids`.
+    pub fn members(&self) -> Vec<u32> {
+        procs::pids_in(&self.dirs[..self.dirs.len().min(1)])
     }
 
     /// Kills every process in the slot and waits (up to 2 s) until none is left.

@@ -667,8 +667,10 @@ async fn v1_slot_pins_cores_and_devices_and_is_removed_cleanly() {
 
     // The setsid'd sleep escaped the worker's process group, not its cgroup.
     assert_eq!(slot.pids().len(), 1, "{:?}", slot.pids());
+    assert_eq!(slot.members(), slot.pids(), "one controller lists what all five do");
     slot.kill_all().unwrap();
     assert!(slot.pids().is_empty());
+    assert!(slot.members().is_empty());
     slot.remove().unwrap();
     for controller in ["cpuset", "memory", "pids", "devices", "freezer"] {
         assert!(!t.slot_dir(controller, "pin").exists(), "{controller}");
