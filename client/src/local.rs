@@ -119,11 +119,12 @@ impl LocalCluster {
         })
     }
 
-    /// A client of this cluster in this process, with `api_key`, over a
-    /// local link: the same session as over QUIC, without encrypting and
-    /// sending every frame through loopback.
-    pub async fn connect(&self, api_key: &str) -> Result<crate::Client, crate::ClientError> {
-        crate::Client::connect_local(&self.local, &self.addr, api_key).await
+    /// Where a client in this process connects to this cluster over a
+    /// local link ([`crate::Client::connect_local`]): the same session as
+    /// over QUIC, without encrypting and sending every frame through
+    /// loopback.
+    pub fn local_dialer(&self) -> fleetmap_net::LocalDialer {
+        self.local.clone()
     }
 
     /// Stops the node (killing its workers and removing its cgroups) and

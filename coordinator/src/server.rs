@@ -9,7 +9,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -328,7 +328,8 @@ struct Doors {
 /// the next one in.
 struct Admission {
     shared: Arc<Shared>,
-    address: IpAddr,
+    /// Where a QUIC connection comes from; `None` for a local link.
+    address: Option<IpAddr>,
     handshaking: bool,
 }
 
@@ -353,8 +354,11 @@ impl Drop for Admission {
 }
 
 impl Doors {
-    fn leave_handshake(&mut self, address: IpAddr) {
+    fn leave_handshake(&mut self, address: Option<IpAddr>) {
         self.handshaking -= 1;
+        let Some(address) = address else {
+            return;
+        };
         if let Some(n) = self.per_address.get_mut(&address) {
             *n -= 1;
             if *n == 0 {
@@ -390,6 +394,22 @@ impl Shared {
         self.door_at(incoming.remote_address().ip(), incoming.remote_address_validated())
     }
 
+    /// The door for a local link: only the limit on open connections
+    /// applies.
+    fn local_door(self: &Arc<Self>) -> Option<Admission> {
+        let mut doors = self.doors();
+        if doors.open >= self.limits.max_connections {
+            return None;
+        }
+        doors.open += 1;
+        doors.handshaking += 1;
+        Some(Admission {
+            shared: self.clone(),
+            address: None,
+            handshaking: true,
+        })
+    }
+
     /// The door for a connection from `address`; `validated`: the peer has
     /// shown it receives there.
     fn door_at(self: &Arc<Self>, address: IpAddr, validated: bool) -> Door {
@@ -409,7 +429,7 @@ impl Shared {
             *doors.per_address.entry(address).or_default() += 1;
             Door::Admit(Admission {
                 shared: self.clone(),
-                address,
+                address: Some(address),
                 handshaking: true,
             })
         }
@@ -516,6 +536,8 @@ pub async fn serve(config: CoordinatorConfig) -> Result<RunningCoordinator, NetE
     let node_ca = NodeCa::new(creds, config.node_cert_validity)
         .map_err(|e| NetError::Tls(format!("the node CA in the credentials: {e}")))?;
     let local_addr = endpoint.local_addr()?;
+    // Peers in this process: their certificates checked as TLS checks them.
+    let (local, listener) = local_listener(Some(creds.node_ca_pem.as_bytes()))?;
     let results = match config.results {
         Some((dir, max_bytes)) => Some(Arc::new(ResultStore::open(dir, max_bytes)?)),
         None => None,
@@ -555,7 +577,6 @@ pub async fn serve(config: CoordinatorConfig) -> Result<RunningCoordinator, NetE
         None => (None, None),
     };
     let accept = tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
-    let (local, listener) = local_listener();
     let local_links = Arc::new(Mutex::new(Vec::new()));
     let local_accept = tokio::spawn(local_accept_loop(listener, shared.clone(), local_links.clone()));
     let ticker = tokio::spawn(release_backlogged_clients(shared.clone()));
@@ -596,13 +617,13 @@ fn lock_links(links: &Mutex<Vec<Link>>) -> std::sync::MutexGuard<'_, Vec<Link>> 
     links.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Serves the local links peers in this process dial. They pass the same
-/// door as QUIC connections (counted as from loopback, where they come
-/// from), the same handshake and the same limits.
+/// Serves the local links peers in this process dial: counted at the door
+/// with QUIC connections (though not against any address's handshakes: no
+/// stranger dials them), with the same handshake and the same limits.
 async fn local_accept_loop(mut listener: LocalListener, shared: Arc<Shared>, links: Arc<Mutex<Vec<Link>>>) {
     while let Some(link) = listener.accept().await {
-        match shared.door_at(IpAddr::V4(Ipv4Addr::LOCALHOST), true) {
-            Door::Admit(admission) => {
+        match shared.local_door() {
+            Some(admission) => {
                 {
                     let mut links = lock_links(&links);
                     links.retain(|l| !l.is_closed());
@@ -610,10 +631,12 @@ async fn local_accept_loop(mut listener: LocalListener, shared: Arc<Shared>, lin
                 }
                 tokio::spawn(serve_link(link, shared.clone(), admission));
             }
-            Door::Retry | Door::Refuse => CloseCode::Refused.close(
+            // Busy, not refused: the peer tries again, as it does when a
+            // QUIC connection is turned away at the door.
+            None => CloseCode::Done.close(
                 &link,
                 &format!(
-                    "the coordinator has {} connections open, its limit",
+                    "the coordinator has {} connections open, its limit; try again later",
                     shared.limits.max_connections
                 ),
             ),
@@ -791,14 +814,6 @@ fn admit_node(
                      enroll again with the join token"
                 )));
             };
-            // TLS refuses an expired certificate; a local link has no TLS
-            // handshake, so the registry's word is checked here too.
-            if current.expires.is_some_and(|t| t <= crate::statefile::now()) {
-                return Err(NotAdmitted::Refused(format!(
-                    "the certificate node {name:?} presented has expired; remove the node's certificate \
-                     (node.pem in its --state-dir) to enroll again with the join token"
-                )));
-            }
             if current.previous.is_some() {
                 shared.nodes.confirm(name).map_err(registry_error)?;
             }
@@ -863,6 +878,16 @@ async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>, admiss
 
 /// Serves one peer's connection to its end.
 async fn serve_link(conn: Link, shared: Arc<Shared>, mut admission: Admission) {
+    /// Closes the connection however serving it ends (a panic, an abort),
+    /// so that its peer never waits on a connection nothing serves; the
+    /// first close stands, so an explicit one below is what the peer sees.
+    struct CloseWhenDone(Link);
+    impl Drop for CloseWhenDone {
+        fn drop(&mut self) {
+            CloseCode::Done.close(&self.0, "");
+        }
+    }
+    let _closer = CloseWhenDone(conn.clone());
     let remote = conn.peer();
     match serve_peer(&conn, &shared, &mut admission).await {
         Ok(()) => CloseCode::Done.close(&conn, ""),

@@ -187,13 +187,7 @@ pub fn server_endpoint_verifying(
         .map_err(|e| NetError::Tls(e.to_string()))?;
     let builder = match client_ca_pem {
         None => builder.with_no_client_auth(),
-        Some(pem) => {
-            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots(pem)?.into(), provider())
-                .allow_unauthenticated()
-                .build()
-                .map_err(|e| NetError::Tls(e.to_string()))?;
-            builder.with_client_cert_verifier(verifier)
-        }
+        Some(pem) => builder.with_client_cert_verifier(client_verifier(pem)?),
     };
     let mut tls = builder
         .with_single_cert(certs, key)
@@ -209,6 +203,15 @@ pub fn server_endpoint_verifying(
         socket,
         Arc::new(quinn::TokioRuntime),
     )?)
+}
+
+/// What a peer's certificate must be: signed by `client_ca_pem` and within
+/// its validity. A peer may present none (it authenticates otherwise).
+fn client_verifier(client_ca_pem: &[u8]) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, NetError> {
+    rustls::server::WebPkiClientVerifier::builder_with_provider(roots(client_ca_pem)?.into(), provider())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| NetError::Tls(e.to_string()))
 }
 
 /// A QUIC client endpoint that trusts only the given CA (PEM).

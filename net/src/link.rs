@@ -6,9 +6,10 @@
 //! frame over loopback to reach code a function call away; a local link
 //! carries the same frames through a bounded in-memory pipe instead. Only
 //! code in the process that holds the coordinator's [`LocalDialer`] can open
-//! one, so it stands in for the TLS handshake: the certificate a node
-//! presents on it is the one its own process vouches for. Everything above
-//! the link (handshake, frame limits, close codes) is the same for both.
+//! one. A certificate a node presents on it is checked as the TLS handshake
+//! checks it (signed by the node CA, within its validity); a node proves
+//! no key, since its process is the coordinator's own. Everything above the
+//! link (handshake, frame limits, close codes) is the same for both.
 
 use std::{
     io,
@@ -17,16 +18,24 @@ use std::{
     task::{Context, Poll, Waker},
 };
 
+use rustls::{
+    pki_types::{CertificateDer, UnixTime},
+    server::danger::ClientCertVerifier,
+};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     sync::mpsc,
 };
 
-use crate::{CloseCode, SessionError};
+use crate::{CloseCode, NetError, SessionError};
 
 /// The most bytes a local pipe holds unread; its writer waits beyond that,
 /// as a QUIC stream's does at the end of its window.
 const PIPE_CAPACITY: usize = 16 << 20;
+
+/// A pipe's buffer above this size is freed once it is read empty, so that
+/// a burst of large chunks does not keep its memory for the link's life.
+const PIPE_KEPT: usize = 1 << 20;
 
 /// A connection: QUIC, or a link within this process.
 #[derive(Clone)]
@@ -202,9 +211,20 @@ impl Drop for End {
     }
 }
 
+/// How a local link ended.
+#[derive(Clone, Copy)]
+enum Ending {
+    Closed(CloseCode),
+    /// The certificate the dialler presented does not verify, as a TLS
+    /// handshake would have failed.
+    Tls,
+}
+
+type Closed = Option<(usize, Ending, String)>;
+
 struct LocalLink {
-    /// Who closed the link, with what code and reason.
-    closed: Mutex<Option<(usize, CloseCode, String)>>,
+    /// Who ended the link, how, and why.
+    closed: Mutex<Closed>,
     /// `pipes[s]` carries what side `s` sends.
     pipes: [Arc<Pipe>; 2],
     /// Whether each side has taken its half of the stream.
@@ -214,19 +234,23 @@ struct LocalLink {
 }
 
 impl LocalLink {
-    fn lock_closed(&self) -> MutexGuard<'_, Option<(usize, CloseCode, String)>> {
+    fn lock_closed(&self) -> MutexGuard<'_, Closed> {
         self.closed.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
 impl End {
     fn close(&self, code: CloseCode, reason: &[u8]) {
+        self.end(Ending::Closed(code), reason)
+    }
+
+    fn end(&self, ending: Ending, reason: &[u8]) {
         {
             let mut closed = self.link.lock_closed();
             if closed.is_some() {
                 return;
             }
-            *closed = Some((self.side, code, String::from_utf8_lossy(reason).into_owned()));
+            *closed = Some((self.side, ending, String::from_utf8_lossy(reason).into_owned()));
         }
         for pipe in &self.link.pipes {
             pipe.lock().close();
@@ -235,11 +259,11 @@ impl End {
 
     fn close_error(&self) -> Option<SessionError> {
         let closed = self.link.lock_closed();
-        let (side, code, reason) = closed.as_ref()?;
-        Some(if *side == self.side {
-            SessionError::Lost("closed by this side".into())
-        } else {
-            SessionError::from_close(Some(*code), reason.clone())
+        let (side, ending, reason) = closed.as_ref()?;
+        Some(match ending {
+            _ if *side == self.side => SessionError::Lost("closed by this side".into()),
+            Ending::Closed(code) => SessionError::from_close(Some(*code), reason.clone()),
+            Ending::Tls => SessionError::Tls(reason.clone()),
         })
     }
 
@@ -283,12 +307,37 @@ fn local_link(certificate: Option<Vec<u8>>) -> (Link, Link) {
 /// Where a coordinator takes local links from; see [`local_listener`].
 pub struct LocalListener {
     rx: mpsc::UnboundedReceiver<Link>,
+    verifier: Option<Arc<dyn ClientCertVerifier>>,
 }
 
 impl LocalListener {
-    /// The next link dialled; `None` once every dialler is gone.
+    /// The next link dialled whose certificate, if it presents one,
+    /// verifies; `None` once every dialler is gone. A link whose certificate
+    /// does not is ended for its dialler as a failed TLS handshake.
     pub async fn accept(&mut self) -> Option<Link> {
-        self.rx.recv().await
+        loop {
+            let link = self.rx.recv().await?;
+            match self.refusal(&link) {
+                None => return Some(link),
+                Some(reason) => {
+                    if let Link::Local(end) = &link {
+                        end.0.end(Ending::Tls, reason.as_bytes());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Why `link`'s certificate does not verify, if it does not.
+    fn refusal(&self, link: &Link) -> Option<String> {
+        let der = link.peer_certificate()?;
+        let Some(verifier) = &self.verifier else {
+            return Some("this coordinator accepts no node certificates".into());
+        };
+        verifier
+            .verify_client_cert(&CertificateDer::from(der), &[], UnixTime::now())
+            .err()
+            .map(|e| format!("invalid peer certificate: {e}"))
     }
 }
 
@@ -315,10 +364,14 @@ impl LocalDialer {
 }
 
 /// A coordinator's door for peers in its own process: the [`LocalDialer`]
-/// is handed to them, the [`LocalListener`] kept by the coordinator.
-pub fn local_listener() -> (LocalDialer, LocalListener) {
+/// is handed to them, the [`LocalListener`] kept by the coordinator. With
+/// `client_ca_pem`, a certificate presented must be signed by that CA and
+/// within its validity, as [`crate::server_endpoint_verifying`] has TLS
+/// check it; without, none is accepted.
+pub fn local_listener(client_ca_pem: Option<&[u8]>) -> Result<(LocalDialer, LocalListener), NetError> {
+    let verifier = client_ca_pem.map(crate::client_verifier).transpose()?;
     let (tx, rx) = mpsc::unbounded_channel();
-    (LocalDialer { tx }, LocalListener { rx })
+    Ok((LocalDialer { tx }, LocalListener { rx, verifier }))
 }
 
 /// One direction of a local link's stream: bytes written and not yet read,
@@ -435,10 +488,19 @@ impl PipeReader {
             out.put_slice(&s.buf[read..read + n]);
             s.read += n;
             if s.read == s.buf.len() {
-                s.buf.clear();
+                if s.buf.capacity() > PIPE_KEPT {
+                    s.buf = Vec::new();
+                } else {
+                    s.buf.clear();
+                }
                 s.read = 0;
             }
             s.wake_writer();
+            return Poll::Ready(Ok(()));
+        }
+        // A stream finished before the link closed reads to its end, as
+        // QUIC's does when the peer's finish came before its close.
+        if s.finished || out.remaining() == 0 {
             return Poll::Ready(Ok(()));
         }
         if s.closed {
@@ -446,9 +508,6 @@ impl PipeReader {
                 io::ErrorKind::ConnectionAborted,
                 "the link was closed",
             )));
-        }
-        if s.finished || out.remaining() == 0 {
-            return Poll::Ready(Ok(()));
         }
         s.reader = Some(cx.waker().clone());
         Poll::Pending
@@ -472,7 +531,7 @@ mod tests {
     use super::*;
 
     fn pair() -> (Link, Link) {
-        let (dialer, mut listener) = local_listener();
+        let (dialer, mut listener) = local_listener(None).unwrap();
         let ours = dialer.dial(Some(b"cert".to_vec())).unwrap();
         let theirs = listener.rx.try_recv().unwrap();
         (ours, theirs)
@@ -527,6 +586,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_stream_finished_before_the_close_reads_to_its_end_and_its_buffer_is_freed() {
+        let (a, b) = pair();
+        let (mut a_send, _a_recv) = a.stream("b", true).await.unwrap();
+        let (_b_send, mut b_recv) = b.stream("a", false).await.unwrap();
+        let big = vec![7u8; 4 * PIPE_KEPT];
+        a_send.write_all(&big).await.unwrap();
+        a_send.shutdown().await.unwrap();
+        CloseCode::Done.close(&a, "done");
+        let mut got = Vec::new();
+        b_recv.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got.len(), big.len());
+        let LinkRecv::Local(reader) = &b_recv else {
+            unreachable!()
+        };
+        assert_eq!(
+            reader.pipe.lock().buf.capacity(),
+            0,
+            "a pipe read empty keeps its megabytes"
+        );
+    }
+
+    #[tokio::test]
     async fn a_reader_gone_fails_the_writer_and_a_stream_is_taken_once() {
         let (a, b) = pair();
         let (mut a_send, _a_recv) = a.stream("b", true).await.unwrap();
@@ -539,7 +620,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_side_dropped_unaccepted_closes_the_link() {
-        let (dialer, listener) = local_listener();
+        let (dialer, listener) = local_listener(None).unwrap();
         let ours = dialer.dial(None).unwrap();
         let (mut send, mut recv) = ours.stream("coordinator", true).await.unwrap();
         // The coordinator stops with the link still queued.
@@ -554,7 +635,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_dialer_whose_coordinator_stopped_gets_nothing() {
-        let (dialer, listener) = local_listener();
+        let (dialer, listener) = local_listener(None).unwrap();
         drop(listener);
         assert!(dialer.dial(None).is_none());
     }

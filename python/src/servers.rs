@@ -9,7 +9,7 @@ use std::{
     sync::{Mutex, MutexGuard},
 };
 
-use fleetmap_client::{local::LocalCluster, ClientError};
+use fleetmap_client::{local::LocalCluster, Client, ClientError};
 use pyo3::prelude::*;
 
 use crate::{
@@ -49,13 +49,13 @@ impl LocalHandle {
     /// A connection to this cluster's coordinator with `api_key`, over a
     /// link within this process rather than QUIC through loopback.
     fn connect(&self, py: Python<'_>, api_key: String) -> PyResult<Connection> {
-        let client = py.detach(|| {
-            let cluster = lock(&self.cluster);
-            match cluster.as_ref() {
-                Some(c) => runtime().block_on(c.connect(&api_key)),
-                None => Err(ClientError::Disconnected("the local cluster has stopped".into())),
-            }
-        });
+        // The lock is not held while connecting: `stop` takes it with the
+        // GIL held.
+        let dialer = lock(&self.cluster).as_ref().map(LocalCluster::local_dialer);
+        let client = match dialer {
+            Some(dialer) => py.detach(|| runtime().block_on(Client::connect_local(&dialer, &self.addr, &api_key))),
+            None => Err(ClientError::Disconnected("the local cluster has stopped".into())),
+        };
         client.map(Connection::new).map_err(client_error)
     }
 

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use fleetmap_client::{Client, ClientError};
-use fleetmap_coordinator::CoordinatorConfig;
+use fleetmap_coordinator::{nodes::NodeCa, CoordinatorConfig, Credentials};
 use fleetmap_net::{ClientIdentity, Session, SessionError};
 use fleetmap_protocol::{CoordinatorToNode, Hello, NodeToCoordinator, DEFAULT_MAX_MESSAGE, SOFTWARE_VERSION};
 use fleetmap_testkit::{node_key, node_role_with_key, start_coordinator, start_coordinator_with};
@@ -90,7 +90,7 @@ async fn a_node_on_a_local_link_enrolls_then_is_known_by_the_certificate_it_pres
 }
 
 #[tokio::test]
-async fn an_expired_certificate_is_refused_on_a_local_link_as_tls_refuses_it() {
+async fn an_expired_or_foreign_certificate_fails_on_a_local_link_as_in_a_tls_handshake() {
     let (coordinator, access) = start_coordinator_with(|config: &mut CoordinatorConfig| {
         config.node_cert_validity = Duration::from_secs(2);
     })
@@ -106,12 +106,56 @@ async fn an_expired_certificate_is_refused_on_a_local_link_as_tls_refuses_it() {
         key_pem: key.serialize_pem().into_bytes(),
     };
     drop(enrolled);
+    // Another fleet's node CA signed this one: TLS would not accept it.
+    let forged = NodeCa::new(&Credentials::generate().unwrap(), Duration::from_secs(3600))
+        .unwrap()
+        .certify("brief", key.public_key_raw())
+        .unwrap();
+    let foreign = ClientIdentity {
+        cert_pem: forged.pem.into_bytes(),
+        key_pem: key.serialize_pem().into_bytes(),
+    };
+    match join_local(&dialer, Some(&foreign), node_role_with_key("", "brief", 1, &key)).await {
+        Err(SessionError::Tls(reason)) => assert!(reason.contains("certificate"), "{reason}"),
+        Err(other) => panic!("expected the certificate to fail as in TLS, got {other}"),
+        Ok(_) => panic!("another fleet's certificate was accepted over a local link"),
+    }
     tokio::time::sleep(Duration::from_millis(3100)).await;
+    // As a TLS error, the node forgets the certificate and enrolls again
+    // with its token (`node-daemon`), as it does over QUIC.
     match join_local(&dialer, Some(&identity), node_role_with_key("", "brief", 1, &key)).await {
-        Err(SessionError::Refused(reason)) => assert!(reason.contains("expired"), "{reason}"),
-        Err(other) => panic!("expected a refusal, got {other}"),
+        Err(SessionError::Tls(reason)) => assert!(reason.contains("xpired"), "{reason}"),
+        Err(other) => panic!("expected the certificate to fail as in TLS, got {other}"),
         Ok(_) => panic!("an expired certificate was accepted over a local link"),
     }
+    coordinator.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_full_coordinator_turns_a_local_link_away_for_now_not_for_good() {
+    let (coordinator, access) = start_coordinator_with(|config: &mut CoordinatorConfig| {
+        config.limits.max_connections = 1;
+    })
+    .await
+    .unwrap();
+    let dialer = coordinator.local_dialer();
+    let first = Client::connect_local(&dialer, "local", &access.api_key).await.unwrap();
+    match Client::connect_local(&dialer, "local", &access.api_key).await {
+        Err(ClientError::Disconnected(reason)) => assert!(reason.contains("try again"), "{reason}"),
+        Err(other) => panic!("expected to be turned away for now, got {other}"),
+        Ok(_) => panic!("a second link passed a door of one connection"),
+    }
+    // The first one's place frees once it closes.
+    first.close();
+    let mut admitted = false;
+    for _ in 0..100 {
+        if Client::connect_local(&dialer, "local", &access.api_key).await.is_ok() {
+            admitted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(admitted, "the door did not let a link in after the first left");
     coordinator.shutdown().await;
 }
 
