@@ -218,12 +218,17 @@ async fn within<T>(
     addr: &str,
     session: impl std::future::Future<Output = Result<T, SessionError>>,
 ) -> Result<T, SessionError> {
-    tokio::time::timeout(timeout, session).await.unwrap_or_else(|_| {
-        Err(SessionError::Unreachable {
-            addr: addr.into(),
-            reason: format!("no answer within {timeout:?}"),
-        })
-    })
+    tokio::time::timeout(timeout, session)
+        .await
+        .unwrap_or_else(|_| Err(unreachable_at(addr, format!("no answer within {timeout:?}"))))
+}
+
+/// The coordinator at `addr` cannot be reached, for `reason`.
+fn unreachable_at(addr: &str, reason: impl Into<String>) -> SessionError {
+    SessionError::Unreachable {
+        addr: addr.into(),
+        reason: reason.into(),
+    }
 }
 
 async fn dial_inner<Up, Down>(
@@ -237,10 +242,7 @@ where
     Up: Serialize + WireSize + Send + 'static,
     Down: DeserializeOwned,
 {
-    let unreachable = |reason: String| SessionError::Unreachable {
-        addr: addr.into(),
-        reason,
-    };
+    let unreachable = |reason: String| unreachable_at(addr, reason);
     let remote: SocketAddr = tokio::net::lookup_host(addr)
         .await
         .map_err(|e| unreachable(e.to_string()))?
@@ -286,10 +288,9 @@ where
         ),
         None => None,
     };
-    let link = dialer.dial(certificate).ok_or_else(|| SessionError::Unreachable {
-        addr: addr.into(),
-        reason: "the coordinator in this process has stopped".into(),
-    })?;
+    let link = dialer
+        .dial(certificate)
+        .ok_or_else(|| unreachable_at(addr, "the coordinator in this process has stopped"))?;
     let mut session = within(timeout, addr, open_session(link, addr, hello, max_message)).await?;
     session.remote = format!("{addr} (in this process)");
     Ok(session)
@@ -306,10 +307,7 @@ where
     Up: Serialize + WireSize + Send + 'static,
     Down: DeserializeOwned,
 {
-    let unreachable = |reason: String| SessionError::Unreachable {
-        addr: addr.into(),
-        reason,
-    };
+    let unreachable = |reason: String| unreachable_at(addr, reason);
     let (mut send, recv) = conn.stream(addr, true).await?;
     let mut frame = Vec::new();
     encode_frame(hello, HANDSHAKE_MAX_MESSAGE, &mut frame)
