@@ -24,7 +24,14 @@ next, so that drift on a shared machine hits them alike. The workloads:
    inputs/s, median of ``--repeat`` runs;
 2. the synchronous round trip of one input (fleetmap: a one-input job; Pool:
    ``apply``; Ray: ``ray.get(f.remote(x))``; Dask: ``submit(...).result()``),
-   median and p90 over ``--roundtrips`` calls;
+   median and p90 over ``--roundtrips`` calls, made as a caller's loop makes
+   them: in blocks of ``--roundtrip-block`` calls of one peer in a row, the
+   peers' order rotating from block to block. Reported beside it, the same
+   call made right after another peer's (``--roundtrips`` rounds of one
+   call per peer, in an order shuffled with a fixed seed, so that each peer
+   follows each other one about as often): it adds what the other peer's
+   call left the machine to do (Ray's and Dask's daemons go on working for
+   a few milliseconds after a result) and caches that peer's call cooled;
 3. time to first result of ``--ttfr-n`` calls of ``--ttfr-ms`` ms (default
    1,000 x 10 ms; fleetmap: ``generator=True``; Pool: ``imap_unordered``;
    Ray: ``ray.wait``; Dask: ``as_completed``), and the whole job's wall time
@@ -34,11 +41,12 @@ next, so that drift on a shared machine hits them alike. The workloads:
    (default ``100 x N`` and ``10 x N`` calls): ideal time ``n * call / N``
    over the measured wall time. Calls busy-wait (``--call spin``, they hold
    a core as real work would) or sleep (``--call sleep``);
-5. the second-job overhead of a function that imports numpy: two jobs of N
+5. the second-job overhead of a function that imports numpy: jobs of N
    inputs running ``import numpy; return numpy.__version__`` one after the
    other on the same pool or cluster, against a no-import job of N inputs;
-   reported: both wall times and the second's difference from the no-import
-   job. numpy is looked up with ``importlib.util.find_spec`` and never
+   reported: the first job's wall time, and the median of ``--numpy-repeat``
+   later ones (each run right after a no-import job, whose median is the
+   baseline) with its difference from the no-import job. numpy is looked up with ``importlib.util.find_spec`` and never
    imported here, so that forked Pool workers do not inherit it; where it is
    not installed the workload is skipped ("numpy not installed: skipped").
    The workers report whether numpy was already imported before job 1 (Ray's
@@ -73,8 +81,10 @@ import argparse
 import importlib
 import importlib.util
 import json
+import math
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -382,24 +392,42 @@ def measure_noop(run: Run, n: int, repeat: int) -> None:
             run.summary[name]["noop_best_inputs_per_s"] = n / min(ts)
 
 
-def measure_roundtrip(run: Run, calls: int) -> None:
+def _round_trip(run: Run, p: Peer, i: int, times: Dict[str, List[float]]) -> None:
+    if "roundtrip" in run.errors[p.name]:
+        return
+    try:
+        dt, out = timed(lambda: p.call(noop, i))
+        if out != i:
+            raise AssertionError(f"wrong output {out!r} for {i}")
+        times[p.name].append(dt)
+    except Exception as exc:  # noqa: BLE001
+        run.fail(p, "roundtrip", exc)
+
+
+def measure_roundtrip(run: Run, calls: int, block: int) -> None:
+    """A caller's loop of one-input calls: blocks of ``block`` calls of one
+    peer, the peers' order rotating; then, apart, one call per peer per
+    round in a shuffled order (each call right after another peer's)."""
     times: Dict[str, List[float]] = {p.name: [] for p in run.peers}
+    rounds = max(1, math.ceil(calls / block))
+    for r in range(rounds):
+        for p in run.rotated(r):
+            for k in range(block):
+                _round_trip(run, p, r * block + k, times)
+    after_other: Dict[str, List[float]] = {p.name: [] for p in run.peers}
+    shuffle = random.Random(0)
     for i in range(calls):
-        for p in run.rotated(i):
-            if "roundtrip" in run.errors[p.name]:
-                continue
-            try:
-                dt, out = timed(lambda: p.call(noop, i))
-                if out != i:
-                    raise AssertionError(f"wrong output {out!r} for {i}")
-                times[p.name].append(dt)
-            except Exception as exc:  # noqa: BLE001
-                run.fail(p, "roundtrip", exc)
+        order = list(run.peers)
+        shuffle.shuffle(order)
+        for p in order:
+            _round_trip(run, p, i, after_other)
     for name, ts in times.items():
         if ts:
-            run.raw[name]["roundtrip"] = {"times_s": ts}
+            run.raw[name]["roundtrip"] = {"block": block, "times_s": ts, "after_another_peer_s": after_other[name]}
             run.summary[name]["roundtrip_median_ms"] = statistics.median(ts) * 1e3
             run.summary[name]["roundtrip_p90_ms"] = percentile(ts, 0.9) * 1e3
+        if after_other[name]:
+            run.summary[name]["roundtrip_interleaved_median_ms"] = statistics.median(after_other[name]) * 1e3
 
 
 def measure_ttfr(run: Run, work: Callable[[Any], Any], n: int, ms: float, repeat: int) -> None:
@@ -446,22 +474,28 @@ def measure_efficiency(run: Run, work: Callable[[Any], Any], key: str, n: int, m
             run.summary[p.name][key + "_s"] = statistics.median(ts)
 
 
-def measure_numpy(run: Run, slots: int, noimport_repeat: int = 3) -> None:
-    """Once per peer (the first import can only happen once), peer after peer."""
+def measure_numpy(run: Run, slots: int, repeat: int) -> None:
+    """Peer after peer: the first numpy job once (the first import can only
+    happen once), then ``repeat`` pairs of a no-import job and a numpy job."""
     for p in run.peers:
         try:
-            no_import = [timed(lambda: p.map(noop, list(range(slots))))[0] for _ in range(noimport_repeat)]
+            no_import = [timed(lambda: p.map(noop, list(range(slots))))[0]]
             t1, out1 = timed(lambda: p.map(import_numpy, list(range(slots))))
-            t2, out2 = timed(lambda: p.map(import_numpy, list(range(slots))))
+            later = []
+            for _ in range(repeat):
+                no_import.append(timed(lambda: p.map(noop, list(range(slots))))[0])
+                dt, out2 = timed(lambda: p.map(import_numpy, list(range(slots))))
+                later.append(dt)
         except Exception as exc:  # noqa: BLE001
             run.fail(p, "numpy", exc)
             continue
         base = statistics.median(no_import)
+        t2 = statistics.median(later)
         run.raw[p.name]["numpy"] = {
             "inputs": slots,
             "no_import_times_s": no_import,
             "job1_s": t1,
-            "job2_s": t2,
+            "later_jobs_s": later,
             "numpy_version": out1[0][1] if out1 else None,
             "already_imported_in_job1": sum(1 for a, _ in out1 if a),
             "already_imported_in_job2": sum(1 for a, _ in out2 if a),
@@ -509,6 +543,7 @@ def rows_for(settings: Dict[str, Any]) -> List[Tuple[str, str, Callable[[float],
         ("noop_inputs_per_s", f"no-op throughput, {s['n']:,} inputs (median)", fmt_rate, True),
         ("roundtrip_median_ms", "1-input round trip, median", fmt_ms, True),
         ("roundtrip_p90_ms", "1-input round trip, p90", fmt_ms, True),
+        ("roundtrip_interleaved_median_ms", "  right after another peer's call, median", fmt_ms, True),
         ("ttfr_ms", f"first result of {s['ttfr_n']:,} x {s['ttfr_ms']:g} ms", fmt_ms, True),
         ("ttfr_job_s", f"  that whole job (ideal {s['ttfr_n'] * s['ttfr_ms'] / 1000 / s['slots']:.2f} s)", fmt_s, True),
         ("eff10", f"efficiency, {s['calls_10ms']:,} x 10 ms calls", fmt_eff, True),
@@ -518,9 +553,9 @@ def rows_for(settings: Dict[str, Any]) -> List[Tuple[str, str, Callable[[float],
         rows += [
             ("noimport_s", f"no-import job, {s['slots']} inputs (median)", fmt_s_as_ms, False),
             ("numpy_job1_s", f"numpy job 1, {s['slots']} inputs", fmt_s_as_ms, False),
-            ("numpy_job2_s", f"numpy job 2, {s['slots']} inputs", fmt_s_as_ms, False),
+            ("numpy_job2_s", f"numpy jobs 2.., {s['slots']} inputs (median)", fmt_s_as_ms, False),
             ("numpy_job1_extra_ms", "  job 1 minus no-import", fmt_ms, False),
-            ("numpy_job2_extra_ms", "  job 2 minus no-import", fmt_ms, False),
+            ("numpy_job2_extra_ms", "  jobs 2.. minus no-import", fmt_ms, False),
             ("numpy_preimported_job1", "  job 1 calls that found numpy imported", fmt_int, False),
         ]
     return rows
@@ -598,7 +633,8 @@ def draw_chart(path: str, run: Run, settings: Dict[str, Any]) -> Optional[str]:
 
     bars(axes[0][0], f"no-op throughput, {s['n']:,} inputs (median)", [(None, "noop_inputs_per_s")],
          "inputs/s", lambda v: f"{v / 1e3:,.0f}k")
-    bars(axes[0][1], "1-input round trip", [("median", "roundtrip_median_ms"), ("p90", "roundtrip_p90_ms")],
+    bars(axes[0][1], "1-input round trip", [("median", "roundtrip_median_ms"), ("p90", "roundtrip_p90_ms"),
+                                             ("after another peer", "roundtrip_interleaved_median_ms")],
          "ms", lambda v: f"{v:.1f}")
     bars(axes[0][2], f"time to first result, {s['ttfr_n']:,} x {s['ttfr_ms']:g} ms (median)", [(None, "ttfr_ms")],
          "ms", lambda v: f"{v:.1f}")
@@ -607,7 +643,7 @@ def draw_chart(path: str, run: Run, settings: Dict[str, Any]) -> Optional[str]:
          "ideal / measured", lambda v: f"{100 * v:.0f}%", ylim=(0, 1.15))
     if s.get("numpy_measured"):
         bars(axes[1][1], f"jobs of {s['slots']} inputs", [("no import", "noimport_s"), ("numpy job 1", "numpy_job1_s"),
-                                                          ("numpy job 2", "numpy_job2_s")],
+                                                          ("numpy jobs 2..", "numpy_job2_s")],
              "ms", lambda v: f"{v:.1f}", scale=1e3)
     else:
         axes[1][1].axis("off")
@@ -627,8 +663,10 @@ def draw_chart(path: str, run: Run, settings: Dict[str, Any]) -> Optional[str]:
 # --------------------------------------------------------------------------- main
 
 
-QUICK = {"n": 10_000, "repeat": 2, "roundtrips": 10, "ttfr_n": 100, "ttfr_repeat": 1, "eff_repeat": 1}
-FULL = {"n": 100_000, "repeat": 5, "roundtrips": 50, "ttfr_n": 1000, "ttfr_repeat": 3, "eff_repeat": 3}
+QUICK = {"n": 10_000, "repeat": 2, "roundtrips": 10, "roundtrip_block": 5, "ttfr_n": 100, "ttfr_repeat": 1,
+         "eff_repeat": 1, "numpy_repeat": 1}
+FULL = {"n": 100_000, "repeat": 5, "roundtrips": 200, "roundtrip_block": 10, "ttfr_n": 1000, "ttfr_repeat": 3,
+        "eff_repeat": 3, "numpy_repeat": 5}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -641,13 +679,16 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="a smoke run: 10,000 no-op inputs, 10 round trips, 100 calls to first result, fewer efficiency calls")
     ap.add_argument("--n", type=int, help="no-op inputs (default 100000; --quick 10000)")
     ap.add_argument("--repeat", type=int, help="no-op repetitions (default 5; --quick 2)")
-    ap.add_argument("--roundtrips", type=int, help="single-input round trips (default 50; --quick 10)")
+    ap.add_argument("--roundtrips", type=int,
+                    help="single-input round trips per peer, in a loop and right after another peer (default 200; --quick 10)")
+    ap.add_argument("--roundtrip-block", type=int, help="calls of one peer in a row in the loop (default 10; --quick 5)")
     ap.add_argument("--ttfr-n", type=int, help="calls in the time-to-first-result job (default 1000; --quick 100)")
     ap.add_argument("--ttfr-ms", type=float, default=10.0, help="milliseconds per call in that job (default 10)")
     ap.add_argument("--ttfr-repeat", type=int, help="repetitions of that job (default 3; --quick 1)")
     ap.add_argument("--calls-10ms", type=int, help="10 ms calls for the efficiency (default 100 x slots; --quick 20 x slots)")
     ap.add_argument("--calls-100ms", type=int, help="100 ms calls for the efficiency (default 10 x slots; --quick 4 x slots)")
     ap.add_argument("--eff-repeat", type=int, help="repetitions of each efficiency job (default 3; --quick 1)")
+    ap.add_argument("--numpy-repeat", type=int, help="numpy jobs after the first, each after a no-import job (default 5; --quick 1)")
     ap.add_argument("--call", choices=("spin", "sleep"), default="spin",
                     help="how a timed call spends its milliseconds: busy-wait (default) or sleep")
     ap.add_argument("--json-out", default="peers.json", help="where to write the JSON results ('' for nowhere; default peers.json)")
@@ -721,6 +762,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         "n": args.n,
         "repeat": args.repeat,
         "roundtrips": args.roundtrips,
+        "roundtrip_block": args.roundtrip_block,
+        "numpy_repeat": args.numpy_repeat,
         "ttfr_n": args.ttfr_n,
         "ttfr_ms": args.ttfr_ms,
         "ttfr_repeat": args.ttfr_repeat,
@@ -739,7 +782,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         log(f"no-op throughput: {args.n:,} inputs x {args.repeat} ...")
         measure_noop(run, args.n, max(1, args.repeat))
         log(f"single-input round trips: {args.roundtrips} ...")
-        measure_roundtrip(run, max(1, args.roundtrips))
+        measure_roundtrip(run, max(1, args.roundtrips), max(1, args.roundtrip_block))
         log(f"time to first result: {args.ttfr_n:,} x {args.ttfr_ms:g} ms x {args.ttfr_repeat} ...")
         measure_ttfr(run, work, args.ttfr_n, args.ttfr_ms, max(1, args.ttfr_repeat))
         log(f"efficiency: {args.calls_10ms:,} x 10 ms and {args.calls_100ms:,} x 100 ms, x {args.eff_repeat} ...")
@@ -747,7 +790,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         measure_efficiency(run, work, "eff100", args.calls_100ms, 100.0, max(1, args.eff_repeat))
         if numpy_installed:
             log(f"second-job overhead of importing numpy: jobs of {slots} inputs ...")
-            measure_numpy(run, slots)
+            measure_numpy(run, slots, max(1, args.numpy_repeat))
     elapsed = time.perf_counter() - t_run
 
     for p in peers:

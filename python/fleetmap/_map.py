@@ -8,6 +8,7 @@ import inspect
 import collections.abc
 import itertools
 import math
+import operator
 import os
 import pickle
 import re
@@ -170,8 +171,8 @@ def remote_parallel_map(
     except BaseException:
         scope.__exit__(*sys.exc_info())
         raise
-    outer = os.environ.get("FLEETMAP_JOB")
-    if outer and job.slots == 0 and not fleet.embedded:
+    outer = os.environ.get("FLEETMAP_JOB") if job.slots == 0 and not fleet.embedded else None
+    if outer:
         warnings.warn(
             f"this call of job {outer} submitted a job of its own, which got no slot yet: it waits for "
             f"room on the fleet. If every slot is held by calls that wait like this one, none will come; "
@@ -273,14 +274,53 @@ def _is_local_module(name: str, module: Any) -> bool:
     return not any(real.startswith(d) for d in _INSTALLED_DIRS or ())
 
 
-@contextlib.contextmanager
-def _local_modules() -> Iterator[Optional[_sources.SourceBundle]]:
+class _local_modules:
     """The caller's local modules: zipped as source for the workers (their
     functions and classes then travel by reference), and, for those the zip
-    cannot hold, pickled by value while the job is sent."""
-    global _INSTALLED_DIRS, _INSTALLED_FOR, _LOCAL_FOUND
-    import cloudpickle
+    cannot hold, pickled by value while the job is sent (between
+    ``__enter__``, which returns the zip, and ``__exit__``).
 
+    A class rather than a generator: every call enters it, and a loop of
+    short calls pays for each line here."""
+
+    __slots__ = ("registered",)
+
+    def __init__(self) -> None:
+        self.registered: List[types.ModuleType] = []
+
+    def __enter__(self) -> Optional[_sources.SourceBundle]:
+        local = _local_modules_now()
+        if not local:
+            return None
+        bundle, by_value = _sources.bundle({name: module.__file__ for name, module in local.items()})
+        if by_value:
+            import cloudpickle
+
+            for name in by_value:
+                module = local[name]
+                try:
+                    cloudpickle.register_pickle_by_value(module)
+                except Exception:  # noqa: BLE001 - a module cloudpickle cannot register stays by reference
+                    continue
+                self.registered.append(module)
+        return bundle
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.registered:
+            import cloudpickle
+
+            for module in self.registered:
+                try:
+                    cloudpickle.unregister_pickle_by_value(module)
+                except Exception:  # noqa: BLE001
+                    pass
+            self.registered = []
+
+
+def _local_modules_now() -> Dict[str, Any]:
+    """The caller's local modules now, by name, less those the caller
+    registered with cloudpickle to go by value itself."""
+    global _INSTALLED_DIRS, _INSTALLED_FOR, _LOCAL_FOUND
     # Scanned once per process, and again only when sys.path changes.
     if _INSTALLED_DIRS is None or _INSTALLED_FOR != tuple(sys.path):
         _INSTALLED_FOR = tuple(sys.path)
@@ -307,25 +347,13 @@ def _local_modules() -> Iterator[Optional[_sources.SourceBundle]]:
             if is_local and module.__name__ == name:
                 found[name] = module
         _LOCAL_FOUND = ((len(modules), newest and newest[0], newest and newest[1]), found)
+    found = _LOCAL_FOUND[1]
+    if not found:
+        return found
+    import cloudpickle
+
     already = cloudpickle.list_registry_pickle_by_value()
-    local = {name: module for name, module in _LOCAL_FOUND[1].items() if name not in already}
-    bundle, by_value = _sources.bundle({name: module.__file__ for name, module in local.items()})
-    registered = []
-    for name in by_value:
-        module = local[name]
-        try:
-            cloudpickle.register_pickle_by_value(module)
-        except Exception:  # noqa: BLE001 - a module cloudpickle cannot register stays by reference
-            continue
-        registered.append(module)
-    try:
-        yield bundle
-    finally:
-        for module in registered:
-            try:
-                cloudpickle.unregister_pickle_by_value(module)
-            except Exception:  # noqa: BLE001
-                pass
+    return {name: module for name, module in found.items() if name not in already}
 
 
 # Functions whose signature takes one positional argument, with what the
@@ -345,7 +373,7 @@ def _check_signature(function_: Any) -> None:
         known = _ONE_ARGUMENT.get(function_) if key[0] is not None else None
     except TypeError:
         known = None  # Not weakly referenceable or not hashable: checked each time.
-    if known is not None and all(a is b for a, b in zip(known, key)):
+    if known is not None and all(map(operator.is_, known, key)):
         return
     try:
         signature = inspect.signature(function_)
@@ -375,17 +403,23 @@ def _check_arguments(
     if not callable(function_):
         raise TypeError(f"function_ must be callable, got {type(function_).__name__}")
     _check_signature(function_)
-
-    def whole(name: str, value: Any, low: int, high: int) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise ValueError(f"{name} must be a whole number from {low} to {high}, got {value!r}")
-
     if parallelism != -1:
-        whole("parallelism", parallelism, 1, _MAX_SLOTS)
-    whole("func_cpu", func_cpu, 1, _MAX_CPU)
-    whole("func_gpu", func_gpu, 0, _MAX_GPU)
-    if isinstance(func_ram, bool) or not isinstance(func_ram, (int, float)) or not 0 < func_ram <= _MAX_RAM:
+        _check_whole("parallelism", parallelism, 1, _MAX_SLOTS)
+    _check_whole("func_cpu", func_cpu, 1, _MAX_CPU)
+    _check_whole("func_gpu", func_gpu, 0, _MAX_GPU)
+    if type(func_ram) not in (int, float) and (isinstance(func_ram, bool) or not isinstance(func_ram, (int, float))):
         raise ValueError(f"func_ram must be a number of GiB above 0 and at most {_MAX_RAM}, got {func_ram!r}")
+    if not 0 < func_ram <= _MAX_RAM:
+        raise ValueError(f"func_ram must be a number of GiB above 0 and at most {_MAX_RAM}, got {func_ram!r}")
+
+
+def _check_whole(name: str, value: Any, low: int, high: int) -> None:
+    # `type(...) is int` leaves out bool (a subclass) and passes the usual
+    # case with one test; an int subclass of the caller's still passes.
+    if type(value) is not int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ValueError(f"{name} must be a whole number from {low} to {high}, got {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be a whole number from {low} to {high}, got {value!r}")
 
 
 # What an image reference may hold: [REGISTRY/]REPOSITORY[:TAG][@sha256:HEX].
@@ -479,8 +513,9 @@ def _pickle_inputs_of(function_: Any, by_value: FrozenSet[str]) -> Optional[Tupl
             parts.append(cell.cell_contents)
         except ValueError:  # an empty cell
             parts.append(_MISSING)
-    if not all(_unchanging(p, by_value) for p in parts[5:]):
-        return None
+    for part in itertools.islice(parts, 5, None):
+        if type(part) not in _IMMUTABLE and not _unchanging(part, by_value):
+            return None
     return tuple(parts)
 
 
@@ -495,7 +530,7 @@ def _pickle_function(function_: Callable[[Any], Any]) -> bytes:
             known is not None
             and known[1] == by_value
             and len(known[0]) == len(inputs)
-            and all(a is b for a, b in zip(known[0], inputs))
+            and all(map(operator.is_, known[0], inputs))
         ):
             return known[2]
     blob = _pickle_function_now(function_)
@@ -523,9 +558,8 @@ def _pickle_function_now(function_: Callable[[Any], Any]) -> bytes:
     return blob
 
 
-def _python_version() -> str:
-    """The caller's ``major.minor``: workers must run the same."""
-    return f"{sys.version_info.major}.{sys.version_info.minor}"
+#: The caller's ``major.minor``: workers must run the same.
+_PYTHON_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
 
 
 def _submit(
@@ -546,7 +580,6 @@ def _submit(
     resumes: Optional[Tuple[int, int]] = None,
     detached: bool = False,
 ) -> _native.Job:
-    version = _python_version()
     args = (
         function_blob,
         func_cpu,
@@ -555,7 +588,7 @@ def _submit(
         None if parallelism == -1 else parallelism,
         n,
         sys.executable,
-        version,
+        _PYTHON_VERSION,
         None if environment is None else (environment.id, environment.requirements, environment.resolve),
         None if sources is None else (sources.digest, sources.zip),
         require_isolation,
@@ -606,7 +639,7 @@ class _InputSource:
     def __init__(self, inputs: Iterable[Any]) -> None:
         self.next_index = 0
         self.pending: List[Any] = []
-        if isinstance(inputs, collections.abc.Sequence):
+        if type(inputs) is list or type(inputs) is tuple or isinstance(inputs, collections.abc.Sequence):
             self.items: Optional[Sequence[Any]] = inputs
         elif isinstance(inputs, collections.abc.Sized):
             self.items = list(inputs)
@@ -665,13 +698,13 @@ def _first_chunk(source: _InputSource) -> Optional[Tuple[int, bytes]]:
 
 
 def _pickle_chunk(chunk: List[Any], first: int) -> bytes:
+    # A few plain values (a single input, say) skip cloudpickle's set-up;
+    # checking a long chunk would cost more than it saves.
+    if len(chunk) <= 8 and _IMMUTABLE.issuperset(map(type, chunk)):
+        return pickle.dumps(chunk, protocol=pickle.HIGHEST_PROTOCOL)
     import cloudpickle
 
     try:
-        # A few plain values (a single input, say) skip cloudpickle's
-        # set-up; checking a long chunk would cost more than it saves.
-        if len(chunk) <= 8 and all(type(item) in _IMMUTABLE for item in chunk):
-            return pickle.dumps(chunk, protocol=pickle.HIGHEST_PROTOCOL)
         blob: bytes = cloudpickle.dumps(chunk, protocol=pickle.HIGHEST_PROTOCOL)
         return blob
     except Exception:

@@ -99,7 +99,7 @@ def test_a_generator_nested_in_an_input_is_refused_naming_its_path():
 def test_a_node_with_another_python_minor_version_says_so(monkeypatch):
     import fleetmap._map as map_module
 
-    monkeypatch.setattr(map_module, "_python_version", lambda: "3.99")
+    monkeypatch.setattr(map_module, "_PYTHON_VERSION", "3.99")
     with pytest.raises(fleetmap.JobFailed) as info:
         remote_parallel_map(abs, [1], verbose=False)
     message = str(info.value)
