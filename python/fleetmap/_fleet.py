@@ -42,17 +42,16 @@ class FleetAddress:
     embedded: bool = False
 
 
-_ENVIRON_DATA = getattr(os.environ, "_data", None)
-
-
 def getenv(name: str) -> Optional[str]:
     """``os.environ.get(name)``, for the variables every call looks at and
     that are mostly unset: ``os.environ.get`` raises and catches a KeyError
     for each of those, several times the cost of the look-up itself."""
-    if not isinstance(_ENVIRON_DATA, dict):
-        return os.environ.get(name)
-    value = _ENVIRON_DATA.get(os.environ.encodekey(name))
-    return None if value is None else str(os.environ.decodevalue(value))
+    environ = os.environ
+    data = getattr(environ, "_data", None)
+    if type(data) is not dict:
+        return environ.get(name)
+    value = data.get(environ.encodekey(name))
+    return None if value is None else str(environ.decodevalue(value))
 
 
 def config_path() -> Path:

@@ -387,3 +387,20 @@ def test_chunks_are_sized_from_measured_call_time():
     assert _chunk_size(40, 2, 1000, 1e-7, 40) == 10
     assert _chunk_size(40, 2, 1000, 1e-7, 1) == 1
 
+
+
+def test_what_a_call_reads_from_the_environment_is_what_is_set_at_that_call(monkeypatch):
+    # Each call looks these up again (fast, without os.environ.get's
+    # KeyError for an unset variable): a change between calls counts.
+    from fleetmap import _fleet
+
+    monkeypatch.delenv("FLEETMAP_REQUIRE_ISOLATION", raising=False)
+    assert _fleet.getenv("FLEETMAP_REQUIRE_ISOLATION") is None
+    assert _fleet.require_isolation(None, {}) is False
+    monkeypatch.setenv("FLEETMAP_REQUIRE_ISOLATION", "yes")
+    assert _fleet.require_isolation(None, {}) is True
+    monkeypatch.setenv("FLEETMAP_REQUIRE_ISOLATION", "off")
+    assert _fleet.require_isolation(None, {}) is False
+    monkeypatch.setenv("FLEETMAP_CONFIG", "/tmp/fleetmap-tests/confé")
+    assert _fleet.getenv("FLEETMAP_CONFIG") == "/tmp/fleetmap-tests/confé"
+    assert str(_fleet.config_path()) == "/tmp/fleetmap-tests/confé"
