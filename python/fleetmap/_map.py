@@ -407,18 +407,12 @@ def _check_arguments(
         _check_whole("parallelism", parallelism, 1, _MAX_SLOTS)
     _check_whole("func_cpu", func_cpu, 1, _MAX_CPU)
     _check_whole("func_gpu", func_gpu, 0, _MAX_GPU)
-    if type(func_ram) not in (int, float) and (isinstance(func_ram, bool) or not isinstance(func_ram, (int, float))):
-        raise ValueError(f"func_ram must be a number of GiB above 0 and at most {_MAX_RAM}, got {func_ram!r}")
-    if not 0 < func_ram <= _MAX_RAM:
+    if isinstance(func_ram, bool) or not isinstance(func_ram, (int, float)) or not 0 < func_ram <= _MAX_RAM:
         raise ValueError(f"func_ram must be a number of GiB above 0 and at most {_MAX_RAM}, got {func_ram!r}")
 
 
 def _check_whole(name: str, value: Any, low: int, high: int) -> None:
-    # `type(...) is int` leaves out bool (a subclass) and passes the usual
-    # case with one test; an int subclass of the caller's still passes.
-    if type(value) is not int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ValueError(f"{name} must be a whole number from {low} to {high}, got {value!r}")
-    if not low <= value <= high:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise ValueError(f"{name} must be a whole number from {low} to {high}, got {value!r}")
 
 
