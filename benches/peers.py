@@ -46,8 +46,9 @@ next, so that drift on a shared machine hits them alike. The workloads:
    other on the same pool or cluster, against a no-import job of N inputs;
    reported: the first job's wall time, and the median of ``--numpy-repeat``
    later ones (each run right after a no-import job, whose median is the
-   baseline) with its difference from the no-import job. numpy is looked up with ``importlib.util.find_spec`` and never
-   imported here, so that forked Pool workers do not inherit it; where it is
+   baseline) with its difference from the no-import job. numpy is looked
+   up with ``importlib.util.find_spec`` and never imported here, so that
+   forked Pool workers do not inherit it; where it is
    not installed the workload is skipped ("numpy not installed: skipped").
    The workers report whether numpy was already imported before job 1 (Ray's
    and Dask's workers may import it themselves at start-up).
